@@ -1,0 +1,28 @@
+"""steadytune: QLoRA fine-tuning of chat LLMs on MLX that finishes.
+
+Importing steadytune loads a fast BLAS on Linux CPUs before MLX binds the slow reference one (see
+backend.py); nothing else happens at import. The public API mirrors the CLI:
+
+    import steadytune
+    result = steadytune.train({"data": {"path": "train.jsonl"}, "training": {"epochs": 1}})
+    print(result.run_dir, result.final_val_loss)
+"""
+
+from .backend import use_fast_blas as _use_fast_blas
+
+_use_fast_blas()
+
+from .config import Config, resolve  # noqa: E402
+from .errors import UserError  # noqa: E402
+
+__version__ = "0.1.0"
+
+
+def train(config=None, **overrides):
+    """Fine-tune; see steadytune.trainer.run. Accepts a Config, a nested dict, or a YAML path."""
+    from .trainer import run
+
+    return run(config, **overrides)
+
+
+__all__ = ["Config", "resolve", "train", "UserError", "__version__"]

