@@ -28,10 +28,18 @@ MARKER = "COMPLETE"
 PREFIX = "step-"
 
 
+_hits: dict[str, int] = {}
+
+
 def _crash_hook(point: str) -> None:
-    """Test hook: STEADYTUNE_TEST_CRASH=point kills the process here with SIGKILL, to prove that a
-    crash at this point loses nothing. Unset in normal use."""
-    if os.environ.get("STEADYTUNE_TEST_CRASH") == point:
+    """Test hook: STEADYTUNE_TEST_CRASH=point[:n] kills the process with SIGKILL the n-th time
+    (default first) it passes `point`, to prove a crash there loses nothing. Unset in normal use."""
+    want = os.environ.get("STEADYTUNE_TEST_CRASH", "")
+    name, _, nth = want.partition(":")
+    if name != point:
+        return
+    _hits[point] = _hits.get(point, 0) + 1
+    if _hits[point] == int(nth or 1):
         os.kill(os.getpid(), 9)
 
 
@@ -126,7 +134,7 @@ def list_checkpoints(run_dir: Path) -> tuple[list[Path], list[Path]]:
     for p in sorted(root.iterdir()):
         if p.name.startswith(PREFIX) and p.is_dir():
             (good if is_complete(p) else bad).append(p)
-        elif p.name.startswith(f".{PREFIX}"):
+        elif p.name.startswith(".") and ".tmp-" in p.name:  # a write that never finished
             bad.append(p)
     return good, bad
 
@@ -137,7 +145,8 @@ def latest(run_dir: Path) -> tuple[Path | None, list[Path]]:
 
 
 def load(ckpt: Path, model, optimizer) -> dict:
-    """Restore adapters, optimizer state and MLX's random state; return state.json."""
+    """Restore adapters and optimizer state; return state.json. (MLX's random state needs no
+    restoring: the trainer reseeds it from (seed, step) before every step.)"""
     try:
         state = json.loads((ckpt / "state.json").read_text())
         weights = mx.load(str(ckpt / "adapters.safetensors"))
@@ -147,8 +156,7 @@ def load(ckpt: Path, model, optimizer) -> dict:
                         "from the one before it") from None
     model.load_weights(list(weights.items()), strict=False)
     optimizer.state = tree_unflatten(list(opt.items()))
-    mx.random.state[0] = mx.array(np.array(state["random_state"][0], dtype=np.uint32))
-    mx.eval(model.parameters(), optimizer.state, mx.random.state)
+    mx.eval(model.parameters(), optimizer.state)
     return state
 
 

@@ -252,11 +252,19 @@ def load_yaml(path: str | Path) -> dict:
         tree = yaml.safe_load(text)
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8 text; save the config as UTF-8") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror}); check the path and permissions") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
         problem = getattr(e, "problem", None) or "invalid YAML"
         raise UserError(f"{path}{line}: {problem}; fix the YAML syntax") from None
+    except RecursionError:
+        raise UserError(f"{path}: the YAML nests deeper than Python's limit; a config is two levels "
+                        "deep (section: key: value)") from None
+    except ValueError as e:  # PyYAML builds dates and ints itself: 2024-13-45, a 5000-digit number
+        raise UserError(f"{path}: a value YAML cannot read ({str(e).splitlines()[0]}); "
+                        "fix it, or quote it if it is meant as text") from None
     return tree or {}
 
 
@@ -287,3 +295,34 @@ def save_yaml(cfg: Config, path: Path) -> None:
 
 def from_dict(tree: dict) -> Config:
     return apply_overrides(Config(), tree, "config").validate()
+
+
+def add_config_flags(parser) -> None:
+    """Add an optional positional CONFIG (YAML) and one flag per config field. Flags default to
+    'not given' (SUPPRESS) so only what the user typed overrides the file."""
+    import argparse
+
+    parser.add_argument("config", nargs="?", default=None, help="YAML config file (flags override it)")
+    for flag, (sec, f) in flag_table().items():
+        kw = {"dest": f"cfg__{sec}__{f.name}", "default": argparse.SUPPRESS, "metavar": f.name.upper(),
+              "help": f"{f.metadata.get('help', '')} [{sec}.{f.name}, default: {f.default if f.default is not dataclasses.MISSING else f.default_factory()}]"}
+        if "bool" in str(f.type):
+            kw.update(nargs="?", const="true", metavar="true|false")
+        elif f.metadata.get("choices"):
+            kw.update(choices=[str(c) for c in f.metadata["choices"]], metavar=None)
+        parser.add_argument(flag, **kw)
+
+
+def overrides_from_args(args) -> dict:
+    """{section: {field: value}} from the flags the user gave (see add_config_flags)."""
+    tree: dict = {}
+    for key, value in vars(args).items():
+        if key.startswith("cfg__"):
+            _, sec, name = key.split("__", 2)
+            tree.setdefault(sec, {})[name] = value
+    return tree
+
+
+def from_args(args) -> Config:
+    """Defaults < YAML file < flags, validated."""
+    return resolve(getattr(args, "config", None), overrides_from_args(args))

@@ -47,6 +47,19 @@ class Splits:
     notes: list[str] = field(default_factory=list)
 
 
+def _loads(text: str):
+    """json.loads that reports Python's own limits (integers over 4300 digits, nesting deeper than
+    the recursion limit) as malformed JSON instead of letting ValueError/RecursionError escape."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except RecursionError:
+        raise json.JSONDecodeError("nested deeper than Python's limit", text, 0) from None
+    except ValueError:
+        raise json.JSONDecodeError("an integer longer than Python's 4300-digit limit", text, 0) from None
+
+
 def _read_lines(path: Path) -> list[tuple[int, object]]:
     """(line number, parsed JSON) pairs; a JSON array file gives element indexes as lines."""
     try:
@@ -60,9 +73,13 @@ def _read_lines(path: Path) -> list[tuple[int, object]]:
         raise UserError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#x}); re-save the file as UTF-8") from None
     if not text.strip():
         raise UserError(f"{path}: the file is empty; add at least one record")
+    if "\x00" in text:  # NUL is valid UTF-8 but never valid JSON: UTF-16 without a BOM, or binary
+        line = text[: text.index("\x00")].count("\n") + 1
+        raise UserError(f"{path}:{line}: NUL bytes in the text (UTF-16 or a binary file?); "
+                        "re-save the file as UTF-8 JSONL")
     if path.suffix == ".json" or text.lstrip().startswith("["):
         try:
-            arr = json.loads(text)
+            arr = _loads(text)
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{e.lineno}: malformed JSON ({e.msg}); fix the syntax") from None
         if not isinstance(arr, list):
@@ -70,19 +87,45 @@ def _read_lines(path: Path) -> list[tuple[int, object]]:
                             "use JSONL for one record per line")
         return [(i + 1, r) for i, r in enumerate(arr)]
     out, problems = [], []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 may sit in a string
         if not line.strip():
             continue
         try:
-            out.append((n, json.loads(line)))
+            out.append((n, _loads(line)))
         except json.JSONDecodeError as e:
             problems.append(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno}); "
                             "each line must be one JSON object")
+    if len(problems) == 1:
+        raise UserError(problems[0])
     if problems:
         raise UserError(f"{path}: {len(problems)} malformed lines", problems)
     if not out:
         raise UserError(f"{path}: the file is empty; add at least one record")
     return out
+
+
+def _short(value, limit: int = 40) -> str:
+    """repr for messages, cut so a hostile megabyte-long value cannot flood the terminal."""
+    r = repr(value)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
+def _has_lone_surrogate(value) -> bool:
+    """True if any string in a parsed record holds an unpaired surrogate (JSON allows the escape
+    "\\ud800"; Python keeps it; tokenizers then fail). Iterative: records may nest deeply."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(v, dict):
+            stack += [*v.keys(), *v.values()]
+        elif isinstance(v, list):
+            stack += v
+    return False
 
 
 def detect_format(rec: object) -> str | None:
@@ -122,7 +165,7 @@ def _check_messages(rec, where, problems):
             continue
         role = m.get("role")
         if role not in ROLES:
-            problems.append(f"{at}: unknown role {role!r}; use one of {', '.join(ROLES)}")
+            problems.append(f"{at}: unknown role {_short(role)}; use one of {', '.join(ROLES)}")
         content = m.get("content")
         if not isinstance(content, str):
             if content is None and m.get("tool_calls"):
@@ -166,7 +209,8 @@ def read_file(path: str | Path) -> list[Example]:
             if not isinstance(rec, dict):
                 problems.append(f"{where}: a record must be a JSON object, got {type(rec).__name__}")
             else:
-                problems.append(f"{where}: unknown record format (keys: {', '.join(map(str, rec)) or 'none'}); "
+                keys = ", ".join(_short(k, 30) for k in list(rec)[:5]) + (", ..." if len(rec) > 5 else "")
+                problems.append(f"{where}: unknown record format (keys: {keys or 'none'}); "
                                 "use messages, prompt+completion, text, or instruction+output")
             continue
         kinds.setdefault(kind, where)
@@ -182,11 +226,16 @@ def read_file(path: str | Path) -> list[Example]:
             _check_str(rec, "input", where, problems, required=False)
         else:
             _check_str(rec, "text", where, problems)
+        if len(problems) == before and _has_lone_surrogate(rec):
+            problems.append(f"{where}: a string holds an unpaired surrogate escape (like \\ud800), "
+                            "which is not text; fix or remove the escape")
         if len(problems) == before:
             examples.append(_to_example(rec, kind, where))
     if len(kinds) > 1:
         first = ", ".join(f"{k} (first at {w})" for k, w in kinds.items())
         problems.insert(0, f"{path}: records mix formats: {first}; use one format per file")
+    if len(problems) == 1:
+        raise UserError(problems[0])
     if problems:
         raise UserError(f"{path}: {len(problems)} problems in the data", problems)
     return examples
@@ -244,9 +293,26 @@ def load_splits(path: str | Path, valid_fraction: float = 0.05, seed: int = 0) -
 # --- tokenization and loss masks -------------------------------------------------------------
 
 
-def _render(tokenizer, messages, tools, add_generation_prompt) -> str:
-    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
+def render_chat(tokenizer, messages, tools=None, add_generation_prompt=False, where="chat") -> str:
+    """The model's chat template applied to `messages`, as text.
+
+    The template is code that came with the model. transformers renders it in Jinja's
+    ImmutableSandboxedEnvironment, so it cannot reach Python internals; whatever it raises (a
+    SecurityError for such an attempt, raise_exception() for a conversation it rejects, a syntax or
+    type error) becomes a UserError naming the record and the model."""
+    try:
+        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    except Exception as e:
+        msg = " ".join(str(e).split())[:200] or "no message"
+        model = getattr(tokenizer, "name_or_path", "") or "the model"
+        raise UserError(f"{where}: the chat template of {model} failed on this conversation "
+                        f"({type(e).__name__}: {msg}); use roles the template accepts, or fix the "
+                        "model's chat_template") from None
+
+
+def _render(tokenizer, messages, tools, add_generation_prompt, where) -> str:
+    return render_chat(tokenizer, messages, tools, add_generation_prompt, where)
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -268,13 +334,13 @@ def _chat_segments(ex: Example, tokenizer) -> list[tuple[str, bool]]:
     Pieces are tokenized separately, so the prompt tokens are exactly those inference would use.
     """
     msgs, tools = ex.messages, ex.tools
-    full = _render(tokenizer, msgs, tools, False)
+    full = _render(tokenizer, msgs, tools, False, ex.where)
     segs, pos = [], 0
     for i, m in enumerate(msgs):
         if m.get("role") != "assistant":
             continue
-        start = len(_render(tokenizer, msgs[:i], tools, True)) if i else 0
-        upto = _render(tokenizer, msgs[: i + 1], tools, False)
+        start = len(_render(tokenizer, msgs[:i], tools, True, ex.where)) if i else 0
+        upto = _render(tokenizer, msgs[: i + 1], tools, False, ex.where)
         end = len(upto)
         if not (full.startswith(upto) and upto[:start] == full[:start]) or start < pos:
             raise UserError(f"{ex.where}: the chat template does not render turns as prefixes of the "

@@ -103,6 +103,7 @@ def load_base(mcfg: ModelConfig) -> LoadedModel:
         if kind == "folder":
             check_folder(Path(src))
         model, tokenizer, config = _load_mlx_lm(src)
+    _check_float_weights(model, src)
     _cast_floats(model, dtype)
     quantized = any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules())
     if not quantized and mcfg.quantize != "none":
@@ -121,14 +122,33 @@ def _load_mlx_lm(src: str):
     from mlx_lm.utils import load
 
     try:
-        model, tokenizer, config = load(src, return_config=True, lazy=True)
+        # trust_remote_code=False explicitly: left unset, transformers *asks* on a terminal whether
+        # to run a tokenizer's custom code (auto_map), and one "y" would run it.
+        model, tokenizer, config = load(src, return_config=True, lazy=True,
+                                        tokenizer_config={"trust_remote_code": False})
     except UserError:
         raise
     except Exception as e:  # mlx-lm raises many types; turn them into one clear line
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = " ".join(str(e).split()) or type(e).__name__  # mlx puts parameter names on new lines
+        if "trust_remote_code" in msg:
+            raise UserError(f"{src}: the model needs its own Python code to load (auto_map or "
+                            "model_file in its config); steadytune never runs code from a model "
+                            "folder: use a model with a standard architecture and tokenizer") from None
+        msg = msg if len(msg) <= 300 else msg[:297] + "..."
         raise UserError(f"{src}: could not load the model ({type(e).__name__}: {msg}); "
                         "check that the folder is a complete HF/MLX model") from None
     return model, tokenizer, config
+
+
+def _check_float_weights(model: nn.Module, src: str) -> None:
+    """Weights of unquantized layers must be floating point (an int32 matrix would crash quantization
+    or train nonsense); packed weights of quantized layers are integers by design."""
+    params = dict(tree_flatten(model.parameters()))
+    for name, w in params.items():
+        packed = name.endswith(".weight") and f"{name[:-len('weight')]}scales" in params
+        if not packed and not mx.issubdtype(w.dtype, mx.floating):
+            raise UserError(f"{src}: weight {name} has dtype {w.dtype}, not a float type; the "
+                            "weights file is corrupted or from another model: re-download or re-convert it")
 
 
 def _cast_floats(model: nn.Module, dtype) -> None:

@@ -13,8 +13,10 @@ every step, so the lazy graph never grows.
 
 from __future__ import annotations
 
+import errno
 import math
 import os
+import re
 import signal
 import time
 from dataclasses import dataclass, field
@@ -28,7 +30,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from . import checkpoint as ckpt
-from .batching import epoch_steps, lr_at, pad_batch, padding_fraction, steps_per_epoch
+from .batching import epoch_steps, lr_at, pad_batch, padding_fraction, shard, steps_per_epoch
 from .config import Config, from_dict, load_yaml, apply_overrides, save_yaml
 from .data import Tokenized, load_splits, tokenize_all
 from .errors import UserError
@@ -91,6 +93,8 @@ class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.stop_signal = None
+        group = mx.distributed.init()
+        self.rank, self.world = group.rank(), group.size()
 
     # --- setup ---------------------------------------------------------------------------------
 
@@ -198,18 +202,23 @@ class Trainer:
                 while s["step"] < total and stopped == "completed":
                     plan = epoch_steps(lengths, t.batch_size, t.grad_accumulation, t.seed, s["epoch"],
                                        cfg.data.group_by_length)
-                    while s["pos"] < len(plan) and s["step"] < total:
+                    for pos in range(s["pos"], len(plan)):
+                        if s["step"] >= total:
+                            break
                         lr = lr_at(s["step"], t.learning_rate, t.warmup_steps, total, t.lr_schedule)
                         tic = time.perf_counter()
-                        loss, ntok, nreal = self.train_step(plan[s["pos"]], lr)
+                        loss, ntok, nreal = self.train_step(plan[pos], lr)
                         window["time"] += time.perf_counter() - tic
-                        s["step"], s["pos"] = s["step"] + 1, s["pos"] + 1
-                        if s["pos"] == len(plan):
+                        s["step"], s["pos"] = s["step"] + 1, pos + 1
+                        if s["pos"] == len(plan):  # the epoch is done: the next one has a new order
                             s["epoch"], s["pos"] = s["epoch"] + 1, 0
                         last_loss = self._report(loss, ntok, nreal, window, metrics, bar, per_epoch, total)
                         if self._after_step(metrics, bar, total, end_of_epoch=s["pos"] == 0):
                             stopped = "early_stopping"
                             break
+            except (RuntimeError, MemoryError, OSError) as e:
+                _raise_if_out_of_resources(e, self.cfg, self.run_dir, s["step"] + 1)
+                raise
             finally:
                 bar.close()
                 metrics.close()
@@ -223,23 +232,37 @@ class Trainer:
         return TrainResult(self.run_dir, s["step"], s["epoch"], last_loss, final_val,
                            s["best_val_loss"], stopped, read_metrics(self.run_dir / "metrics.jsonl"))
 
-    def train_step(self, micro_batches, lr: float):
-        """One optimizer step over its micro-batches; returns (mean loss, target tokens, real tokens)."""
+    def accumulate(self, micro_batches):
+        """Gradients of one optimizer step, summed over its micro-batches, each micro-batch's
+        summed loss divided by the target tokens of the whole group. Returns (gradients, summed
+        loss, group target tokens, non-padding tokens)."""
         ids, masks = self.train_set.ids, self.train_set.masks
         group_tokens = sum(int(sum(masks[i][1:])) for mb in micro_batches for i in mb)
         scale = mx.array(1.0 / group_tokens, dtype=mx.float32)
         if self.state["step"] + 1 in _TEST_NAN_STEPS:
             scale = mx.array(float("nan"), dtype=mx.float32)
+        # Dropout draws from MLX's generator; reseeding it from (seed, step) makes every step's
+        # randomness independent of what ran before, so a resumed run draws the same masks.
+        mx.random.seed(self.cfg.training.seed * 1_000_003 + self.state["step"])
         self.model.train()
         acc, total, real = None, mx.array(0.0), 0
         for mb in micro_batches:
+            mb = shard(mb, self.rank, self.world) if self.world > 1 else mb
             inputs, targets, mask = pad_batch([ids[i] for i in mb], [masks[i] for i in mb])
             part, acc = self._grad(mx.array(inputs), mx.array(targets), mx.array(mask), scale, acc)
             total = total + part
             real += sum(len(ids[i]) - 1 for i in mb)
             mx.eval(acc, total)
+        if self.world > 1:  # the token-weighted rule across ranks: sum, already divided by the global count
+            acc = tree_map(lambda g: mx.distributed.all_sum(g), acc)
+            total = mx.distributed.all_sum(total)
+        return acc, total, group_tokens, real
+
+    def train_step(self, micro_batches, lr: float):
+        """One optimizer step; returns (mean loss, target tokens, non-padding tokens)."""
+        acc, total, group_tokens, real = self.accumulate(micro_batches)
         norm = self._norm(acc)
-        mx.eval(norm)
+        mx.eval(norm, total)
         loss = total.item() / group_tokens
         if not (math.isfinite(loss) and math.isfinite(norm.item())):
             self._nonfinite(loss, norm.item())
@@ -327,7 +350,7 @@ class Trainer:
                           self._state_json(), name="best")
             if self.stop_signal:
                 raise TrainingInterrupted(path)
-        _crash_hook_step(s["step"])
+        ckpt._crash_hook("step")  # test hook: STEADYTUNE_TEST_CRASH=step:N dies after step N
         if t.patience and s["bad_evals"] >= t.patience:
             bar.write(f"early stopping: no improvement in {t.patience} validations")
             return True
@@ -426,6 +449,39 @@ def checkpoint_blocks(model: nn.Module) -> None:
         layer.__class__ = type(cls.__name__, (cls,), {"__call__": call, "_steadytune_ckpt": True})
 
 
+_OOM = re.compile(r"out of memory|unable to allocate|attempting to allocate|insufficient memory|"
+                  r"outofmemory|memoryallocation", re.IGNORECASE)
+_DISK = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+_GENERIC_ADVICE = ("lower --batch-size (raise --grad-accumulation to keep the effective batch), lower "
+                   "--max-seq-length, or add --grad-checkpoint true")
+
+
+def _memory_advice(cfg: Config) -> str:
+    """The planner's recommendation for this configuration (steadytune.plan.advice), if there is a planner."""
+    try:
+        from .plan import advice
+    except ImportError:
+        return _GENERIC_ADVICE
+    return advice(cfg)
+
+
+def _raise_if_out_of_resources(e: BaseException, cfg: Config, run_dir: Path, step: int) -> None:
+    """Out of memory (MLX raises RuntimeError: "[malloc] Unable to allocate ...", "[metal::malloc]
+    Attempting to allocate ...") or a full/read-only disk mid-run: a UserError that says what to
+    change and that the last complete checkpoint is intact. Anything else: return (re-raised)."""
+    last, _ = ckpt.latest(run_dir)
+    kept = (f"the last complete checkpoint ({last}) is intact; continue with the same command plus "
+            "--resume" if last else "no checkpoint was written yet")
+    if isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and _OOM.search(str(e))):
+        what = " ".join(str(e).split())[:200] or type(e).__name__
+        raise UserError(f"out of memory at step {step} ({what}); {_memory_advice(cfg)}. {kept[0].upper()}"
+                        f"{kept[1:]} (--grad-checkpoint may change on resume; batch and sequence "
+                        "sizes need a new --out)") from None
+    if isinstance(e, OSError) and e.errno in _DISK:
+        raise UserError(f"{e.filename or run_dir}: cannot write at step {step} ({e.strerror}); free disk "
+                        f"space or fix permissions; {kept}") from None
+
+
 def _newest_run() -> Path:
     runs = sorted((p for p in Path("runs").glob("*") if (p / "checkpoints").is_dir()),
                   key=lambda p: p.stat().st_mtime)
@@ -435,12 +491,6 @@ def _newest_run() -> Path:
 
 
 _TEST_NAN_STEPS = {int(x) for x in os.environ.get("STEADYTUNE_TEST_NAN_STEPS", "").split(",") if x}
-
-
-def _crash_hook_step(step: int) -> None:
-    """Test hook: STEADYTUNE_TEST_CRASH=step:N kills the process with SIGKILL after step N."""
-    if os.environ.get("STEADYTUNE_TEST_CRASH") == f"step:{step}":
-        os.kill(os.getpid(), 9)
 
 
 class _SignalGuard:

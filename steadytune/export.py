@@ -1,0 +1,358 @@
+"""`steadytune export RUN --format mlx|hf|gguf [--out DIR]`: fold a run's adapters into its base model
+and write one model that other tools load without steadytune.
+
+The adapters are fused into *dequantized* weights (float16 by default). Re-quantizing a fused weight
+would round the small LoRA update away unevenly and change answers; a float export answers like
+base + adapters. Formats:
+
+- mlx:  an mlx-lm folder (model.safetensors, config.json, tokenizer), for `mlx_lm.generate`.
+- hf:   a Hugging Face folder (HF tensor names, config.json, generation_config.json, tokenizer),
+        for transformers, vLLM, or llama.cpp's convert_hf_to_gguf.py.
+- gguf: model.gguf (llama layout; F16/BF16/F32; q/k rows in llama.cpp's order; tokenizer and chat
+        template metadata) and an Ollama Modelfile next to it: `ollama create NAME -f Modelfile`.
+
+The export is written to a hidden folder beside --out and renamed into place when complete, so an
+interrupted export never leaves a half-written model that looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from .errors import UserError
+
+FORMATS = ("mlx", "hf", "gguf")
+DTYPES = ("float16", "bfloat16", "float32")
+# model types whose mlx-lm parameter names are the HF names (mlx-lm's sanitize only drops buffers)
+HF_NAMED = ("llama", "mistral", "qwen2", "qwen3")
+GGUF_LAYOUT = ("llama", "mistral")
+
+
+def add_arguments(p) -> None:
+    p.add_argument("run", help="a run folder of steadytune train (or its adapters/ folder)")
+    p.add_argument("--format", choices=FORMATS, default="mlx", help="what to write (default: mlx)")
+    p.add_argument("--out", default=None,
+                   help="where to write (default: RUN/export-FORMAT); must not exist or be empty")
+    p.add_argument("--model", default=None, help="base model, if not the one in the run's config.yaml")
+    p.add_argument("--dtype", choices=DTYPES, default="float16", help="weight dtype of the export")
+
+
+def command(args) -> int:
+    out = export(args.run, args.format, args.out, model=args.model, dtype=args.dtype)
+    print(f"wrote {args.format} model to {out}")
+    if args.format == "gguf":
+        print(f"  ollama: cd {out} && ollama create my-model -f Modelfile")
+    else:
+        print(f"  try it: mlx_lm.generate --model {out} --prompt 'Hello'")
+    return 0
+
+
+def export(run, fmt: str, out=None, model: str | None = None, dtype: str = "float16") -> Path:
+    """Fuse RUN's adapters into its base and write `fmt` to `out`; returns the folder written."""
+    import mlx.core as mx
+
+    from .generation import adapter_dir, load_tuned
+
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    adapter_dir(run)  # fail on a wrong RUN before anything loads
+    out = Path(out) if out else Path(run) / f"export-{fmt}"
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out}: already exists and is not empty; pass another --out or remove it")
+    # Fused in float32 (the small LoRA update survives the addition), then cast to `dtype`.
+    loaded = load_tuned(run, model, dtype="float32")
+    config = dict(loaded.config)
+    model_type = config.get("model_type")
+    if fmt == "hf" and model_type not in HF_NAMED:
+        raise UserError(f"--format hf: model type {model_type!r} is not supported; use --format mlx")
+    if fmt == "gguf" and model_type not in GGUF_LAYOUT:
+        raise UserError(f"--format gguf: model type {model_type!r} is not a llama layout; use --format hf "
+                        "and llama.cpp's convert_hf_to_gguf.py")
+    fuse(loaded.model, getattr(mx, dtype))
+    config = export_config(config, loaded.tokenizer, dtype)
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        WRITERS[fmt](tmp, loaded, config)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def fuse(model, dtype) -> None:
+    """Fold LoRA/DoRA layers into dequantized weights (as mlx_lm.fuse does), dequantize the rest,
+    cast every float to `dtype`."""
+    import mlx.core as mx
+    from mlx.utils import tree_unflatten
+    from mlx_lm.utils import dequantize_model
+
+    fused = [(name, m.fuse(dequantize=True)) for name, m in model.named_modules() if hasattr(m, "fuse")]
+    if fused:
+        model.update_modules(tree_unflatten(fused))
+    dequantize_model(model)
+    model.apply(lambda x: x.astype(dtype) if mx.issubdtype(x.dtype, mx.floating) else x)
+    mx.eval(model.parameters())
+
+
+def export_config(config: dict, tokenizer, dtype: str) -> dict:
+    """The base config without quantization, with the dtype and every stop token."""
+    config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+    config["torch_dtype"] = dtype
+    eos = sorted(tokenizer.eos_token_ids)
+    config["eos_token_id"] = eos[0] if len(eos) == 1 else eos
+    return config
+
+
+# --------------------------------------------------------------------------- mlx and hf folders
+
+def write_mlx(out: Path, loaded, config: dict) -> None:
+    from mlx_lm.utils import save_config, save_model
+
+    save_model(out, loaded.model)
+    save_config(dict(config), out / "config.json")
+    loaded.tokenizer.save_pretrained(str(out))
+
+
+def write_hf(out: Path, loaded, config: dict) -> None:
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    weights = dict(tree_flatten(loaded.model.parameters()))
+    if config.get("tie_word_embeddings"):
+        weights.pop("lm_head.weight", None)
+    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "pt"})
+    config = dict(config)
+    config.setdefault("architectures", [_hf_architecture(config["model_type"])])
+    (out / "config.json").write_text(json.dumps(dict(sorted(config.items())), indent=2))
+    generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    loaded.tokenizer.save_pretrained(str(out))
+
+
+def _hf_architecture(model_type: str) -> str:
+    return {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM"}[model_type]
+
+
+# --------------------------------------------------------------------------- gguf + Modelfile
+
+def write_gguf(out: Path, loaded, config: dict) -> None:
+    import gguf
+
+    path = out / "model.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    _add_hyperparameters(writer, config)
+    for key, value, vtype in _tokenizer_fields(loaded, config):
+        writer.add_key_value(key, value, vtype)
+    for name, array, raw_dtype in _gguf_tensors(loaded.model, config):
+        writer.add_tensor(name, array, raw_dtype=raw_dtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    (out / "Modelfile").write_text(modelfile(loaded.tokenizer, "./model.gguf"))
+
+
+def _add_hyperparameters(w, config: dict) -> None:
+    import gguf
+
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    w.add_name(str(config.get("_name_or_path", "steadytune export")).split("/")[-1])
+    w.add_context_length(config.get("max_position_embeddings") or 4096)
+    w.add_embedding_length(config["hidden_size"])
+    w.add_block_count(config["num_hidden_layers"])
+    w.add_feed_forward_length(config["intermediate_size"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(config.get("num_key_value_heads") or heads)
+    w.add_rope_dimension_count(head_dim)
+    if head_dim != config["hidden_size"] // heads:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    w.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-5))
+    w.add_rope_freq_base(config.get("rope_theta", 10000.0))
+    w.add_vocab_size(config["vocab_size"])
+    scaling = config.get("rope_scaling")
+    if scaling and scaling.get("type", scaling.get("rope_type")) == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(scaling["factor"])
+    elif scaling:
+        raise UserError(f"--format gguf: RoPE scaling {scaling} is not written by steadytune; use --format hf "
+                        "and llama.cpp's convert_hf_to_gguf.py")
+    dtype = config.get("torch_dtype")
+    w.add_file_type({"float32": gguf.LlamaFileType.ALL_F32, "bfloat16": gguf.LlamaFileType.MOSTLY_BF16}
+                    .get(dtype, gguf.LlamaFileType.MOSTLY_F16))
+
+
+def _gguf_tensors(model, config: dict):
+    """(GGUF name, numpy array, raw GGML type or None) for every weight, q/k rows in llama.cpp order."""
+    import gguf
+    import mlx.core as mx
+    import numpy as np
+    from mlx.utils import tree_flatten
+
+    from .gguf import _BLOCK_NAMES, _TOP_NAMES, permute_rows
+
+    top = {v: k for k, v in _TOP_NAMES.items()}
+    block = {v: k for k, v in _BLOCK_NAMES.items()}
+    heads = {"attn_q": config["num_attention_heads"],
+             "attn_k": config.get("num_key_value_heads") or config["num_attention_heads"]}
+    for name, value in tree_flatten(model.parameters()):
+        stem, _, suffix = name.rpartition(".")
+        if stem.startswith("model.layers."):
+            _, _, i, rest = stem.split(".", 3)
+            short = block[rest]
+            gname = f"blk.{i}.{short}.{suffix}"
+        else:
+            if stem == "lm_head" and config.get("tie_word_embeddings"):
+                continue
+            short = top[stem]
+            gname = f"{short}.{suffix}"
+        if short in heads:
+            # llama.cpp rotates adjacent pairs, so each head's rows go back to its interleaved order
+            value = mx.take(value, permute_rows(value.shape[0], heads[short]), axis=0)
+        if value.ndim == 1 or value.dtype == mx.float32:  # norms stay F32, as llama.cpp writes them
+            yield gname, np.array(value.astype(mx.float32)), None
+        elif value.dtype == mx.bfloat16:  # numpy has no bfloat16: hand over the raw 16-bit words
+            yield gname, np.array(value.view(mx.uint16)), gguf.GGMLQuantizationType.BF16
+        else:
+            yield gname, np.array(value.astype(mx.float16)), None
+
+
+def _tokenizer_fields(loaded, config: dict):
+    """(key, value, GGUF type) of the tokenizer: copied from a GGUF base, else built from tokenizer.json."""
+    import gguf
+
+    from .gguf import check_gguf_header
+
+    T = gguf.GGUFValueType
+    if loaded.kind == "gguf":
+        meta = check_gguf_header(loaded.source).metadata
+        for key, value in meta.items():
+            if key.startswith("tokenizer."):
+                yield key, value, _value_type(value)
+        return
+    tok = loaded.tokenizer
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    model, pre = spec.get("model", {}), _pre_name(spec.get("pre_tokenizer"))
+    if model.get("type") != "BPE" or pre is None:
+        raise UserError(f"--format gguf: this tokenizer ({model.get('type')}, pre-tokenizer "
+                        f"{(spec.get('pre_tokenizer') or {}).get('type')}) is not one steadytune writes "
+                        "to GGUF; use --format hf and llama.cpp's convert_hf_to_gguf.py")
+    vocab = tok.get_vocab()
+    tokens = [f"[PAD{i}]" for i in range(max(config["vocab_size"], len(vocab)))]
+    for t, i in vocab.items():
+        tokens[i] = t
+    added = {a["content"]: a for a in spec.get("added_tokens", [])}
+    types = [3 if t in added and added[t]["special"] else 4 if t in added else 1 if t in vocab else 5
+             for t in tokens]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    yield "tokenizer.ggml.model", "gpt2", T.STRING
+    yield "tokenizer.ggml.pre", pre, T.STRING
+    yield "tokenizer.ggml.tokens", tokens, T.ARRAY
+    yield "tokenizer.ggml.token_type", types, T.ARRAY
+    yield "tokenizer.ggml.merges", merges, T.ARRAY
+    for key, token in (("bos", tok.bos_token), ("eos", tok.eos_token), ("unknown", tok.unk_token),
+                       ("padding", tok.pad_token)):
+        if token in vocab:
+            yield f"tokenizer.ggml.{key}_token_id", vocab[token], T.UINT32
+    yield "tokenizer.ggml.add_bos_token", bool(getattr(tok, "add_bos_token", False)), T.BOOL
+    if tok.chat_template:
+        yield "tokenizer.chat_template", tok.chat_template, T.STRING
+
+
+def _value_type(value):
+    import gguf
+
+    T = gguf.GGUFValueType
+    if isinstance(value, bool):
+        return T.BOOL
+    if isinstance(value, int):
+        return T.UINT32 if 0 <= value < 1 << 32 else T.INT64
+    if isinstance(value, float):
+        return T.FLOAT32
+    if isinstance(value, str):
+        return T.STRING
+    return T.ARRAY
+
+
+def _pre_name(pre: dict | None) -> str | None:
+    """llama.cpp's name (tokenizer.ggml.pre) for a byte-level pre-tokenizer, or None if unknown."""
+    from .gguf import PRE_SPLITS
+
+    if not pre:
+        return None
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [s.get("type") for s in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
+        return "smollm"
+    if kinds == ["Split", "ByteLevel"]:
+        regex = (steps[0].get("pattern") or {}).get("Regex")
+        return next((name for name, r in PRE_SPLITS.items() if r == regex), None)
+    return None
+
+
+# Chat formats Ollama's Go templates can express, recognised by how the template renders a probe.
+_OLLAMA_TEMPLATES = {
+    "chatml": ("<|im_start|>system\n{s}<|im_end|>\n<|im_start|>user\n{u}<|im_end|>\n<|im_start|>assistant\n",
+               '{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}'
+               '{{- range .Messages }}{{- if ne .Role "system" }}<|im_start|>{{ .Role }}\n'
+               '{{ .Content }}<|im_end|>\n{{ end }}{{- end }}<|im_start|>assistant\n'),
+    "llama3": ("<|start_header_id|>system<|end_header_id|>\n\n{s}<|eot_id|><|start_header_id|>user"
+               "<|end_header_id|>\n\n{u}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+               '{{- if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>{{ end }}'
+               '{{- range .Messages }}{{- if ne .Role "system" }}<|start_header_id|>{{ .Role }}'
+               '<|end_header_id|>\n\n{{ .Content }}<|eot_id|>{{ end }}{{- end }}'
+               '<|start_header_id|>assistant<|end_header_id|>\n\n'),
+}
+
+
+def modelfile(tokenizer, gguf_file: str) -> str:
+    """An Ollama Modelfile: FROM, the chat TEMPLATE (ChatML or Llama 3), a default SYSTEM, stops."""
+    lines = [f"FROM {gguf_file}"]
+    template, system = _ollama_template(tokenizer)
+    if template:
+        lines.append(f'TEMPLATE """{template}"""')
+    else:
+        lines.append("# no TEMPLATE: the chat template is not ChatML or Llama 3; Ollama uses the one in "
+                     "the GGUF if it knows it")
+    if system:
+        lines.append(f'SYSTEM """{system}"""')
+    for token in tokenizer.convert_ids_to_tokens(sorted(tokenizer.eos_token_ids)):
+        lines.append(f"PARAMETER stop {json.dumps(token)}")
+    return "\n".join(lines) + "\n"
+
+
+def _ollama_template(tokenizer) -> tuple[str | None, str | None]:
+    if not getattr(tokenizer, "chat_template", None):
+        return None, None
+
+    def render(messages):
+        try:
+            return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception:  # a template may refuse a system message; then it is not one we map
+            return ""
+
+    probe = render([{"role": "system", "content": "SYS"}, {"role": "user", "content": "USR"}])
+    bare = render([{"role": "user", "content": "USR"}])
+    for expected, go_template in _OLLAMA_TEMPLATES.values():
+        body = expected.format(s="SYS", u="USR")
+        if probe.endswith(body) and len(probe) - len(body) <= len("<|begin_of_text|>"):
+            # A template that writes a system turn of its own when given none: that text is the SYSTEM.
+            head, after = expected.split("{s}")
+            tail = after.split("{u}")[0]
+            i = bare.find(head)
+            j = bare.find(tail, i + len(head)) if i >= 0 else -1
+            return go_template, (bare[i + len(head):j] or None) if j > i else None
+    return None, None
+
+
+WRITERS = {"mlx": write_mlx, "hf": write_hf, "gguf": write_gguf}

@@ -1,0 +1,491 @@
+"""Loading llama-family GGUF files (llama.cpp's format) into mlx-lm's llama model.
+
+Quantized tensors stay quantized: MLX's GGUF reader turns Q4_0, Q4_1 and Q8_0 blocks into MLX
+affine-quantized arrays (weight, scales, biases; group size 32), which become QuantizedLinear and
+QuantizedEmbedding layers as they are, so no full-precision copy of the base is ever made. F32, F16
+and BF16 tensors load as plain arrays. Other GGML types (the K-quants, IQ*) have no MLX equivalent
+and are refused with a message that says how to get a file that loads.
+
+MLX's native reader trusts the file; on a truncated or corrupted one it can take the whole process
+down. `check_gguf_header` therefore walks the header in pure Python first (it never reads tensor
+data) and checks every length and offset against the file size. It also returns the metadata, so the
+config and the tokenizer are built from it without a second parse.
+"""
+
+from __future__ import annotations
+
+import mmap
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import UserError
+
+LLAMA_ARCHS = ("llama", "mistral")  # llama.cpp writes Mistral and SmolLM models as "llama"
+LOADABLE_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0")
+GGUF_GROUP_SIZE = 32  # Q4_0/Q4_1/Q8_0 blocks hold 32 values: one MLX quantization group each
+
+# GGUF value types: id -> struct format of a fixed-size value (8 = string and 9 = array are variable).
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
+            11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+_MAX_COUNT = 1 << 24     # more tensors or keys than this is not a model, it is garbage
+_MAX_KEY = 1 << 16       # llama.cpp keys are short ASCII names
+_MAX_DIMS = 4            # GGML_MAX_DIMS
+
+# GGUF tensor name -> mlx-lm llama parameter name (blk.N.* go under model.layers.N).
+_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+# Tokens a chat template ends a turn with; generation must stop on them, not only on the file's eos.
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|end_of_turn|>", "</s>")
+
+
+@dataclass
+class GGUFHeader:
+    version: int
+    metadata: dict                               # key -> value (numeric arrays as lists)
+    tensors: dict = field(default_factory=dict)  # name -> (GGML type name, shape rows-first)
+
+
+# --------------------------------------------------------------------------- header check
+
+class _Corrupt(Exception):
+    pass
+
+
+class _Cursor:
+    """Reads little-endian GGUF values from a memory map, never past its end."""
+
+    def __init__(self, buf, size: int):
+        self.buf, self.size, self.pos = buf, size, 0
+
+    def need(self, n: int, what: str) -> None:
+        if n < 0 or self.pos + n > self.size:
+            raise _Corrupt(f"{what} at byte {self.pos} runs past the end of the file")
+
+    def unpack(self, fmt: str, what: str):
+        n = struct.calcsize(fmt)
+        self.need(n, what)
+        value = struct.unpack_from(fmt, self.buf, self.pos)[0]
+        self.pos += n
+        return value
+
+    def string(self, what: str, limit: int | None = None) -> str:
+        """A length-prefixed string; names (given a limit) must be valid UTF-8, values may not be."""
+        n = self.unpack("<Q", f"length of {what}")
+        if limit is not None and n > limit:
+            raise _Corrupt(f"{what} claims {n} bytes")
+        self.need(n, what)
+        raw = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += n
+        try:
+            return raw.decode("utf-8", errors="strict" if limit else "replace")
+        except UnicodeDecodeError:
+            raise _Corrupt(f"{what} is not UTF-8 text") from None
+
+    def value(self, vtype: int, what: str, depth: int = 0):
+        if vtype in _SCALARS:
+            return self.unpack(_SCALARS[vtype], what)
+        if vtype == _STRING:
+            return self.string(what)
+        if vtype == _ARRAY and depth < 2:
+            etype = self.unpack("<I", f"element type of {what}")
+            count = self.unpack("<Q", f"length of {what}")
+            if etype in _SCALARS:
+                width = struct.calcsize(_SCALARS[etype])
+                self.need(count * width, what)
+                out = list(struct.unpack_from(f"<{count}{_SCALARS[etype][1]}", self.buf, self.pos))
+                self.pos += count * width
+                return out
+            if etype not in (_STRING, _ARRAY):
+                raise _Corrupt(f"{what} has unknown element type {etype}")
+            if count > self.size:  # every element takes at least one byte
+                raise _Corrupt(f"{what} claims {count} elements")
+            return [self.value(etype, what, depth + 1) for _ in range(count)]
+        raise _Corrupt(f"{what} has unknown value type {vtype}")
+
+
+def check_gguf_header(path: str | Path) -> GGUFHeader:
+    """Parse and validate a GGUF header without reading tensor data; UserError if it is broken."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, 2)
+            if size < 24:
+                raise _Corrupt(f"only {size} bytes")
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                return _parse(_Cursor(buf, size))
+    except _Corrupt as e:
+        raise UserError(f"{path}: truncated or corrupted GGUF ({e}); re-download or re-convert it") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the file ({e.strerror}); check the path and permissions") from None
+
+
+def _parse(cur: _Cursor) -> GGUFHeader:
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    if bytes(cur.buf[:4]) != b"GGUF":
+        raise _Corrupt(f"no GGUF magic, the file starts with {bytes(cur.buf[:4])!r}")
+    cur.pos = 4
+    version = cur.unpack("<I", "version")
+    if version not in (2, 3):
+        raise _Corrupt(f"GGUF version {version}; only versions 2 and 3 are read")
+    n_tensors = cur.unpack("<Q", "tensor count")
+    n_kv = cur.unpack("<Q", "metadata count")
+    if n_tensors > _MAX_COUNT or n_kv > _MAX_COUNT:
+        raise _Corrupt(f"implausible counts: {n_tensors} tensors, {n_kv} metadata keys")
+    metadata = {}
+    for i in range(n_kv):
+        key = cur.string(f"metadata key #{i}", limit=_MAX_KEY)
+        vtype = cur.unpack("<I", f"type of {key}")
+        metadata[key] = cur.value(vtype, key)
+    infos = []
+    for i in range(n_tensors):
+        name = cur.string(f"tensor name #{i}", limit=_MAX_KEY)
+        n_dims = cur.unpack("<I", f"dimension count of {name}")
+        if not 1 <= n_dims <= _MAX_DIMS:
+            raise _Corrupt(f"tensor {name} has {n_dims} dimensions")
+        dims = [cur.unpack("<Q", f"shape of {name}") for _ in range(n_dims)]
+        gtype = cur.unpack("<I", f"type of {name}")
+        offset = cur.unpack("<Q", f"offset of {name}")
+        infos.append((name, dims, gtype, offset))
+    alignment = metadata.get("general.alignment", 32)
+    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        raise _Corrupt(f"general.alignment is {alignment!r}, not a power of two")
+    data_start = -(-cur.pos // alignment) * alignment
+    tensors = {}
+    for name, dims, gtype, offset in infos:
+        try:
+            qtype = GGMLQuantizationType(gtype)
+        except ValueError:
+            raise _Corrupt(f"tensor {name} has unknown type id {gtype}") from None
+        block, type_size = GGML_QUANT_SIZES[qtype]
+        if dims[0] % block:
+            raise _Corrupt(f"tensor {name}: row of {dims[0]} values is not a whole number of "
+                           f"{qtype.name} blocks")
+        count = 1
+        for d in dims:
+            count *= d
+        nbytes = count // block * type_size
+        if data_start + offset + nbytes > cur.size:
+            raise _Corrupt(f"tensor {name} ({nbytes} bytes at offset {offset}) ends past the "
+                           f"end of the file ({cur.size} bytes)")
+        tensors[name] = (qtype.name, tuple(reversed(dims)))  # GGUF lists the fastest axis first
+    return GGUFHeader(version, metadata, tensors)
+
+
+# --------------------------------------------------------------------------- config
+
+def _arch(header: GGUFHeader, path) -> str:
+    arch = header.metadata.get("general.architecture")
+    if arch not in LLAMA_ARCHS:
+        raise UserError(f"{path}: architecture {arch!r} is not supported; steadytune loads llama-family "
+                        "GGUF files (llama, mistral, smollm); use the model's HF folder instead")
+    return arch
+
+
+def _check_tensors(header: GGUFHeader, path) -> None:
+    bad = {}
+    for name, (gtype, _) in header.tensors.items():
+        if gtype not in LOADABLE_TYPES:
+            bad.setdefault(gtype, []).append(name)
+    if bad:
+        what = "; ".join(f"{t}: {len(n)} tensors, e.g. {n[0]}" for t, n in bad.items())
+        raise UserError(f"{path}: tensor types MLX cannot keep quantized ({what}); use a Q4_0, Q4_1, "
+                        "Q8_0 or F16 GGUF of this model, or re-quantize one with llama.cpp: "
+                        "llama-quantize --pure model-f16.gguf model-q8_0.gguf Q8_0")
+    if "rope_freqs.weight" in header.tensors:
+        raise UserError(f"{path}: this model uses llama3 RoPE frequency factors (rope_freqs), which "
+                        "steadytune does not read from GGUF yet; use the model's HF folder instead")
+
+
+def gguf_config(header: GGUFHeader, path="GGUF") -> dict:
+    """A config.json-like dict (model_type llama) from the GGUF metadata."""
+    arch = _arch(header, path)
+    m = header.metadata
+
+    def get(key, default=None):
+        value = m.get(f"{arch}.{key}", default)
+        if value is None:
+            raise UserError(f"{path}: metadata key {arch}.{key} is missing; re-convert the model "
+                            "with a current llama.cpp")
+        return value
+
+    tied = "output.weight" not in header.tensors
+    vocab = header.tensors.get("token_embd.weight", (None, (len(m.get("tokenizer.ggml.tokens", [])),)))[1][0]
+    heads = get("attention.head_count")
+    hidden = get("embedding_length")
+    config = {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": hidden,
+        "num_hidden_layers": get("block_count"),
+        "intermediate_size": get("feed_forward_length"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": get("attention.head_count_kv", heads),
+        "head_dim": get("attention.key_length", hidden // heads),
+        # float32 in the file: 7 significant digits give back the decimal the model was made with
+        "rms_norm_eps": float(f'{get("attention.layer_norm_rms_epsilon", 1e-5):.7g}'),
+        "rope_theta": float(get("rope.freq_base", 10000.0)),
+        "max_position_embeddings": get("context_length", 4096),
+        "vocab_size": vocab,
+        "tie_word_embeddings": tied,
+        "hidden_act": "silu",
+    }
+    if m.get(f"{arch}.rope.scaling.type") == "linear":
+        config["rope_scaling"] = {"type": "linear", "factor": float(get("rope.scaling.factor"))}
+    elif m.get(f"{arch}.rope.scaling.type", "none") != "none":
+        raise UserError(f"{path}: RoPE scaling {m[f'{arch}.rope.scaling.type']!r} is not supported "
+                        "from GGUF; use the model's HF folder instead")
+    rope_dims = m.get(f"{arch}.rope.dimension_count", config["head_dim"])
+    if rope_dims != config["head_dim"]:
+        raise UserError(f"{path}: partial rotary embedding ({rope_dims} of {config['head_dim']} dims) "
+                        "is not a llama layout; use the model's HF folder instead")
+    for key, name in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id")):
+        if f"tokenizer.ggml.{key}" in m:
+            config[name] = m[f"tokenizer.ggml.{key}"]
+    return config
+
+
+# --------------------------------------------------------------------------- weights
+
+def _mlx_name(gguf_name: str, path) -> str:
+    base, _, suffix = gguf_name.rpartition(".")  # weight, scales, biases or bias
+    if base in _TOP_NAMES:
+        return f"{_TOP_NAMES[base]}.{suffix}"
+    match = re.fullmatch(r"blk\.(\d+)\.(\w+)", base)
+    if match and match.group(2) in _BLOCK_NAMES:
+        return f"model.layers.{match.group(1)}.{_BLOCK_NAMES[match.group(2)]}.{suffix}"
+    raise UserError(f"{path}: tensor {gguf_name} is not part of a llama model (mixture-of-experts and "
+                    "other layouts are not supported); use the model's HF folder instead")
+
+
+def unpermute_rows(n_rows: int, n_head: int):
+    """Row order that undoes llama.cpp's q/k permutation (convert_hf_to_gguf.py `permute`).
+
+    llama.cpp stores each head's rows interleaved (r0, r_d/2, r1, r_d/2+1, ...) so its RoPE can
+    rotate adjacent pairs; HF's layout keeps the two halves apart (rotate_half). The HF row (h, p, j)
+    sits at GGUF row h*d + 2*j + p.
+    """
+    import mlx.core as mx
+
+    d = n_rows // n_head
+    h = mx.arange(n_head).reshape(-1, 1, 1)
+    p = mx.arange(2).reshape(1, -1, 1)
+    j = mx.arange(d // 2).reshape(1, 1, -1)
+    return (h * d + 2 * j + p).reshape(-1)
+
+
+def permute_rows(n_rows: int, n_head: int):
+    """The inverse order: HF rows -> llama.cpp rows (used when writing a GGUF)."""
+    import mlx.core as mx
+
+    return mx.argsort(unpermute_rows(n_rows, n_head))
+
+
+def _mlx_weights(raw: dict, config: dict, path) -> dict:
+    """Rename GGUF tensors to mlx-lm names and put q/k rows back in HF order.
+
+    Why un-permute rather than run llama.cpp's layout with traditional (adjacent-pair) RoPE: both
+    give the same logits as the HF model, but only the HF row order makes the q/k LoRA adapters
+    trained here the same adapters as on the HF/MLX copy of the model (mlx-lm, a fused export or
+    another tool can use them). Rows of a quantized matrix are whole (packing runs along a row),
+    so permuting the rows of the packed weight, scales and biases is exact and cheap.
+    """
+    import mlx.core as mx
+
+    heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
+    out = {}
+    for name, value in raw.items():
+        kind = name.split(".")[2] if name.startswith("blk.") else ""
+        if kind in heads:
+            value = mx.take(value, unpermute_rows(value.shape[0], heads[kind]), axis=0)
+        out[_mlx_name(name, path)] = value
+    return out
+
+
+def _build_model(config: dict, weights: dict):
+    import mlx.nn as nn
+    from mlx_lm.models.llama import Model, ModelArgs
+
+    model = Model(ModelArgs.from_dict(config))
+    quant = {}
+    for name, w in weights.items():
+        if name.endswith(".scales"):
+            layer = name[: -len(".scales")]
+            in_features = w.shape[-1] * GGUF_GROUP_SIZE
+            bits = weights[f"{layer}.weight"].shape[-1] * 32 // in_features
+            quant[layer] = {"group_size": GGUF_GROUP_SIZE, "bits": bits}
+    nn.quantize(model, class_predicate=lambda p, m: quant.get(p, False))
+    model.load_weights(list(weights.items()), strict=True)
+    if quant:  # recorded like mlx-lm's config.json: the common setting plus per-layer exceptions
+        common = max(({"group_size": GGUF_GROUP_SIZE, "bits": b} for b in (4, 8)),
+                     key=lambda q: sum(v == q for v in quant.values()))
+        config["quantization"] = {**common, **{k: v for k, v in quant.items() if v != common}}
+    return model
+
+
+def load_gguf(path: str):
+    """(model, tokenizer, config) from a llama-family GGUF file; UserError for anything else."""
+    import mlx.core as mx
+
+    header = check_gguf_header(path)
+    try:
+        config = gguf_config(header, path)
+        _check_tensors(header, path)
+        tokenizer = build_tokenizer(header.metadata, path)
+    except UserError:
+        raise
+    except Exception as e:  # wrong value types, merges naming unknown tokens, ... in the metadata
+        raise UserError(f"{path}: invalid GGUF metadata ({_first_line(e)}); re-download or re-convert it") from None
+    try:
+        raw = mx.load(str(path))
+    except (RuntimeError, ValueError) as e:
+        raise UserError(f"{path}: MLX could not read the tensors ({_first_line(e)}); "
+                        "re-download or re-convert it") from None
+    weights = _mlx_weights(raw, config, path)
+    try:
+        model = _build_model(config, weights)
+    except (ValueError, KeyError) as e:  # a tensor missing, extra or of the wrong shape
+        raise UserError(f"{path}: the tensors do not fit the model its metadata describes "
+                        f"({_first_line(e)}); re-download or re-convert it") from None
+    config["eos_token_id"] = sorted(tokenizer.eos_token_ids)
+    return model, tokenizer, config
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200] if text else ''}"
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+# tokenizer.ggml.pre -> the split regex llama.cpp applies before byte-level BPE (llama-vocab.cpp).
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+                 r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+                 r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+DIGITS_THEN_GPT2 = ("smollm", "starcoder", "refact", "codeshell", "command-r", "exaone", "minerva")
+PRE_SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT,
+              "smaug-bpe": _LLAMA3_SPLIT, "dbrx": _LLAMA3_SPLIT, "falcon3": _LLAMA3_SPLIT,
+              "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT, "tekken": _TEKKEN_SPLIT}
+_CONTROL, _USER_DEFINED = 3, 4
+
+
+def _byte_level_pre_tokenizer(pre: str | None):
+    from tokenizers import Regex, pre_tokenizers
+
+    if pre in PRE_SPLITS:
+        return pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(PRE_SPLITS[pre]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    if pre in DIGITS_THEN_GPT2:
+        return pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    if pre not in (None, "default", "gpt2", "gpt-2", "mpt", "olmo", "jais"):
+        import warnings
+
+        warnings.warn(f"GGUF pre-tokenizer {pre!r} is not known to steadytune; splitting text like "
+                      "GPT-2, so some rare strings may tokenize differently from llama.cpp")
+    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+
+
+def spm_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+    """BPE merges implied by a SentencePiece vocabulary: a pair merges with its result's score."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = []
+    for token, score in zip(tokens, scores):
+        for cut in range(1, len(token)):
+            left, right = token[:cut], token[cut:]
+            if left in vocab and right in vocab:
+                merges.append((score, vocab[left], vocab[right], left, right))
+    merges.sort(key=lambda m: (-m[0], m[1], m[2]))
+    return [(m[3], m[4]) for m in merges]
+
+
+def _backend_tokenizer(meta: dict, path):
+    """A `tokenizers.Tokenizer` equivalent to llama.cpp's for this vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    kind = meta.get("tokenizer.ggml.model")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if not tokens:
+        raise UserError(f"{path}: the file has no tokenizer (tokenizer.ggml.tokens); re-convert it "
+                        "with llama.cpp's convert_hf_to_gguf.py")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if kind == "gpt2":
+        merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+        llama3_like = meta.get("tokenizer.ggml.pre") in PRE_SPLITS
+        tok = Tokenizer(models.BPE(vocab, merges, ignore_merges=llama3_like))
+        tok.pre_tokenizer = _byte_level_pre_tokenizer(meta.get("tokenizer.ggml.pre"))
+        tok.decoder = decoders.ByteLevel()
+        return tok
+    if kind == "llama":
+        scores = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+        unk = meta.get("tokenizer.ggml.unknown_token_id")
+        tok = Tokenizer(models.BPE(vocab, spm_merges(tokens, scores), fuse_unk=True, byte_fallback=True,
+                                   unk_token=tokens[unk] if unk is not None else None))
+        space = meta.get("tokenizer.ggml.add_space_prefix", True)
+        steps = [normalizers.Prepend("▁")] if space else []
+        tok.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "▁")])
+        strip = [decoders.Strip(" ", 1, 0)] if space else []
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                         decoders.Fuse()] + strip)
+        return tok
+    raise UserError(f"{path}: tokenizer model {kind!r} is not supported (byte-level BPE 'gpt2' and "
+                    "SentencePiece 'llama' are); use the model's HF folder instead")
+
+
+def build_tokenizer(meta: dict, path="GGUF"):
+    """An mlx-lm TokenizerWrapper built offline from the GGUF tokenizer metadata."""
+    from functools import partial
+
+    from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, SPMStreamingDetokenizer, TokenizerWrapper
+    from tokenizers import AddedToken, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = _backend_tokenizer(meta, path)
+    tokens = meta["tokenizer.ggml.tokens"]
+    types = meta.get("tokenizer.ggml.token_type") or []
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, k in zip(tokens, types) if k == _CONTROL])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                    for t, k in zip(tokens, types) if k == _USER_DEFINED])
+
+    def special(key):
+        i = meta.get(f"tokenizer.ggml.{key}_token_id")
+        return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else None
+
+    bos, eos = special("bos"), special("eos")
+    add_bos = meta.get("tokenizer.ggml.add_bos_token", meta.get("tokenizer.ggml.model") == "llama")
+    add_eos = meta.get("tokenizer.ggml.add_eos_token", False)
+    if (add_bos and bos) or (add_eos and eos):
+        first = [bos] if add_bos and bos else []
+        last = [eos] if add_eos and eos else []
+        tok.post_processor = processors.TemplateProcessing(
+            single=" ".join(first + ["$A"] + last), pair=" ".join(first + ["$A"] + last + ["$B"] + last),
+            special_tokens=[(t, tokens.index(t)) for t in dict.fromkeys(first + last)])
+    template = meta.get("tokenizer.chat_template")
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos,
+                                 unk_token=special("unknown"), pad_token=special("padding"),
+                                 chat_template=template, clean_up_tokenization_spaces=False)
+    eos_ids = {meta[f"tokenizer.ggml.{k}_token_id"] for k in ("eos", "eot", "eom")
+               if isinstance(meta.get(f"tokenizer.ggml.{k}_token_id"), int)}
+    vocab = hf.get_vocab()
+    eos_ids |= {vocab[t] for t in END_OF_TURN if template and t in template and t in vocab}
+    if meta.get("tokenizer.ggml.model") == "gpt2":
+        detok = BPEStreamingDetokenizer
+    else:
+        detok = partial(SPMStreamingDetokenizer, trim_space=meta.get("tokenizer.ggml.add_space_prefix", True))
+    return TokenizerWrapper(hf, detok, eos_token_ids=sorted(eos_ids))

@@ -1,0 +1,57 @@
+"""Pure batching functions: every example once per epoch, the remainder kept, the schedule."""
+
+import math
+
+import numpy as np
+import pytest
+
+from steadytune.batching import epoch_steps, lr_at, pad_batch, padding_fraction, steps_per_epoch
+
+
+@pytest.mark.parametrize("n,b,a", [(10, 4, 1), (10, 1, 4), (23, 4, 2), (7, 8, 1), (64, 4, 4), (5, 2, 3)])
+@pytest.mark.parametrize("group", [True, False])
+def test_every_example_once_and_ceil_steps(n, b, a, group):
+    lengths = np.random.default_rng(0).integers(3, 50, n)
+    steps = epoch_steps(lengths, b, a, seed=1, epoch=0, group_by_length=group)
+    assert len(steps) == math.ceil(n / (b * a)) == steps_per_epoch(n, b, a)
+    seen = [i for step in steps for mb in step for i in mb]
+    assert sorted(seen) == list(range(n))
+    assert all(1 <= len(step) <= a for step in steps)
+    assert all(1 <= len(mb) <= b for step in steps for mb in step)
+
+
+def test_order_is_a_pure_function_of_seed_and_epoch():
+    lengths = np.arange(40) % 7 + 2
+    assert epoch_steps(lengths, 4, 2, 5, 3) == epoch_steps(lengths, 4, 2, 5, 3)
+    assert epoch_steps(lengths, 4, 2, 5, 3) != epoch_steps(lengths, 4, 2, 5, 4)
+    assert epoch_steps(lengths, 4, 2, 5, 3) != epoch_steps(lengths, 4, 2, 6, 3)
+
+
+def test_grouping_by_length_cuts_padding():
+    lengths = np.random.default_rng(0).integers(10, 500, 512)
+    frac = {}
+    for group in (True, False):
+        steps = epoch_steps(lengths, 8, 1, 0, 0, group)
+        frac[group] = padding_fraction([[int(lengths[i]) for i in mb] for s in steps for mb in s])
+    assert frac[True] < 0.1 < frac[False]
+
+
+def test_pad_batch_shifts_targets_and_masks():
+    inputs, targets, mask = pad_batch([[5, 6, 7, 8], [9, 10]], [[0, 0, 1, 1], [1, 1]], pad_multiple=4)
+    assert inputs.tolist() == [[5, 6, 7, 0], [9, 0, 0, 0]]
+    assert targets.tolist() == [[6, 7, 8, 0], [10, 0, 0, 0]]
+    assert mask.tolist() == [[0, 1, 1, 0], [1, 0, 0, 0]]
+
+
+def test_padding_fraction_exact():
+    # widths: (5-1)->8 and (3-1)->8 with multiple 8: real 4+2 of 16
+    assert padding_fraction([[5, 3]], pad_multiple=8) == 1 - 6 / 16
+
+
+def test_lr_schedule_warmup_then_cosine():
+    peak = 1e-3
+    assert [lr_at(s, peak, 4, 20) for s in range(4)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert lr_at(4, peak, 4, 20) == pytest.approx(peak)
+    assert lr_at(12, peak, 4, 20) == pytest.approx(peak / 2)
+    assert lr_at(20, peak, 4, 20) == pytest.approx(0.0)
+    assert lr_at(15, peak, 0, 20, "constant") == peak
