@@ -470,16 +470,17 @@ def _raise_if_out_of_resources(e: BaseException, cfg: Config, run_dir: Path, ste
     Attempting to allocate ...") or a full/read-only disk mid-run: a UserError that says what to
     change and that the last complete checkpoint is intact. Anything else: return (re-raised)."""
     last, _ = ckpt.latest(run_dir)
-    kept = (f"the last complete checkpoint ({last}) is intact; continue with the same command plus "
-            "--resume" if last else "no checkpoint was written yet")
     if isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and _OOM.search(str(e))):
         what = " ".join(str(e).split())[:200] or type(e).__name__
-        raise UserError(f"out of memory at step {step} ({what}); {_memory_advice(cfg)}. {kept[0].upper()}"
-                        f"{kept[1:]} (--grad-checkpoint may change on resume; batch and sequence "
-                        "sizes need a new --out)") from None
+        kept = (f"The last complete checkpoint, {last}, is intact: rerun with --resume "
+                "--grad-checkpoint true to continue it with less memory (a smaller batch or sequence "
+                "length needs a new --out)" if last else "No checkpoint was written yet")
+        raise UserError(f"out of memory at step {step} ({what}). {_memory_advice(cfg)}. {kept}") from None
     if isinstance(e, OSError) and e.errno in _DISK:
-        raise UserError(f"{e.filename or run_dir}: cannot write at step {step} ({e.strerror}); free disk "
-                        f"space or fix permissions; {kept}") from None
+        kept = (f"the last complete checkpoint, {last}, is intact: rerun with --resume"
+                if last else "no checkpoint was written yet")
+        raise UserError(f"{e.filename or run_dir}: cannot write at step {step} ({e.strerror}); free "
+                        f"disk space or fix permissions; {kept}") from None
 
 
 def _newest_run() -> Path:
