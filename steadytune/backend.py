@@ -64,12 +64,17 @@ def device_kind() -> str:
     return "cuda"
 
 
-def compute_dtype(name: str):
-    """The compute dtype for `model.dtype` (auto: float32 on the CPU, bfloat16 on a GPU)."""
+def compute_dtype(name: str, source_kind: str = "folder"):
+    """The compute dtype for `model.dtype`. auto: float32 on the CPU; on a GPU bfloat16, except
+    for GGUF bases, whose quantization scales are float16: rounding them to bfloat16 moves the
+    default model's logits by up to 1.5, so GGUF bases compute in float16."""
     import mlx.core as mx
 
     if name == "auto":
-        name = "float32" if device_kind() == "cpu" else "bfloat16"
+        if device_kind() == "cpu":
+            name = "float32"
+        else:
+            name = "float16" if source_kind == "gguf" else "bfloat16"
     return getattr(mx, name)
 
 

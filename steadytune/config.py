@@ -37,7 +37,7 @@ class ModelConfig:
     group_size: int = _f(64, "quantization group size when the base is quantized on load",
                          choices=[32, 64, 128])
     dtype: str = _f("auto", "compute dtype; auto = float32 on the CPU (half precision falls off the "
-                    "BLAS path there), bfloat16 on a GPU",
+                    "BLAS path there), bfloat16 on a GPU (float16 for GGUF bases, whose scales are float16)",
                     flag="--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     compute: str = _f("auto", "quantized matmul: dequant (dequantize then matmul, recomputed in the "
                       "backward pass), native (quantized_matmul), auto (fastest measured per backend)",

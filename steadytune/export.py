@@ -197,10 +197,10 @@ def _gguf_tensors(model, config: dict):
     import numpy as np
     from mlx.utils import tree_flatten
 
-    from .gguf import _BLOCK_NAMES, _TOP_NAMES, permute_rows
+    from .gguf import BLOCK_NAMES, TOP_NAMES, permute_rows
 
-    top = {v: k for k, v in _TOP_NAMES.items()}
-    block = {v: k for k, v in _BLOCK_NAMES.items()}
+    top = {v: k for k, v in TOP_NAMES.items()}
+    block = {v: k for k, v in BLOCK_NAMES.items()}
     heads = {"attn_q": config["num_attention_heads"],
              "attn_k": config.get("num_key_value_heads") or config["num_attention_heads"]}
     for name, value in tree_flatten(model.parameters()):

@@ -30,13 +30,26 @@ GGUF_GROUP_SIZE = 32  # Q4_0/Q4_1/Q8_0 blocks hold 32 values: one MLX quantizati
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
             11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
+_U64 = struct.Struct("<Q")
 _MAX_COUNT = 1 << 24     # more tensors or keys than this is not a model, it is garbage
 _MAX_KEY = 1 << 16       # llama.cpp keys are short ASCII names
 _MAX_DIMS = 4            # GGML_MAX_DIMS
+# GGML tensor types: id -> (name, values per block, bytes per block), as in ggml.h / gguf-py's
+# GGML_QUANT_SIZES (copied so the header check does not import the gguf package: 0.7 s).
+GGML_TYPES = {
+    0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22),
+    7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 9: ("Q8_1", 32, 40), 10: ("Q2_K", 256, 84),
+    11: ("Q3_K", 256, 110), 12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210),
+    15: ("Q8_K", 256, 292), 16: ("IQ2_XXS", 256, 66), 17: ("IQ2_XS", 256, 74), 18: ("IQ3_XXS", 256, 98),
+    19: ("IQ1_S", 256, 50), 20: ("IQ4_NL", 32, 18), 21: ("IQ3_S", 256, 110), 22: ("IQ2_S", 256, 82),
+    23: ("IQ4_XS", 256, 136), 24: ("I8", 1, 1), 25: ("I16", 1, 2), 26: ("I32", 1, 4), 27: ("I64", 1, 8),
+    28: ("F64", 1, 8), 29: ("IQ1_M", 256, 56), 30: ("BF16", 1, 2), 34: ("TQ1_0", 256, 54),
+    35: ("TQ2_0", 256, 66), 39: ("MXFP4", 32, 17), 40: ("NVFP4", 64, 36), 41: ("Q1_0", 128, 18),
+}
 
 # GGUF tensor name -> mlx-lm llama parameter name (blk.N.* go under model.layers.N).
-_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_BLOCK_NAMES = {
+TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+BLOCK_NAMES = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
@@ -89,6 +102,23 @@ class _Cursor:
         except UnicodeDecodeError:
             raise _Corrupt(f"{what} is not UTF-8 text") from None
 
+    def strings(self, count: int, what: str) -> list[str]:
+        """A string array (the vocabulary, the merges): the hot loop of the check, kept lean."""
+        buf, pos, size, read = self.buf, self.pos, self.size, _U64.unpack_from
+        out = []
+        for _ in range(count):
+            if pos + 8 > size:
+                self.pos = pos
+                self.need(8, f"length of an element of {what}")
+            end = pos + 8 + read(buf, pos)[0]
+            if end > size:
+                self.pos = pos
+                raise _Corrupt(f"{what} at byte {pos} runs past the end of the file")
+            out.append(buf[pos + 8:end].decode("utf-8", "replace"))
+            pos = end
+        self.pos = pos
+        return out
+
     def value(self, vtype: int, what: str, depth: int = 0):
         if vtype in _SCALARS:
             return self.unpack(_SCALARS[vtype], what)
@@ -107,6 +137,8 @@ class _Cursor:
                 raise _Corrupt(f"{what} has unknown element type {etype}")
             if count > self.size:  # every element takes at least one byte
                 raise _Corrupt(f"{what} claims {count} elements")
+            if etype == _STRING:
+                return self.strings(count, what)
             return [self.value(etype, what, depth + 1) for _ in range(count)]
         raise _Corrupt(f"{what} has unknown value type {vtype}")
 
@@ -128,8 +160,6 @@ def check_gguf_header(path: str | Path) -> GGUFHeader:
 
 
 def _parse(cur: _Cursor) -> GGUFHeader:
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-
     if bytes(cur.buf[:4]) != b"GGUF":
         raise _Corrupt(f"no GGUF magic, the file starts with {bytes(cur.buf[:4])!r}")
     cur.pos = 4
@@ -161,14 +191,12 @@ def _parse(cur: _Cursor) -> GGUFHeader:
     data_start = -(-cur.pos // alignment) * alignment
     tensors = {}
     for name, dims, gtype, offset in infos:
-        try:
-            qtype = GGMLQuantizationType(gtype)
-        except ValueError:
-            raise _Corrupt(f"tensor {name} has unknown type id {gtype}") from None
-        block, type_size = GGML_QUANT_SIZES[qtype]
+        if gtype not in GGML_TYPES:
+            raise _Corrupt(f"tensor {name} has unknown type id {gtype}, newer than this steadytune or garbage")
+        type_name, block, type_size = GGML_TYPES[gtype]
         if dims[0] % block:
             raise _Corrupt(f"tensor {name}: row of {dims[0]} values is not a whole number of "
-                           f"{qtype.name} blocks")
+                           f"{type_name} blocks")
         count = 1
         for d in dims:
             count *= d
@@ -176,7 +204,7 @@ def _parse(cur: _Cursor) -> GGUFHeader:
         if data_start + offset + nbytes > cur.size:
             raise _Corrupt(f"tensor {name} ({nbytes} bytes at offset {offset}) ends past the "
                            f"end of the file ({cur.size} bytes)")
-        tensors[name] = (qtype.name, tuple(reversed(dims)))  # GGUF lists the fastest axis first
+        tensors[name] = (type_name, tuple(reversed(dims)))  # GGUF lists the fastest axis first
     return GGUFHeader(version, metadata, tensors)
 
 
@@ -196,7 +224,8 @@ def _check_tensors(header: GGUFHeader, path) -> None:
         if gtype not in LOADABLE_TYPES:
             bad.setdefault(gtype, []).append(name)
     if bad:
-        what = "; ".join(f"{t}: {len(n)} tensors, e.g. {n[0]}" for t, n in bad.items())
+        what = "; ".join(f"{t} in {n[0]}" + (f" and {len(n) - 1} more" if len(n) > 1 else "")
+                         for t, n in bad.items())
         raise UserError(f"{path}: tensor types MLX cannot keep quantized ({what}); use a Q4_0, Q4_1, "
                         "Q8_0 or F16 GGUF of this model, or re-quantize one with llama.cpp: "
                         "llama-quantize --pure model-f16.gguf model-q8_0.gguf Q8_0")
@@ -218,7 +247,8 @@ def gguf_config(header: GGUFHeader, path="GGUF") -> dict:
         return value
 
     tied = "output.weight" not in header.tensors
-    vocab = header.tensors.get("token_embd.weight", (None, (len(m.get("tokenizer.ggml.tokens", [])),)))[1][0]
+    embedding = header.tensors.get("token_embd.weight")
+    vocab = embedding[1][0] if embedding else len(m.get("tokenizer.ggml.tokens", []))
     heads = get("attention.head_count")
     hidden = get("embedding_length")
     config = {
@@ -247,9 +277,9 @@ def gguf_config(header: GGUFHeader, path="GGUF") -> dict:
     if rope_dims != config["head_dim"]:
         raise UserError(f"{path}: partial rotary embedding ({rope_dims} of {config['head_dim']} dims) "
                         "is not a llama layout; use the model's HF folder instead")
-    for key, name in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id")):
+    for key in ("bos_token_id", "eos_token_id"):
         if f"tokenizer.ggml.{key}" in m:
-            config[name] = m[f"tokenizer.ggml.{key}"]
+            config[key] = m[f"tokenizer.ggml.{key}"]
     return config
 
 
@@ -257,11 +287,11 @@ def gguf_config(header: GGUFHeader, path="GGUF") -> dict:
 
 def _mlx_name(gguf_name: str, path) -> str:
     base, _, suffix = gguf_name.rpartition(".")  # weight, scales, biases or bias
-    if base in _TOP_NAMES:
-        return f"{_TOP_NAMES[base]}.{suffix}"
+    if base in TOP_NAMES:
+        return f"{TOP_NAMES[base]}.{suffix}"
     match = re.fullmatch(r"blk\.(\d+)\.(\w+)", base)
-    if match and match.group(2) in _BLOCK_NAMES:
-        return f"model.layers.{match.group(1)}.{_BLOCK_NAMES[match.group(2)]}.{suffix}"
+    if match and match.group(2) in BLOCK_NAMES:
+        return f"model.layers.{match.group(1)}.{BLOCK_NAMES[match.group(2)]}.{suffix}"
     raise UserError(f"{path}: tensor {gguf_name} is not part of a llama model (mixture-of-experts and "
                     "other layouts are not supported); use the model's HF folder instead")
 

@@ -94,7 +94,7 @@ def load_base(mcfg: ModelConfig) -> LoadedModel:
     from .backend import compute_dtype
 
     kind, src = resolve_source(mcfg.path)
-    dtype = compute_dtype(mcfg.dtype)
+    dtype = compute_dtype(mcfg.dtype, kind)
     if kind == "gguf":
         from .gguf import load_gguf
 

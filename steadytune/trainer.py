@@ -14,6 +14,7 @@ every step, so the lazy graph never grows.
 from __future__ import annotations
 
 import errno
+import json
 import math
 import os
 import re
@@ -129,7 +130,8 @@ class Trainer:
                       "nonfinite": 0}
         if self.resume_from:
             self._restore(self.resume_from)
-        save_yaml(cfg, self.run_dir / "config.yaml")
+        if self.rank == 0:
+            save_yaml(cfg, self.run_dir / "config.yaml")
 
     def _val_subset(self, valid):
         k = self.cfg.data.val_max_examples
@@ -149,6 +151,8 @@ class Trainer:
                 raise UserError(f"{run_dir}: no complete checkpoint to resume from; start a new run "
                                 "without --resume")
             return run_dir, last
+        if not out and self.world > 1:
+            raise UserError("distributed training needs --out RUN_FOLDER (the same for every process)")
         run_dir = Path(out) if out else new_run_dir()
         if (run_dir / "checkpoints").exists() or (run_dir / "adapters").exists():
             raise UserError(f"{run_dir}: already holds a run; continue it with --resume, or pass "
@@ -179,7 +183,8 @@ class Trainer:
         self.optimizer.init(self.model.trainable_parameters())
         compare_for_resume(saved, self.cfg, self.fingerprints, self.adapter_config, path)
         self.state = {k: saved[k] for k in self.state}
-        truncate_metrics(self.run_dir / "metrics.jsonl", saved["step"])
+        if self.rank == 0:
+            truncate_metrics(self.run_dir / "metrics.jsonl", saved["step"])
         print(f"resuming from {path} (step {saved['step']}, epoch {saved['epoch']})")
 
     # --- the loop ------------------------------------------------------------------------------
@@ -191,8 +196,9 @@ class Trainer:
         per_epoch = steps_per_epoch(n, t.batch_size, t.grad_accumulation)
         total = t.max_steps or per_epoch * t.epochs
         self._build_steps()
-        metrics = Metrics(self.run_dir / "metrics.jsonl", cfg.output.log_to)
-        bar = Progress(total, s["step"], cfg.output.progress)
+        # Only rank 0 writes metrics, checkpoints and adapters, and draws progress.
+        metrics = Metrics(self.run_dir / "metrics.jsonl", cfg.output.log_to) if self.rank == 0 else _NoMetrics()
+        bar = Progress(total, s["step"], cfg.output.progress if self.rank == 0 else "none")
         self._announce(bar, n, per_epoch, total)
         lengths = self.train_set.lengths()
         window = {"loss": 0.0, "tokens": 0, "real": 0, "time": 0.0}
@@ -225,8 +231,9 @@ class Trainer:
         if stopped == "completed" and t.max_steps and s["step"] >= t.max_steps:
             stopped = "max_steps"
         final_val = self._final_eval(metrics_path=self.run_dir / "metrics.jsonl")
-        ckpt.save_final_adapters(self.run_dir, self.model, self.adapter_config)
-        print(f"adapters saved to {self.run_dir / 'adapters'}")
+        if self.rank == 0:
+            ckpt.save_final_adapters(self.run_dir, self.model, self.adapter_config)
+            print(f"adapters saved to {self.run_dir / 'adapters'}")
         from .progress import read_metrics
 
         return TrainResult(self.run_dir, s["step"], s["epoch"], last_loss, final_val,
@@ -248,12 +255,16 @@ class Trainer:
         acc, total, real = None, mx.array(0.0), 0
         for mb in micro_batches:
             mb = shard(mb, self.rank, self.world) if self.world > 1 else mb
+            if not mb:  # this rank's share of a short last micro-batch is empty
+                continue
             inputs, targets, mask = pad_batch([ids[i] for i in mb], [masks[i] for i in mb])
             part, acc = self._grad(mx.array(inputs), mx.array(targets), mx.array(mask), scale, acc)
             total = total + part
             real += sum(len(ids[i]) - 1 for i in mb)
             mx.eval(acc, total)
         if self.world > 1:  # the token-weighted rule across ranks: sum, already divided by the global count
+            if acc is None:
+                acc = tree_map(mx.zeros_like, self.model.trainable_parameters())
             acc = tree_map(lambda g: mx.distributed.all_sum(g), acc)
             total = mx.distributed.all_sum(total)
         return acc, total, group_tokens, real
@@ -343,13 +354,15 @@ class Trainer:
             bar.write(f"step {s['step']}: val_loss {val:.4f}")
             improved = self._track_best(val)
         due = (t.save_every and s["step"] % t.save_every == 0) or end_of_epoch or improved
-        if due or self.stop_signal:
+        if self.world > 1:  # every rank must stop at the same step, whichever got the signal
+            self.stop_signal = int(mx.distributed.all_sum(mx.array(int(bool(self.stop_signal)))).item())
+        if (due or self.stop_signal) and self.rank == 0:
             path = self.save_checkpoint()
             if improved:
                 ckpt.save(self.run_dir, s["step"], self.model, self.optimizer, self.adapter_config,
                           self._state_json(), name="best")
-            if self.stop_signal:
-                raise TrainingInterrupted(path)
+        if self.stop_signal:
+            raise TrainingInterrupted(self.run_dir / "checkpoints" / f"{ckpt.PREFIX}{s['step']:07d}")
         ckpt._crash_hook("step")  # test hook: STEADYTUNE_TEST_CRASH=step:N dies after step N
         if t.patience and s["bad_evals"] >= t.patience:
             bar.write(f"early stopping: no improvement in {t.patience} validations")
@@ -365,28 +378,33 @@ class Trainer:
         return False
 
     def evaluate(self) -> float:
-        """Token-weighted mean loss over the validation set (sorted by length: little padding)."""
+        """Token-weighted mean loss over the validation set (sorted by length: little padding;
+        with several processes each evaluates every world-th batch and the sums are added)."""
         ids, masks = self.val_set.ids, self.val_set.masks
         order = np.argsort([len(x) for x in ids], kind="stable")
         bs = self.cfg.training.batch_size
         self.model.eval()
         total, count = mx.array(0.0), 0
-        for i in range(0, len(order), bs):
+        for b, i in enumerate(range(0, len(order), bs)):
+            if b % self.world != self.rank:
+                continue
             mb = order[i:i + bs]
             inputs, targets, mask = pad_batch([ids[j] for j in mb], [masks[j] for j in mb])
             total = total + self._eval(mx.array(inputs), mx.array(targets), mx.array(mask))
             count += int(mask.sum())
             mx.eval(total)
         self.model.train()
+        if self.world > 1:
+            total = mx.distributed.all_sum(total)
+            count = int(mx.distributed.all_sum(mx.array(count)).item())
         return total.item() / count
 
     def _final_eval(self, metrics_path) -> float:
         val = self.evaluate()
-        with open(metrics_path, "a", encoding="utf-8") as f:
-            import json
-
-            f.write(json.dumps({"event": "val", "step": self.state["step"], "val_loss": val,
-                                "final": True}) + "\n")
+        if self.rank == 0:
+            with open(metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"event": "val", "step": self.state["step"], "val_loss": val,
+                                    "final": True}) + "\n")
         return val
 
     def _state_json(self) -> dict:
@@ -492,6 +510,16 @@ def _newest_run() -> Path:
 
 
 _TEST_NAN_STEPS = {int(x) for x in os.environ.get("STEADYTUNE_TEST_NAN_STEPS", "").split(",") if x}
+
+
+class _NoMetrics:
+    """Metrics sink of ranks other than 0."""
+
+    def log(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class _SignalGuard:
