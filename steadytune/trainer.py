@@ -28,7 +28,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from . import checkpoint as ckpt
 from .batching import epoch_steps, lr_at, pad_batch, padding_fraction, shard, steps_per_epoch
@@ -265,7 +265,7 @@ class Trainer:
         if self.world > 1:  # the token-weighted rule across ranks: sum, already divided by the global count
             if acc is None:
                 acc = tree_map(mx.zeros_like, self.model.trainable_parameters())
-            acc = tree_map(lambda g: mx.distributed.all_sum(g), acc)
+            acc = all_sum_tree(acc)
             total = mx.distributed.all_sum(total)
         return acc, total, group_tokens, real
 
@@ -510,6 +510,18 @@ def _newest_run() -> Path:
 
 
 _TEST_NAN_STEPS = {int(x) for x in os.environ.get("STEADYTUNE_TEST_NAN_STEPS", "").split(",") if x}
+
+
+def all_sum_tree(tree):
+    """Sum a gradient tree over all processes in one all-reduce: the leaves are packed into one
+    flat buffer (one call instead of one per tensor: 7 per block add up in latency)."""
+    leaves = tree_flatten(tree)
+    flat = mx.distributed.all_sum(mx.concatenate([v.reshape(-1) for _, v in leaves]))
+    out, i = [], 0
+    for k, v in leaves:
+        out.append((k, flat[i:i + v.size].reshape(v.shape)))
+        i += v.size
+    return tree_unflatten(out)
 
 
 class _NoMetrics:
