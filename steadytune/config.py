@@ -91,6 +91,9 @@ class TrainingConfig:
     log_every: int = _f(10, "write a train record to metrics.jsonl every N optimizer steps")
     save_every: int = _f(100, "checkpoint every N optimizer steps (and at each epoch end; 0 = epoch ends only)")
     grad_checkpoint: bool = _f(False, "recompute each block's activations in the backward pass (less memory)")
+    chunked_ce: str = _f("auto", "compute the output layer and loss in chunks of tokens, recomputed in the "
+                         "backward pass, so the float32 logits of the whole batch never exist at once; "
+                         "auto = on for vocabularies of 64k tokens and more", choices=["auto", "on", "off"])
     max_nonfinite: int = _f(3, "stop after this many non-finite losses/gradients in a row")
     patience: Optional[int] = _f(None, "early stopping: stop after N validations without improvement")
     resume: bool = _f(False, "continue from the newest complete checkpoint in the run folder")

@@ -93,7 +93,7 @@ def _read_lines(path: Path) -> list[tuple[int, object]]:
         try:
             out.append((n, _loads(line)))
         except json.JSONDecodeError as e:
-            problems.append(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno}); "
+            problems.append(f"{path}:{n}: malformed JSON ({e.msg.removesuffix(' at')} at column {e.colno}); "
                             "each line must be one JSON object")
     if len(problems) == 1:
         raise UserError(problems[0])
@@ -277,11 +277,16 @@ def load_splits(path: str | Path, valid_fraction: float = 0.05, seed: int = 0) -
             data[split] = read_file(f)
         except UserError as e:  # report every file's problems together
             problems += e.problems or [str(e)]
+    if len(problems) == 1:
+        raise UserError(problems[0])
     if problems:
         raise UserError(f"{path}: {len(problems)} problems in the data", problems)
     splits = Splits(data["train"], data.get("valid", []), data.get("test", []),
                     files={k: str(v) for k, v in files.items()})
     if not splits.valid:
+        if len(splits.train) < 2:
+            raise UserError(f"{files['train']}: only {len(splits.train)} training example: need at least "
+                            "2 to hold one out for validation, or add a valid.jsonl")
         held = set(holdout(len(splits.train), valid_fraction, seed).tolist())
         splits.valid = [e for i, e in enumerate(splits.train) if i in held]
         splits.train = [e for i, e in enumerate(splits.train) if i not in held]
@@ -432,6 +437,8 @@ def validate_path(path: str | Path) -> dict:
             summary[split] = {"file": str(f), "records": len(exs), "format": exs[0].kind}
         except UserError as e:
             problems += e.problems or [str(e)]
+    if len(problems) == 1:
+        raise UserError(problems[0])
     if problems:
         raise UserError(f"{path}: {len(problems)} problems in the data", problems)
     return summary

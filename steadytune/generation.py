@@ -77,3 +77,15 @@ def generate(loaded: LoadedModel, messages: list[dict] | str, max_tokens: int = 
     pieces = (r.text for r in stream_generate(loaded.model, loaded.tokenizer, tokens,
                                               max_tokens=max_tokens, sampler=sampler))
     return pieces if stream else "".join(pieces)
+
+
+def complete(model, tokenizer, prompt: str, max_tokens: int = 64, stop: str | None = None) -> str:
+    """Greedy raw-text continuation of `prompt` (no chat template), cut at `stop`."""
+    from mlx_lm.generate import stream_generate
+
+    out = ""
+    for r in stream_generate(model, tokenizer, tokenizer.encode(prompt), max_tokens=max_tokens):
+        out += r.text
+        if stop and stop in out:
+            return out.split(stop)[0]
+    return out

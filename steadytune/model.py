@@ -89,6 +89,19 @@ def check_folder(path: Path) -> dict:
     return config
 
 
+def check_source(kind: str, src: str) -> None:
+    """Validate a model's files without loading weights (a folder's config, weights and tokenizer;
+    a GGUF header, whose lengths and offsets MLX's native reader would trust), so that nothing else
+    (the memory planner, say) reads a broken or hostile file first."""
+    if kind == "folder":
+        check_folder(Path(src))
+        load_tokenizer(src)  # cheap without the weights; a broken or code-running tokenizer stops here
+    elif kind == "gguf":
+        from .gguf import check_gguf_header
+
+        check_gguf_header(src)
+
+
 def load_base(mcfg: ModelConfig) -> LoadedModel:
     """Load the frozen base model in the compute dtype, quantized per `mcfg.quantize`."""
     from .backend import compute_dtype
@@ -129,15 +142,30 @@ def _load_mlx_lm(src: str):
     except UserError:
         raise
     except Exception as e:  # mlx-lm raises many types; turn them into one clear line
-        msg = " ".join(str(e).split()) or type(e).__name__  # mlx puts parameter names on new lines
-        if "trust_remote_code" in msg:
-            raise UserError(f"{src}: the model needs its own Python code to load (auto_map or "
-                            "model_file in its config); steadytune never runs code from a model "
-                            "folder: use a model with a standard architecture and tokenizer") from None
-        msg = msg if len(msg) <= 300 else msg[:297] + "..."
-        raise UserError(f"{src}: could not load the model ({type(e).__name__}: {msg}); "
-                        "check that the folder is a complete HF/MLX model") from None
+        raise _load_error(src, e) from None
     return model, tokenizer, config
+
+
+def load_tokenizer(src: str):
+    """The tokenizer of a model folder, without its weights (mlx-lm's TokenizerWrapper); like
+    load_base, it never runs code from the folder and turns every failure into a UserError."""
+    from mlx_lm.utils import load_tokenizer as load
+
+    try:
+        return load(Path(src), {"trust_remote_code": False})
+    except Exception as e:
+        raise _load_error(src, e) from None
+
+
+def _load_error(src: str, e: Exception) -> UserError:
+    msg = " ".join(str(e).split()) or type(e).__name__  # mlx puts parameter names on new lines
+    if "trust_remote_code" in msg:
+        return UserError(f"{src}: the model needs its own Python code to load (auto_map or "
+                         "model_file in its config); steadytune never runs code from a model "
+                         "folder: use a model with a standard architecture and tokenizer")
+    msg = msg if len(msg) <= 300 else msg[:297] + "..."
+    return UserError(f"{src}: could not load the model ({type(e).__name__}: {msg}); "
+                     "check that the folder is a complete HF/MLX model")
 
 
 def _check_float_weights(model: nn.Module, src: str) -> None:

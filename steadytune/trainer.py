@@ -66,9 +66,11 @@ class TrainResult:
 
 
 def loss_fn(model, inputs, targets, mask, scale):
-    """Summed masked cross-entropy times `scale` (1 / target tokens of the accumulation group)."""
-    logits = model(inputs).astype(mx.float32)
-    total = (nn.losses.cross_entropy(logits, targets, reduction="none") * mask).sum()
+    """Summed masked cross-entropy times `scale` (1 / target tokens of the accumulation group).
+    Large vocabularies go through the output layer in chunks (qlora.set_loss_chunking)."""
+    from .qlora import masked_ce_sum
+
+    total = masked_ce_sum(model, inputs, targets, mask)
     return total * scale, total
 
 
@@ -102,14 +104,14 @@ class Trainer:
     def prepare(self):
         """Everything that can fail on bad input happens here, before training starts: data
         validation first (cheap), then the run folder, the memory plan, the model."""
-        from .model import apply_lora, load_base, resolve_source
+        from .model import apply_lora, check_source, load_base, resolve_source
 
         cfg, t = self.cfg, self.cfg.training
         if not cfg.data.path:
             raise UserError("no training data: pass --data FILE_OR_FOLDER (JSONL with chat, "
                             "prompt/completion, text or alpaca records)")
         self.splits = load_splits(cfg.data.path, cfg.data.valid_fraction, t.seed)
-        resolve_source(cfg.model.path)
+        check_source(*resolve_source(cfg.model.path))  # before the planner reads the model's files
         self.run_dir, self.resume_from = self._run_folder()
         self._check_memory()
         self.loaded = load_base(cfg.model)
@@ -169,12 +171,10 @@ class Trainer:
         check_fits(self.cfg)
 
     def _apply_compute_options(self):
-        try:
-            from .qlora import apply_compute
-        except ImportError:
-            apply_compute = None
-        if apply_compute is not None:
-            apply_compute(self.model, self.cfg.model.compute)
+        from .qlora import apply_compute, set_loss_chunking
+
+        self.compute = apply_compute(self.model, self.cfg.model.compute)
+        self.compute["ce_chunk"] = set_loss_chunking(self.model, self.cfg.training.chunked_ce)
         if self.cfg.training.grad_checkpoint:
             checkpoint_blocks(self.model)
 
@@ -190,7 +190,8 @@ class Trainer:
     # --- the loop ------------------------------------------------------------------------------
 
     def fit(self) -> TrainResult:
-        self.prepare()
+        if not hasattr(self, "model"):
+            self.prepare()
         cfg, t, s = self.cfg, self.cfg.training, self.state
         n = len(self.train_set.ids)
         per_epoch = steps_per_epoch(n, t.batch_size, t.grad_accumulation)

@@ -1,0 +1,477 @@
+"""Training throughput: steadytune's step against mlx-lm's, same model, data and settings, one process.
+
+    python bench/throughput.py synthetic            # GPU: Mistral-7B shape, batch 4x1024 (+ ckpt, 1x2048)
+    python bench/throughput.py real                 # GPU: `steadytune train` vs mlx-lm's trainer on
+                                                    #      ../shared/data (wikisql, alpaca)
+    python bench/throughput.py cpu                  # CPU: 4 layers, hidden 256, vocab 32000, batch 2x128
+    python bench/throughput.py kernels              # GPU: dequantize / matmul / attention micro-timings
+
+Model: random init (weights don't change speed), base quantized 4-bit g64 (embedding and output layer
+too, as in the anchor bench), LoRA rank 16, scale 2 on q,k,v,o,gate,up,down of every layer, AdamW.
+mlx-lm's step is the anchor's (reference/anchor-bench/bench_mlx.py): mlx_lm.tuner.trainer's loss in
+a step compiled like mlx_lm.tuner.train's. steadytune's step is the Trainer's own train_step (its
+compiled grad/norm/update functions, pad_batch, clipping and token weighting) on the same base
+weights. tokens/s = batch tokens / median step time of steps 3+; peak = mx.get_peak_memory() over
+the timed steps (the base weights included, model construction excluded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import steadytune  # noqa: E402  (fast BLAS before mlx)
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+import mlx.optimizers as optim  # noqa: E402
+import numpy as np  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
+from mlx_lm.models import llama  # noqa: E402
+
+SIZES = {
+    "7b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=32000),
+    "tiny": dict(hidden_size=256, num_hidden_layers=4, intermediate_size=704, num_attention_heads=8,
+                 num_key_value_heads=2, vocab_size=32000),
+}
+RANK, SCALE, LR = 16, 2.0, 1e-5
+
+
+def model_args(size: str) -> llama.ModelArgs:
+    return llama.ModelArgs(model_type="mistral", rms_norm_eps=1e-5, rope_theta=1e6,
+                           tie_word_embeddings=False, **SIZES[size])
+
+
+def build_base(size: str, dtype) -> list:
+    """Random base weights, quantized 4-bit g64 like the anchor (every Linear and the embedding)."""
+    mx.random.seed(0)
+    model = llama.Model(model_args(size))
+    model.set_dtype(dtype)
+    nn.quantize(model, group_size=64, bits=4)
+    for layer in model.layers:  # layer by layer: never the whole float model at once
+        mx.eval(layer.parameters())
+    mx.eval(model.parameters())
+    return tree_flatten(model.parameters())
+
+
+def fresh_model(size: str, weights: list) -> nn.Module:
+    """A model sharing `weights` (no copy): the random init of the skeleton is never evaluated."""
+    model = llama.Model(model_args(size))
+    nn.quantize(model, group_size=64, bits=4)
+    model.load_weights(weights)
+    model.freeze()
+    return model
+
+
+def reset_memory():
+    mx.synchronize()
+    mx.clear_cache()
+    mx.reset_peak_memory()
+
+
+def summary(name, times, tokens, extra=None) -> dict:
+    steady = times[2:] if len(times) > 3 else times
+    med = statistics.median(steady)
+    row = {"run": name, "median_s": round(med, 4), "tok_s": round(tokens / med, 1),
+           "peak_gb": round(mx.get_peak_memory() / 1e9, 2), "steps": len(times)}
+    row.update(extra or {})
+    print(json.dumps(row), flush=True)
+    return row
+
+
+# --- one step of each trainer on a fixed batch ----------------------------------------------
+
+
+def mlx_lm_steps(size, weights, batch, seq, ckpt, steps, seed=0) -> dict:
+    """The anchor's mlx-lm step (bench_mlx.py), on the shared base weights."""
+    from functools import partial
+
+    from mlx_lm.tuner.trainer import default_loss, grad_checkpoint
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model = fresh_model(size, weights)
+    linear_to_lora_layers(model, len(model.layers), {"rank": RANK, "scale": SCALE, "dropout": 0.0})
+    block_call = type(model.layers[0]).__call__
+    if ckpt:
+        grad_checkpoint(model.layers[0])  # patches the block class: undone below
+    opt = optim.AdamW(learning_rate=LR)
+    lvg = nn.value_and_grad(model, default_loss)
+    state = [model.state, opt.state, mx.random.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(b, lengths):
+        (loss, ntok), g = lvg(model, b, lengths)
+        opt.update(model, g)
+        return loss, ntok
+
+    model.train()
+    vocab = SIZES[size]["vocab_size"]
+    tokens = mx.array(np.random.default_rng(seed).integers(0, vocab, (batch, seq + 1)), dtype=mx.int32)
+    lengths = mx.array([[0, seq + 1]] * batch)
+    reset_memory()
+    times = []
+    try:
+        for _ in range(steps):
+            t = time.perf_counter()
+            loss, ntok = step(tokens, lengths)
+            mx.eval(state, loss, ntok)
+            times.append(time.perf_counter() - t)
+    finally:
+        type(model.layers[0]).__call__ = block_call
+    return summary(f"mlx-lm {batch}x{seq}{' ckpt' if ckpt else ''}", times, batch * seq,
+                   {"loss": round(loss.item(), 4)})
+
+
+def steadytune_trainer(size, weights, batch, ckpt, compute="auto", kernel=None, **training):
+    """A Trainer set up on the shared base weights as prepare() would (LoRA, compute options,
+    optimizer, steps), without a model folder or data files."""
+    from steadytune.config import Config
+    from steadytune.model import apply_lora
+    from steadytune.trainer import Trainer
+
+    cfg = Config()
+    cfg.lora.rank, cfg.lora.alpha = RANK, SCALE * RANK
+    cfg.model.compute = compute
+    cfg.training.batch_size, cfg.training.grad_checkpoint = batch, ckpt
+    cfg.training.learning_rate = LR
+    for k, v in training.items():
+        setattr(cfg.training, k, v)
+    tr = Trainer(cfg.validate())
+    tr.model = fresh_model(size, weights)
+    tr.adapter_config = apply_lora(tr.model, cfg.lora, 0)
+    tr._apply_compute_options()
+    if kernel:  # a measurement override of the dequantization kernel
+        from steadytune.qlora import apply_compute
+
+        tr.compute.update(apply_compute(tr.model, compute, kernel))
+    tr.optimizer = optim.AdamW(learning_rate=LR, weight_decay=cfg.training.weight_decay)
+    tr.optimizer.init(tr.model.trainable_parameters())
+    tr.state = {"step": 0, "epoch": 0, "pos": 0, "best_val_loss": None, "bad_evals": 0, "nonfinite": 0}
+    tr._build_steps()
+    return tr
+
+
+def steadytune_steps(size, weights, batch, seq, ckpt, steps, compute="auto", kernel=None, seed=0) -> dict:
+    from steadytune.data import Tokenized
+
+    tr = steadytune_trainer(size, weights, batch, ckpt, compute, kernel)
+    vocab = SIZES[size]["vocab_size"]
+    ids = np.random.default_rng(seed).integers(0, vocab, (batch, seq + 1)).tolist()
+    tr.train_set = Tokenized(ids, [[True] * (seq + 1)] * batch)
+    reset_memory()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        loss, _, _ = tr.train_step([list(range(batch))], LR)
+        tr.state["step"] += 1
+        times.append(time.perf_counter() - t)
+    c = tr.compute
+    return summary(f"steadytune {batch}x{seq}{' ckpt' if ckpt else ''} ({c['mode']}"
+                   f"{'/' + c['kernel'] if c.get('kernel') else ''})", times, batch * seq,
+                   {"loss": round(loss, 4)})
+
+
+def compare(size, weights, settings, steps, variants) -> list:
+    rows = []
+    for batch, seq, ckpt in settings:
+        ours = []
+        for compute, kernel in variants:
+            ours.append(steadytune_steps(size, weights, batch, seq, ckpt, steps, compute, kernel))
+            reset_memory()
+        ref = mlx_lm_steps(size, weights, batch, seq, ckpt, steps)
+        reset_memory()
+        for r in ours:
+            r["ratio"] = round(r["tok_s"] / ref["tok_s"], 2)
+        rows += ours + [ref]
+    return rows
+
+
+def table(rows, cols=("run", "tok_s", "peak_gb", "ratio", "median_s", "loss")) -> str:
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def environment() -> str:
+    import platform
+
+    import mlx_lm
+
+    from steadytune.backend import device_kind, fast_blas
+
+    info = mx.device_info() if hasattr(mx, "device_info") else {}
+    name = info.get("device_name") or info.get("architecture") or platform.processor()
+    return (f"{time.strftime('%Y-%m-%d')}, {device_kind()} ({name}), mlx {mx.__version__}, "
+            f"mlx-lm {mlx_lm.__version__}, python {platform.python_version()}, "
+            f"fast BLAS: {fast_blas() or 'none'}")
+
+
+# --- settings -------------------------------------------------------------------------------
+
+
+def run_synthetic(a):
+    weights = build_base(a.size, mx.bfloat16)
+    settings = [(4, 1024, False), (4, 1024, True), (1, 2048, False)]
+    if a.only:
+        settings = [s for s in settings if f"{s[0]}x{s[1]}{'c' if s[2] else ''}" in a.only.split(",")]
+    variants = [("auto", None)] + [("dequant", k) for k in a.kernels.split(",") if k]
+    return compare(a.size, weights, settings, a.steps, variants)
+
+
+def run_cpu(a):
+    weights = build_base("tiny", mx.float32)
+    variants = [("auto", None), ("native", None)]
+    return compare("tiny", weights, [(2, 128, False)], a.steps, variants)
+
+
+def bench(f, n=10):
+    mx.eval(f())
+    mx.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        mx.eval(f())
+    mx.synchronize()
+    return (time.perf_counter() - t) / n
+
+
+def run_kernels(a):
+    """Micro-timings behind the choices in qlora.py and batching.py (M=4096 tokens, 7B shapes)."""
+    from steadytune.qlora import dequantize_elementwise
+
+    rows = []
+    M, K, N = (4096 if a.size == "7b" else 256), SIZES[a.size]["hidden_size"], SIZES[a.size]["intermediate_size"]
+    x = mx.random.normal((M, K)).astype(mx.bfloat16)
+    w = (mx.random.normal((N, K)) * 0.02).astype(mx.bfloat16)
+    wq, s, b = mx.quantize(w, group_size=64, bits=4)
+    mx.eval(x, w, wq, s, b)
+    ew = mx.compile(lambda wq, s, b: dequantize_elementwise(wq, s, b, 64, 4))
+    ew_mm = mx.compile(lambda x, wq, s, b: x @ dequantize_elementwise(wq, s, b, 64, 4).T)
+    for name, f, flops in [
+        ("bf16 x @ W.T", lambda: x @ w.T, 2 * M * K * N),
+        ("quantized_matmul", lambda: mx.quantized_matmul(x, wq, s, b, True, 64, 4), 2 * M * K * N),
+        ("mx.dequantize", lambda: mx.dequantize(wq, s, b, 64, 4), 0),
+        ("elementwise dequantize (compiled)", lambda: ew(wq, s, b), 0),
+        ("mx.dequantize + matmul", lambda: x @ mx.dequantize(wq, s, b, 64, 4).T, 2 * M * K * N),
+        ("elementwise dequantize + matmul", lambda: ew_mm(x, wq, s, b), 2 * M * K * N),
+    ]:
+        t = bench(f)
+        gbps = (wq.nbytes + s.nbytes + b.nbytes + w.nbytes) / t / 1e9
+        rows.append({"run": name, "ms": round(t * 1e3, 3),
+                     "TFLOP/s": round(flops / t / 1e12, 1) if flops else "",
+                     "GB/s": "" if flops else round(gbps)})
+    for B, T in [(4, 480), (4, 512), (4, 992), (4, 1024), (2, 2016), (2, 2048)][: 6 if a.size == "7b" else 1]:
+        q = mx.random.normal((B, 32, T, 128)).astype(mx.bfloat16)
+        k = mx.random.normal((B, 8, T, 128)).astype(mx.bfloat16)
+        v = mx.random.normal((B, 8, T, 128)).astype(mx.bfloat16)
+        mx.eval(q, k, v)
+
+        def loss(q, k, v):
+            return mx.fast.scaled_dot_product_attention(q, k, v, scale=0.088, mask="causal").astype(
+                mx.float32).sum()
+
+        g = mx.compile(mx.grad(loss, argnums=(0, 1, 2)))
+        t = bench(lambda: g(q, k, v), 5)
+        rows.append({"run": f"attention fwd+bwd B={B} T={T} (per layer)", "ms": round(t * 1e3, 3)})
+    print(table(rows, ("run", "ms", "TFLOP/s", "GB/s")))
+    return rows
+
+
+# --- real data: the whole `steadytune train` path against mlx-lm's trainer ------------------
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def corpus(data_dir: Path) -> list[str]:
+    texts = [json.loads(x)["text"] for x in (data_dir / "wikisql" / "train.jsonl").read_text().splitlines()]
+    for r in json.loads((data_dir / "alpaca_en_demo.json").read_text()):
+        texts.append(f"{r['instruction']}\n{r.get('input', '')}\n{r['output']}")
+    return texts
+
+
+def write_model_folder(folder: Path, size: str, weights: list, texts: list[str]) -> Path:
+    """A quantized MLX model folder: the random base weights, and a byte-level BPE tokenizer
+    (vocabulary up to 32000) trained offline on the data itself."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=SIZES[size]["vocab_size"], special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "bos_token": None,
+        "pad_token": "<|endoftext|>", "unk_token": None, "chat_template": CHATML}))
+    config = dict(SIZES[size], model_type="mistral", rms_norm_eps=1e-5, rope_theta=1e6,
+                  tie_word_embeddings=False, eos_token_id=2,
+                  quantization={"group_size": 64, "bits": 4})
+    (folder / "config.json").write_text(json.dumps(config))
+    mx.save_safetensors(str(folder / "model.safetensors"), dict(weights))
+    return folder
+
+
+def steadytune_real(folder: Path, data: Path, out: Path, batch: int, max_steps: int, max_len: int):
+    """`steadytune train` through the Python API, timing each optimizer step."""
+    from steadytune.trainer import Trainer, as_config
+
+    cfg = as_config({
+        "model": {"path": str(folder)},
+        "data": {"path": str(data), "max_seq_length": max_len},
+        "lora": {"rank": RANK, "alpha": SCALE * RANK},
+        "training": {"batch_size": batch, "max_steps": max_steps, "learning_rate": LR,
+                     "eval_every": 0, "save_every": 0, "log_every": 10},
+        "output": {"dir": str(out), "progress": "none"}})
+    steps, shapes = [], []
+
+    class TimedTrainer(Trainer):
+        def _build_steps(self):
+            super()._build_steps()
+            grad = self._grad
+
+            def shape_recording_grad(inputs, *rest):
+                shapes.append(tuple(inputs.shape))
+                return grad(inputs, *rest)
+
+            self._grad = shape_recording_grad
+
+        def train_step(self, micro_batches, lr):
+            shapes.clear()
+            t = time.perf_counter()
+            out = super().train_step(micro_batches, lr)
+            steps.append((time.perf_counter() - t, out[2], tuple(shapes)))
+            return out
+
+    reset_memory()
+    tr = TimedTrainer(cfg)
+    tr.fit()
+    return tr, steps, mx.get_peak_memory() / 1e9
+
+
+def steady_rate(steps) -> tuple[float, float]:
+    """Real (non-padding) tokens/s over (all steps, the steps whose batch shapes were all seen
+    before, i.e. that ran already-compiled step functions)."""
+    seen, tot_t, tot_n, st_t, st_n = set(), 0.0, 0, 0.0, 0
+    for t, n, shapes in steps:
+        tot_t, tot_n = tot_t + t, tot_n + n
+        if seen.issuperset(shapes):
+            st_t, st_n = st_t + t, st_n + n
+        seen.update(shapes)
+    return tot_n / tot_t, (st_n / st_t if st_t else float("nan"))
+
+
+def mlx_lm_real(size, weights, train_set, batch, iters, max_len):
+    """mlx-lm's own trainer (mlx_lm.tuner.train with its iterate_batches) on the same tokens and
+    loss masks (as mlx-lm's (tokens, offset) examples). Times come from its reports."""
+    from mlx_lm.tuner.callbacks import TrainingCallback
+    from mlx_lm.tuner.trainer import TrainingArgs, iterate_batches, train
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model = fresh_model(size, weights)
+    linear_to_lora_layers(model, len(model.layers), {"rank": RANK, "scale": SCALE, "dropout": 0.0})
+    dataset = [(ids, next((j for j in range(1, len(m)) if m[j]), 1))
+               for ids, m in zip(train_set.ids, train_set.masks)]
+    shapes = []
+
+    def batches(*args, **kwargs):
+        for b, lengths in iterate_batches(*args, **kwargs):
+            real = int((np.minimum(np.array(lengths)[:, 1], b.shape[1]) - 1).sum())
+            shapes.append((real, b.shape))
+            yield b, lengths
+
+    reports = []
+
+    class Timer(TrainingCallback):
+        def on_train_loss_report(self, info):
+            reports.append(info)
+
+    report_every = 5
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArgs(batch_size=batch, iters=iters, max_seq_length=max_len,
+                            steps_per_report=report_every, steps_per_eval=10 ** 9,
+                            steps_per_save=10 ** 9, adapter_file=str(Path(tmp) / "a.safetensors"))
+        reset_memory()
+        train(model, optim.AdamW(learning_rate=LR), dataset, None, args, iterate_batches=batches,
+              training_callback=Timer())
+    peak = mx.get_peak_memory() / 1e9
+    # each report covers `report_every` steps; its time = its target tokens / its tokens per second
+    steps, prev = [], 0
+    for i, r in enumerate(reports):
+        window = shapes[i * report_every:(i + 1) * report_every]
+        tokens = r["trained_tokens"] - prev
+        prev = r["trained_tokens"]
+        steps.append((tokens / r["tokens_per_second"], sum(n for n, _ in window),
+                      tuple(sorted({tuple(s) for _, s in window}))))
+    return steps, peak
+
+
+def run_real(a):
+    data_dir = Path(a.data)
+    weights = build_base(a.size, mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_model_folder(Path(tmp) / "model", a.size, weights, corpus(data_dir))
+        for name, path, batch in [("wikisql", data_dir / "wikisql" / "train.jsonl", a.batch_wikisql),
+                                  ("alpaca", data_dir / "alpaca_en_demo.json", a.batch_alpaca)]:
+            tr, steps, peak = steadytune_real(folder, path, Path(tmp) / f"run-{name}", batch,
+                                              a.real_steps, a.max_len)
+            total, steady = steady_rate(steps)
+            padded = sum(b * w for _, _, sh in steps for b, w in sh)
+            rows.append({"run": f"steadytune train {name} (batch {batch})", "tok_s": round(steady, 1),
+                         "tok_s_incl_compiles": round(total, 1), "peak_gb": round(peak, 2),
+                         "steps": len(steps),
+                         "padding": round(1 - sum(n for _, n, _ in steps) / padded, 3)})
+            print(json.dumps(rows[-1]), flush=True)
+            train_set = tr.train_set
+            del tr
+            reset_memory()
+            msteps, mpeak = mlx_lm_real(a.size, weights, train_set, batch, a.mlx_steps, a.max_len)
+            mtotal, msteady = steady_rate(msteps)
+            rows.append({"run": f"mlx-lm trainer {name} (batch {batch})", "tok_s": round(msteady, 1),
+                         "tok_s_incl_compiles": round(mtotal, 1), "peak_gb": round(mpeak, 2),
+                         "steps": len(msteps) * 5})
+            rows[-2]["ratio"] = round(steady / msteady, 2) if msteady == msteady else ""
+            print(json.dumps(rows[-1]), flush=True)
+            reset_memory()
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("setting", choices=["synthetic", "real", "cpu", "kernels"])
+    p.add_argument("--steps", type=int, default=8, help="timed steps per run (median of steps 3+)")
+    p.add_argument("--only", default="", help="synthetic: subset of 4x1024,4x1024c,1x2048")
+    p.add_argument("--kernels", default="", help="synthetic: also run dequant with these kernels "
+                   "(mlx,elementwise)")
+    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
+    p.add_argument("--batch-wikisql", type=int, default=16)
+    p.add_argument("--batch-alpaca", type=int, default=8)
+    p.add_argument("--max-len", type=int, default=1024)
+    p.add_argument("--real-steps", type=int, default=120)
+    p.add_argument("--mlx-steps", type=int, default=60)
+    p.add_argument("--size", default="7b", choices=sorted(SIZES), help="synthetic/real: model shape")
+    p.add_argument("--json", help="also write the rows here")
+    a = p.parse_args(argv)
+    print(environment(), flush=True)
+    rows = {"synthetic": run_synthetic, "real": run_real, "cpu": run_cpu, "kernels": run_kernels}[a.setting](a)
+    if a.setting != "kernels":
+        print(table(rows, ("run", "tok_s", "peak_gb", "ratio", "median_s", "loss", "tok_s_incl_compiles",
+                           "padding")))
+    if a.json:
+        Path(a.json).write_text(json.dumps({"env": environment(), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

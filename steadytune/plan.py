@@ -1,0 +1,706 @@
+"""`steadytune plan [CONFIG] [flags]`: predict a training run's peak memory before anything loads.
+
+The prediction adds up what is alive at the worst moment of a training step (the start of the
+backward pass of the longest micro-batch), each term from the model's shapes and the settings:
+
+  base weights      the frozen base as the trainer holds it: packed 4/8-bit words plus scales and
+                    biases (in the compute dtype), or plain compute-dtype arrays
+  LoRA weights      A and B of every adapted layer, float32 (mlx-lm creates them so)
+  optimizer state   AdamW's two moments (float32), and the running sum of gradients when gradient
+                    accumulation is on (new gradients appear only as activations are freed)
+  activations       what the forward pass keeps for the backward one, per adapted block: see
+                    `block_bytes`; with gradient checkpointing only each block's input
+  logits and loss   the logits in float32 (the trainer upcasts them) and the cross-entropy's
+                    intermediates, per token and vocabulary entry
+  in flight         MLX runs ahead of the device: the CPU encoder dispatches up to ~100 operations
+                    before they execute, CUDA up to ~10 graphs of ~100 operations, and each keeps its
+                    inputs and outputs alive until it has run; measured in "blocks of backward work"
+  overhead          memory outside MLX's allocator: the Python process and libraries on the CPU,
+                    the CUDA context and library workspaces on a GPU
+
+The first six are what `mx.get_peak_memory()` reports; bench/memory.py compares them with measured
+peaks (docs/plan-memory.md lists the results and explains each constant below).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from .errors import UserError
+
+GB = 1e9
+F32 = 4                 # LoRA weights, their gradients and AdamW's moments are float32
+PAD_MULTIPLE = 32       # steadytune.batching.pad_batch rounds a micro-batch's width up to this
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+# --- calibration: measured with bench/memory.py (CPU) and the anchor runs on one H100 ---------
+# Float32 logits-sized arrays alive around the loss: the upcast logits plus the CPU cross-entropy's
+# shifted logits, exp and gradient (4); the GPU's fused cross-entropy keeps the logits and writes
+# one gradient (2). With half-precision compute, the logits and their gradient in that dtype too.
+LOSS_F32_ARRAYS = {"cpu": 4, "metal": 2, "cuda": 2}
+# Blocks of backward work in flight (see the module docstring). CPU: 10 tasks of 10 dispatches;
+# CUDA: 10 graphs of up to 100 nodes, capped at CUDA_GRAPH_ELEMENTS per graph. Metal is not
+# measured yet: its command buffers hold ~50 operations, so a few blocks at most.
+IN_FLIGHT_BLOCKS = {"cpu": 1.18, "metal": 2.0, "cuda": 16.0}
+CUDA_GRAPHS_IN_FLIGHT = 10
+CUDA_GRAPH_ELEMENTS = 1000 * 2**20  # MLX commits a CUDA graph after ~1000 Mi input elements
+# What a checkpointed block keeps per token, in hidden-sized compute-dtype tensors (its input,
+# and the checkpoint's own bookkeeping).
+CHECKPOINT_HIDDEN = 2.3
+OVERHEAD = {"cpu": 0.4 * GB, "metal": 0.5 * GB, "cuda": 1.0 * GB}
+# Transient arrays of one block's attention backward when CUDA recomputes attention unfused
+# (sequence width not a multiple of 128): scores, probabilities and their gradients.
+UNFUSED_ATTENTION_ARRAYS = 4
+# compute=dequant: the output layer's weight, dequantized for the forward matmul and again for the
+# backward one, is alive around the loss (a block's weights are small next to its activations).
+DEQUANT_HEAD_COPIES = 1.75
+# steadytune.qlora's chunked cross-entropy (one checkpointed chunk of tokens at a time) is used for
+# vocabularies of at least this size.
+CHUNKED_LOSS_VOCAB = 65536
+
+# LoRA target -> (input, output) dimension names and the input it adapts (shared inputs are kept once).
+MODULES = {
+    "self_attn.q_proj": ("hidden", "q", "attn_in"),
+    "self_attn.k_proj": ("hidden", "kv", "attn_in"),
+    "self_attn.v_proj": ("hidden", "kv", "attn_in"),
+    "self_attn.o_proj": ("q", "hidden", "attn_out"),
+    "mlp.gate_proj": ("hidden", "inter", "mlp_in"),
+    "mlp.up_proj": ("hidden", "inter", "mlp_in"),
+    "mlp.down_proj": ("inter", "hidden", "mlp_out"),
+}
+
+
+# --------------------------------------------------------------------------- the model
+
+@dataclass(frozen=True)
+class Arch:
+    """The shapes the planner needs, from a config.json-like dict."""
+    hidden: int
+    layers: int
+    inter: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    quantization: dict | None = None  # mlx-lm's "quantization": the base is stored quantized
+
+    @property
+    def dims(self) -> dict:
+        return {"hidden": self.hidden, "inter": self.inter, "q": self.heads * self.head_dim,
+                "kv": self.kv_heads * self.head_dim}
+
+    def shape(self, module: str) -> tuple[int, int]:
+        d_in, d_out, _ = MODULES[module]
+        return self.dims[d_in], self.dims[d_out]
+
+
+def arch_from_config(config: dict) -> Arch:
+    c = dict(config.get("text_config") or {}, **{k: v for k, v in config.items() if k != "text_config"})
+    missing = [k for k in ("hidden_size", "num_hidden_layers", "intermediate_size",
+                           "num_attention_heads", "vocab_size") if not isinstance(c.get(k), int)]
+    if missing:
+        raise UserError(f"model config: {', '.join(missing)} missing; the planner needs a llama-style "
+                        "config (hidden_size, num_hidden_layers, intermediate_size, num_attention_heads, "
+                        "vocab_size)")
+    heads = c["num_attention_heads"]
+    q = c.get("quantization") or c.get("quantization_config")
+    return Arch(hidden=c["hidden_size"], layers=c["num_hidden_layers"], inter=c["intermediate_size"],
+                heads=heads, kv_heads=c.get("num_key_value_heads") or heads,
+                head_dim=c.get("head_dim") or c["hidden_size"] // heads, vocab=c["vocab_size"],
+                # mlx-lm's llama ties the output layer to the embedding unless the config says not
+                tied=bool(c.get("tie_word_embeddings", True)),
+                quantization=q if isinstance(q, dict) and "bits" in q else None)
+
+
+def model_config(path: str) -> dict:
+    """The config.json (or the equivalent from GGUF metadata) of a model argument, without loading
+    any weights."""
+    from .model import resolve_source
+
+    kind, src = resolve_source(path)
+    if kind == "gguf":
+        return gguf_model_config(src)
+    if kind == "hub":
+        return _cached_hub_config(src)
+    f = Path(src) / "config.json"
+    if not f.is_file():
+        raise UserError(f"{src}: no config.json; a model folder needs config.json, *.safetensors and "
+                        "the tokenizer files")
+    try:
+        return json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{f}: not valid JSON ({e}); restore the model's config.json") from None
+
+
+def _cached_hub_config(repo: str) -> dict:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        cached = try_to_load_from_cache(repo, "config.json")
+    except Exception:  # noqa: BLE001  (no huggingface_hub, malformed id: same answer)
+        cached = None
+    if not isinstance(cached, str):
+        raise UserError(f"{repo}: not in the local Hugging Face cache, and plan does not download; "
+                        "run `huggingface-cli download` first, or pass a model folder")
+    return json.loads(Path(cached).read_text(encoding="utf-8"))
+
+
+GGUF_BLOCK = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+              "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+              "ffn_down": "mlp.down_proj"}
+GGUF_QUANT = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}  # MLX keeps these quantized, group size 32
+
+
+def gguf_model_config(path: str) -> dict:
+    """A config.json-like dict from a GGUF file's metadata, with mlx-lm's "quantization" entry for
+    the tensors that stay quantized. Reads the header only."""
+    try:
+        from gguf import GGUFReader
+        reader = GGUFReader(path)
+        meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.")}
+        tensors = {t.name: (t.tensor_type.name, [int(x) for x in t.shape]) for t in reader.tensors}
+    except Exception as e:  # noqa: BLE001  (gguf raises many types on a bad file)
+        raise UserError(f"{path}: cannot read the GGUF header ({type(e).__name__}: {e}); "
+                        "re-download or re-convert the file") from None
+    arch = meta.get("general.architecture", "llama")
+
+    def get(key, default=None):
+        value = meta.get(f"{arch}.{key}", default)
+        if value is None:
+            raise UserError(f"{path}: metadata key {arch}.{key} is missing; re-convert the model")
+        return value
+
+    heads, hidden = get("attention.head_count"), get("embedding_length")
+    embd = tensors.get("token_embd.weight")
+    config = {"model_type": "llama", "hidden_size": hidden, "num_hidden_layers": get("block_count"),
+              "intermediate_size": get("feed_forward_length"), "num_attention_heads": heads,
+              "num_key_value_heads": get("attention.head_count_kv", heads),
+              "head_dim": get("attention.key_length", hidden // heads),
+              "vocab_size": embd[1][1] if embd else get("vocab_size"),
+              "tie_word_embeddings": "output.weight" not in tensors}
+    quant = _gguf_quantization(tensors)
+    if quant:
+        config["quantization"] = quant
+    return config
+
+
+def _gguf_quantization(tensors: dict) -> dict | None:
+    """mlx-lm style: the common setting plus per-module exceptions (False = not quantized)."""
+    per = {}
+    for name, (gtype, _) in tensors.items():
+        parts = name.split(".")
+        if name == "token_embd.weight":
+            path = "model.embed_tokens"
+        elif name == "output.weight":
+            path = "lm_head"
+        elif parts[0] == "blk" and parts[2] in GGUF_BLOCK and parts[-1] == "weight":
+            path = f"model.layers.{parts[1]}.{GGUF_BLOCK[parts[2]]}"
+        else:
+            continue
+        per[path] = {"group_size": 32, "bits": GGUF_QUANT[gtype]} if gtype in GGUF_QUANT else False
+    settings = [v for v in per.values() if v]
+    if not settings:
+        return None
+    common = max(settings, key=settings.count)
+    return {**common, **{k: v for k, v in per.items() if v != common}}
+
+
+# --------------------------------------------------------------------------- the estimate
+
+@dataclass(frozen=True)
+class Run:
+    """The settings that decide memory, for the longest micro-batch."""
+    batch: int
+    seq: int                  # padded input width (tokens per row the model sees)
+    checkpoint: bool = False
+    rank: int = 8
+    keys: tuple = tuple(MODULES)
+    lora_layers: int = -1     # adapt the last N blocks (-1 = all)
+    bits: int | None = 4      # quantize a float base on load to this (None = keep it float)
+    group_size: int = 64
+    dtype: str = "float32"
+    compute: str = "native"   # native (quantized_matmul) or dequant (dequantize + dense matmul)
+    device: str = "cpu"       # cpu, cuda or metal
+    accumulation: int = 1
+    loss_chunk: int = 0       # tokens per chunk of a chunked cross-entropy (0 = not chunked)
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
+
+
+@dataclass
+class Breakdown:
+    """Bytes per term (see the module docstring)."""
+    base_weights: float
+    lora_weights: float
+    optimizer: float
+    activations: float
+    logits: float
+    in_flight: float
+    overhead: float
+    elastic: float = 0.0      # the part of in_flight MLX gives up when memory runs short (CUDA)
+
+    @property
+    def peak(self) -> float:
+        """What mx.get_peak_memory() reports on a device with room to spare."""
+        return (self.base_weights + self.lora_weights + self.optimizer + self.activations
+                + self.logits + self.in_flight)
+
+    @property
+    def required(self) -> float:
+        """What the device must hold, overhead included."""
+        return self.peak - self.elastic + self.overhead
+
+    def as_dict(self) -> dict:
+        return asdict(self) | {"peak": self.peak, "required": self.required}
+
+
+def estimate(arch: Arch, run: Run) -> Breakdown:
+    b = DTYPE_BYTES[run.dtype]
+    n = _adapted_layers(arch, run)
+    lora = F32 * n * sum(run.rank * sum(arch.shape(k)) for k in run.keys)
+    # AdamW's moments; the gradients appear as the backward pass frees activations, so they are
+    # not part of the peak, but accumulated gradients (from earlier micro-batches) are
+    optimizer = 2 * lora + (lora if run.accumulation > 1 else 0)
+    saved, work = block_bytes(arch, run)
+    if run.checkpoint:
+        activations = n * CHECKPOINT_HIDDEN * arch.hidden * b * run.tokens
+    else:
+        activations = n * saved * run.tokens
+    logits = _loss_bytes(arch, run)
+    in_flight, elastic = _in_flight(arch, run, saved + work)
+    if run.checkpoint:
+        # The backward pass recomputes one block at a time after the loss's arrays are gone: the
+        # peak is the larger of the two moments.
+        in_flight += max(0.0, saved * run.tokens - logits)
+    return Breakdown(base_weights=base_weight_bytes(arch, run), lora_weights=lora, optimizer=optimizer,
+                     activations=activations, logits=logits, in_flight=in_flight,
+                     overhead=OVERHEAD[run.device], elastic=elastic)
+
+
+def _adapted_layers(arch: Arch, run: Run) -> int:
+    return arch.layers if run.lora_layers in (-1, None) else min(run.lora_layers, arch.layers)
+
+
+def attention_kind(arch: Arch, run: Run) -> str:
+    """'fused': cuDNN attention forward and backward (bf16/fp16, head_dim a multiple of 8 up to
+    128, width a multiple of 128); 'fused-forward': CUDA recomputes the backward unfused;
+    'unfused': scores and probabilities are ordinary arrays (CPU, Metal training, float32)."""
+    if run.device != "cuda" or DTYPE_BYTES[run.dtype] != 2 or arch.head_dim % 8 or arch.head_dim > 128:
+        return "unfused"
+    return "fused" if run.seq % 128 == 0 else "fused-forward"
+
+
+def block_bytes(arch: Arch, run: Run) -> tuple[float, float]:
+    """(saved, extra work) bytes per token of one adapted block's backward pass.
+
+    Saved for the backward pass: the two RMSNorm inputs (float32 on the CPU, whose RMSNorm computes
+    in float32); one float32 copy of each distinct LoRA input (the float32 adapters promote the
+    matmul); LoRA's rank-sized intermediates; the attention inputs and, unless fused, the softmax
+    probabilities (heads x width per token); the MLP's gate, up, sigmoid(gate) and silu(gate).
+    """
+    b = DTYPE_BYTES[run.dtype]
+    d = arch.dims
+    cpu = run.device == "cpu"
+    norms = 2 * d["hidden"] * (F32 if cpu else b)
+    adapted = {MODULES[k][2]: d[MODULES[k][0]] for k in run.keys}
+    lora = F32 * (sum(adapted.values()) + run.rank * len(run.keys))
+    kind = attention_kind(arch, run)
+    attn = d["q"] * b + 2 * d["kv"] * b
+    work = 0.0
+    if kind == "fused":
+        attn += d["q"] * b + arch.heads * F32                 # output and log-sum-exp kept
+    else:
+        probs = arch.heads * run.seq * (F32 if cpu else b)
+        if kind == "unfused":                                 # kept; their gradient is work
+            attn, work = attn + probs, probs
+        else:                                                 # recomputed in the backward pass
+            work = UNFUSED_ATTENTION_ARRAYS * probs
+    mlp = 4 * d["inter"] * b
+    return norms + lora + attn + mlp, work
+
+
+def _in_flight(arch: Arch, run: Run, block_work: float) -> tuple[float, float]:
+    """(bytes, elastic part) of the work MLX has dispatched but not finished (module docstring)."""
+    b = DTYPE_BYTES[run.dtype]
+    per_block = block_work * run.tokens
+    blocks = IN_FLIGHT_BLOCKS[run.device]
+    total = blocks * per_block
+    if run.device == "cuda":
+        total = min(total, CUDA_GRAPHS_IN_FLIGHT * CUDA_GRAPH_ELEMENTS * b)
+    # On CUDA, MLX stops dispatching when its memory limit is reached; about two blocks of work in
+    # flight is what it cannot do without.
+    elastic = max(0.0, total - 2 * per_block) if run.device == "cuda" else 0.0
+    return total, elastic
+
+
+def _loss_bytes(arch: Arch, run: Run) -> float:
+    """The final norm's input, the logits and the loss's arrays (of one chunk when chunked), and
+    with compute=dequant the output layer's weight dequantized for its matmul."""
+    b = DTYPE_BYTES[run.dtype]
+    tokens = min(run.tokens, run.loss_chunk) if run.loss_chunk else run.tokens
+    total = arch.hidden * (F32 if run.device == "cpu" else b) * run.tokens
+    per_vocab = LOSS_F32_ARRAYS[run.device] * F32 + (2 * b if b != F32 else 0)
+    total += per_vocab * arch.vocab * tokens
+    head = "model.embed_tokens" if arch.tied else "lm_head"
+    if run.compute == "dequant" and _quantized(arch, run, head, arch.hidden):
+        total += DEQUANT_HEAD_COPIES * arch.vocab * arch.hidden * b
+    return total
+
+
+def base_weight_bytes(arch: Arch, run: Run) -> float:
+    """The frozen base as the trainer holds it. Floating tensors are cast to the compute dtype; a
+    float base is quantized on load (every linear layer whose input size the group divides; the
+    embedding, tied output layer or not, stays float); a stored-quantized base is kept as stored."""
+    b = DTYPE_BYTES[run.dtype]
+    total = (2 * arch.layers + 1) * arch.hidden * b          # RMSNorm weights
+    names = [(f"model.layers.{i}.{k}", arch.shape(k)) for i in range(arch.layers) for k in MODULES]
+    names.append(("model.embed_tokens", (arch.hidden, arch.vocab)))
+    if not arch.tied:
+        names.append(("lm_head", (arch.hidden, arch.vocab)))
+    for path, (d_in, d_out) in names:
+        q = _quantized(arch, run, path, d_in)
+        n = d_in * d_out
+        total += n * q[0] / 8 + 2 * n / q[1] * b if q else n * b
+    return total
+
+
+def _quantized(arch: Arch, run: Run, path: str, d_in: int) -> tuple[int, int] | None:
+    """(bits, group size) the tensor at `path` is held in, or None for float."""
+    q = arch.quantization
+    if q is not None:
+        v = q.get(path, q)
+        return (v["bits"], v["group_size"]) if v else None
+    if run.bits and path != "model.embed_tokens" and d_in % run.group_size == 0:
+        return run.bits, run.group_size
+    return None
+
+
+# --------------------------------------------------------------------------- the device
+
+def device_memory(device: str) -> tuple[float, str]:
+    """(bytes the run may use, where that number comes from)."""
+    if device == "cpu":
+        return _system_memory()
+    try:
+        import mlx.core as mx
+        info = mx.device_info()
+    except Exception:  # noqa: BLE001  (no GPU here: planning for another machine)
+        return 0.0, "no such device here: pass --memory-gb"
+    if device == "metal" and info.get("max_recommended_working_set_size"):
+        return float(info["max_recommended_working_set_size"]), "Metal's recommended working set"
+    total = info.get("total_memory") or info.get("memory_size") or 0
+    return float(total), f"{info.get('device_name', device)} memory"
+
+
+def _system_memory() -> tuple[float, str]:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024.0, "system memory available now"
+    except OSError:
+        pass
+    try:
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")), "system memory"
+    except (ValueError, OSError, AttributeError):
+        return 0.0, "system memory unknown: pass --memory-gb"
+
+
+# --------------------------------------------------------------------------- the plan
+
+@dataclass
+class Plan:
+    arch: Arch
+    run: Run
+    breakdown: Breakdown
+    available: float
+    memory_source: str
+    data: dict | None
+    fits: bool
+    largest_batch: int            # at this width, as configured (checkpointing or not)
+    largest_batch_checkpointed: int
+    longest_seq: int              # at this batch size (padded width; 0 = not even 32 tokens fit)
+    recommendation: dict
+
+    def as_json(self) -> dict:
+        b = self.breakdown
+        return {
+            "predicted_peak_gb": round((b.peak + b.overhead) / GB, 3),
+            "required_gb": round(b.required / GB, 3),
+            "mlx_peak_gb": round(b.peak / GB, 3),
+            "available_gb": round(self.available / GB, 3),
+            "fits": self.fits,
+            "breakdown_gb": {k: round(v / GB, 4) for k, v in asdict(b).items()},
+            "device": self.run.device, "dtype": self.run.dtype, "compute": self.run.compute,
+            "batch_size": self.run.batch, "seq_width": self.run.seq, "tokens": self.run.tokens,
+            "grad_checkpoint": self.run.checkpoint, "attention": attention_kind(self.arch, self.run),
+            "largest_batch": self.largest_batch,
+            "largest_batch_with_checkpointing": self.largest_batch_checkpointed,
+            "longest_seq": self.longest_seq,
+            "recommendation": self.recommendation,
+            "model": asdict(self.arch), "data": self.data, "memory_source": self.memory_source,
+        }
+
+
+def run_from_config(cfg, arch: Arch, lengths=None, device: str | None = None) -> tuple[Run, dict | None]:
+    """The Run of the longest micro-batch `cfg` will train on, and the data statistics used."""
+    from .backend import device_kind
+
+    device = device or device_kind()
+    m, t = cfg.model, cfg.training
+    dtype = m.dtype if m.dtype != "auto" else ("float32" if device == "cpu" else "bfloat16")
+    longest, stats = cfg.data.max_seq_length, None
+    if lengths is not None and len(lengths):
+        lengths = sorted(int(x) for x in lengths)
+        longest = min(lengths[-1], cfg.data.max_seq_length)
+        stats = {"examples": len(lengths), "longest": lengths[-1], "mean": round(sum(lengths) / len(lengths), 1),
+                 "p95": lengths[int(0.95 * (len(lengths) - 1))]}
+    keys = tuple(cfg.lora.target_modules) or tuple(MODULES)
+    unknown = [k for k in keys if k not in MODULES]
+    if unknown:
+        raise UserError(f"lora.target_modules: the planner knows {', '.join(MODULES)}; "
+                        f"{', '.join(unknown)} is not one of them")
+    run = Run(batch=t.batch_size, seq=_width(longest), checkpoint=t.grad_checkpoint, rank=cfg.lora.rank,
+              keys=keys, lora_layers=cfg.lora.num_layers,
+              bits=None if m.quantize == "none" else int(m.quantize), group_size=m.group_size,
+              dtype=dtype, compute=_compute_path(m.compute, device), device=device,
+              accumulation=t.grad_accumulation, loss_chunk=_loss_chunk(arch))
+    return run, stats
+
+
+def _width(tokens: int) -> int:
+    """Input width of a micro-batch whose longest example has `tokens` tokens (as pad_batch pads)."""
+    return max(PAD_MULTIPLE, math.ceil((tokens - 1) / PAD_MULTIPLE) * PAD_MULTIPLE)
+
+
+def _compute_path(compute: str, device: str) -> str:
+    """The quantized matmul the trainer will run on `device`: steadytune.qlora.resolve_mode's rule
+    (auto = native on Metal, dequant elsewhere), or native where qlora is not installed."""
+    try:
+        from . import qlora  # noqa: F401
+    except ImportError:
+        return "native"
+    if compute != "auto":
+        return compute
+    return "native" if device == "metal" else "dequant"
+
+
+def _loss_chunk(arch: Arch) -> int:
+    """Tokens per chunk of the trainer's cross-entropy (0 = all logits at once). qlora's chunked
+    loss covers vocabularies of 64k and more, when the trainer's loss goes through it."""
+    try:
+        from . import qlora, trainer
+    except ImportError:
+        return 0
+    if "masked_ce_sum" not in trainer.loss_fn.__code__.co_names or arch.vocab < CHUNKED_LOSS_VOCAB:
+        return 0
+    return qlora.ce_chunk_tokens(arch.vocab)
+
+
+def make_plan(cfg, model_cfg: dict | None = None, lengths=None, device: str | None = None,
+              memory_gb: float | None = None) -> Plan:
+    arch = arch_from_config(model_cfg if model_cfg is not None else model_config(cfg.model.path))
+    run, stats = run_from_config(cfg, arch, lengths, device)
+    if memory_gb:
+        available, source = memory_gb * GB, "--memory-gb"
+    else:
+        available, source = device_memory(run.device)
+    fits_at = lambda r: not available or estimate(arch, r).required <= available  # noqa: E731
+    br = estimate(arch, run)
+    largest = _largest(lambda x: fits_at(_at_batch(run, x)))
+    largest_ck = _largest(lambda x: fits_at(_at_batch(run, x, checkpoint=True)))
+    longest = PAD_MULTIPLE * _largest(lambda x: fits_at(replace(run, seq=x * PAD_MULTIPLE)), 4096)
+    plan = Plan(arch, run, br, available, source, stats, fits_at(run), largest, largest_ck, longest, {})
+    plan.recommendation = _recommend(plan, cfg)
+    return plan
+
+
+def _at_batch(run: Run, batch: int, **change) -> Run:
+    """`run` at another batch size, with the accumulation that keeps its effective batch."""
+    return replace(run, batch=batch, accumulation=math.ceil(run.batch * run.accumulation / batch), **change)
+
+
+def _largest(ok, limit: int = 1 << 16) -> int:
+    """The largest x in [1, limit] with ok(x), for a monotone ok; 0 if none."""
+    if not ok(1):
+        return 0
+    lo, hi = 1, 2
+    while hi <= limit and ok(hi):
+        lo, hi = hi, hi * 2
+    hi = min(hi, limit + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return lo
+
+
+def _recommend(plan: Plan, cfg) -> dict:
+    """Settings that fit and keep the effective batch (batch x accumulation): the largest batch
+    that fits as configured, else with gradient checkpointing, else a shorter max_seq_length."""
+    run = plan.run
+    effective = run.batch * run.accumulation
+    keep = {"batch_size": run.batch, "grad_accumulation": run.accumulation,
+            "grad_checkpoint": run.checkpoint, "max_seq_length": cfg.data.max_seq_length}
+    if plan.fits:
+        return dict(keep, text="fits as configured")
+    for ckpt, largest in ((run.checkpoint, plan.largest_batch), (True, plan.largest_batch_checkpointed)):
+        if largest >= 1:
+            batch = min(largest, run.batch)
+            accum = math.ceil(effective / batch)
+            flags = [f"--batch-size {batch}", f"--grad-accumulation {accum}"] if batch < run.batch else []
+            flags += ["--grad-checkpoint true"] if ckpt and not run.checkpoint else []
+            note = ("" if batch == run.batch else f" (effective batch {batch * accum}"
+                    + (")" if batch * accum == effective else f", was {effective})"))
+            return dict(keep, batch_size=batch, grad_accumulation=accum, grad_checkpoint=ckpt,
+                        text=" ".join(flags) + note)
+    seq = _fitting_length(plan)
+    if seq:
+        return dict(keep, batch_size=1, grad_accumulation=effective, grad_checkpoint=True, max_seq_length=seq,
+                    text=f"--batch-size 1 --grad-accumulation {effective} --grad-checkpoint true "
+                         f"--max-seq-length {seq}")
+    return dict(keep, batch_size=0, grad_accumulation=0, grad_checkpoint=True, max_seq_length=0,
+                text="the model alone does not fit this device: use a smaller model or a larger device")
+
+
+def _fitting_length(plan: Plan) -> int:
+    """The longest max_seq_length that fits at batch 1 with checkpointing (0 if none)."""
+    arch, run = plan.arch, replace(plan.run, batch=1, checkpoint=True)
+    ok = lambda x: estimate(arch, replace(run, seq=x * PAD_MULTIPLE)).required <= plan.available  # noqa: E731
+    return PAD_MULTIPLE * _largest(ok, 4096)  # max_seq_length 32k pads to a width of 32k
+
+
+def check_fits(cfg, model_config: dict | None = None, data_stats=None) -> Plan:
+    """The plan of `cfg`; raises UserError with the recommendation when it is predicted not to fit,
+    unless training.force.
+
+    model_config: the model's config dict (None: read from cfg.model.path, no weights loaded).
+    data_stats: token lengths of the training examples (None: tokenize cfg.data.path with the
+    model's tokenizer; where that cannot be done without the weights, every micro-batch is
+    assumed to be max_seq_length long)."""
+    if data_stats is None:
+        data_stats = data_lengths(cfg)
+    plan = make_plan(cfg, model_config, data_stats)
+    if plan.fits or cfg.training.force:
+        return plan
+    raise UserError(f"memory: this run is predicted to need {plan.breakdown.required / GB:.1f} GB but "
+                    f"{plan.available / GB:.1f} GB is available ({plan.memory_source}); "
+                    f"try: {plan.recommendation['text']} (see `steadytune plan`), or pass --force to try anyway")
+
+
+def advice(cfg) -> str:
+    """One sentence for an out-of-memory message: the planner's recommendation."""
+    try:
+        plan = make_plan(cfg, lengths=data_lengths(cfg))
+    except UserError:
+        return ("lower --batch-size (raise --grad-accumulation to keep the effective batch), lower "
+                "--max-seq-length, or add --grad-checkpoint true")
+    r = plan.recommendation
+    if plan.fits:  # predicted to fit, yet it did not: the next step down
+        half = max(1, plan.run.batch // 2)
+        return (f"the planner expected {plan.breakdown.required / GB:.1f} GB; try --batch-size {half} "
+                f"--grad-accumulation {math.ceil(plan.run.batch * plan.run.accumulation / half)}"
+                + ("" if plan.run.checkpoint else " or --grad-checkpoint true"))
+    return f"try: {r['text']}"
+
+
+# --------------------------------------------------------------------------- the command
+
+def add_arguments(parser) -> None:
+    from .config import add_config_flags
+
+    add_config_flags(parser)
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.add_argument("--device", dest="plan_device", choices=["cpu", "cuda", "metal"],
+                        help="plan for this backend instead of this machine's")
+    parser.add_argument("--memory-gb", dest="plan_memory_gb", type=float,
+                        help="memory the run may use (default: what the device reports)")
+
+
+def command(args) -> int:
+    from .config import from_args
+
+    cfg = from_args(args)
+    lengths = data_lengths(cfg)
+    plan = make_plan(cfg, lengths=lengths, device=args.plan_device, memory_gb=args.plan_memory_gb)
+    print(json.dumps(plan.as_json(), indent=2) if args.json else render(plan, cfg))
+    return 0 if plan.fits else 1
+
+
+def data_lengths(cfg):
+    """Token lengths of the training examples, with the model's tokenizer (None without --data or
+    when the tokenizer cannot be loaded without the weights)."""
+    if not cfg.data.path:
+        return None
+    from .data import load_splits, tokenize_all
+
+    splits = load_splits(cfg.data.path, cfg.data.valid_fraction, cfg.training.seed)
+    tokenizer = _tokenizer(cfg.model.path)
+    if tokenizer is None:
+        return None
+    # the longest tokenized length decides the plan: measure them untruncated
+    tok = tokenize_all(splits.train, tokenizer, max_seq_length=1 << 30, train_on_prompt=True)
+    return tok.lengths().tolist()
+
+
+def _tokenizer(path: str):
+    from .model import resolve_source
+
+    kind, src = resolve_source(path)
+    if kind == "gguf":
+        try:
+            from .gguf import build_tokenizer, check_gguf_header
+        except ImportError:
+            return None
+        return build_tokenizer(check_gguf_header(src).metadata, src)
+    if kind == "folder":
+        from mlx_lm.utils import load_tokenizer
+
+        return load_tokenizer(Path(src))
+    return None
+
+
+def render(plan: Plan, cfg) -> str:
+    a, r, b = plan.arch, plan.run, plan.breakdown
+    quant = ("stored quantized" if a.quantization else f"{r.bits}-bit g{r.group_size}" if r.bits else "float")
+    rows = [("base weights (" + quant + ")", b.base_weights), ("LoRA weights", b.lora_weights),
+            ("optimizer state", b.optimizer),
+            ("activations" + (" (checkpointed)" if r.checkpoint else ""), b.activations),
+            ("logits and loss", b.logits), ("in flight (MLX runs ahead)", b.in_flight),
+            ("framework overhead", b.overhead)]
+    data = (f"{plan.data['examples']} examples, longest {plan.data['longest']} tokens, p95 {plan.data['p95']}, "
+            f"mean {plan.data['mean']}" if plan.data else f"not measured: every batch assumed "
+            f"max_seq_length ({cfg.data.max_seq_length}) long")
+    lines = [
+        f"model      {cfg.model.path}: {a.layers} blocks, hidden {a.hidden}, MLP {a.inter}, "
+        f"{a.heads}/{a.kv_heads} heads, vocab {a.vocab}",
+        f"data       {data}",
+        f"run        batch {r.batch} x {r.seq} tokens, LoRA rank {r.rank} on {len(r.keys)} modules x "
+        f"{_adapted_layers(a, r)} blocks, {r.dtype}, {r.compute} matmul, {r.device}, "
+        f"{attention_kind(a, r)} attention",
+        "",
+        f"{'':36}{'GB':>8}"]
+    lines += [f"{name:<36}{v / GB:>8.3f}" for name, v in rows]
+    lines += [f"{'predicted peak':<36}{(b.peak + b.overhead) / GB:>8.3f}"]
+    if b.elastic:
+        lines += [f"{'needed (MLX runs ahead less if short)':<36}{b.required / GB:>8.3f}"]
+    lines += [f"{'available':<36}{plan.available / GB:>8.3f}  ({plan.memory_source})", ""]
+    if not plan.available:
+        lines.append("verdict    unknown: no memory figure for this device (pass --memory-gb)")
+    elif plan.fits:
+        lines.append(f"verdict    fits ({b.required / plan.available:.0%} of available)")
+    else:
+        lines.append(f"verdict    does NOT fit; try: {plan.recommendation['text']}")
+    lines.append(f"largest    batch {plan.largest_batch} at {r.seq} tokens"
+                 f"{'' if r.checkpoint else f' ({plan.largest_batch_checkpointed} with --grad-checkpoint true)'}"
+                 f"; {plan.longest_seq} tokens at batch {r.batch}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(command(None))

@@ -1,0 +1,231 @@
+"""Quantized layers for QLoRA training: base weights stay in 4 (or 8) bits, compute picks the fast path.
+
+Two ways to multiply by a quantized weight:
+  native   mx.quantized_matmul on the packed weight (mlx-lm's path). Fast on Apple GPUs; on CUDA it
+           runs at ~1/4.5 of a bf16 matmul at training sizes, and on Linux CPUs it is ~8x slower
+           than dequantize-then-BLAS (bench/RESULTS.md).
+  dequant  dequantize the layer's weight to the compute dtype right before an ordinary matmul. In
+           the backward pass the weight is dequantized *again* instead of being kept, so no
+           full-precision weight outlives its use and peak memory stays that of the native path.
+
+`apply_compute(model, mode)` switches every QuantizedLinear (the ones inside mlx-lm's LoRALinear and
+the output layer) and the tied QuantizedEmbedding's `as_linear` to the chosen path, by giving each
+instance a subclass: parameter names, adapter files and `isinstance` checks are unchanged.
+
+Why the recomputed dequantization needs `mx.depends`: the training step is compiled, and compile's
+common-subexpression pass sees the backward `dequantize(w)` as identical to the forward one and
+merges them, so every layer's dequantized weight is kept from the forward pass until its backward
+(+14.5 GB for a 7B model: what the prototype's custom_function showed). Tying the backward copy to
+the incoming gradient makes it a different expression, which also schedules it just before use.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import mlx.core as mx
+import mlx.nn as nn
+
+MODES = ("auto", "dequant", "native")
+# mlx-lm model modules whose Model.__call__ is `head(self.model(inputs))`: the loss can run the
+# output layer chunk by chunk (see chunked_cross_entropy).
+PLAIN_HEAD_MODULES = {"mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwen3"}
+
+
+def resolve_mode(mode: str) -> str:
+    """auto -> what measured fastest on this backend: dequant on CUDA and CPU; native on Metal,
+    where quantized_matmul is MLX's best-tuned kernel and dequantizing would only add traffic."""
+    if mode != "auto":
+        return mode
+    from .backend import device_kind
+
+    return "native" if device_kind() == "metal" else "dequant"
+
+
+# --- the dequantize-then-matmul function with its memory-saving backward --------------------
+
+
+def dequantize_elementwise(w, scales, biases, group_size: int, bits: int):
+    """mx.dequantize for affine 2/4/8-bit weights written as broadcast elementwise ops.
+
+    Inside a compiled step these fuse into one kernel that reads the packed weight once and
+    writes the full-precision one once; MLX's own dequantize kernel reaches well under the
+    memory bandwidth on CUDA. Arithmetic in the scales' dtype, as mx.dequantize does."""
+    per_word = 32 // bits
+    n, words = w.shape
+    shifts = mx.arange(0, 32, bits, dtype=mx.uint32)
+    q = (w.reshape(n, words * per_word // group_size, group_size // per_word, 1) >> shifts) & (
+        (1 << bits) - 1)
+    w = q.astype(scales.dtype) * scales[..., None, None] + biases[..., None, None]
+    return w.reshape(n, words * per_word)
+
+
+def _dequantizer(group_size: int, bits: int, mode: str, kernel: str):
+    if kernel == "elementwise" and mode == "affine" and bits in (2, 4, 8):
+        return lambda w, scales, biases: dequantize_elementwise(w, scales, biases, group_size, bits)
+    return lambda w, scales, biases: mx.dequantize(w, scales, biases, group_size=group_size,
+                                                   bits=bits, mode=mode)
+
+
+@lru_cache(maxsize=None)
+def _dequant_matmul_fn(group_size: int, bits: int, mode: str, has_biases: bool, kernel: str):
+    """x @ dequantize(w).T as an mx.custom_function whose vjp re-dequantizes w.
+
+    Gradients flow to x only: the quantized weight is frozen (QLoRA trains the adapters)."""
+    deq = _dequantizer(group_size, bits, mode, kernel)
+
+    @mx.custom_function
+    def f(x, w, scales, *biases):
+        return x @ deq(w, scales, biases[0] if biases else None).T
+
+    @f.vjp
+    def f_vjp(primals, cotangent, output):
+        x, w, scales, *biases = primals
+        # Depends on the cotangent: not merged with the forward copy by compile, and computed
+        # only when the gradient arrives (see the module docstring).
+        w_again = deq(mx.depends(w, cotangent), scales, biases[0] if biases else None)
+        dx = cotangent @ w_again
+        return (dx, *(mx.zeros_like(p) for p in primals[1:]))
+
+    return f
+
+
+def dequant_matmul(x, w, scales, biases, group_size: int, bits: int, mode: str = "affine",
+                   kernel: str = "mlx"):
+    """x @ W.T for a quantized W, computed as a matmul in x's dtype (W dequantized to it).
+    kernel: "mlx" (mx.dequantize) or "elementwise" (dequantize_elementwise, where it applies)."""
+    f = _dequant_matmul_fn(group_size, bits, mode, biases is not None, kernel)
+    if biases is None:
+        return f(x, w, scales)
+    return f(x, w, scales, biases)
+
+
+class DequantLinear(nn.QuantizedLinear):
+    """nn.QuantizedLinear computing dequantize-then-matmul (same parameters, same names)."""
+
+    dequant_kernel = "mlx"  # apply_compute sets it per instance (a plain attribute, not saved)
+
+    def __call__(self, x):
+        y = dequant_matmul(x, self["weight"], self["scales"], self.get("biases"),
+                           self.group_size, self.bits, self.mode, self.dequant_kernel)
+        if "bias" in self:
+            y = y + self["bias"]
+        return y
+
+
+class DequantEmbedding(nn.QuantizedEmbedding):
+    """nn.QuantizedEmbedding whose `as_linear` (a tied output layer) uses dequantize-then-matmul.
+    The lookup itself already dequantizes only the rows it gathers."""
+
+    dequant_kernel = "mlx"
+
+    def as_linear(self, x):
+        return dequant_matmul(x, self["weight"], self["scales"], self.get("biases"),
+                              self.group_size, self.bits, self.mode, self.dequant_kernel)
+
+
+# class -> (native class, dequant class); exact types only, so other subclasses are left alone
+_CLASSES = {c: pair for pair in [(nn.QuantizedLinear, DequantLinear),
+                                 (nn.QuantizedEmbedding, DequantEmbedding)] for c in pair}
+
+
+def default_kernel() -> str:
+    """The dequantization kernel measured fastest here (bench/RESULTS.md)."""
+    return "elementwise"
+
+
+def apply_compute(model: nn.Module, mode: str = "auto", kernel: str | None = None) -> dict:
+    """Switch the model's quantized layers to `mode` (auto, dequant, native). Call after the LoRA
+    layers are in place (it reaches the QuantizedLinear inside each LoRALinear). Returns
+    {"mode": resolved mode, "kernel": dequantization kernel, "layers": layers switched}."""
+    if mode not in MODES:
+        raise ValueError(f"compute mode must be one of {MODES}, got {mode!r}")
+    resolved = resolve_mode(mode)
+    kernel = kernel or default_kernel()
+    dequant = resolved == "dequant"
+    n = 0
+    for _, m in model.named_modules():
+        pair = _CLASSES.get(type(m))
+        if pair is None:
+            continue
+        m.__class__ = pair[dequant]
+        if dequant:
+            m.dequant_kernel = kernel
+        n += 1
+    return {"mode": resolved, "kernel": kernel if resolved == "dequant" else None, "layers": n}
+
+
+# --- the output layer and the loss, chunked for large vocabularies --------------------------
+
+
+def split_head(model: nn.Module):
+    """(backbone, head) for models computing `head(model.model(inputs))`, else None.
+
+    The head is the output layer (lm_head) or the tied embedding's as_linear. Only for model
+    types known to have no extra step between the two (no logit soft-capping or scaling)."""
+    args = getattr(model, "args", None)
+    if type(model).__module__ not in PLAIN_HEAD_MODULES or args is None:
+        return None
+    if getattr(args, "tie_word_embeddings", False):
+        head = model.model.embed_tokens.as_linear
+        head_module = model.model.embed_tokens
+    elif "lm_head" in model:
+        head, head_module = model.lm_head, model.lm_head
+    else:
+        return None
+    from mlx.utils import tree_flatten
+
+    if tree_flatten(head_module.trainable_parameters()):
+        return None  # a trained head must see its parameters as inputs, not captured constants
+    return model.model, head
+
+
+def ce_chunk_tokens(vocab_size: int, budget_elements: int = 1 << 27) -> int:
+    """Tokens per chunk so one chunk's float32 logits stay under `budget_elements` (512 MB)."""
+    return max(128, budget_elements // max(1, vocab_size) // 128 * 128)
+
+
+def chunked_cross_entropy(hidden, head, targets, mask, chunk: int):
+    """Summed masked cross-entropy of head(hidden) without all the float32 logits at once.
+
+    Each chunk of tokens is its own checkpointed function: the forward keeps only the chunk's
+    loss, the backward recomputes its logits. Peak logits memory is one chunk instead of the
+    whole batch (for a 150k vocabulary and 8k tokens: 0.5 GB instead of 4.9 GB in float32)."""
+
+    def piece(t, m):
+        # targets and mask are captured (constants to the checkpoint): only h needs a gradient
+        def f(h):
+            logits = head(h).astype(mx.float32)
+            return (nn.losses.cross_entropy(logits, t, reduction="none") * m).sum()
+
+        return mx.checkpoint(f)
+
+    d = hidden.shape[-1]
+    h, t, m = hidden.reshape(-1, d), targets.reshape(-1), mask.reshape(-1)
+    total = mx.array(0.0, dtype=mx.float32)
+    for i in range(0, h.shape[0], chunk):
+        total = total + piece(t[i:i + chunk], m[i:i + chunk])(h[i:i + chunk])
+    return total
+
+
+def set_loss_chunking(model: nn.Module, setting: str = "auto") -> int:
+    """Decide chunked cross-entropy (on, off, auto: on for vocabularies of 64k tokens and more,
+    where float32 logits dominate activation memory). Stores the chunk size on the model for
+    `masked_ce_sum` (0 = off) and returns it."""
+    parts = split_head(model)
+    vocab = getattr(getattr(model, "args", None), "vocab_size", 0) or 0
+    on = setting == "on" or (setting == "auto" and vocab >= 65536)
+    chunk = ce_chunk_tokens(vocab) if (on and parts is not None) else 0
+    model._steadytune_ce_chunk = chunk  # a plain attribute: not a parameter, not saved
+    return chunk
+
+
+def masked_ce_sum(model: nn.Module, inputs, targets, mask):
+    """Summed masked cross-entropy of the model on (inputs, targets, mask), in float32."""
+    chunk = getattr(model, "_steadytune_ce_chunk", 0)
+    parts = split_head(model) if chunk else None
+    if parts is None:
+        logits = model(inputs).astype(mx.float32)
+        return (nn.losses.cross_entropy(logits, targets, reduction="none") * mask).sum()
+    backbone, head = parts
+    return chunked_cross_entropy(backbone(inputs), head, targets, mask, chunk)

