@@ -233,6 +233,50 @@ def run_cpu(a):
     return compare("tiny", weights, [(2, 128, False)], a.steps, variants)
 
 
+def run_profile(a):
+    """Where a step's time goes: steadytune's grad / norm / update parts, host CPU time per step
+    (close to the wall time = bound by dispatching kernels, not by the GPU), and a tiny batch
+    whose step is all overhead. Environment variables such as MLX_CUDA_GRAPH_CACHE_SIZE or
+    MLX_MAX_OPS_PER_BUFFER can be compared by running this once per setting."""
+    from steadytune.batching import pad_batch
+
+    weights = build_base(a.size, mx.bfloat16)
+    vocab = SIZES[a.size]["vocab_size"]
+    rows = []
+    for batch, seq, chunk in [(4, 1024, "off"), (4, 1024, "on"), (1, 128, "off")]:
+        tr = steadytune_trainer(a.size, weights, batch, False, chunked_ce=chunk)
+        ids = np.random.default_rng(0).integers(0, vocab, (batch, seq + 1)).tolist()
+        inputs, targets, mask = (mx.array(x) for x in pad_batch(ids, [[True] * (seq + 1)] * batch))
+        scale = mx.array(1.0 / (batch * seq))
+        reset_memory()
+        parts = {"grad": [], "norm": [], "update": [], "cpu": [], "wall": []}
+        for _ in range(a.steps):
+            t0, c0 = time.perf_counter(), time.process_time()
+            total, acc = tr._grad(inputs, targets, mask, scale, None)
+            mx.eval(total, acc)
+            t1 = time.perf_counter()
+            norm = tr._norm(acc)
+            mx.eval(norm)
+            t2 = time.perf_counter()
+            tr._update(acc, mx.array(LR), mx.array(1.0))
+            mx.eval(tr.compiled_state)
+            t3 = time.perf_counter()
+            for k, v in zip(parts, (t1 - t0, t2 - t1, t3 - t2, time.process_time() - c0, t3 - t0)):
+                parts[k].append(v)
+        row = {"run": f"steadytune parts {batch}x{seq} chunked_ce={chunk}",
+               "peak_gb": round(mx.get_peak_memory() / 1e9, 2)}
+        row.update({k: round(statistics.median(v[2:]) * 1e3, 1) for k, v in parts.items()})
+        row["tok_s"] = round(batch * seq / statistics.median(parts["wall"][2:]), 1)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        del tr
+        reset_memory()
+    if a.with_mlx_lm:
+        rows.append(mlx_lm_steps(a.size, weights, 1, 128, False, a.steps))
+    print(table(rows, ("run", "wall", "cpu", "grad", "norm", "update", "tok_s", "peak_gb", "median_s")))
+    return rows
+
+
 def bench(f, n=10):
     mx.eval(f())
     mx.synchronize()
@@ -450,7 +494,7 @@ def run_real(a):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("setting", choices=["synthetic", "real", "cpu", "kernels"])
+    p.add_argument("setting", choices=["synthetic", "real", "cpu", "kernels", "profile"])
     p.add_argument("--steps", type=int, default=8, help="timed steps per run (median of steps 3+)")
     p.add_argument("--only", default="", help="synthetic: subset of 4x1024,4x1024c,1x2048")
     p.add_argument("--kernels", default="", help="synthetic: also run dequant with these kernels "
@@ -461,12 +505,14 @@ def main(argv=None):
     p.add_argument("--max-len", type=int, default=1024)
     p.add_argument("--real-steps", type=int, default=120)
     p.add_argument("--mlx-steps", type=int, default=60)
+    p.add_argument("--with-mlx-lm", action="store_true", help="profile: also time mlx-lm's step")
     p.add_argument("--size", default="7b", choices=sorted(SIZES), help="synthetic/real: model shape")
     p.add_argument("--json", help="also write the rows here")
     a = p.parse_args(argv)
     print(environment(), flush=True)
-    rows = {"synthetic": run_synthetic, "real": run_real, "cpu": run_cpu, "kernels": run_kernels}[a.setting](a)
-    if a.setting != "kernels":
+    rows = {"synthetic": run_synthetic, "real": run_real, "cpu": run_cpu, "kernels": run_kernels,
+            "profile": run_profile}[a.setting](a)
+    if a.setting not in ("kernels", "profile"):
         print(table(rows, ("run", "tok_s", "peak_gb", "ratio", "median_s", "loss", "tok_s_incl_compiles",
                            "padding")))
     if a.json:

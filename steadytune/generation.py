@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import mlx.core as mx
+
 from .config import ModelConfig, load_yaml
 from .errors import UserError
 from .model import LoadedModel, load_base
@@ -44,10 +46,11 @@ def load_tuned(run: str | Path | None, model: str | None = None, dtype: str = "a
         adir = adapter_dir(run)
         try:
             load_adapters(loaded.model, str(adir))
-        except (ValueError, KeyError, json.JSONDecodeError) as e:
+        except (ValueError, KeyError, AttributeError, TypeError, RuntimeError, json.JSONDecodeError) as e:
             raise UserError(f"{adir}: adapters do not fit this model ({str(e).splitlines()[0]}); "
                             "pass the --model the run was trained on") from None
     loaded.model.eval()
+    mx.eval(loaded.model.parameters())  # lazy adapter weights fail if first used from another thread
     return loaded
 
 

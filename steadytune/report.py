@@ -96,6 +96,9 @@ def _draw_panel(ax, series: Series, name: str) -> None:
         ax.plot(steps, values, color=COLORS[key], label=label, marker=marker, markersize=4,
                 linewidth=1.8, gid=key)
         drawn += 1
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     ax.set_title(title)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(ylabel)

@@ -201,37 +201,17 @@ class Trainer:
         metrics = Metrics(self.run_dir / "metrics.jsonl", cfg.output.log_to) if self.rank == 0 else _NoMetrics()
         bar = Progress(total, s["step"], cfg.output.progress if self.rank == 0 else "none")
         self._announce(bar, n, per_epoch, total)
-        lengths = self.train_set.lengths()
-        window = {"loss": 0.0, "tokens": 0, "real": 0, "time": 0.0}
-        stopped, last_loss = "completed", None
-        with _SignalGuard(self):
-            try:
-                while s["step"] < total and stopped == "completed":
-                    plan = epoch_steps(lengths, t.batch_size, t.grad_accumulation, t.seed, s["epoch"],
-                                       cfg.data.group_by_length)
-                    for pos in range(s["pos"], len(plan)):
-                        if s["step"] >= total:
-                            break
-                        lr = lr_at(s["step"], t.learning_rate, t.warmup_steps, total, t.lr_schedule)
-                        tic = time.perf_counter()
-                        loss, ntok, nreal = self.train_step(plan[pos], lr)
-                        window["time"] += time.perf_counter() - tic
-                        s["step"], s["pos"] = s["step"] + 1, pos + 1
-                        if s["pos"] == len(plan):  # the epoch is done: the next one has a new order
-                            s["epoch"], s["pos"] = s["epoch"] + 1, 0
-                        last_loss = self._report(loss, ntok, nreal, window, metrics, bar, per_epoch, total)
-                        if self._after_step(metrics, bar, total, end_of_epoch=s["pos"] == 0):
-                            stopped = "early_stopping"
-                            break
-            except (RuntimeError, MemoryError, OSError) as e:
-                _raise_if_out_of_resources(e, self.cfg, self.run_dir, s["step"] + 1)
-                raise
-            finally:
-                bar.close()
-                metrics.close()
-        if stopped == "completed" and t.max_steps and s["step"] >= t.max_steps:
-            stopped = "max_steps"
-        final_val = self._final_eval(metrics_path=self.run_dir / "metrics.jsonl")
+        try:
+            with _SignalGuard(self):
+                stopped, last_loss = self._loop(total, per_epoch, metrics, bar)
+            final_val = self.evaluate()
+            metrics.log({"event": "val", "step": s["step"], "val_loss": final_val, "final": True})
+        except (RuntimeError, MemoryError, OSError) as e:
+            _raise_if_out_of_resources(e, self.cfg, self.run_dir, s["step"] + 1)
+            raise
+        finally:
+            bar.close()
+            metrics.close()
         if self.rank == 0:
             ckpt.save_final_adapters(self.run_dir, self.model, self.adapter_config)
             print(f"adapters saved to {self.run_dir / 'adapters'}")
@@ -239,6 +219,29 @@ class Trainer:
 
         return TrainResult(self.run_dir, s["step"], s["epoch"], last_loss, final_val,
                            s["best_val_loss"], stopped, read_metrics(self.run_dir / "metrics.jsonl"))
+
+    def _loop(self, total, per_epoch, metrics, bar) -> tuple[str, float | None]:
+        """Epochs of optimizer steps: get the step's batches, loss + gradients, update, report,
+        then validate and checkpoint. Returns (why it stopped, last reported loss)."""
+        cfg, t, s = self.cfg, self.cfg.training, self.state
+        lengths = self.train_set.lengths()
+        window = {"loss": 0.0, "tokens": 0, "real": 0, "time": 0.0}
+        last_loss = None
+        while s["step"] < total:
+            plan = epoch_steps(lengths, t.batch_size, t.grad_accumulation, t.seed, s["epoch"],
+                               cfg.data.group_by_length)
+            for pos in range(s["pos"], min(len(plan), s["pos"] + total - s["step"])):
+                lr = lr_at(s["step"], t.learning_rate, t.warmup_steps, total, t.lr_schedule)
+                tic = time.perf_counter()
+                loss, ntok, nreal = self.train_step(plan[pos], lr)
+                window["time"] += time.perf_counter() - tic
+                s["step"], s["pos"] = s["step"] + 1, pos + 1
+                if s["pos"] == len(plan):  # the epoch is done: the next one has a new order
+                    s["epoch"], s["pos"] = s["epoch"] + 1, 0
+                last_loss = self._report(loss, ntok, nreal, window, metrics, bar, per_epoch, total)
+                if self._after_step(metrics, bar, total, end_of_epoch=s["pos"] == 0):
+                    return "early_stopping", last_loss
+        return ("max_steps" if t.max_steps else "completed"), last_loss
 
     def accumulate(self, micro_batches):
         """Gradients of one optimizer step, summed over its micro-batches, each micro-batch's
@@ -399,14 +402,6 @@ class Trainer:
             total = mx.distributed.all_sum(total)
             count = int(mx.distributed.all_sum(mx.array(count)).item())
         return total.item() / count
-
-    def _final_eval(self, metrics_path) -> float:
-        val = self.evaluate()
-        if self.rank == 0:
-            with open(metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"event": "val", "step": self.state["step"], "val_loss": val,
-                                    "final": True}) + "\n")
-        return val
 
     def _state_json(self) -> dict:
         t = self.cfg.training

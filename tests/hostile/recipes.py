@@ -349,6 +349,18 @@ def adapters_config_garbage(dest, ctx):
 
 
 @recipe
+def adapters_config_incomplete(dest, ctx):
+    """Valid JSON without num_layers / lora_parameters."""
+    import mlx.core as mx
+
+    folder = dest / "run-incomplete-adapter-config" / "adapters"
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text('{"fine_tune_type": "lora"}')
+    mx.save_safetensors(str(folder / "adapters.safetensors"), {"a": mx.zeros((2,))})
+    return folder.parent
+
+
+@recipe
 def adapters_wrong_shape(dest, ctx):
     """Rank-8 adapter_config, but rank-4 LoRA matrices."""
     import mlx.core as mx
