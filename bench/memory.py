@@ -6,10 +6,10 @@
 Each configuration runs in a fresh process (so one run's compiled graphs and allocator cache don't
 touch the next): build an mlx-lm llama model from ModelArgs with random weights, cast it to the
 compute dtype and quantize it 4-bit g64 exactly as steadytune.model.load_base does, add LoRA with
-steadytune.model.apply_lora, then run a few training steps the way the trainer runs them: AdamW,
-value_and_grad of the trainer's masked cross-entropy (steadytune.trainer.loss_fn), the gradient
-step and the update compiled with model, optimizer and random state as inputs/outputs, state
-evaluated every step; gradient checkpointing with the trainer's checkpoint_blocks. The measured
+steadytune.model.apply_lora (and qlora.apply_compute for dequant), then run a few training steps
+with the trainer's own compiled functions (Trainer._build_steps: value_and_grad of the masked
+cross-entropy, AdamW update, model/optimizer/random state as inputs and outputs), evaluated in
+the trainer's order; gradient checkpointing with the trainer's checkpoint_blocks. The measured
 number is mx.get_peak_memory() over the steps (the peak is reset after the model is built, so
 loading is not part of it); the predicted one is steadytune.plan.estimate(...).peak, the part of
 the plan that MLX's allocator sees (framework overhead is outside it). Random weights are fine:
@@ -54,6 +54,10 @@ GRIDS = {
         dict(name="mid 2x256", model=MID, batch=2, seq=256),
         dict(name="mid 2x256 ckpt", model=MID, batch=2, seq=256, ckpt=True),
         dict(name="smol-like tied 2x192", model=SMOL, batch=2, seq=192),
+        dict(name="smollm2 shape 4x224 dequant", model=dict(SMOL, num_hidden_layers=30), batch=4,
+             seq=224, compute="dequant"),
+        dict(name="smollm2 shape 4x224 deq ckpt", model=dict(SMOL, num_hidden_layers=30), batch=4,
+             seq=224, compute="dequant", ckpt=True),
         dict(name="small 2x128 bf16", model=dict(SMALL, num_hidden_layers=4), batch=2, seq=128,
              dtype="bfloat16"),
         dict(name="small 4x128 dequant", model=SMALL, batch=4, seq=128, compute="dequant"),
@@ -83,6 +87,7 @@ def settings(spec: dict, device: str) -> dict:
     return dict(batch=spec["batch"], seq=spec["seq"], ckpt=spec.get("ckpt", False),
                 rank=spec.get("rank", 8), keys=spec.get("keys", ALL_KEYS),
                 lora_layers=spec.get("lora_layers", -1), compute=spec.get("compute", "native"),
+                chunked_ce=spec.get("chunked_ce", "auto"),
                 dtype=spec.get("dtype", "float32" if device == "cpu" else "bfloat16"))
 
 
@@ -93,7 +98,8 @@ def predict(spec: dict, device: str):
     arch = plan.arch_from_config(model_config(spec))
     run = plan.Run(batch=s["batch"], seq=s["seq"], checkpoint=s["ckpt"], rank=s["rank"],
                    keys=tuple(s["keys"]), lora_layers=s["lora_layers"], bits=4, group_size=64,
-                   dtype=s["dtype"], compute=s["compute"], device=device)
+                   dtype=s["dtype"], compute=s["compute"], device=device,
+                   loss_chunk=plan._loss_chunk(arch, s["chunked_ce"]))
     return plan.estimate(arch, run)
 
 
@@ -118,25 +124,25 @@ def build(spec: dict, s: dict):
     model.freeze()
     apply_lora(model, LoraConfig(rank=s["rank"], target_modules=list(s["keys"]),
                                  num_layers=s["lora_layers"]), seed=0)
-    if s["compute"] != "native":
-        from steadytune.qlora import apply_compute
+    from steadytune.qlora import apply_compute, set_loss_chunking
 
-        apply_compute(model, s["compute"])
+    apply_compute(model, s["compute"])
+    set_loss_chunking(model, s["chunked_ce"])
     return model
 
 
 def measure(spec: dict, device: str, steps: int) -> dict:
-    """Peak bytes over `steps` training steps, compiled and evaluated as the trainer does."""
-    from functools import partial
+    """Peak bytes over `steps` optimizer steps, run with the trainer's own compiled functions and
+    evaluated in the trainer's order (the order of mx.eval's outputs decides MLX's schedule, and
+    with it the peak)."""
+    from types import SimpleNamespace
 
     import mlx.core as mx
-    import mlx.nn as nn
     import mlx.optimizers as optim
     import numpy as np
-    from mlx.utils import tree_map
 
     from steadytune.batching import pad_batch
-    from steadytune.trainer import checkpoint_blocks, loss_fn
+    from steadytune.trainer import Trainer, checkpoint_blocks
 
     if device == "cpu":
         mx.set_default_device(mx.cpu)
@@ -146,35 +152,29 @@ def measure(spec: dict, device: str, steps: int) -> dict:
         checkpoint_blocks(model)
     opt = optim.AdamW(learning_rate=1e-5, weight_decay=0.01)
     opt.init(model.trainable_parameters())
-    state = [model.state, opt.state, mx.random.state]
-    lvg = nn.value_and_grad(model, loss_fn)
-
-    @partial(mx.compile, inputs=state, outputs=state)
-    def grad(inputs, targets, mask, scale):
-        (_, total), g = lvg(model, inputs, targets, mask, scale)
-        return total, g
-
-    @partial(mx.compile, inputs=state, outputs=state)
-    def update(g):
-        opt.update(model, g)
+    trainer = SimpleNamespace(model=model, optimizer=opt)
+    Trainer._build_steps(trainer)  # sets _grad, _norm, _update and compiled_state, as in training
 
     rng = np.random.default_rng(0)
     vocab = spec["model"]["vocab_size"]
     ids = [rng.integers(0, vocab, s["seq"] + 1).tolist() for _ in range(s["batch"])]
     masks = [[True] * (s["seq"] + 1) for _ in range(s["batch"])]
     inputs, targets, mask = (mx.array(a) for a in pad_batch(ids, masks))
-    scale = mx.array(1.0 / mask.sum().item())
+    scale = mx.array(1.0 / mask.sum().item(), dtype=mx.float32)
     model.train()
     mx.eval(inputs, targets, mask, scale)
     base = mx.get_active_memory()
     mx.reset_peak_memory()
     tic = time.perf_counter()
-    for _ in range(steps):
-        total, g = grad(inputs, targets, mask, scale)
-        mx.eval(total, g)
-        update(g)
-        mx.eval(state)
-        del g
+    for _ in range(steps):  # Trainer.accumulate + train_step for one micro-batch
+        part, acc = trainer._grad(inputs, targets, mask, scale, None)
+        total = mx.array(0.0) + part
+        mx.eval(acc, total)
+        norm = trainer._norm(acc)
+        mx.eval(norm, total)
+        trainer._update(acc, mx.array(1e-5, dtype=mx.float32), mx.array(1.0, dtype=mx.float32))
+        mx.eval(trainer.compiled_state)
+        del acc
     return {"peak": mx.get_peak_memory(), "base": base, "seconds": time.perf_counter() - tic,
             "width": int(inputs.shape[1])}
 

@@ -35,12 +35,15 @@ def main():
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--limit-valid", type=int, default=100)
+    p.add_argument("--max-steps", type=int, default=None, help="a quick smoke run")
+    p.add_argument("--model", default="smollm2-135m", help="the default model, or its GGUF file")
+    p.add_argument("--data", default=str(DATA), help="a folder with train.jsonl and valid.jsonl")
     p.add_argument("--out", default=f"runs/quality-{time.strftime('%Y%m%d-%H%M%S')}")
     a = p.parse_args()
-    valid = [json.loads(x) for x in (DATA / "valid.jsonl").read_text().splitlines()][: a.limit_valid]
-    cfg = as_config({"data": {"path": str(DATA), "max_seq_length": 512},
+    valid = [json.loads(x) for x in (Path(a.data) / "valid.jsonl").read_text().splitlines()][: a.limit_valid]
+    cfg = as_config({"model": {"path": a.model}, "data": {"path": a.data, "max_seq_length": 512},
                      "lora": {"rank": 16, "alpha": 32},
-                     "training": {"epochs": a.epochs, "batch_size": a.batch_size, "learning_rate": 5e-4,
+                     "training": {"epochs": a.epochs, "max_steps": a.max_steps, "batch_size": a.batch_size, "learning_rate": 5e-4,
                                   "warmup_steps": 10, "eval_every": 0, "log_every": 10, "save_every": 1000},
                      "output": {"dir": a.out}})
     t = Trainer(cfg)

@@ -179,12 +179,19 @@ def steadytune_steps(size, weights, batch, seq, ckpt, steps, compute="auto", ker
                    {"loss": round(loss, 4)})
 
 
-def compare(size, weights, settings, steps, variants) -> list:
+def compare(size, weights, settings, steps, variants, variants_on=None) -> list:
+    """Rows for each (batch, seq, ckpt): steadytune (auto, then `variants` where `variants_on`
+    allows) and mlx-lm, with steadytune/mlx-lm throughput ratios. A failing run prints its error
+    and the others go on."""
     rows = []
     for batch, seq, ckpt in settings:
         ours = []
-        for compute, kernel in variants:
-            ours.append(steadytune_steps(size, weights, batch, seq, ckpt, steps, compute, kernel))
+        extra = variants if variants_on is None or (batch, seq, ckpt) in variants_on else []
+        for compute, kernel in [("auto", None)] + extra:
+            try:
+                ours.append(steadytune_steps(size, weights, batch, seq, ckpt, steps, compute, kernel))
+            except Exception as e:  # noqa: BLE001  (a benchmark reports and goes on)
+                print(f"steadytune {batch}x{seq} {compute}/{kernel} failed: {e!r}", flush=True)
             reset_memory()
         ref = mlx_lm_steps(size, weights, batch, seq, ckpt, steps)
         reset_memory()
@@ -223,14 +230,13 @@ def run_synthetic(a):
     settings = [(4, 1024, False), (4, 1024, True), (1, 2048, False)]
     if a.only:
         settings = [s for s in settings if f"{s[0]}x{s[1]}{'c' if s[2] else ''}" in a.only.split(",")]
-    variants = [("auto", None)] + [("dequant", k) for k in a.kernels.split(",") if k]
-    return compare(a.size, weights, settings, a.steps, variants)
+    variants = [("dequant", k) for k in a.kernels.split(",") if k]
+    return compare(a.size, weights, settings, a.steps, variants, [settings[0]])
 
 
 def run_cpu(a):
     weights = build_base("tiny", mx.float32)
-    variants = [("auto", None), ("native", None)]
-    return compare("tiny", weights, [(2, 128, False)], a.steps, variants)
+    return compare("tiny", weights, [(2, 128, False)], a.steps, [("native", None)])
 
 
 def run_profile(a):
@@ -243,7 +249,8 @@ def run_profile(a):
     weights = build_base(a.size, mx.bfloat16)
     vocab = SIZES[a.size]["vocab_size"]
     rows = []
-    for batch, seq, chunk in [(4, 1024, "off"), (4, 1024, "on"), (1, 128, "off")]:
+    runs = [(4, 1024, "off"), (4, 1024, "on"), (1, 128, "off")]
+    for batch, seq, chunk in runs[::2] if a.quick else runs:
         tr = steadytune_trainer(a.size, weights, batch, False, chunked_ce=chunk)
         ids = np.random.default_rng(0).integers(0, vocab, (batch, seq + 1)).tolist()
         inputs, targets, mask = (mx.array(x) for x in pad_batch(ids, [[True] * (seq + 1)] * batch))
@@ -299,20 +306,33 @@ def run_kernels(a):
     mx.eval(x, w, wq, s, b)
     ew = mx.compile(lambda wq, s, b: dequantize_elementwise(wq, s, b, 64, 4))
     ew_mm = mx.compile(lambda x, wq, s, b: x @ dequantize_elementwise(wq, s, b, 64, 4).T)
-    for name, f, flops in [
+    ref = mx.dequantize(wq, s, b, 64, 4)
+    cases = [
         ("bf16 x @ W.T", lambda: x @ w.T, 2 * M * K * N),
         ("quantized_matmul", lambda: mx.quantized_matmul(x, wq, s, b, True, 64, 4), 2 * M * K * N),
         ("mx.dequantize", lambda: mx.dequantize(wq, s, b, 64, 4), 0),
         ("elementwise dequantize (compiled)", lambda: ew(wq, s, b), 0),
         ("mx.dequantize + matmul", lambda: x @ mx.dequantize(wq, s, b, 64, 4).T, 2 * M * K * N),
         ("elementwise dequantize + matmul", lambda: ew_mm(x, wq, s, b), 2 * M * K * N),
-    ]:
+    ]
+    if mx.default_device() == mx.gpu and sys.platform != "darwin":
+        from steadytune.qlora import dequantize_cuda
+
+        try:
+            err = mx.abs(dequantize_cuda(wq, s, b, 64, 4).astype(mx.float32) - ref.astype(mx.float32)).max()
+            print(f"cuda dequantize: max |difference| to mx.dequantize = {err.item()}", flush=True)
+            cases += [("cuda dequantize", lambda: dequantize_cuda(wq, s, b, 64, 4), 0),
+                      ("cuda dequantize + matmul", lambda: x @ dequantize_cuda(wq, s, b, 64, 4).T,
+                       2 * M * K * N)]
+        except Exception as e:  # noqa: BLE001
+            print(f"cuda dequantize failed: {e!r}", flush=True)
+    for name, f, flops in cases:
         t = bench(f)
         gbps = (wq.nbytes + s.nbytes + b.nbytes + w.nbytes) / t / 1e9
         rows.append({"run": name, "ms": round(t * 1e3, 3),
                      "TFLOP/s": round(flops / t / 1e12, 1) if flops else "",
                      "GB/s": "" if flops else round(gbps)})
-    for B, T in [(4, 480), (4, 512), (4, 992), (4, 1024), (2, 2016), (2, 2048)][: 6 if a.size == "7b" else 1]:
+    for B, T in [(4, 480), (4, 512), (4, 992), (4, 1024), (2, 2016), (2, 2048)] if a.attention else []:
         q = mx.random.normal((B, 32, T, 128)).astype(mx.bfloat16)
         k = mx.random.normal((B, 8, T, 128)).astype(mx.bfloat16)
         v = mx.random.normal((B, 8, T, 128)).astype(mx.bfloat16)
@@ -441,7 +461,7 @@ def mlx_lm_real(size, weights, train_set, batch, iters, max_len):
         def on_train_loss_report(self, info):
             reports.append(info)
 
-    report_every = 5
+    report_every = 1  # per-step times, so steps that compiled a new shape can be told apart
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArgs(batch_size=batch, iters=iters, max_seq_length=max_len,
                             steps_per_report=report_every, steps_per_eval=10 ** 9,
@@ -485,7 +505,7 @@ def run_real(a):
             mtotal, msteady = steady_rate(msteps)
             rows.append({"run": f"mlx-lm trainer {name} (batch {batch})", "tok_s": round(msteady, 1),
                          "tok_s_incl_compiles": round(mtotal, 1), "peak_gb": round(mpeak, 2),
-                         "steps": len(msteps) * 5})
+                         "steps": len(msteps)})
             rows[-2]["ratio"] = round(steady / msteady, 2) if msteady == msteady else ""
             print(json.dumps(rows[-1]), flush=True)
             reset_memory()
@@ -500,12 +520,15 @@ def main(argv=None):
     p.add_argument("--kernels", default="", help="synthetic: also run dequant with these kernels "
                    "(mlx,elementwise)")
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
-    p.add_argument("--batch-wikisql", type=int, default=16)
+    p.add_argument("--batch-wikisql", type=int, default=24)
     p.add_argument("--batch-alpaca", type=int, default=8)
     p.add_argument("--max-len", type=int, default=1024)
     p.add_argument("--real-steps", type=int, default=120)
     p.add_argument("--mlx-steps", type=int, default=60)
     p.add_argument("--with-mlx-lm", action="store_true", help="profile: also time mlx-lm's step")
+    p.add_argument("--quick", action="store_true", help="profile: only 4x1024 and 1x128")
+    p.add_argument("--attention", action="store_true", help="kernels: also time attention at "
+                   "sequence lengths that are / are not multiples of 128")
     p.add_argument("--size", default="7b", choices=sorted(SIZES), help="synthetic/real: model shape")
     p.add_argument("--json", help="also write the rows here")
     a = p.parse_args(argv)

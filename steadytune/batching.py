@@ -51,14 +51,28 @@ def shard(batch: list[int], rank: int, world: int) -> list[int]:
     return np.array_split(np.asarray(batch), world)[rank].tolist()
 
 
-def pad_batch(ids: list[list[int]], masks: list[list[bool]], pad_multiple: int = 32, pad_id: int = 0):
+def default_pad_multiple(width: int) -> int:
+    """32, or 128 for widths above 256 on CUDA: MLX's fused attention backward there (cuDNN) needs a
+    sequence length that is a multiple of 128, else it falls back to unfused attention, 2.3-2.8x
+    slower and holding batch x heads x T x T probabilities (8 GB for 4 x 992 tokens on a 7B model;
+    bench/RESULTS.md). Short widths stay at 32: there attention is cheap and padding is not."""
+    if width <= 256:
+        return 32
+    from .backend import device_kind
+
+    return 128 if device_kind() == "cuda" else 32
+
+
+def pad_batch(ids: list[list[int]], masks: list[list[bool]], pad_multiple: int | None = None,
+              pad_id: int = 0):
     """Inputs, targets and loss mask for next-token prediction, right-padded.
 
     A sequence of n tokens gives n-1 (input, target) pairs. The width is rounded up to a multiple of
-    `pad_multiple` so compiled steps see few distinct shapes (and CUDA's fused attention its
-    preferred sizes). Returns int32 inputs/targets and a float32 mask (B, T).
+    `pad_multiple` (default: default_pad_multiple) so compiled steps see few distinct shapes (and
+    CUDA's fused attention its preferred sizes). Returns int32 inputs/targets and a float32 mask (B, T).
     """
     width = max(len(x) for x in ids) - 1
+    pad_multiple = pad_multiple or default_pad_multiple(width)
     width = max(pad_multiple, math.ceil(width / pad_multiple) * pad_multiple)
     b = len(ids)
     inputs = np.full((b, width), pad_id, dtype=np.int32)
@@ -72,11 +86,12 @@ def pad_batch(ids: list[list[int]], masks: list[list[bool]], pad_multiple: int =
     return inputs, targets, mask
 
 
-def padding_fraction(lengths_per_batch: list[list[int]], pad_multiple: int = 32) -> float:
+def padding_fraction(lengths_per_batch: list[list[int]], pad_multiple: int | None = None) -> float:
     """Share of computed positions that are padding, over a list of micro-batches of lengths."""
     real = total = 0
     for lens in lengths_per_batch:
-        width = max(pad_multiple, math.ceil((max(lens) - 1) / pad_multiple) * pad_multiple)
+        k = pad_multiple or default_pad_multiple(max(lens) - 1)
+        width = max(k, math.ceil((max(lens) - 1) / k) * k)
         real += sum(n - 1 for n in lens)
         total += width * len(lens)
     return 1 - real / total if total else 0.0

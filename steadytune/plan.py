@@ -470,7 +470,8 @@ def run_from_config(cfg, arch: Arch, lengths=None, device: str | None = None) ->
               keys=keys, lora_layers=cfg.lora.num_layers,
               bits=None if m.quantize == "none" else int(m.quantize), group_size=m.group_size,
               dtype=dtype, compute=_compute_path(m.compute, device), device=device,
-              accumulation=t.grad_accumulation, loss_chunk=_loss_chunk(arch))
+              accumulation=t.grad_accumulation,
+              loss_chunk=_loss_chunk(arch, t.chunked_ce))
     return run, stats
 
 
@@ -491,16 +492,15 @@ def _compute_path(compute: str, device: str) -> str:
     return "native" if device == "metal" else "dequant"
 
 
-def _loss_chunk(arch: Arch) -> int:
-    """Tokens per chunk of the trainer's cross-entropy (0 = all logits at once). qlora's chunked
-    loss covers vocabularies of 64k and more, when the trainer's loss goes through it."""
+def _loss_chunk(arch: Arch, setting: str) -> int:
+    """Tokens per chunk of the trainer's cross-entropy (0 = all logits at once), by
+    steadytune.qlora.set_loss_chunking's rule: on, off, or auto = on from a 64k vocabulary."""
     try:
-        from . import qlora, trainer
+        from .qlora import ce_chunk_tokens
     except ImportError:
         return 0
-    if "masked_ce_sum" not in trainer.loss_fn.__code__.co_names or arch.vocab < CHUNKED_LOSS_VOCAB:
-        return 0
-    return qlora.ce_chunk_tokens(arch.vocab)
+    on = setting == "on" or (setting == "auto" and arch.vocab >= CHUNKED_LOSS_VOCAB)
+    return ce_chunk_tokens(arch.vocab) if on else 0
 
 
 def make_plan(cfg, model_cfg: dict | None = None, lengths=None, device: str | None = None,
@@ -551,7 +551,7 @@ def _recommend(plan: Plan, cfg) -> dict:
         return dict(keep, text="fits as configured")
     for ckpt, largest in ((run.checkpoint, plan.largest_batch), (True, plan.largest_batch_checkpointed)):
         if largest >= 1:
-            batch = min(largest, run.batch)
+            batch = _batch_for(effective, min(largest, run.batch))
             accum = math.ceil(effective / batch)
             flags = [f"--batch-size {batch}", f"--grad-accumulation {accum}"] if batch < run.batch else []
             flags += ["--grad-checkpoint true"] if ckpt and not run.checkpoint else []
@@ -566,6 +566,13 @@ def _recommend(plan: Plan, cfg) -> dict:
                          f"--max-seq-length {seq}")
     return dict(keep, batch_size=0, grad_accumulation=0, grad_checkpoint=True, max_seq_length=0,
                 text="the model alone does not fit this device: use a smaller model or a larger device")
+
+
+def _batch_for(effective: int, largest: int) -> int:
+    """The largest batch <= `largest` that divides the effective batch exactly (so accumulation
+    keeps it), unless that would more than halve the batch."""
+    divisor = next(b for b in range(largest, 0, -1) if effective % b == 0)
+    return divisor if 2 * divisor >= largest else largest
 
 
 def _fitting_length(plan: Plan) -> int:

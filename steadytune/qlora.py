@@ -60,9 +60,51 @@ def dequantize_elementwise(w, scales, biases, group_size: int, bits: int):
     return w.reshape(n, words * per_word)
 
 
+_CUDA_DEQUANT = r"""
+    // One packed word per thread: PER values of one quantization group, stored with one
+    // 16-byte write when they fill it (bf16/fp16 at 4 bits), so the kernel runs at memory speed.
+    constexpr int PER = 32 / BITS;
+    constexpr uint32_t MASK = (1u << BITS) - 1u;
+    size_t i = cooperative_groups::this_grid().thread_rank();
+    if (i >= NWORDS) return;
+    uint32_t q = w[i];
+    size_t g = (i * PER) / GS;
+    float s = static_cast<float>(scales[g]);
+    float b = static_cast<float>(biases[g]);
+    alignas(16) T vals[PER];
+    #pragma unroll
+    for (int k = 0; k < PER; ++k) {
+        vals[k] = static_cast<T>(static_cast<float>((q >> (BITS * k)) & MASK) * s + b);
+    }
+    if constexpr (sizeof(T) * PER == 16) {
+        *reinterpret_cast<uint4*>(out + i * PER) = *reinterpret_cast<const uint4*>(vals);
+    } else {
+        #pragma unroll
+        for (int k = 0; k < PER; ++k) out[i * PER + k] = vals[k];
+    }
+"""
+
+
+@lru_cache(maxsize=None)
+def _cuda_dequant_kernel():
+    return mx.fast.cuda_kernel(name="steadytune_dequantize", input_names=["w", "scales", "biases"],
+                               output_names=["out"], source=_CUDA_DEQUANT)
+
+
+def dequantize_cuda(w, scales, biases, group_size: int, bits: int):
+    """mx.dequantize for affine 2/4/8-bit weights as a custom CUDA kernel (CUDA only)."""
+    n, words = w.shape
+    return _cuda_dequant_kernel()(
+        inputs=[w, scales, biases],
+        template=[("T", scales.dtype), ("BITS", bits), ("GS", group_size), ("NWORDS", n * words)],
+        grid=(n * words, 1, 1), threadgroup=(256, 1, 1),
+        output_shapes=[(n, words * 32 // bits)], output_dtypes=[scales.dtype])[0]
+
+
 def _dequantizer(group_size: int, bits: int, mode: str, kernel: str):
-    if kernel == "elementwise" and mode == "affine" and bits in (2, 4, 8):
-        return lambda w, scales, biases: dequantize_elementwise(w, scales, biases, group_size, bits)
+    if kernel in ("elementwise", "cuda") and mode == "affine" and bits in (2, 4, 8):
+        f = dequantize_cuda if kernel == "cuda" else dequantize_elementwise
+        return lambda w, scales, biases: f(w, scales, biases, group_size, bits)
     return lambda w, scales, biases: mx.dequantize(w, scales, biases, group_size=group_size,
                                                    bits=bits, mode=mode)
 
@@ -76,7 +118,8 @@ def _dequant_matmul_fn(group_size: int, bits: int, mode: str, has_biases: bool, 
 
     @mx.custom_function
     def f(x, w, scales, *biases):
-        return x @ deq(w, scales, biases[0] if biases else None).T
+        # depends on x: dequantized just in time, not whenever the scheduler reaches it
+        return x @ deq(mx.depends(w, x), scales, biases[0] if biases else None).T
 
     @f.vjp
     def f_vjp(primals, cotangent, output):
@@ -158,6 +201,15 @@ def apply_compute(model: nn.Module, mode: str = "auto", kernel: str | None = Non
 # --- the output layer and the loss, chunked for large vocabularies --------------------------
 
 
+def token_cross_entropy(logits, targets):
+    """Per-token cross-entropy in float32. On GPUs a fused kernel reads half-precision logits
+    and accumulates in float32, so no float32 copy of the logits (or of their gradient) is made;
+    the CPU's fallback reduces in the logits' dtype, so it gets float32 logits."""
+    if logits.dtype != mx.float32 and mx.default_device() == mx.cpu:
+        logits = logits.astype(mx.float32)
+    return mx.fast.cross_entropy(logits, targets)
+
+
 def split_head(model: nn.Module):
     """(backbone, head) for models computing `head(model.model(inputs))`, else None.
 
@@ -199,8 +251,7 @@ def chunked_cross_entropy(hidden, head, targets, mask, chunk: int):
     spans = [(i, min(i + chunk, h.shape[0])) for i in range(0, h.shape[0], chunk)]
 
     def piece(x, a, b):
-        logits = head(x).astype(mx.float32)
-        return (nn.losses.cross_entropy(logits, t[a:b], reduction="none") * m[a:b]).sum()
+        return (token_cross_entropy(head(x), t[a:b]) * m[a:b]).sum()
 
     @mx.custom_function
     def f(x):
@@ -239,7 +290,6 @@ def masked_ce_sum(model: nn.Module, inputs, targets, mask):
     chunk = getattr(model, "_steadytune_ce_chunk", 0)
     parts = split_head(model) if chunk else None
     if parts is None:
-        logits = model(inputs).astype(mx.float32)
-        return (nn.losses.cross_entropy(logits, targets, reduction="none") * mask).sum()
+        return (token_cross_entropy(model(inputs), targets) * mask).sum()
     backbone, head = parts
     return chunked_cross_entropy(backbone(inputs), head, targets, mask, chunk)

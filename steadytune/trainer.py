@@ -14,7 +14,6 @@ every step, so the lazy graph never grows.
 from __future__ import annotations
 
 import errno
-import json
 import math
 import os
 import re
@@ -32,7 +31,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from . import checkpoint as ckpt
 from .batching import epoch_steps, lr_at, pad_batch, padding_fraction, shard, steps_per_epoch
-from .config import Config, from_dict, load_yaml, apply_overrides, save_yaml
+from .config import Config, apply_overrides, load_yaml, save_yaml
 from .data import Tokenized, load_splits, tokenize_all
 from .errors import UserError
 from .progress import Metrics, Progress, truncate_metrics
@@ -361,7 +360,7 @@ class Trainer:
         if self.world > 1:  # every rank must stop at the same step, whichever got the signal
             self.stop_signal = int(mx.distributed.all_sum(mx.array(int(bool(self.stop_signal)))).item())
         if (due or self.stop_signal) and self.rank == 0:
-            path = self.save_checkpoint()
+            self.save_checkpoint()
             if improved:
                 ckpt.save(self.run_dir, s["step"], self.model, self.optimizer, self.adapter_config,
                           self._state_json(), name="best")

@@ -118,3 +118,19 @@ def run_cli(*args, cwd=None, env=None, timeout=300):
 
     return subprocess.run([sys.executable, "-m", "steadytune.cli", *map(str, args)], cwd=cwd,
                           env=env or cli_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def make_chat_data(folder: Path, n_train: int, n_valid: int = 2) -> Path:
+    """A data folder with train.jsonl and valid.jsonl of varied-length conversations."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_jsonl(folder / "train.jsonl", chat_records(n_train))
+    write_jsonl(folder / "valid.jsonl", chat_records(n_valid, seed=1))
+    return folder
+
+
+def read_adapters(run: Path) -> dict:
+    """A run's final adapters as numpy arrays."""
+    import mlx.core as mx
+    import numpy as np
+
+    return {k: np.array(v) for k, v in mx.load(str(run / "adapters" / "adapters.safetensors")).items()}

@@ -1,10 +1,9 @@
 """Token-weighted gradient accumulation equals one big batch; nothing dropped."""
 
 import mlx.core as mx
-import numpy as np
 from mlx.utils import tree_flatten
 
-from conftest import write_jsonl, chat_records
+from conftest import make_chat_data
 from steadytune.trainer import Trainer, as_config
 
 
@@ -24,10 +23,7 @@ def _rel(a, b):
 
 
 def test_batch4_equals_batch1_times_accumulation4(tiny_model, tmp_path):
-    d = tmp_path / "data"
-    d.mkdir()
-    write_jsonl(d / "train.jsonl", chat_records(8))
-    write_jsonl(d / "valid.jsonl", chat_records(2, seed=1))
+    d = make_chat_data(tmp_path / "data", 8)
     big = _trainer(tiny_model, d, tmp_path, "big", batch_size=4, grad_accumulation=1)
     small = _trainer(tiny_model, d, tmp_path, "small", batch_size=1, grad_accumulation=4)
     examples = [0, 1, 2, 3]
@@ -57,10 +53,7 @@ def test_batch4_equals_batch1_times_accumulation4(tiny_model, tmp_path):
 
 
 def test_adamw_update_agrees_too(tiny_model, tmp_path):
-    d = tmp_path / "data"
-    d.mkdir()
-    write_jsonl(d / "train.jsonl", chat_records(8))
-    write_jsonl(d / "valid.jsonl", chat_records(2, seed=1))
+    d = make_chat_data(tmp_path / "data", 8)
     big = _trainer(tiny_model, d, tmp_path, "big", batch_size=4, grad_accumulation=1)
     small = _trainer(tiny_model, d, tmp_path, "small", batch_size=1, grad_accumulation=4)
     big.train_step([[0, 1, 2, 3]], lr=1e-2)
@@ -72,10 +65,7 @@ def test_adamw_update_agrees_too(tiny_model, tmp_path):
 def test_mean_of_micro_batch_means_would_differ(tiny_model, tmp_path):
     """The rule mlx-lm uses (average per-micro-batch means) gives another gradient on examples of
     different lengths; our accumulation does not, so the test above can fail."""
-    d = tmp_path / "data"
-    d.mkdir()
-    write_jsonl(d / "train.jsonl", chat_records(8))
-    write_jsonl(d / "valid.jsonl", chat_records(2, seed=1))
+    d = make_chat_data(tmp_path / "data", 8)
     t = _trainer(tiny_model, d, tmp_path, "t", batch_size=1, grad_accumulation=4)
     ours, _, _, _ = t.accumulate([[0], [1], [2], [3]])
     means = [t.accumulate([[i]])[0] for i in range(4)]
@@ -85,10 +75,7 @@ def test_mean_of_micro_batch_means_would_differ(tiny_model, tmp_path):
 
 
 def test_epoch_steps_and_every_example_trained(tiny_model, tmp_path):
-    d = tmp_path / "data"
-    d.mkdir()
-    write_jsonl(d / "train.jsonl", chat_records(11))
-    write_jsonl(d / "valid.jsonl", chat_records(2, seed=1))
+    d = make_chat_data(tmp_path / "data", 11)
     t = _trainer(tiny_model, d, tmp_path, "r", batch_size=2, grad_accumulation=2, epochs=2)
     seen = []
     orig = t.accumulate

@@ -2,13 +2,11 @@
 same global batch, and a distributed run resumes exactly after SIGKILL of the whole job."""
 
 import json
-import signal
 
-import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import chat_records, cli_env, run_cli, write_jsonl
+from conftest import cli_env, make_chat_data, read_adapters as _adapters, run_cli
 
 
 def _args(model, data, out, *extra):
@@ -22,17 +20,10 @@ def _losses(run):
     return [(r["event"], r["step"], r.get("loss", r.get("val_loss"))) for r in recs]
 
 
-def _adapters(run):
-    return {k: np.array(v) for k, v in mx.load(str(run / "adapters" / "adapters.safetensors")).items()}
-
-
 @pytest.fixture(scope="module")
 def runs(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
-    data = root / "data"
-    data.mkdir()
-    write_jsonl(data / "train.jsonl", chat_records(27))  # 27 = not a multiple of the global batch
-    write_jsonl(data / "valid.jsonl", chat_records(5, seed=1))
+    data = make_chat_data(root / "data", 27, 5)  # 27 = not a multiple of the global batch
     single, double = root / "single", root / "double"
     r1 = run_cli(*_args(tiny_model, data, single))
     r2 = run_cli(*_args(tiny_model, data, double, "--nproc", "2"))

@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from conftest import ROOT, build_model, chat_records, cli_env, run_cli, write_jsonl
+from conftest import ROOT, build_model, cli_env, make_chat_data, run_cli
 from steadytune.errors import UserError
 
 HOSTILE = Path(__file__).parent / "hostile"
@@ -46,10 +46,7 @@ def test_corpus_has_at_least_40_cases_each_with_its_input_and_expected_message()
 @pytest.fixture(scope="module")
 def ctx(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile")
-    data = root / "data"
-    data.mkdir()
-    write_jsonl(data / "train.jsonl", chat_records(8))
-    write_jsonl(data / "valid.jsonl", chat_records(2, seed=1))
+    data = make_chat_data(root / "data", 8)
     gguf = recipes.write_gguf(root / "tiny.gguf", tiny_model)
     return SimpleNamespace(root=root, tiny=tiny_model, data=data, gguf=gguf)
 
@@ -232,10 +229,7 @@ def small_run(tiny_model, tmp_path):
     """A config of 4 steps (8 examples, batch 2), a checkpoint after every step."""
     from steadytune.config import from_dict
 
-    d = tmp_path / "data"
-    d.mkdir()
-    write_jsonl(d / "train.jsonl", chat_records(8))
-    write_jsonl(d / "valid.jsonl", chat_records(2, seed=1))
+    d = make_chat_data(tmp_path / "data", 8)
     return from_dict({"model": {"path": str(tiny_model), "quantize": "none"},
                       "data": {"path": str(d)},
                       "training": {"epochs": 1, "batch_size": 2, "save_every": 1, "eval_every": 0},

@@ -7,11 +7,10 @@ import subprocess
 import sys
 import time
 
-import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import chat_records, cli_env, run_cli, write_jsonl
+from conftest import chat_records, cli_env, make_chat_data, read_adapters as _adapters, run_cli, write_jsonl
 
 
 def _args(model, data, out, *extra):
@@ -26,17 +25,10 @@ def _train_losses(run):
         [(r["step"], r["val_loss"]) for r in recs if r["event"] == "val"]
 
 
-def _adapters(run):
-    return {k: np.array(v) for k, v in mx.load(str(run / "adapters" / "adapters.safetensors")).items()}
-
-
 @pytest.fixture(scope="module")
 def setup(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
-    data = root / "data"
-    data.mkdir()
-    write_jsonl(data / "train.jsonl", chat_records(26))
-    write_jsonl(data / "valid.jsonl", chat_records(5, seed=1))
+    data = make_chat_data(root / "data", 26, 5)
     ref = root / "ref"
     r = run_cli(*_args(tiny_model, data, ref))
     assert r.returncode == 0, r.stderr
