@@ -4,7 +4,8 @@
     python bench/throughput.py real                 # GPU: `steadytune train` vs mlx-lm's trainer on
                                                     #      ../shared/data (wikisql, alpaca)
     python bench/throughput.py cpu                  # CPU: 4 layers, hidden 256, vocab 32000, batch 2x128
-    python bench/throughput.py kernels              # GPU: dequantize / matmul / attention micro-timings
+    python bench/throughput.py kernels --attention  # GPU: dequantize / matmul / attention micro-timings
+    python bench/throughput.py profile              # where a steadytune step's time goes
 
 Model: random init (weights don't change speed), base quantized 4-bit g64 (embedding and output layer
 too, as in the anchor bench), LoRA rank 16, scale 2 on q,k,v,o,gate,up,down of every layer, AdamW.

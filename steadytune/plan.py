@@ -10,8 +10,8 @@ backward pass of the longest micro-batch), each term from the model's shapes and
                     accumulation is on (new gradients appear only as activations are freed)
   activations       what the forward pass keeps for the backward one, per adapted block: see
                     `block_bytes`; with gradient checkpointing only each block's input
-  logits and loss   the logits in float32 (the trainer upcasts them) and the cross-entropy's
-                    intermediates, per token and vocabulary entry
+  logits and loss   the logits and the cross-entropy's intermediates and gradient, per token and
+                    vocabulary entry (of one chunk when the loss is chunked)
   in flight         MLX runs ahead of the device: the CPU encoder dispatches up to ~100 operations
                     before they execute, CUDA up to ~10 graphs of ~100 operations, and each keeps its
                     inputs and outputs alive until it has run; measured in "blocks of backward work"
@@ -39,10 +39,11 @@ PAD_MULTIPLE = 32       # steadytune.batching.pad_batch rounds a micro-batch's w
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 # --- calibration: measured with bench/memory.py (CPU) and the anchor runs on one H100 ---------
-# Float32 logits-sized arrays alive around the loss: the upcast logits plus the CPU cross-entropy's
-# shifted logits, exp and gradient (4); the GPU's fused cross-entropy keeps the logits and writes
-# one gradient (2). With half-precision compute, the logits and their gradient in that dtype too.
-LOSS_F32_ARRAYS = {"cpu": 4, "metal": 2, "cuda": 2}
+# Logits-sized arrays alive around the loss (steadytune.qlora.token_cross_entropy): on the CPU the
+# logits in float32 and the cross-entropy's intermediates and gradient (3 float32 arrays, plus the
+# half-precision logits and gradient when computing in half precision); on a GPU the fused
+# cross-entropy reads the compute-dtype logits and writes their gradient (2 arrays).
+LOSS_ARRAYS = {"cpu": 3, "metal": 2, "cuda": 2}
 # Blocks of backward work in flight (see the module docstring). CPU: 10 tasks of 10 dispatches;
 # CUDA: 10 graphs of up to 100 nodes, capped at CUDA_GRAPH_ELEMENTS per graph. Metal is not
 # measured yet: its command buffers hold ~50 operations, so a few blocks at most.
@@ -346,7 +347,10 @@ def _loss_bytes(arch: Arch, run: Run) -> float:
     b = DTYPE_BYTES[run.dtype]
     tokens = min(run.tokens, run.loss_chunk) if run.loss_chunk else run.tokens
     total = arch.hidden * (F32 if run.device == "cpu" else b) * run.tokens
-    per_vocab = LOSS_F32_ARRAYS[run.device] * F32 + (2 * b if b != F32 else 0)
+    if run.device == "cpu":
+        per_vocab = LOSS_ARRAYS["cpu"] * F32 + (2 * b if b != F32 else 0)
+    else:
+        per_vocab = LOSS_ARRAYS[run.device] * b
     total += per_vocab * arch.vocab * tokens
     head = "model.embed_tokens" if arch.tied else "lm_head"
     if run.compute == "dequant" and _quantized(arch, run, head, arch.hidden):
