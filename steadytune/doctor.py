@@ -131,9 +131,9 @@ def check_model(name: str) -> Check:
             with open(f, "rb") as fh:
                 fh.read(1)
         if kind == "gguf":
-            from .plan import model_config
+            from .plan import read_model_config
 
-            model_config(src)  # parses the header: a truncated or foreign file fails here
+            read_model_config(src)  # parses the header: a truncated or foreign file fails here
     except UserError as e:
         return Check("model", False, str(e), _model_fix(name))
     except OSError as e:

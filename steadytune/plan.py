@@ -119,7 +119,7 @@ def arch_from_config(config: dict) -> Arch:
                 quantization=q if isinstance(q, dict) and "bits" in q else None)
 
 
-def model_config(path: str) -> dict:
+def read_model_config(path: str) -> dict:
     """The config.json (or the equivalent from GGUF metadata) of a model argument, without loading
     any weights."""
     from .model import resolve_source
@@ -137,6 +137,15 @@ def model_config(path: str) -> dict:
         return json.loads(f.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{f}: not valid JSON ({e}); restore the model's config.json") from None
+
+
+def _is_hub(path: str) -> bool:
+    from .model import resolve_source
+
+    try:
+        return resolve_source(path)[0] == "hub"
+    except UserError:
+        return False
 
 
 def _cached_hub_config(repo: str) -> dict:
@@ -509,7 +518,7 @@ def _loss_chunk(arch: Arch, setting: str) -> int:
 
 def make_plan(cfg, model_cfg: dict | None = None, lengths=None, device: str | None = None,
               memory_gb: float | None = None) -> Plan:
-    arch = arch_from_config(model_cfg if model_cfg is not None else model_config(cfg.model.path))
+    arch = arch_from_config(model_cfg if model_cfg is not None else read_model_config(cfg.model.path))
     run, stats = run_from_config(cfg, arch, lengths, device)
     if memory_gb:
         available, source = memory_gb * GB, "--memory-gb"
@@ -586,14 +595,23 @@ def _fitting_length(plan: Plan) -> int:
     return PAD_MULTIPLE * _largest(ok, 4096)  # max_seq_length 32k pads to a width of 32k
 
 
-def check_fits(cfg, model_config: dict | None = None, data_stats=None) -> Plan:
+def check_fits(cfg, model_config: dict | None = None, data_stats=None) -> Plan | None:
     """The plan of `cfg`; raises UserError with the recommendation when it is predicted not to fit,
     unless training.force.
 
     model_config: the model's config dict (None: read from cfg.model.path, no weights loaded).
     data_stats: token lengths of the training examples (None: tokenize cfg.data.path with the
     model's tokenizer; where that cannot be done without the weights, every micro-batch is
-    assumed to be max_seq_length long)."""
+    assumed to be max_seq_length long). Returns None, with a note, for a Hub model that is not
+    downloaded yet (its config is not here to plan with)."""
+    if model_config is None:
+        try:
+            model_config = read_model_config(cfg.model.path)
+        except UserError as e:
+            if _is_hub(cfg.model.path):  # loading will download it; plan with it then
+                print(f"note: memory not planned before loading ({e})", file=sys.stderr)
+                return None
+            raise
     if data_stats is None:
         data_stats = data_lengths(cfg)
     plan = make_plan(cfg, model_config, data_stats)
@@ -712,6 +730,3 @@ def render(plan: Plan, cfg) -> str:
                  f"; {plan.longest_seq} tokens at batch {r.batch}")
     return "\n".join(lines)
 
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(command(None))

