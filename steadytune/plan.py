@@ -686,11 +686,17 @@ def _tokenizer(path: str):
             from .gguf import build_tokenizer, check_gguf_header
         except ImportError:
             return None
-        return build_tokenizer(check_gguf_header(src).metadata, src)
+        try:
+            return build_tokenizer(check_gguf_header(src).metadata, src)
+        except UserError:
+            raise
+        except Exception as e:  # broken metadata behind a valid header: the same message load_gguf gives
+            first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+            raise UserError(f"{src}: invalid GGUF metadata ({first}); re-download or re-convert it") from None
     if kind == "folder":
-        from mlx_lm.utils import load_tokenizer
+        from .model import load_tokenizer
 
-        return load_tokenizer(Path(src))
+        return load_tokenizer(src)
     return None
 
 
