@@ -163,10 +163,8 @@ class Trainer:
 
     def _check_memory(self):
         """Refuse a configuration the planner predicts will not fit (unless --force)."""
-        try:
-            from .plan import check_fits
-        except ImportError:
-            return
+        from .plan import check_fits
+
         check_fits(self.cfg)
 
     def _apply_compute_options(self):
