@@ -163,8 +163,10 @@ class Trainer:
 
     def _check_memory(self):
         """Refuse a configuration the planner predicts will not fit (unless --force)."""
-        from .plan import check_fits
-
+        try:
+            from .plan import check_fits
+        except ImportError:
+            return
         check_fits(self.cfg)
 
     def _apply_compute_options(self):
