@@ -180,7 +180,7 @@ def steadytune_steps(size, weights, batch, seq, ckpt, steps, compute="auto", ker
                    {"loss": round(loss, 4)})
 
 
-def compare(size, weights, settings, steps, variants, variants_on=None) -> list:
+def compare(size, weights, settings, steps, variants, variants_on=None, skip_mlx_lm=False) -> list:
     """Rows for each (batch, seq, ckpt): steadytune (auto, then `variants` where `variants_on`
     allows) and mlx-lm, with steadytune/mlx-lm throughput ratios. A failing run prints its error
     and the others go on."""
@@ -194,6 +194,9 @@ def compare(size, weights, settings, steps, variants, variants_on=None) -> list:
             except Exception as e:  # noqa: BLE001  (a benchmark reports and goes on)
                 print(f"steadytune {batch}x{seq} {compute}/{kernel} failed: {e!r}", flush=True)
             reset_memory()
+        if skip_mlx_lm:
+            rows += ours
+            continue
         ref = mlx_lm_steps(size, weights, batch, seq, ckpt, steps)
         reset_memory()
         for r in ours:
@@ -230,9 +233,10 @@ def run_synthetic(a):
     weights = build_base(a.size, mx.bfloat16)
     settings = [(4, 1024, False), (4, 1024, True), (1, 2048, False)]
     if a.only:
+        settings += [(1, 128, False)]  # only on request: a step of fixed costs
         settings = [s for s in settings if f"{s[0]}x{s[1]}{'c' if s[2] else ''}" in a.only.split(",")]
     variants = [("dequant", k) for k in a.kernels.split(",") if k]
-    return compare(a.size, weights, settings, a.steps, variants, [settings[0]])
+    return compare(a.size, weights, settings, a.steps, variants, [settings[0]], a.skip_mlx_lm)
 
 
 def run_cpu(a):
@@ -241,9 +245,10 @@ def run_cpu(a):
 
 
 def run_profile(a):
-    """Where a step's time goes: steadytune's grad / norm / update parts, host CPU time per step
-    (close to the wall time = bound by dispatching kernels, not by the GPU), and a tiny batch
-    whose step is all overhead. Environment variables such as MLX_CUDA_GRAPH_CACHE_SIZE or
+    """Where a step's time goes: the backward alone (steadytune's compiled grad), the update alone
+    (compiled norm + clip + AdamW), and the fused step train_step runs (both in one compiled call);
+    host CPU time per step (close to the wall time = bound by dispatching kernels, not by the GPU);
+    a tiny batch whose step is all overhead. Environment variables such as
     MLX_MAX_OPS_PER_BUFFER can be compared by running this once per setting."""
     from steadytune.batching import pad_batch
 
@@ -255,21 +260,22 @@ def run_profile(a):
         tr = steadytune_trainer(a.size, weights, batch, False, chunked_ce=chunk)
         ids = np.random.default_rng(0).integers(0, vocab, (batch, seq + 1)).tolist()
         inputs, targets, mask = (mx.array(x) for x in pad_batch(ids, [[True] * (seq + 1)] * batch))
-        scale = mx.array(1.0 / (batch * seq))
+        scale, lr, max_norm = mx.array(1.0 / (batch * seq)), mx.array(LR), mx.array(1.0)
         reset_memory()
-        parts = {"grad": [], "norm": [], "update": [], "cpu": [], "wall": []}
+        parts = {"grad": [], "update": [], "fused": [], "cpu": [], "wall": []}
         for _ in range(a.steps):
-            t0, c0 = time.perf_counter(), time.process_time()
+            t0 = time.perf_counter()
             total, acc = tr._grad(inputs, targets, mask, scale, None)
             mx.eval(total, acc)
             t1 = time.perf_counter()
-            norm = tr._norm(acc)
-            mx.eval(norm)
+            mx.eval(tr._apply(acc, total, lr, max_norm), tr.compiled_state)
             t2 = time.perf_counter()
-            tr._update(acc, mx.array(LR), mx.array(1.0))
-            mx.eval(tr.compiled_state)
+            del acc
+            c0 = time.process_time()
+            mx.eval(tr._grad_apply(inputs, targets, mask, scale, None, mx.array(0.0), lr, max_norm),
+                    tr.compiled_state)
             t3 = time.perf_counter()
-            for k, v in zip(parts, (t1 - t0, t2 - t1, t3 - t2, time.process_time() - c0, t3 - t0)):
+            for k, v in zip(parts, (t1 - t0, t2 - t1, t3 - t2, time.process_time() - c0, t3 - t2)):
                 parts[k].append(v)
         row = {"run": f"steadytune parts {batch}x{seq} chunked_ce={chunk}",
                "peak_gb": round(mx.get_peak_memory() / 1e9, 2)}
@@ -281,7 +287,7 @@ def run_profile(a):
         reset_memory()
     if a.with_mlx_lm:
         rows.append(mlx_lm_steps(a.size, weights, 1, 128, False, a.steps))
-    print(table(rows, ("run", "wall", "cpu", "grad", "norm", "update", "tok_s", "peak_gb", "median_s")))
+    print(table(rows, ("run", "wall", "cpu", "grad", "update", "fused", "tok_s", "peak_gb", "median_s")))
     return rows
 
 
@@ -388,7 +394,8 @@ def write_model_folder(folder: Path, size: str, weights: list, texts: list[str])
     return folder
 
 
-def steadytune_real(folder: Path, data: Path, out: Path, batch: int, max_steps: int, max_len: int):
+def steadytune_real(folder: Path, data: Path, out: Path, batch: int, max_steps: int, max_len: int,
+                    batch_tokens: int | None = None):
     """`steadytune train` through the Python API, timing each optimizer step."""
     from steadytune.trainer import Trainer, as_config
 
@@ -396,7 +403,8 @@ def steadytune_real(folder: Path, data: Path, out: Path, batch: int, max_steps: 
         "model": {"path": str(folder)},
         "data": {"path": str(data), "max_seq_length": max_len},
         "lora": {"rank": RANK, "alpha": SCALE * RANK},
-        "training": {"batch_size": batch, "max_steps": max_steps, "learning_rate": LR,
+        "training": {"batch_size": batch, "batch_tokens": batch_tokens, "max_steps": max_steps, "learning_rate": LR,
+                     "force": True,  # measure speed even where the planner would refuse
                      "eval_every": 0, "save_every": 0, "log_every": 10},
         "output": {"dir": str(out), "progress": "none"}})
     steps, shapes = [], []
@@ -404,13 +412,14 @@ def steadytune_real(folder: Path, data: Path, out: Path, batch: int, max_steps: 
     class TimedTrainer(Trainer):
         def _build_steps(self):
             super()._build_steps()
-            grad = self._grad
 
-            def shape_recording_grad(inputs, *rest):
-                shapes.append(tuple(inputs.shape))
-                return grad(inputs, *rest)
+            def recording(f):
+                def g(inputs, *rest):
+                    shapes.append(tuple(inputs.shape))
+                    return f(inputs, *rest)
+                return g
 
-            self._grad = shape_recording_grad
+            self._grad, self._grad_apply = recording(self._grad), recording(self._grad_apply)
 
         def train_step(self, micro_batches, lr):
             shapes.clear()
@@ -488,13 +497,15 @@ def run_real(a):
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_model_folder(Path(tmp) / "model", a.size, weights, corpus(data_dir))
-        for name, path, batch in [("wikisql", data_dir / "wikisql" / "train.jsonl", a.batch_wikisql),
-                                  ("alpaca", data_dir / "alpaca_en_demo.json", a.batch_alpaca)]:
+        sets = [("wikisql", data_dir / "wikisql" / "train.jsonl", a.batch_wikisql),
+                ("alpaca", data_dir / "alpaca_en_demo.json", a.batch_alpaca)]
+        for name, path, batch in [x for x in sets if x[0] in a.datasets.split(",")]:
             tr, steps, peak = steadytune_real(folder, path, Path(tmp) / f"run-{name}", batch,
-                                              a.real_steps, a.max_len)
+                                              a.real_steps, a.max_len, a.batch_tokens or None)
             total, steady = steady_rate(steps)
             padded = sum(b * w for _, _, sh in steps for b, w in sh)
-            rows.append({"run": f"steadytune train {name} (batch {batch})", "tok_s": round(steady, 1),
+            how = f"batch_tokens {a.batch_tokens}" if a.batch_tokens else f"batch {batch}"
+            rows.append({"run": f"steadytune train {name} ({how})", "tok_s": round(steady, 1),
                          "tok_s_incl_compiles": round(total, 1), "peak_gb": round(peak, 2),
                          "steps": len(steps),
                          "padding": round(1 - sum(n for _, n, _ in steps) / padded, 3)})
@@ -502,6 +513,8 @@ def run_real(a):
             train_set = tr.train_set
             del tr
             reset_memory()
+            if a.skip_mlx_lm:
+                continue
             msteps, mpeak = mlx_lm_real(a.size, weights, train_set, batch, a.mlx_steps, a.max_len)
             mtotal, msteady = steady_rate(msteps)
             rows.append({"run": f"mlx-lm trainer {name} (batch {batch})", "tok_s": round(msteady, 1),
@@ -510,14 +523,23 @@ def run_real(a):
             rows[-2]["ratio"] = round(steady / msteady, 2) if msteady == msteady else ""
             print(json.dumps(rows[-1]), flush=True)
             reset_memory()
-    return rows
+    # the fixed-length figure the real-data target is a share of, from this same process
+    fixed = steadytune_steps(a.size, weights, 4, 1024, False, a.steps)
+    for r in rows:
+        if r["run"].startswith("steadytune"):
+            r["vs_fixed"] = round(r["tok_s"] / fixed["tok_s"], 3)
+    return rows + [fixed]
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("setting", choices=["synthetic", "real", "cpu", "kernels", "profile"])
     p.add_argument("--steps", type=int, default=8, help="timed steps per run (median of steps 3+)")
-    p.add_argument("--only", default="", help="synthetic: subset of 4x1024,4x1024c,1x2048")
+    p.add_argument("--only", default="", help="synthetic: subset of 4x1024,4x1024c,1x2048,1x128")
+    p.add_argument("--skip-mlx-lm", action="store_true", help="synthetic/real: steadytune rows only")
+    p.add_argument("--datasets", default="wikisql,alpaca", help="real: which data sets")
+    p.add_argument("--batch-tokens", type=int, default=4096, help="real: steadytune's token budget per "
+                   "micro-batch (0 = batches of --batch-wikisql / --batch-alpaca examples)")
     p.add_argument("--kernels", default="", help="synthetic: also run dequant with these kernels "
                    "(mlx,elementwise)")
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
@@ -538,7 +560,7 @@ def main(argv=None):
             "profile": run_profile}[a.setting](a)
     if a.setting not in ("kernels", "profile"):
         print(table(rows, ("run", "tok_s", "peak_gb", "ratio", "median_s", "loss", "tok_s_incl_compiles",
-                           "padding")))
+                           "padding", "vs_fixed")))
     if a.json:
         Path(a.json).write_text(json.dumps({"env": environment(), "rows": rows}, indent=1))
 

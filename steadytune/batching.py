@@ -46,21 +46,82 @@ def steps_per_epoch(n: int, batch_size: int, accum: int) -> int:
     return math.ceil(n / (batch_size * accum))
 
 
+def budget_width(tokens: int) -> int:
+    """Padded input width a token budget charges for a micro-batch whose longest example has
+    `tokens` tokens: the widest padding of any device (pad_multiple on CUDA), so the same data and
+    budget give the same micro-batches on every machine (resume stays exact) and no device pads
+    past the budget."""
+    width = max(1, tokens - 1)
+    k = pad_multiple(width, "cuda")
+    return math.ceil(width / k) * k
+
+
+def token_budget_steps(lengths, budget: int, accum: int, seed: int, epoch: int) -> list[list[list[int]]]:
+    """One epoch as optimizer steps whose micro-batches are filled to a token budget.
+
+    The shuffled order is cut into windows of about LENGTH_WINDOW micro-batches' worth of tokens;
+    inside a window examples are sorted longest first and taken greedily while
+    (examples + 1) x budget_width(longest) <= budget, so a micro-batch holds many short examples or
+    few long ones and its padded size never passes the budget (an example longer than the budget,
+    which config validation prevents, would get a micro-batch of its own). Micro-batches are then
+    shuffled and grouped `accum` per step. Every example appears exactly once; the number of steps
+    depends on the lengths (and slightly on the epoch), not on a batch size.
+    """
+    lengths = np.asarray(lengths)
+    n = len(lengths)
+    rng = epoch_rng(seed, epoch)
+    order = rng.permutation(n)
+    tokens = int(sum(budget_width(int(x)) for x in lengths)) if n else 0
+    windows = max(1, math.ceil(tokens / (budget * accum * LENGTH_WINDOW)))
+    micro: list[list[int]] = []
+    for chunk in np.array_split(order, windows):
+        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
+        current: list[int] = []
+        for i in chunk.tolist():
+            if current and (len(current) + 1) * budget_width(int(lengths[current[0]])) > budget:
+                micro.append(current)
+                current = []
+            current.append(i)
+        if current:
+            micro.append(current)
+    micro = [micro[i] for i in rng.permutation(len(micro))]
+    return [micro[i:i + accum] for i in range(0, len(micro), accum)]
+
+
+def plan_epoch(lengths, batch_size: int, batch_tokens: int | None, accum: int, seed: int, epoch: int,
+               group_by_length: bool = True) -> list[list[list[int]]]:
+    """The epoch's steps by a token budget when `batch_tokens` is set, else by example count."""
+    if batch_tokens:
+        return token_budget_steps(lengths, batch_tokens, accum, seed, epoch)
+    return epoch_steps(lengths, batch_size, accum, seed, epoch, group_by_length)
+
+
 def shard(batch: list[int], rank: int, world: int) -> list[int]:
     """This rank's share of a micro-batch (contiguous, sizes differ by at most one)."""
     return np.array_split(np.asarray(batch), world)[rank].tolist()
 
 
-def default_pad_multiple(width: int) -> int:
-    """32, or 128 for widths above 256 on CUDA: MLX's fused attention backward there (cuDNN) needs a
-    sequence length that is a multiple of 128, else it falls back to unfused attention, 2.3-2.8x
-    slower and holding batch x heads x T x T probabilities (8 GB for 4 x 992 tokens on a 7B model;
-    bench/RESULTS.md). Short widths stay at 32: there attention is cheap and padding is not."""
+def pad_multiple(width: int, device: str) -> int:
+    """What a micro-batch's input width is rounded up to. Short widths: 8 (up to 128) or 16 (up to
+    256): a 68-token average example (wikisql) then carries 9% padding instead of 20% with 32,
+    at the price of a few more compiled shapes. Above 256 on CUDA: 128, since MLX's fused
+    attention backward there (cuDNN) needs a multiple of 128 and otherwise falls back to unfused
+    attention, 2.3-2.8x slower and holding batch x heads x T x T probabilities (8 GB for
+    4 x 992 tokens on a 7B model; bench/RESULTS.md). Above 256 elsewhere: 32."""
+    if width <= 128:
+        return 8
     if width <= 256:
-        return 32
+        return 16
+    return 128 if device == "cuda" else 32
+
+
+def default_pad_multiple(width: int) -> int:
+    """pad_multiple on this process's device."""
+    if width <= 256:
+        return pad_multiple(width, "any")
     from .backend import device_kind
 
-    return 128 if device_kind() == "cuda" else 32
+    return pad_multiple(width, device_kind())
 
 
 def pad_batch(ids: list[list[int]], masks: list[list[bool]], pad_multiple: int | None = None,

@@ -79,7 +79,11 @@ class LoraConfig:
 class TrainingConfig:
     epochs: int = _f(3, "passes over all the training data")
     max_steps: Optional[int] = _f(None, "stop after this many optimizer steps (overrides epochs)")
-    batch_size: int = _f(4, "examples per micro-batch")
+    batch_size: int = _f(4, "examples per micro-batch (ignored when batch_tokens is set)")
+    batch_tokens: Optional[int] = _f(None, "form micro-batches by a token budget instead of a count: "
+                                     "examples of similar length, as many as fit in N padded tokens "
+                                     "(at least max_seq_length; steadies memory and speed on "
+                                     "variable-length data)")
     grad_accumulation: int = _f(1, "micro-batches per optimizer step (token-weighted)")
     learning_rate: float = _f(1e-4, "peak learning rate")
     lr_schedule: str = _f("cosine", "learning-rate schedule after warmup", choices=["cosine", "constant"])
@@ -139,6 +143,9 @@ class Config:
             p.append(f"training.learning_rate must be a positive number (got {t.learning_rate})")
         if t.max_grad_norm is not None and not t.max_grad_norm > 0:
             p.append(f"training.max_grad_norm must be positive or null (got {t.max_grad_norm})")
+        if t.batch_tokens is not None and t.batch_tokens < d.max_seq_length:
+            p.append(f"training.batch_tokens must be at least data.max_seq_length ({d.max_seq_length}) so "
+                     f"the longest example fits in one micro-batch (got {t.batch_tokens})")
         if t.patience is not None and t.patience < 1:
             p.append(f"training.patience must be at least 1 or null (got {t.patience})")
         if not 0 <= lo.dropout < 1:

@@ -29,6 +29,7 @@ from functools import lru_cache
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.tuner.lora import LoRALinear
 
 MODES = ("auto", "dequant", "native")
 # mlx-lm model modules whose Model.__call__ is `head(self.model(inputs))`: the loss can run the
@@ -171,6 +172,22 @@ class DequantEmbedding(nn.QuantizedEmbedding):
                               self.group_size, self.bits, self.mode, self.dequant_kernel)
 
 
+class MixedLoRALinear(LoRALinear):
+    """mlx-lm's LoRALinear with the adapter matmuls in the input's dtype.
+
+    The adapters stay float32 (the optimizer updates float32 weights), but mlx-lm's
+    `x @ lora_a` with a bfloat16 x promotes x to float32: every adapted layer then makes a float32
+    copy of its input and keeps it for the backward pass (for the gradient of lora_a), twice the
+    bytes of the bfloat16 input, and runs the adapter matmuls in float32. Casting the adapters to
+    x's dtype instead keeps the saved input in bfloat16; the gradients still arrive in float32
+    through the cast. In float32 compute (the CPU default) this is exactly mlx-lm's layer."""
+
+    def __call__(self, x):
+        y = self.linear(x)
+        z = (self.dropout(x) @ self.lora_a.astype(x.dtype)) @ self.lora_b.astype(x.dtype)
+        return y + (self.scale * z).astype(x.dtype)
+
+
 # class -> (native class, dequant class); exact types only, so other subclasses are left alone
 _CLASSES = {c: pair for pair in [(nn.QuantizedLinear, DequantLinear),
                                  (nn.QuantizedEmbedding, DequantEmbedding)] for c in pair}
@@ -196,6 +213,8 @@ def apply_compute(model: nn.Module, mode: str = "auto", kernel: str | None = Non
     dequant = resolved == "dequant"
     n = 0
     for _, m in model.named_modules():
+        if type(m) is LoRALinear:  # same parameters and names: adapter files are unchanged
+            m.__class__ = MixedLoRALinear
         pair = _CLASSES.get(type(m))
         if pair is None:
             continue

@@ -14,7 +14,7 @@ from .errors import UserError
 MUST_MATCH = {
     "data": ["max_seq_length", "overlong", "train_on_prompt", "valid_fraction", "group_by_length"],
     "lora": ["rank", "alpha", "dropout", "target_modules", "num_layers"],
-    "training": ["batch_size", "grad_accumulation", "seed"],
+    "training": ["batch_size", "batch_tokens", "grad_accumulation", "seed"],
     "model": ["quantize", "group_size", "dtype"],
 }
 

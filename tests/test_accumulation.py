@@ -1,7 +1,11 @@
 """Token-weighted gradient accumulation equals one big batch; nothing dropped."""
 
+import math
+
 import mlx.core as mx
-from mlx.utils import tree_flatten
+import mlx.optimizers as optim
+import pytest
+from mlx.utils import tree_flatten, tree_map
 
 from conftest import make_chat_data
 from steadytune.trainer import Trainer, as_config
@@ -74,17 +78,73 @@ def test_mean_of_micro_batch_means_would_differ(tiny_model, tmp_path):
     assert max(diffs) > 1e-2
 
 
-def test_epoch_steps_and_every_example_trained(tiny_model, tmp_path):
+def _flat_state(t):
+    return [(k, mx.array(v)) for k, v in tree_flatten([t.model.trainable_parameters(), t.optimizer.state])]
+
+
+def test_fused_update_clips_like_a_separate_clip_then_adamw(tiny_model, tmp_path):
+    """train_step's one compiled call (backward, norm, clip, AdamW) equals: gradients, then clip by
+    max_norm / norm in Python, then a fresh AdamW's update on the same parameters."""
+    d = make_chat_data(tmp_path / "data", 8)
+    t = _trainer(tiny_model, d, tmp_path, "clip", batch_size=2, grad_accumulation=2, max_grad_norm=0.05,
+                 weight_decay=0.1)
+    params0 = tree_map(mx.array, t.model.trainable_parameters())
+    g, total, ntok, _ = t.accumulate([[0, 1], [2, 3]])
+    norm = math.sqrt(sum(float(mx.sum(x.astype(mx.float32) ** 2)) for _, x in tree_flatten(g)))
+    assert norm > 0.05  # clipping is active
+    ref = optim.AdamW(learning_rate=1e-2, weight_decay=0.1)
+    expected = ref.apply_gradients(tree_map(lambda x: x * (0.05 / (norm + 1e-6)), g), params0)
+    loss, n2, _ = t.train_step([[0, 1], [2, 3]], lr=1e-2)
+    assert n2 == ntok and loss == pytest.approx(total.item() / ntok, rel=1e-6)
+    got = dict(tree_flatten(t.model.trainable_parameters()))
+    for k, v in tree_flatten(expected):
+        assert _rel(got[k] - dict(tree_flatten(params0))[k], v - dict(tree_flatten(params0))[k]) < 1e-4, k
+
+
+def test_nonfinite_step_leaves_parameters_and_optimizer_state_bitwise_unchanged(tiny_model, tmp_path):
+    """The skip is decided on the device (mx.where on the finite check), not by Python."""
+    d = make_chat_data(tmp_path / "data", 8)
+    t = _trainer(tiny_model, d, tmp_path, "nan", batch_size=2)
+    t.train_step([[0, 1]], lr=1e-2)  # a real update first: non-zero moments to keep
+    before = _flat_state(t)
+    g, total, _, _ = t.accumulate([[2, 3]])
+    g = tree_map(lambda x: x.at[0].add(float("nan")) if x.ndim else x, g)
+    norm = t._apply(g, total, mx.array(1e-2), mx.array(float("inf")))
+    mx.eval(t.compiled_state, norm)
+    assert not math.isfinite(norm.item())
+    after = _flat_state(t)
+    assert [k for k, _ in before] == [k for k, _ in after]
+    assert all(mx.array_equal(a, b).item() for (_, a), (_, b) in zip(before, after))
+    t._apply(tree_map(mx.zeros_like, g), mx.array(float("inf")), mx.array(1e-2), mx.array(1.0))  # loss inf
+    mx.eval(t.compiled_state)
+    assert all(mx.array_equal(a, b).item() for (_, a), (_, b) in zip(before, _flat_state(t)))
+
+
+@pytest.mark.parametrize("budget", [None, 96])
+def test_epoch_steps_and_every_example_trained(tiny_model, tmp_path, budget):
     d = make_chat_data(tmp_path / "data", 11)
     t = _trainer(tiny_model, d, tmp_path, "r", batch_size=2, grad_accumulation=2, epochs=2)
+    if budget:  # micro-batches by a token budget: the steps come from the plan, still every example once
+        t.cfg.training.batch_tokens = budget
+        plans = [t._epoch_plan(e) for e in range(2)]
+        seen = []
+        orig = t.train_step
+        t.train_step = lambda mbs, lr: (seen.append(sorted(i for mb in mbs for i in mb)), orig(mbs, lr))[1]
+        t.prepare = lambda: None
+        result = t.fit()
+        assert result.step == sum(map(len, plans))
+        assert seen == [sorted(i for mb in st for i in mb) for p in plans for st in p]
+        for p in plans:
+            assert sorted(i for st in p for mb in st for i in mb) == list(range(11))
+        return
     seen = []
-    orig = t.accumulate
+    orig = t.train_step
 
-    def spy(mbs):
+    def spy(mbs, lr):
         seen.append([i for mb in mbs for i in mb])
-        return orig(mbs)
+        return orig(mbs, lr)
 
-    t.accumulate = spy
+    t.train_step = spy
     t.prepare = lambda: None
     result = t.fit()
     assert result.step == 2 * 3  # ceil(11 / 4) = 3 steps per epoch

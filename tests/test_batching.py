@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from steadytune.batching import epoch_steps, lr_at, pad_batch, padding_fraction, steps_per_epoch
+from steadytune.batching import (budget_width, epoch_steps, lr_at, pad_batch, pad_multiple, padding_fraction, plan_epoch,
+                                 steps_per_epoch, token_budget_steps)
 
 
 @pytest.mark.parametrize("n,b,a", [(10, 4, 1), (10, 1, 4), (23, 4, 2), (7, 8, 1), (64, 4, 4), (5, 2, 3)])
@@ -55,3 +56,38 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_at(12, peak, 4, 20) == pytest.approx(peak / 2)
     assert lr_at(20, peak, 4, 20) == pytest.approx(0.0)
     assert lr_at(15, peak, 0, 20, "constant") == peak
+
+
+def test_budget_width_uses_the_widest_padding_rule():
+    # n tokens give n - 1 inputs; multiples of 8 up to 128 inputs, 16 up to 256, 128 above
+    assert [budget_width(n) for n in (2, 9, 10, 129, 130, 257, 258, 1025)] == [8, 8, 16, 128, 144, 256, 384, 1024]
+    assert [pad_multiple(w, "cpu") for w in (1, 128, 129, 256, 257)] == [8, 8, 16, 16, 32]
+    assert pad_multiple(257, "cuda") == 128
+
+
+@pytest.mark.parametrize("accum", [1, 3])
+def test_token_budget_every_example_once_within_budget(accum):
+    lengths = np.random.default_rng(0).integers(3, 600, 300)
+    steps = token_budget_steps(lengths, 2048, accum, seed=4, epoch=1)
+    seen = [i for step in steps for mb in step for i in mb]
+    assert sorted(seen) == list(range(300))
+    sizes = [len(mb) * budget_width(max(int(lengths[i]) for i in mb)) for step in steps for mb in step]
+    assert max(sizes) <= 2048
+    assert all(1 <= len(step) <= accum for step in steps) and all(len(s) == accum for s in steps[:-1])
+    # pure function of (seed, epoch): what makes a resumed run continue the same plan
+    assert steps == token_budget_steps(lengths, 2048, accum, 4, 1) != token_budget_steps(lengths, 2048, accum, 4, 2)
+
+
+def test_token_budget_fills_micro_batches_where_a_count_cannot():
+    """Skewed lengths (many short, a few long): a fixed count either wastes the short batches or
+    overflows on the long ones; the budget keeps every micro-batch near its size."""
+    rng = np.random.default_rng(1)
+    lengths = np.concatenate([rng.integers(20, 60, 900), rng.integers(700, 1000, 60)])
+    budget = 4096
+    steps = token_budget_steps(lengths, budget, 1, 0, 0)
+    sizes = [len(mb) * budget_width(max(int(lengths[i]) for i in mb)) for s in steps for mb in s]
+    count = epoch_steps(lengths, 4, 1, 0, 0)  # 4 x 1024 fits the longest example, the same budget
+    count_sizes = [len(mb) * budget_width(max(int(lengths[i]) for i in mb)) for s in count for mb in s]
+    assert np.mean(sizes) > 0.8 * budget and np.mean(count_sizes) < 0.3 * budget
+    assert len(steps) < len(count) / 3
+    assert plan_epoch(lengths, 4, budget, 1, 0, 0) == steps and plan_epoch(lengths, 4, None, 1, 0, 0) == count

@@ -245,3 +245,51 @@ def test_gradient_checkpointing_keeps_gradients_and_saves_memory():
         assert mx.allclose(ckpt_grads[name], g, rtol=1e-4, atol=1e-6).item(), name
     plain_peak, ckpt_peak = _peak_of_compiled_step(model(False), data), _peak_of_compiled_step(model(True), data)
     assert ckpt_peak < 0.8 * plain_peak, (ckpt_peak, plain_peak)
+
+
+def _half_base(model):
+    """The base in bfloat16, adapters float32: how the trainer holds a model for GPU compute."""
+    model.apply(lambda x: x.astype(mx.bfloat16) if mx.issubdtype(x.dtype, mx.floating) else x)
+    model.update(nn.utils.tree_map(lambda p: p.astype(mx.float32), model.trainable_parameters()))
+    return model
+
+
+def _promote_adapters(model):
+    """Back to mlx-lm's own LoRALinear (x @ float32 lora_a promotes x to float32)."""
+    from mlx_lm.tuner.lora import LoRALinear
+
+    for _, m in model.named_modules():
+        if type(m) is qlora.MixedLoRALinear:
+            m.__class__ = LoRALinear
+
+
+def test_mixed_lora_is_mlx_lm_lora_in_float32():
+    data = batch()
+    ref = tiny()
+    qlora.apply_compute(ref, "dequant")
+    _promote_adapters(ref)
+    ours = tiny()
+    qlora.apply_compute(ours, "dequant")
+    assert sum(type(m) is qlora.MixedLoRALinear for _, m in ours.named_modules()) == 14
+    (l1, g1), (l2, g2) = loss_and_grads(ref, data), loss_and_grads(ours, data)
+    assert l1 == l2 and all(mx.array_equal(g1[k], g2[k]).item() for k in g1)
+
+
+def test_mixed_lora_keeps_the_saved_inputs_in_half_precision():
+    """bfloat16 base, float32 adapters: the adapter matmuls run in bfloat16, so the backward pass
+    keeps bfloat16 inputs instead of float32 copies (lower peak); gradients stay float32 and agree
+    with mlx-lm's promoted float32 path to bfloat16 precision."""
+    data = batch(b=4, t=256)
+    peaks, grads = {}, {}
+    for variant in ("promote", "mixed"):
+        model = _half_base(tiny(hidden=256, layers=4, group=64))
+        qlora.apply_compute(model, "dequant", "mlx")
+        if variant == "promote":
+            _promote_adapters(model)
+        grads[variant] = loss_and_grads(model, data)[1]
+        peaks[variant] = _peak_of_compiled_step(model, data)
+    assert peaks["mixed"] < 0.9 * peaks["promote"], peaks
+    for k, g in grads["mixed"].items():
+        assert g.dtype == mx.float32
+        ref = grads["promote"][k]
+        assert float(mx.linalg.norm((g - ref).flatten()) / mx.linalg.norm(ref.flatten())) < 3e-2, k

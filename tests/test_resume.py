@@ -120,3 +120,22 @@ def test_nonfinite_loss_skips_then_stops_and_keeps_last_checkpoint(setup, tmp_pa
     assert good[-1] == "step-0000006"
     state = json.loads((out / "checkpoints" / "step-0000006" / "state.json").read_text())
     assert state["nonfinite"] == 2
+
+
+def test_resume_with_a_token_budget_matches_uninterrupted_run(setup):
+    """Micro-batches by --batch-tokens: the plan is a pure function of lengths, budget, seed and
+    epoch, so a killed and resumed run continues the same steps."""
+    model, data, root, _ = setup
+    budget = ["--batch-tokens", "160", "--max-seq-length", "160"]
+    ref = root / "budget-ref"
+    assert run_cli(*_args(model, data, ref, *budget)).returncode == 0
+    out = root / "budget-crash"
+    r = run_cli(*_args(model, data, out, *budget), env=dict(cli_env(), STEADYTUNE_TEST_CRASH="step:3"))
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    r = run_cli(*_args(model, data, out, *budget, "--resume"))
+    assert r.returncode == 0, r.stderr
+    assert _train_losses(out) == _train_losses(ref)
+    a, b = _adapters(out), _adapters(ref)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    r = run_cli(*_args(model, data, out, "--resume"))  # the budget is part of the run: refused without it
+    assert r.returncode == 2 and "batch_tokens" in r.stderr
