@@ -505,6 +505,7 @@ def run_real(a):
             total, steady = steady_rate(steps)
             padded = sum(b * w for _, _, sh in steps for b, w in sh)
             how = f"batch_tokens {a.batch_tokens}" if a.batch_tokens else f"batch {batch}"
+            how += f", pad {a.cuda_pad} above 256" if a.cuda_pad else ""
             rows.append({"run": f"steadytune train {name} ({how})", "tok_s": round(steady, 1),
                          "tok_s_incl_compiles": round(total, 1), "peak_gb": round(peak, 2),
                          "steps": len(steps),
@@ -538,6 +539,8 @@ def main(argv=None):
     p.add_argument("--only", default="", help="synthetic: subset of 4x1024,4x1024c,1x2048,1x128")
     p.add_argument("--skip-mlx-lm", action="store_true", help="synthetic/real: steadytune rows only")
     p.add_argument("--datasets", default="wikisql,alpaca", help="real: which data sets")
+    p.add_argument("--cuda-pad", type=int, default=0, help="real/synthetic: an experiment: pad widths "
+                   "above 256 to multiples of this on CUDA instead of batching.pad_multiple's 128")
     p.add_argument("--batch-tokens", type=int, default=4096, help="real: steadytune's token budget per "
                    "micro-batch (0 = batches of --batch-wikisql / --batch-alpaca examples)")
     p.add_argument("--kernels", default="", help="synthetic: also run dequant with these kernels "
@@ -555,6 +558,11 @@ def main(argv=None):
     p.add_argument("--size", default="7b", choices=sorted(SIZES), help="synthetic/real: model shape")
     p.add_argument("--json", help="also write the rows here")
     a = p.parse_args(argv)
+    if a.cuda_pad:
+        import steadytune.batching as batching
+
+        rule = batching.pad_multiple
+        batching.pad_multiple = lambda width, device: a.cuda_pad if width > 256 else rule(width, device)
     print(environment(), flush=True)
     rows = {"synthetic": run_synthetic, "real": run_real, "cpu": run_cpu, "kernels": run_kernels,
             "profile": run_profile}[a.setting](a)

@@ -1,16 +1,18 @@
 """steadytune: QLoRA fine-tuning of chat LLMs on MLX that finishes.
 
 Importing steadytune loads a fast BLAS on Linux CPUs before MLX binds the slow reference one (see
-backend.py); nothing else happens at import. The public API mirrors the CLI:
+backend.py) and sets MLX's CUDA graph cache size unless the environment sets it; nothing
+else happens at import. The public API mirrors the CLI:
 
     import steadytune
     result = steadytune.train({"data": {"path": "train.jsonl"}, "training": {"epochs": 1}})
     print(result.run_dir, result.final_val_loss)
 """
 
-from .backend import use_fast_blas as _use_fast_blas
+from .backend import tune_mlx_env as _tune_mlx_env, use_fast_blas as _use_fast_blas
 
 _use_fast_blas()
+_tune_mlx_env()
 
 from .config import Config, resolve  # noqa: E402
 from .errors import UserError  # noqa: E402
