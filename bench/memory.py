@@ -1,21 +1,28 @@
 """Predicted vs measured peak memory of QLoRA training steps (the planner's accuracy, issue 6).
 
-    python bench/memory.py          # CPU grid: small llama models, float32 compute (~5 min, 2 cores)
-    python bench/memory.py --gpu    # GPU grid: the 7B architecture, bfloat16 compute (one H100)
+    python bench/memory.py                  # CPU grid: small llama models, float32 (~5 min, 2 cores)
+    python bench/memory.py --gpu --max-seconds 500 --json memory-gpu.json
+                                            # GPU grid: the 7B shape, bfloat16, one H100 (~5-7 min;
+                                            # the first configuration also compiles MLX's kernels)
+    python bench/memory.py --gpu --only "4x1024,2x512"   # configurations whose name contains one of these
 
 Each configuration runs in a fresh process (so one run's compiled graphs and allocator cache don't
 touch the next): build an mlx-lm llama model from ModelArgs with random weights, cast it to the
-compute dtype and quantize it 4-bit g64 exactly as steadytune.model.load_base does, add LoRA with
-steadytune.model.apply_lora (and qlora.apply_compute for dequant), then run a few training steps
-with the trainer's own compiled functions (Trainer._build_steps: value_and_grad of the masked
-cross-entropy, AdamW update, model/optimizer/random state as inputs and outputs), evaluated in
-the trainer's order; gradient checkpointing with the trainer's checkpoint_blocks. The measured
-number is mx.get_peak_memory() over the steps (the peak is reset after the model is built, so
-loading is not part of it); the predicted one is steadytune.plan.estimate(...).peak, the part of
-the plan that MLX's allocator sees (framework overhead is outside it). Random weights are fine:
-memory does not depend on the values.
+compute dtype and quantize it 4-bit g64 as steadytune.model.load_base does, then set up a
+steadytune Trainer on it as Trainer.prepare() does (LoRA, compute path, loss chunking,
+checkpointing, AdamW, its compiled steps) and run a few optimizer steps through the public
+Trainer.train_step on one micro-batch of random tokens, padded by the trainer's own pad_batch.
+The measured number is mx.get_peak_memory() over the steps (reset after setup, so loading is not
+part of it); the predicted one is steadytune.plan.estimate(...).peak at the width the planner
+expects the trainer to pad to, the part of the plan that MLX's allocator sees (framework overhead
+is outside it). Random weights are fine: memory does not depend on the values.
 
-Exit status 1 if any prediction is off by more than 15%.
+A configuration that fails (out of memory, a crash) is reported and the others go on; with
+--max-seconds no configuration is started that the time left would probably not cover. --json
+is rewritten after every configuration, so a run cut short keeps what it measured. A markdown
+table (measured, predicted, error) is printed at the end.
+
+Exit status 1 if any prediction is off by more than 15% or any configuration failed.
 """
 
 from __future__ import annotations
@@ -58,6 +65,8 @@ GRIDS = {
              seq=224, compute="dequant"),
         dict(name="smollm2 shape 4x224 deq ckpt", model=dict(SMOL, num_hidden_layers=30), batch=4,
              seq=224, compute="dequant", ckpt=True),
+        dict(name="smollm2 shape, 8k vocab, ckpt", model=dict(SMOL, num_hidden_layers=30, vocab_size=8192),
+             batch=4, seq=224, compute="dequant", ckpt=True),
         dict(name="small 2x128 bf16", model=dict(SMALL, num_hidden_layers=4), batch=2, seq=128,
              dtype="bfloat16"),
         dict(name="small 4x128 dequant", model=SMALL, batch=4, seq=128, compute="dequant"),
@@ -69,10 +78,14 @@ GRIDS = {
         dict(name="7B 1x2048", model=B7, batch=1, seq=2048, rank=16),
         dict(name="7B 2x512", model=B7, batch=2, seq=512, rank=16),
         dict(name="7B 2x512 ckpt", model=B7, batch=2, seq=512, rank=16, ckpt=True),
-        dict(name="7B 2x1056 (not /128)", model=B7, batch=2, seq=1056, rank=16),
+        dict(name="7B 8x224 (width not /128)", model=B7, batch=8, seq=224, rank=16),
         dict(name="7B 4x1024 dequant", model=B7, batch=4, seq=1024, rank=16, compute="dequant"),
         dict(name="7B 1x2048 dequant ckpt", model=B7, batch=1, seq=2048, rank=16, compute="dequant",
              ckpt=True),
+        # held out: not used to fit the CUDA run-ahead term (measured after the fit)
+        dict(name="7B 3x768 dequant (held out)", model=B7, batch=3, seq=768, rank=16, compute="dequant"),
+        dict(name="7B 6x512 dequant ckpt (held out)", model=B7, batch=6, seq=512, rank=16,
+             compute="dequant", ckpt=True),
     ],
 }
 
@@ -92,25 +105,24 @@ def settings(spec: dict, device: str) -> dict:
 
 
 def predict(spec: dict, device: str):
+    """The planner's estimate for the spec: rows of seq + 1 tokens, padded as the trainer pads them
+    on `device`, with the trainer's defaults (fused update, adapters in the input dtype)."""
     from steadytune import plan
 
     s = settings(spec, device)
     arch = plan.arch_from_config(model_config(spec))
-    run = plan.Run(batch=s["batch"], seq=s["seq"], checkpoint=s["ckpt"], rank=s["rank"],
-                   keys=tuple(s["keys"]), lora_layers=s["lora_layers"], bits=4, group_size=64,
+    run = plan.Run(batch=s["batch"], seq=plan.padded_width(s["seq"] + 1, device), checkpoint=s["ckpt"],
+                   rank=s["rank"], keys=tuple(s["keys"]), lora_layers=s["lora_layers"], bits=4, group_size=64,
                    dtype=s["dtype"], compute=s["compute"], device=device,
                    loss_chunk=plan._loss_chunk(arch, s["chunked_ce"]))
-    return plan.estimate(arch, run)
+    return plan.estimate(arch, run), run.seq
 
 
 def build(spec: dict, s: dict):
-    """The model as the trainer would have it: compute dtype, 4-bit g64 base, LoRA."""
+    """The frozen base as load_base holds it: compute dtype, 4-bit g64 where the group divides."""
     import mlx.core as mx
     import mlx.nn as nn
     from mlx_lm.models import llama
-
-    from steadytune.config import LoraConfig
-    from steadytune.model import apply_lora
 
     dtype = getattr(mx, s["dtype"])
     mx.random.seed(0)
@@ -122,69 +134,77 @@ def build(spec: dict, s: dict):
         mx.eval(layer.parameters())
     mx.eval(model.parameters())
     model.freeze()
-    apply_lora(model, LoraConfig(rank=s["rank"], target_modules=list(s["keys"]),
-                                 num_layers=s["lora_layers"]), seed=0)
-    from steadytune.qlora import apply_compute, set_loss_chunking
-
-    apply_compute(model, s["compute"])
-    set_loss_chunking(model, s["chunked_ce"])
     return model
 
 
-def measure(spec: dict, device: str, steps: int) -> dict:
-    """Peak bytes over `steps` optimizer steps, run with the trainer's own compiled functions and
-    evaluated in the trainer's order (the order of mx.eval's outputs decides MLX's schedule, and
-    with it the peak)."""
-    from types import SimpleNamespace
-
-    import mlx.core as mx
+def make_trainer(spec: dict, s: dict):
+    """A steadytune Trainer set up on the spec's model as Trainer.prepare() does it (LoRA, compute
+    path, loss chunking, checkpointing, AdamW, the compiled steps), without model files or data
+    files; bench/throughput.py's steadytune_trainer does the same."""
     import mlx.optimizers as optim
+
+    from steadytune.config import Config
+    from steadytune.model import apply_lora
+    from steadytune.trainer import Trainer
+
+    cfg = Config()
+    cfg.model.dtype, cfg.model.compute = s["dtype"], s["compute"]
+    cfg.lora.rank, cfg.lora.target_modules, cfg.lora.num_layers = s["rank"], list(s["keys"]), s["lora_layers"]
+    t = cfg.training
+    t.batch_size, t.grad_checkpoint, t.chunked_ce = s["batch"], s["ckpt"], s["chunked_ce"]
+    cfg.data.max_seq_length = max(cfg.data.max_seq_length, s["seq"] + 1)
+    tr = Trainer(cfg.validate())
+    tr.model = build(spec, s)
+    tr.adapter_config = apply_lora(tr.model, cfg.lora, t.seed)
+    tr._apply_compute_options()
+    tr.optimizer = optim.AdamW(learning_rate=t.learning_rate, weight_decay=t.weight_decay)
+    tr.optimizer.init(tr.model.trainable_parameters())
+    tr.state = {"step": 0, "epoch": 0, "pos": 0, "best_val_loss": None, "bad_evals": 0, "nonfinite": 0}
+    tr._build_steps()  # what fit() does before its first step
+    return tr
+
+
+def measure(spec: dict, device: str, steps: int) -> dict:
+    """Peak bytes over `steps` optimizer steps of Trainer.train_step on one micro-batch of
+    `batch` rows of `seq` + 1 tokens (padded by the trainer's own pad_batch)."""
+    import mlx.core as mx
     import numpy as np
 
     from steadytune.batching import pad_batch
-    from steadytune.trainer import Trainer, checkpoint_blocks
+    from steadytune.data import Tokenized
 
     if device == "cpu":
         mx.set_default_device(mx.cpu)
     s = settings(spec, device)
-    model = build(spec, s)
-    if s["ckpt"]:
-        checkpoint_blocks(model)
-    opt = optim.AdamW(learning_rate=1e-5, weight_decay=0.01)
-    opt.init(model.trainable_parameters())
-    trainer = SimpleNamespace(model=model, optimizer=opt)
-    Trainer._build_steps(trainer)  # sets _grad, _norm, _update and compiled_state, as in training
-
+    tr = make_trainer(spec, s)
     rng = np.random.default_rng(0)
     vocab = spec["model"]["vocab_size"]
-    ids = [rng.integers(0, vocab, s["seq"] + 1).tolist() for _ in range(s["batch"])]
-    masks = [[True] * (s["seq"] + 1) for _ in range(s["batch"])]
-    inputs, targets, mask = (mx.array(a) for a in pad_batch(ids, masks))
-    scale = mx.array(1.0 / mask.sum().item(), dtype=mx.float32)
-    model.train()
-    mx.eval(inputs, targets, mask, scale)
+    ids = rng.integers(0, vocab, (s["batch"], s["seq"] + 1)).tolist()
+    tr.train_set = Tokenized(ids, [[True] * (s["seq"] + 1) for _ in range(s["batch"])])
+    width = int(pad_batch(ids, tr.train_set.masks)[0].shape[1])  # as train_step pads it
+    mx.synchronize()
     base = mx.get_active_memory()
     mx.reset_peak_memory()
     tic = time.perf_counter()
-    for _ in range(steps):  # Trainer.accumulate + train_step for one micro-batch
-        part, acc = trainer._grad(inputs, targets, mask, scale, None)
-        total = mx.array(0.0) + part
-        mx.eval(acc, total)
-        norm = trainer._norm(acc)
-        mx.eval(norm, total)
-        trainer._update(acc, mx.array(1e-5, dtype=mx.float32), mx.array(1.0, dtype=mx.float32))
-        mx.eval(trainer.compiled_state)
-        del acc
+    loss = float("nan")
+    for _ in range(steps):
+        loss, _, _ = tr.train_step([list(range(s["batch"]))], 1e-5)
+        tr.state["step"] += 1
+    mx.synchronize()
     return {"peak": mx.get_peak_memory(), "base": base, "seconds": time.perf_counter() - tic,
-            "width": int(inputs.shape[1])}
+            "width": width, "loss": loss}
 
 
 def run_one(spec: dict, device: str, steps: int) -> dict:
+    """Measure `spec` in a fresh process: {"peak", "base", "seconds", "width", "loss"}, or
+    {"error": the last lines of its output} when it failed."""
     cmd = [sys.executable, __file__, "--one", json.dumps(spec), "--device", device, "--steps", str(steps)]
     out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise SystemExit(f"{spec['name']}: measurement failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    lines = out.stdout.strip().splitlines()
+    if out.returncode != 0 or not lines:
+        tail = (out.stderr or out.stdout).strip().splitlines()[-6:]
+        return {"error": f"exit status {out.returncode}: " + " | ".join(tail)[-1500:]}
+    return json.loads(lines[-1])
 
 
 def table(rows: list[dict]) -> str:
@@ -192,20 +212,50 @@ def table(rows: list[dict]) -> str:
             f"{'weights':>7} {'lora+opt':>8} {'activ.':>7} {'logits':>7} {'in-flight':>9}")
     lines = [head, "-" * len(head)]
     for r in rows:
+        if "error" in r:
+            lines.append(f"{r['name']:<28} FAILED: {r['error'][:200]}")
+            continue
         b = r["breakdown"]
-        lines.append(f"{r['name']:<28} {r['tokens']:>6} {r['measured'] / 1e9:>11.3f} {r['predicted'] / 1e9:>12.3f} "
-                     f"{r['error']:>+6.1%}  {b['base_weights'] / 1e9:>7.3f} "
+        lines.append(f"{r['name']:<28} {r['tokens']:>6} {r['measured'] / 1e9:>11.3f} "
+                     f"{r['predicted'] / 1e9:>12.3f} "
+                     f"{r['error_pct']:>+6.1f}%  {b['base_weights'] / 1e9:>7.3f} "
                      f"{(b['lora_weights'] + b['optimizer']) / 1e9:>8.3f} {b['activations'] / 1e9:>7.3f} "
                      f"{b['logits'] / 1e9:>7.3f} {b['in_flight'] / 1e9:>9.3f}")
     return "\n".join(lines)
 
 
+def markdown(rows: list[dict]) -> str:
+    lines = ["| configuration | tokens | measured GB | predicted GB | error |", "|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['name']} | | failed | {r['predicted'] / 1e9:.3f} | |")
+        else:
+            lines.append(f"| {r['name']} | {r['tokens']} | {r['measured'] / 1e9:.3f} "
+                         f"| {r['predicted'] / 1e9:.3f} | {r['error_pct']:+.1f}% |")
+    return "\n".join(lines)
+
+
+def environment() -> str:
+    import platform
+
+    import mlx.core as mx
+    import mlx_lm
+
+    info = mx.device_info() if hasattr(mx, "device_info") else {}
+    name = info.get("device_name") or info.get("architecture") or platform.processor() or platform.machine()
+    return (f"{time.strftime('%Y-%m-%d')}, {name}, mlx {mx.__version__}, mlx-lm {mlx_lm.__version__}, "
+            f"python {platform.python_version()}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--gpu", action="store_true", help="the 7B grid on the GPU (bfloat16)")
-    p.add_argument("--steps", type=int, default=3, help="training steps per configuration")
-    p.add_argument("--only", help="run the configurations whose name contains this")
-    p.add_argument("--json", help="also write the rows to this JSON file")
+    p.add_argument("--steps", type=int, default=3, help="optimizer steps per configuration")
+    p.add_argument("--only", help="run the configurations whose name contains one of these "
+                   "comma-separated strings")
+    p.add_argument("--json", help="also write the rows to this JSON file (after every configuration)")
+    p.add_argument("--max-seconds", type=float, default=0,
+                   help="start no configuration the time left probably cannot cover (0 = no limit)")
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -214,6 +264,7 @@ def main() -> int:
     if a.one:
         print(json.dumps(measure(json.loads(a.one), a.device, a.steps)))
         return 0
+    start = time.perf_counter()
     device = "cuda" if a.gpu else "cpu"
     if a.gpu:
         import mlx.core as mx
@@ -222,23 +273,54 @@ def main() -> int:
             raise SystemExit("--gpu: MLX has no GPU here (install mlx[cuda] on an NVIDIA machine)")
         if sys.platform == "darwin":
             device = "metal"
-    grid = [g for g in GRIDS["gpu" if a.gpu else "cpu"] if not a.only or a.only in g["name"]]
-    rows = []
+    wanted = [w.strip() for w in (a.only or "").split(",") if w.strip()]
+    grid = [g for g in GRIDS["gpu" if a.gpu else "cpu"] if not wanted or any(w in g["name"] for w in wanted)]
+    if not grid:
+        raise SystemExit(f"--only {a.only!r}: no configuration matches; names: "
+                         + ", ".join(g["name"] for g in GRIDS["gpu" if a.gpu else "cpu"]))
+    env = environment()
+    print(env, flush=True)
+    # The first configuration also compiles MLX's kernels (on a fresh H100: ~2 minutes); later ones
+    # reuse them, so the last one's time is the estimate for the next.
+    rows, last, skipped = [], 0.0, []
     for spec in grid:
+        elapsed = time.perf_counter() - start
+        if a.max_seconds and rows and elapsed + 1.3 * last > a.max_seconds:
+            skipped.append(spec["name"])
+            continue
+        tic = time.perf_counter()
         m = run_one(spec, device, a.steps)
-        est = predict(spec, device)
-        rows.append({"name": spec["name"], "tokens": spec["batch"] * m["width"], "measured": m["peak"],
-                     "predicted": est.peak, "error": est.peak / m["peak"] - 1,
-                     "breakdown": est.as_dict(), "seconds": round(m["seconds"], 2)})
-        print(f"{spec['name']}: measured {m['peak'] / 1e9:.3f} GB, predicted {est.peak / 1e9:.3f} GB "
-              f"({rows[-1]['error']:+.1%})", file=sys.stderr, flush=True)
+        last = time.perf_counter() - tic
+        try:
+            est, width = predict(spec, device)
+        except Exception as e:  # noqa: BLE001  (a planner bug shows in the table; the others go on)
+            m = {"error": f"planner: {type(e).__name__}: {e}"}
+            est, width = None, None
+        row = {"name": spec["name"], "predicted": est.peak if est else float("nan"),
+               "breakdown": est.as_dict() if est else {}, "process_seconds": round(time.perf_counter() - tic, 1)}
+        if "error" in m:
+            row["error"] = m["error"]
+            print(f"{spec['name']}: FAILED ({m['error'][-300:]})", file=sys.stderr, flush=True)
+        else:
+            row.update(tokens=spec["batch"] * m["width"], measured=m["peak"], width=m["width"],
+                       error_pct=round(100 * (est.peak / m["peak"] - 1), 2), step_seconds=round(m["seconds"], 2))
+            note = "" if m["width"] == width else f" (trainer padded to {m['width']}, planner expected {width})"
+            print(f"{spec['name']}: measured {m['peak'] / 1e9:.3f} GB, predicted {est.peak / 1e9:.3f} GB "
+                  f"({row['error_pct']:+.1f}%), {row['process_seconds']} s{note}", file=sys.stderr, flush=True)
+        rows.append(row)
+        if a.json:
+            Path(a.json).write_text(json.dumps({"env": env, "device": device, "rows": rows}, indent=1))
     print(table(rows))
-    worst = max(abs(r["error"]) for r in rows)
-    print(f"\n{len(rows)} configurations on {device}; largest error {worst:.1%} "
-          f"(tolerance {TOLERANCE:.0%})")
-    if a.json:
-        Path(a.json).write_text(json.dumps(rows, indent=1))
-    return 0 if worst <= TOLERANCE else 1
+    print()
+    print(markdown(rows))
+    done = [r for r in rows if "error" not in r]
+    failed = [r["name"] for r in rows if "error" in r]
+    worst = max((abs(r["error_pct"]) / 100 for r in done), default=0.0)
+    print(f"\n{len(done)} configurations measured on {device} ({env}); largest error {worst:.1%} "
+          f"(tolerance {TOLERANCE:.0%}); {time.perf_counter() - start:.0f} s"
+          + (f"; FAILED: {', '.join(failed)}" if failed else "")
+          + (f"; not run (--max-seconds): {', '.join(skipped)}" if skipped else ""))
+    return 0 if worst <= TOLERANCE and not failed else 1
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """`steadytune plan [CONFIG] [flags]`: predict a training run's peak memory before anything loads.
 
-The prediction adds up what is alive at the worst moment of a training step (the start of the
-backward pass of the longest micro-batch), each term from the model's shapes and the settings:
+The prediction adds up what is alive at the worst moment of a training step (without
+checkpointing the start of the backward pass of the largest micro-batch; with it the largest of
+three moments, see `estimate`), each term from the model's shapes and the settings:
 
   base weights      the frozen base as the trainer holds it: packed 4/8-bit words plus scales and
                     biases (in the compute dtype), or plain compute-dtype arrays
@@ -9,12 +10,15 @@ backward pass of the longest micro-batch), each term from the model's shapes and
   optimizer state   AdamW's two moments (float32), and the running sum of gradients when gradient
                     accumulation is on (new gradients appear only as activations are freed)
   activations       what the forward pass keeps for the backward one, per adapted block: see
-                    `block_bytes`; with gradient checkpointing only each block's input
+                    `block_bytes`; with gradient checkpointing each block's input, or the inputs
+                    of its LoRA layers (the fused update's moment)
   logits and loss   the logits and the cross-entropy's intermediates and gradient, per token and
                     vocabulary entry (of one chunk when the loss is chunked)
   in flight         MLX runs ahead of the device: the CPU encoder dispatches up to ~100 operations
-                    before they execute, CUDA up to ~10 graphs of ~100 operations, and each keeps its
-                    inputs and outputs alive until it has run; measured in "blocks of backward work"
+                    before they execute, CUDA up to ~10 graphs, and each operation keeps its inputs,
+                    outputs and temporaries alive until it has run; measured in "blocks of
+                    backward work" (on CUDA up to a limit, plus the kernels' temporaries); with
+                    checkpointing also the block being recomputed
   overhead          memory outside MLX's allocator: the Python process and libraries on the CPU,
                     the CUDA context and library workspaces on a GPU
 
@@ -35,24 +39,32 @@ from .errors import UserError
 
 GB = 1e9
 F32 = 4                 # LoRA weights, their gradients and AdamW's moments are float32
-PAD_MULTIPLE = 32       # steadytune.batching.pad_batch rounds a micro-batch's width up to this
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
-# --- calibration: measured with bench/memory.py (CPU) and the anchor runs on one H100 ---------
+# --- calibration: measured with bench/memory.py (CPU) and on one H100 (docs/plan-memory.md) -----
 # Logits-sized arrays alive around the loss (steadytune.qlora.token_cross_entropy): on the CPU the
 # logits in float32 and the cross-entropy's intermediates and gradient (3 float32 arrays, plus the
 # half-precision logits and gradient when computing in half precision); on a GPU the fused
 # cross-entropy reads the compute-dtype logits and writes their gradient (2 arrays).
 LOSS_ARRAYS = {"cpu": 3, "metal": 2, "cuda": 2}
-# Blocks of backward work in flight (see the module docstring). CPU: 10 tasks of 10 dispatches;
-# CUDA: 10 graphs of up to 100 nodes, capped at CUDA_GRAPH_ELEMENTS per graph. Metal is not
-# measured yet: its command buffers hold ~50 operations, so a few blocks at most.
-IN_FLIGHT_BLOCKS = {"cpu": 1.18, "metal": 2.0, "cuda": 16.0}
-CUDA_GRAPHS_IN_FLIGHT = 10
-CUDA_GRAPH_ELEMENTS = 1000 * 2**20  # MLX commits a CUDA graph after ~1000 Mi input elements
-# What a checkpointed block keeps per token, in hidden-sized compute-dtype tensors (its input,
-# and the checkpoint's own bookkeeping).
-CHECKPOINT_HIDDEN = 2.3
+# Blocks of work MLX has dispatched but not run (the module docstring). CPU: 10 tasks of 10
+# dispatches, ~1.2 blocks (bench/memory.py, 2-core Linux). Metal is not measured yet: its command
+# buffers hold ~50 operations, so a few blocks at most. CUDA: see below.
+IN_FLIGHT_BLOCKS = {"cpu": 1.18, "metal": 2.0, "cuda": 24.0}
+# CUDA: every kernel's inputs and temporaries stay alive until the CUDA graph it was recorded in has
+# run, and the host records graphs ahead of the GPU. How far ahead depends on the step: with a few
+# hundred tokens the GPU keeps up and little is queued; from ~2,000 tokens the host is as far
+# ahead as MLX lets it be and what is queued stops growing. So: up to IN_FLIGHT_BLOCKS blocks of
+# work, but at most CUDA_RUN_AHEAD bytes of activations, plus with compute=dequant the dequantized
+# weights (compute dtype) of CUDA_DEQUANT_BLOCKS blocks, plus CUDA_TEMPORARIES (cuBLAS workspaces,
+# up to 32 MiB a matmul on Hopper). Fitted to the 12 H100 80GB runs of the current trainer in
+# docs/plan-memory.md (7B shape, MLX 0.32.4, 2026-11-25: 128 to 4,096 tokens a step, native and
+# dequant, with and without checkpointing; all within 12%). The previous trainer (gradients, norm
+# and update in separate calls, adapters promoting their input to float32) ran further ahead:
+# its checkpointed steps are up to 43% above this model.
+CUDA_RUN_AHEAD = 7.0 * GB
+CUDA_DEQUANT_BLOCKS = 7
+CUDA_TEMPORARIES = 1.0 * GB
 OVERHEAD = {"cpu": 0.4 * GB, "metal": 0.5 * GB, "cuda": 1.0 * GB}
 # Transient arrays of one block's attention backward when CUDA recomputes attention unfused
 # (sequence width not a multiple of 128): scores, probabilities and their gradients.
@@ -224,8 +236,8 @@ def _gguf_quantization(tensors: dict) -> dict | None:
 
 @dataclass(frozen=True)
 class Run:
-    """The settings that decide memory, for the longest micro-batch."""
-    batch: int
+    """The settings that decide memory, for the largest micro-batch."""
+    batch: int                # rows of the micro-batch (with a token budget: rows at the widest width)
     seq: int                  # padded input width (tokens per row the model sees)
     checkpoint: bool = False
     rank: int = 8
@@ -238,15 +250,24 @@ class Run:
     device: str = "cpu"       # cpu, cuda or metal
     accumulation: int = 1
     loss_chunk: int = 0       # tokens per chunk of a chunked cross-entropy (0 = not chunked)
+    token_budget: int = 0     # --batch-tokens: micro-batches of up to this many tokens (0 = batch x seq)
+    # How the step is run. The trainer computes the last micro-batch's gradients, their norm and
+    # the update in one compiled call (Trainer.train_step, one process); False: gradients first,
+    # then the update (several processes, and steadytune before the fused update).
+    fused_update: bool = True
+    # mlx-lm's LoRALinear promotes a half-precision input to float32 for the adapter matmuls and
+    # keeps that copy; steadytune's MixedLoRALinear computes them in the input's dtype (False).
+    # True describes mlx-lm's trainer and steadytune before MixedLoRALinear.
+    lora_input_f32: bool = False
 
     @property
     def tokens(self) -> int:
-        return self.batch * self.seq
+        return max(self.token_budget, self.batch * self.seq)
 
 
 @dataclass
 class Breakdown:
-    """Bytes per term (see the module docstring)."""
+    """Bytes per term (see the module docstring), at the moment of the step that needs the most."""
     base_weights: float
     lora_weights: float
     optimizer: float
@@ -272,30 +293,60 @@ class Breakdown:
 
 
 def estimate(arch: Arch, run: Run) -> Breakdown:
+    """The peak of one training step: the largest of the moments below, each the arrays alive then."""
     b = DTYPE_BYTES[run.dtype]
     n = _adapted_layers(arch, run)
+    tokens = run.tokens
     lora = F32 * n * sum(run.rank * sum(arch.shape(k)) for k in run.keys)
     # AdamW's moments; the gradients appear as the backward pass frees activations, so they are
     # not part of the peak, but accumulated gradients (from earlier micro-batches) are
     optimizer = 2 * lora + (lora if run.accumulation > 1 else 0)
     saved, work = block_bytes(arch, run)
-    if run.checkpoint:
-        activations = n * CHECKPOINT_HIDDEN * arch.hidden * b * run.tokens
-    else:
-        activations = n * saved * run.tokens
-    logits = _loss_bytes(arch, run)
-    in_flight, elastic = _in_flight(arch, run, saved + work)
-    if run.checkpoint:
-        # The backward pass recomputes one block at a time after the loss's arrays are gone: the
-        # peak is the larger of the two moments.
-        in_flight += max(0.0, saved * run.tokens - logits)
-    return Breakdown(base_weights=base_weight_bytes(arch, run), lora_weights=lora, optimizer=optimizer,
-                     activations=activations, logits=logits, in_flight=in_flight,
-                     overhead=OVERHEAD[run.device], elastic=elastic)
+    fixed = dict(base_weights=base_weight_bytes(arch, run), lora_weights=lora, optimizer=optimizer,
+                 overhead=OVERHEAD[run.device])
+
+    def moment(activations, logits, block, ahead):
+        """`block`: per-token bytes of the block being worked on; `ahead`: per-token bytes of one
+        block of the work in flight (see _in_flight)."""
+        in_flight, elastic = _in_flight(arch, run, ahead)
+        return Breakdown(activations=activations, logits=logits, in_flight=block * tokens + in_flight,
+                         elastic=elastic, **fixed)
+
+    if not run.checkpoint:
+        # the start of the backward pass: every block's saved arrays and the loss's arrays
+        return moment(n * saved * tokens, _loss_bytes(arch, run), 0.0, saved + work)
+    # Gradient checkpointing keeps each block's input (in the compute dtype); the backward pass
+    # recomputes one block at a time. Measured on the CPU (bench/memory.py, docs/plan-memory.md):
+    kept = n * arch.hidden * b * tokens
+    probs = _probs_bytes(arch, run) if attention_kind(arch, run) == "unfused" else 0.0
+    moments = [
+        # at the loss: the logits and the loss's arrays, the last block recomputed, and the run-ahead
+        # of that recomputation (forward work: a block's arrays but its attention probabilities)
+        moment(kept, _loss_bytes(arch, run), saved, saved - probs),
+        # block by block: the block being differentiated, and in flight both the recomputation and
+        # the gradient work of the blocks after it
+        moment(kept, 0.0, saved + work, 2 * saved + work),
+    ]
+    if run.fused_update:
+        # With the gradient norm in the same compiled call as the backward pass, MLX computes the
+        # gradients of the first block before those of the others: after its recomputation, every
+        # block keeps the inputs of its LoRA layers (what the gradient of lora_a needs) until then,
+        # instead of its own input, and the logits stay alive for the loss value, which is computed
+        # last. On the CPU this doubles a checkpointed step of a 30-block model (SmolLM2 shape, 8k
+        # vocabulary: 0.336 GB with the norm in a separate call, 0.654 GB fused).
+        lora_in = sum(_lora_inputs(arch, run).values()) * b
+        moments.append(moment(n * max(arch.hidden * b, lora_in) * tokens, _kept_logits(arch, run),
+                              saved + work, saved + work))
+    return max(moments, key=lambda m: m.peak)
 
 
 def _adapted_layers(arch: Arch, run: Run) -> int:
     return arch.layers if run.lora_layers in (-1, None) else min(run.lora_layers, arch.layers)
+
+
+def _lora_inputs(arch: Arch, run: Run) -> dict:
+    """Distinct inputs of the adapted layers of a block (q, k and v share one) -> their width."""
+    return {MODULES[k][2]: arch.dims[MODULES[k][0]] for k in run.keys}
 
 
 def attention_kind(arch: Arch, run: Run) -> str:
@@ -307,27 +358,37 @@ def attention_kind(arch: Arch, run: Run) -> str:
     return "fused" if run.seq % 128 == 0 else "fused-forward"
 
 
+def _probs_bytes(arch: Arch, run: Run) -> float:
+    """Bytes per token of one batch x heads x width x width array (attention probabilities; on the
+    CPU in float32), spread over the micro-batch's tokens. With a token budget the rows at the
+    widest width are batch = budget // width, so the array is batch x heads x width^2 whatever the
+    tokens of the budget are."""
+    b = F32 if run.device == "cpu" else DTYPE_BYTES[run.dtype]
+    return arch.heads * run.seq * b * (run.batch * run.seq) / run.tokens
+
+
 def block_bytes(arch: Arch, run: Run) -> tuple[float, float]:
     """(saved, extra work) bytes per token of one adapted block's backward pass.
 
     Saved for the backward pass: the two RMSNorm inputs (float32 on the CPU, whose RMSNorm computes
-    in float32); one float32 copy of each distinct LoRA input (the float32 adapters promote the
-    matmul); LoRA's rank-sized intermediates; the attention inputs and, unless fused, the softmax
-    probabilities (heads x width per token); the MLP's gate, up, sigmoid(gate) and silu(gate).
+    in float32); each distinct LoRA input (in the compute dtype, or a float32 copy where the
+    adapters promote it: Run.lora_input_f32); LoRA's rank-sized intermediates; the attention inputs
+    and, unless fused, the softmax probabilities (heads x width per token); the MLP's gate, up,
+    sigmoid(gate) and silu(gate).
     """
     b = DTYPE_BYTES[run.dtype]
     d = arch.dims
     cpu = run.device == "cpu"
     norms = 2 * d["hidden"] * (F32 if cpu else b)
-    adapted = {MODULES[k][2]: d[MODULES[k][0]] for k in run.keys}
-    lora = F32 * (sum(adapted.values()) + run.rank * len(run.keys))
+    lb = F32 if run.lora_input_f32 else b
+    lora = lb * (sum(_lora_inputs(arch, run).values()) + run.rank * len(run.keys))
     kind = attention_kind(arch, run)
     attn = d["q"] * b + 2 * d["kv"] * b
     work = 0.0
     if kind == "fused":
         attn += d["q"] * b + arch.heads * F32                 # output and log-sum-exp kept
     else:
-        probs = arch.heads * run.seq * (F32 if cpu else b)
+        probs = _probs_bytes(arch, run)
         if kind == "unfused":                                 # kept; their gradient is work
             attn, work = attn + probs, probs
         else:                                                 # recomputed in the backward pass
@@ -336,18 +397,28 @@ def block_bytes(arch: Arch, run: Run) -> tuple[float, float]:
     return norms + lora + attn + mlp, work
 
 
-def _in_flight(arch: Arch, run: Run, block_work: float) -> tuple[float, float]:
-    """(bytes, elastic part) of the work MLX has dispatched but not finished (module docstring)."""
-    b = DTYPE_BYTES[run.dtype]
-    per_block = block_work * run.tokens
+def _in_flight(arch: Arch, run: Run, block: float) -> tuple[float, float]:
+    """(bytes, elastic part) of the work MLX has dispatched but not finished (module docstring):
+    IN_FLIGHT_BLOCKS blocks of `block` bytes per token; on CUDA at most CUDA_RUN_AHEAD of them
+    (plus, with compute=dequant, the dequantized weights of CUDA_DEQUANT_BLOCKS blocks), and the
+    kernels' temporaries."""
     blocks = IN_FLIGHT_BLOCKS[run.device]
-    total = blocks * per_block
-    if run.device == "cuda":
-        total = min(total, CUDA_GRAPHS_IN_FLIGHT * CUDA_GRAPH_ELEMENTS * b)
-    # On CUDA, MLX stops dispatching when its memory limit is reached; about two blocks of work in
-    # flight is what it cannot do without.
-    elastic = max(0.0, total - 2 * per_block) if run.device == "cuda" else 0.0
-    return total, elastic
+    total = blocks * block * run.tokens
+    if run.device != "cuda":
+        return total, 0.0
+    limit = CUDA_RUN_AHEAD
+    if run.compute == "dequant":
+        limit += CUDA_DEQUANT_BLOCKS * _dequantized_block_bytes(arch, run)
+    total = min(total, limit) + CUDA_TEMPORARIES
+    # MLX stops dispatching when its memory limit is reached; about two blocks of work in flight
+    # is what it cannot do without.
+    return total, max(0.0, total - 2 * block * run.tokens - CUDA_TEMPORARIES)
+
+
+def _dequantized_block_bytes(arch: Arch, run: Run) -> float:
+    """A block's quantized weights dequantized to the compute dtype (compute=dequant)."""
+    return DTYPE_BYTES[run.dtype] * sum(math.prod(arch.shape(k)) for k in MODULES
+                                        if _quantized(arch, run, f"model.layers.0.{k}", arch.shape(k)[0]))
 
 
 def _loss_bytes(arch: Arch, run: Run) -> float:
@@ -365,6 +436,13 @@ def _loss_bytes(arch: Arch, run: Run) -> float:
     if run.compute == "dequant" and _quantized(arch, run, head, arch.hidden):
         total += DEQUANT_HEAD_COPIES * arch.vocab * arch.hidden * b
     return total
+
+
+def _kept_logits(arch: Arch, run: Run) -> float:
+    """The logits kept for the loss value (one chunk's when the loss is chunked): float32 on the
+    CPU, the compute dtype on a GPU."""
+    tokens = min(run.tokens, run.loss_chunk) if run.loss_chunk else run.tokens
+    return arch.vocab * tokens * (F32 if run.device == "cpu" else DTYPE_BYTES[run.dtype])
 
 
 def base_weight_bytes(arch: Arch, run: Run) -> float:
@@ -436,10 +514,12 @@ class Plan:
     memory_source: str
     data: dict | None
     fits: bool
-    largest_batch: int            # at this width, as configured (checkpointing or not)
+    largest_batch: int            # rows at this width, as configured (checkpointing or not)
     largest_batch_checkpointed: int
-    longest_seq: int              # at this batch size (padded width; 0 = not even 32 tokens fit)
+    longest_seq: int              # padded width that fits at this batch size (or token budget); 0: none
     recommendation: dict
+    largest_batch_tokens: int = 0               # --batch-tokens: the largest budget that fits
+    largest_batch_tokens_checkpointed: int = 0
 
     def as_json(self) -> dict:
         b = self.breakdown
@@ -452,9 +532,12 @@ class Plan:
             "breakdown_gb": {k: round(v / GB, 4) for k, v in asdict(b).items()},
             "device": self.run.device, "dtype": self.run.dtype, "compute": self.run.compute,
             "batch_size": self.run.batch, "seq_width": self.run.seq, "tokens": self.run.tokens,
+            "batch_tokens": self.run.token_budget or None,
             "grad_checkpoint": self.run.checkpoint, "attention": attention_kind(self.arch, self.run),
             "largest_batch": self.largest_batch,
             "largest_batch_with_checkpointing": self.largest_batch_checkpointed,
+            "largest_batch_tokens": self.largest_batch_tokens or None,
+            "largest_batch_tokens_with_checkpointing": self.largest_batch_tokens_checkpointed or None,
             "longest_seq": self.longest_seq,
             "recommendation": self.recommendation,
             "model": asdict(self.arch), "data": self.data, "memory_source": self.memory_source,
@@ -462,7 +545,11 @@ class Plan:
 
 
 def run_from_config(cfg, arch: Arch, lengths=None, device: str | None = None) -> tuple[Run, dict | None]:
-    """The Run of the longest micro-batch `cfg` will train on, and the data statistics used."""
+    """The Run of the largest micro-batch `cfg` will train on, and the data statistics used.
+
+    By example count (batch_size): batch_size rows as wide as the longest example. By token budget
+    (batch_tokens): batch_tokens tokens, and for what depends on the width (attention's
+    width x width arrays) the longest example's width with batch_tokens // width rows."""
     from .backend import device_kind
 
     device = device or device_kind()
@@ -479,18 +566,37 @@ def run_from_config(cfg, arch: Arch, lengths=None, device: str | None = None) ->
     if unknown:
         raise UserError(f"lora.target_modules: the planner knows {', '.join(MODULES)}; "
                         f"{', '.join(unknown)} is not one of them")
-    run = Run(batch=t.batch_size, seq=_width(longest), checkpoint=t.grad_checkpoint, rank=cfg.lora.rank,
-              keys=keys, lora_layers=cfg.lora.num_layers,
+    run = Run(batch=t.batch_size, seq=padded_width(longest, device), checkpoint=t.grad_checkpoint,
+              rank=cfg.lora.rank, keys=keys, lora_layers=cfg.lora.num_layers,
               bits=None if m.quantize == "none" else int(m.quantize), group_size=m.group_size,
               dtype=dtype, compute=_compute_path(m.compute, device), device=device,
               accumulation=t.grad_accumulation,
               loss_chunk=_loss_chunk(arch, t.chunked_ce))
+    if getattr(t, "batch_tokens", None):
+        run = _at_budget(run, t.batch_tokens)
     return run, stats
 
 
-def _width(tokens: int) -> int:
-    """Input width of a micro-batch whose longest example has `tokens` tokens (as pad_batch pads)."""
-    return max(PAD_MULTIPLE, math.ceil((tokens - 1) / PAD_MULTIPLE) * PAD_MULTIPLE)
+def padded_width(tokens: int, device: str) -> int:
+    """Input width of a micro-batch whose longest example has `tokens` tokens, as
+    steadytune.batching.pad_batch pads it on `device` (n tokens give n - 1 inputs)."""
+    from .batching import pad_multiple
+
+    width = max(1, tokens - 1)
+    k = pad_multiple(width, device)
+    return max(k, math.ceil(width / k) * k)
+
+
+def _at_budget(run: Run, budget: int, **change) -> Run:
+    """`run` with micro-batches of up to `budget` tokens: `budget // width` rows at the widest
+    width (at least one: an example wider than the budget gets a micro-batch of its own)."""
+    run = replace(run, **change)
+    return replace(run, token_budget=budget, batch=max(1, budget // run.seq))
+
+
+def _at_width(run: Run, width: int) -> Run:
+    """`run` with its longest example `width` wide (rows recounted under a token budget)."""
+    return _at_budget(run, run.token_budget, seq=width) if run.token_budget else replace(run, seq=width)
 
 
 def _compute_path(compute: str, device: str) -> str:
@@ -526,10 +632,24 @@ def make_plan(cfg, model_cfg: dict | None = None, lengths=None, device: str | No
         available, source = device_memory(run.device)
     fits_at = lambda r: not available or estimate(arch, r).required <= available  # noqa: E731
     br = estimate(arch, run)
-    largest = _largest(lambda x: fits_at(_at_batch(run, x)))
-    largest_ck = _largest(lambda x: fits_at(_at_batch(run, x, checkpoint=True)))
-    longest = PAD_MULTIPLE * _largest(lambda x: fits_at(replace(run, seq=x * PAD_MULTIPLE)), 4096)
-    plan = Plan(arch, run, br, available, source, stats, fits_at(run), largest, largest_ck, longest, {})
+    extra = {}
+    if run.token_budget:
+        # budgets of whole rows at the widest width
+        def rows(ckpt):
+            return _largest(lambda x: fits_at(_at_budget(run, x * run.seq, checkpoint=ckpt)))
+
+        largest, largest_ck = rows(run.checkpoint), rows(True)
+        extra = dict(largest_batch_tokens=largest * run.seq,
+                     largest_batch_tokens_checkpointed=largest_ck * run.seq)
+        limit = max(1, run.token_budget // 32)   # no example is wider than the budget
+    else:
+        largest = _largest(lambda x: fits_at(_at_batch(run, x)))
+        largest_ck = _largest(lambda x: fits_at(_at_batch(run, x, checkpoint=True)))
+        limit = 4096                             # max_seq_length 128k
+    x = _largest(lambda x: fits_at(_at_width(run, padded_width(32 * x, run.device))), limit)
+    longest = padded_width(32 * x, run.device) if x else 0
+    plan = Plan(arch, run, br, available, source, stats, fits_at(run), largest, largest_ck, longest, {},
+                **extra)
     plan.recommendation = _recommend(plan, cfg)
     return plan
 
@@ -554,14 +674,18 @@ def _largest(ok, limit: int = 1 << 16) -> int:
 
 
 def _recommend(plan: Plan, cfg) -> dict:
-    """Settings that fit and keep the effective batch (batch x accumulation): the largest batch
-    that fits as configured, else with gradient checkpointing, else a shorter max_seq_length."""
+    """Settings that fit and keep the effective batch (batch x accumulation, or tokens per
+    optimizer step under a token budget): the largest batch that fits as configured, else with
+    gradient checkpointing, else a shorter max_seq_length."""
     run = plan.run
-    effective = run.batch * run.accumulation
     keep = {"batch_size": run.batch, "grad_accumulation": run.accumulation,
-            "grad_checkpoint": run.checkpoint, "max_seq_length": cfg.data.max_seq_length}
+            "grad_checkpoint": run.checkpoint, "max_seq_length": cfg.data.max_seq_length,
+            "batch_tokens": run.token_budget or None}
     if plan.fits:
         return dict(keep, text="fits as configured")
+    if run.token_budget:
+        return _recommend_budget(plan, cfg, keep)
+    effective = run.batch * run.accumulation
     for ckpt, largest in ((run.checkpoint, plan.largest_batch), (True, plan.largest_batch_checkpointed)):
         if largest >= 1:
             batch = _batch_for(effective, min(largest, run.batch))
@@ -581,6 +705,34 @@ def _recommend(plan: Plan, cfg) -> dict:
                 text="the model alone does not fit this device: use a smaller model or a larger device")
 
 
+def _recommend_budget(plan: Plan, cfg, keep: dict) -> dict:
+    """_recommend under --batch-tokens: a smaller token budget (at least max_seq_length, which the
+    config requires) with the accumulation that keeps the tokens per optimizer step."""
+    run = plan.run
+    effective = run.token_budget * run.accumulation
+    for ckpt, largest in ((run.checkpoint, plan.largest_batch_tokens),
+                          (True, plan.largest_batch_tokens_checkpointed)):
+        budget = min(largest, run.token_budget)
+        if budget >= cfg.data.max_seq_length:
+            accum = math.ceil(effective / budget)
+            smaller = budget < run.token_budget
+            flags = [f"--batch-tokens {budget}", f"--grad-accumulation {accum}"] if smaller else []
+            flags += ["--grad-checkpoint true"] if ckpt and not run.checkpoint else []
+            note = ("" if budget == run.token_budget else f" (up to {budget * accum} tokens a step"
+                    + (")" if budget * accum == effective else f", was {effective})"))
+            return dict(keep, batch_size=max(1, budget // run.seq), batch_tokens=budget,
+                        grad_accumulation=accum, grad_checkpoint=ckpt, text=" ".join(flags) + note)
+    seq = _fitting_length(plan)
+    if seq:
+        accum = math.ceil(effective / seq)
+        return dict(keep, batch_size=1, batch_tokens=seq, grad_accumulation=accum, grad_checkpoint=True,
+                    max_seq_length=seq, text=f"--batch-tokens {seq} --max-seq-length {seq} "
+                                             f"--grad-accumulation {accum} --grad-checkpoint true")
+    return dict(keep, batch_size=0, batch_tokens=0, grad_accumulation=0, grad_checkpoint=True,
+                max_seq_length=0,
+                text="the model alone does not fit this device: use a smaller model or a larger device")
+
+
 def _batch_for(effective: int, largest: int) -> int:
     """The largest batch <= `largest` that divides the effective batch exactly (so accumulation
     keeps it), unless that would more than halve the batch."""
@@ -589,10 +741,16 @@ def _batch_for(effective: int, largest: int) -> int:
 
 
 def _fitting_length(plan: Plan) -> int:
-    """The longest max_seq_length that fits at batch 1 with checkpointing (0 if none)."""
-    arch, run = plan.arch, replace(plan.run, batch=1, checkpoint=True)
-    ok = lambda x: estimate(arch, replace(run, seq=x * PAD_MULTIPLE)).required <= plan.available  # noqa: E731
-    return PAD_MULTIPLE * _largest(ok, 4096)  # max_seq_length 32k pads to a width of 32k
+    """The longest max_seq_length (a multiple of 32) that fits one example a micro-batch with
+    checkpointing (0 if none); under a token budget, with the budget equal to it."""
+    arch, run = plan.arch, replace(plan.run, batch=1, checkpoint=True, token_budget=0)
+
+    def ok(x):
+        width = padded_width(32 * x, run.device)
+        r = replace(run, seq=width, token_budget=32 * x if plan.run.token_budget else 0)
+        return estimate(arch, r).required <= plan.available
+
+    return 32 * _largest(ok, 4096)  # max_seq_length 128k
 
 
 def check_fits(cfg, model_config: dict | None = None, data_stats=None) -> Plan | None:
@@ -629,13 +787,21 @@ def advice(cfg) -> str:
     except UserError:
         return ("lower --batch-size (raise --grad-accumulation to keep the effective batch), lower "
                 "--max-seq-length, or add --grad-checkpoint true")
-    r = plan.recommendation
-    if plan.fits:  # predicted to fit, yet it did not: the next step down
-        half = max(1, plan.run.batch // 2)
-        return (f"the planner expected {plan.breakdown.required / GB:.1f} GB; try --batch-size {half} "
-                f"--grad-accumulation {math.ceil(plan.run.batch * plan.run.accumulation / half)}"
-                + ("" if plan.run.checkpoint else " or --grad-checkpoint true"))
-    return f"try: {r['text']}"
+    r, run = plan.recommendation, plan.run
+    if not plan.fits:
+        return f"try: {r['text']}"
+    # predicted to fit, yet it did not: the next step down
+    ckpt = "" if run.checkpoint else " or --grad-checkpoint true"
+    expected = f"the planner expected {plan.breakdown.required / GB:.1f} GB"
+    if run.token_budget:
+        half = max(cfg.data.max_seq_length, run.token_budget // 2)
+        if half >= run.token_budget:
+            return f"{expected}; try --grad-checkpoint true or a shorter --max-seq-length"
+        return (f"{expected}; try --batch-tokens {half} --grad-accumulation "
+                f"{math.ceil(run.token_budget * run.accumulation / half)}{ckpt}")
+    half = max(1, run.batch // 2)
+    return (f"{expected}; try --batch-size {half} "
+            f"--grad-accumulation {math.ceil(run.batch * run.accumulation / half)}{ckpt}")
 
 
 # --------------------------------------------------------------------------- the command
@@ -711,11 +877,13 @@ def render(plan: Plan, cfg) -> str:
     data = (f"{plan.data['examples']} examples, longest {plan.data['longest']} tokens, p95 {plan.data['p95']}, "
             f"mean {plan.data['mean']}" if plan.data else f"not measured: every batch assumed "
             f"max_seq_length ({cfg.data.max_seq_length}) long")
+    shape = (f"up to {r.tokens} tokens a micro-batch (--batch-tokens; {r.batch} x {r.seq} at the longest)"
+             if r.token_budget else f"batch {r.batch} x {r.seq} tokens")
     lines = [
         f"model      {cfg.model.path}: {a.layers} blocks, hidden {a.hidden}, MLP {a.inter}, "
         f"{a.heads}/{a.kv_heads} heads, vocab {a.vocab}",
         f"data       {data}",
-        f"run        batch {r.batch} x {r.seq} tokens, LoRA rank {r.rank} on {len(r.keys)} modules x "
+        f"run        {shape}, LoRA rank {r.rank} on {len(r.keys)} modules x "
         f"{_adapted_layers(a, r)} blocks, {r.dtype}, {r.compute} matmul, {r.device}, "
         f"{attention_kind(a, r)} attention",
         "",
@@ -731,8 +899,15 @@ def render(plan: Plan, cfg) -> str:
         lines.append(f"verdict    fits ({b.required / plan.available:.0%} of available)")
     else:
         lines.append(f"verdict    does NOT fit; try: {plan.recommendation['text']}")
-    lines.append(f"largest    batch {plan.largest_batch} at {r.seq} tokens"
-                 f"{'' if r.checkpoint else f' ({plan.largest_batch_checkpointed} with --grad-checkpoint true)'}"
-                 f"; {plan.longest_seq} tokens at batch {r.batch}")
+    if r.token_budget:
+        ck = plan.largest_batch_tokens_checkpointed
+        lines.append(f"largest    --batch-tokens {plan.largest_batch_tokens}"
+                     f"{'' if r.checkpoint else f' ({ck} with --grad-checkpoint true)'}"
+                     f"; examples up to {plan.longest_seq} tokens wide at --batch-tokens {r.token_budget}")
+    else:
+        ck = plan.largest_batch_checkpointed
+        lines.append(f"largest    batch {plan.largest_batch} at {r.seq} tokens"
+                     f"{'' if r.checkpoint else f' ({ck} with --grad-checkpoint true)'}"
+                     f"; {plan.longest_seq} tokens at batch {r.batch}")
     return "\n".join(lines)
 

@@ -131,6 +131,110 @@ def test_the_longest_example_decides_the_width_padded_like_the_batcher():
     assert run.seq == 2048                                   # truncated to max_seq_length
     run, _ = plan.run_from_config(config(seq=1024), arch, None, device="cpu")
     assert run.seq == 1024                                   # no data: max_seq_length
+    run, _ = plan.run_from_config(config(seq=2048), arch, [10, 50, 300], device="cuda")
+    assert run.seq == 384                                    # CUDA: multiples of 128 above 256
+
+
+def test_padded_width_follows_the_batchers_rule_per_device():
+    # n tokens give n - 1 inputs: multiples of 8 up to 128, of 16 up to 256, then 128 on CUDA
+    # (its fused attention backward) and 32 elsewhere
+    cases = {2: 8, 100: 104, 129: 128, 130: 144, 200: 208, 257: 256, 258: 288, 300: 320, 1000: 1024}
+    assert {n: plan.padded_width(n, "cpu") for n in cases} == cases
+    assert {n: plan.padded_width(n, "metal") for n in cases} == cases
+    cuda = {**cases, 258: 384, 300: 384, 1000: 1024}
+    assert {n: plan.padded_width(n, "cuda") for n in cuda} == cuda
+    # the same widths as the batcher's pad_batch
+    from steadytune.batching import pad_batch
+    for n in cases:
+        assert pad_batch([[1] * n], [[True] * n])[0].shape[1] == plan.padded_width(n, "cpu")
+
+
+def budget_config(budget: int, seq: int = 1024, **training) -> Config:
+    cfg = config(seq=seq, **training)
+    cfg.training.batch_tokens = budget
+    return cfg
+
+
+def test_a_token_budget_plans_its_tokens_and_the_widest_rows():
+    arch = plan.arch_from_config(ARCH)
+    # CUDA: the longest example (700 tokens, 699 inputs) pads to 768: 4096 // 768 = 5 rows of it,
+    # and up to 4096 tokens in a micro-batch of shorter examples
+    run, _ = plan.run_from_config(budget_config(4096), arch, [10, 50, 700], device="cuda")
+    assert (run.seq, run.batch, run.token_budget, run.tokens) == (768, 5, 4096, 4096)
+    run, _ = plan.run_from_config(budget_config(4096), arch, [10, 50, 700], device="cpu")
+    assert (run.seq, run.batch, run.tokens) == (704, 5, 4096)
+    # batch_size is ignored under a budget
+    run2, _ = plan.run_from_config(budget_config(4096, batch=64), arch, [10, 50, 700], device="cpu")
+    assert run2 == run
+    # per token (float32 on the CPU): RMSNorm inputs 2 x 256 x 4; LoRA inputs (attention in 256,
+    # out 256, MLP in 256, out 512) and 7 rank-8 intermediates, x 4; q, k, v 256 + 2 x 128, x 4;
+    # MLP 4 x 512 x 4; and the attention probabilities of the widest rows: 5 x 4 heads x 704^2 x 4
+    saved, work = plan.block_bytes(arch, run)
+    per_token = 2 * 256 * 4 + (1280 + 56) * 4 + 512 * 4 + 4 * 512 * 4
+    probs = 5 * 4 * 704 ** 2 * 4
+    assert saved * 4096 == per_token * 4096 + probs == 111_869_952
+    assert work * 4096 == probs == 39_649_280
+    assert plan.estimate(arch, run).activations == 2 * 111_869_952
+
+
+def test_a_token_budget_that_does_not_fit_is_given_a_smaller_budget(monkeypatch):
+    cfg, lengths = budget_config(8192, seq=1024, grad_accumulation=2), [1000] * 8
+    arch = plan.arch_from_config(DEEP)
+    run, _ = plan.run_from_config(cfg, arch, lengths, device="cpu")
+    need = lambda r: plan.estimate(arch, r).required  # noqa: E731
+    with_memory(monkeypatch, need(plan._at_budget(run, 6144)) * 1.001)
+    p = plan.make_plan(cfg, DEEP, lengths, device="cpu")
+    r = p.recommendation
+    assert not p.fits and p.run.seq == 1024 and p.largest_batch_tokens == 6144   # 6 rows of 1024
+    assert r["text"] == "--batch-tokens 6144 --grad-accumulation 3 (up to 18432 tokens a step, was 16384)"
+    assert (r["batch_tokens"], r["grad_accumulation"], r["batch_size"]) == (6144, 3, 6)
+    assert need(plan._at_budget(run, 7168)) > need(plan._at_budget(run, 6144)) * 1.001
+    with pytest.raises(UserError, match="--batch-tokens 6144"):
+        plan.check_fits(cfg, DEEP, lengths)
+    # too little memory for a budget of max_seq_length: checkpointing, then a shorter max_seq_length
+    ckpt = need(plan._at_budget(run, 1024, checkpoint=True))
+    with_memory(monkeypatch, ckpt * 1.01)
+    assert plan.make_plan(cfg, DEEP, lengths, device="cpu").recommendation["text"] == \
+        "--batch-tokens 1024 --grad-accumulation 16 --grad-checkpoint true (up to 16384 tokens a step)"
+    with_memory(monkeypatch, ckpt * 0.9)
+    text = plan.make_plan(cfg, DEEP, lengths, device="cpu").recommendation["text"]
+    seq = int(text.split()[1])
+    assert seq < 1024 and text == (f"--batch-tokens {seq} --max-seq-length {seq} "
+                                   f"--grad-accumulation {-(-16384 // seq)} --grad-checkpoint true")
+
+
+def test_cuda_run_ahead_is_blocks_of_work_and_a_constant():
+    arch = plan.arch_from_config(ARCH)
+    run = plan.Run(batch=4, seq=1024, dtype="bfloat16", device="cuda")
+    # bfloat16 per token: norms 2 x 256 x 2; LoRA inputs and intermediates (1280 + 56) x 2; q, k, v
+    # 256 + 2 x 128 and the fused attention's output (256) x 2, log-sum-exp 4 heads x 4; MLP 4 x 512 x 2
+    saved, work = plan.block_bytes(arch, run)
+    assert (saved, work) == (1024 + 2672 + 1024 + 512 + 16 + 4096, 0.0) == (9344, 0.0)
+    est = plan.estimate(arch, run)
+    blocks = plan.IN_FLIGHT_BLOCKS["cuda"]
+    assert est.in_flight == pytest.approx(blocks * 9344 * 4096 + plan.CUDA_TEMPORARIES, rel=1e-12)
+    assert est.elastic == pytest.approx((blocks - 2) * 9344 * 4096, rel=1e-12)  # MLX needs 2 blocks
+    # the run-ahead stops growing at CUDA_RUN_AHEAD bytes of activations (plus, with compute=dequant,
+    # the dequantized weights of CUDA_DEQUANT_BLOCKS blocks: 589,824 weights of 2 bytes each here)
+    big = replace(run, batch=4096)
+    assert plan.estimate(arch, big).in_flight == plan.CUDA_RUN_AHEAD + plan.CUDA_TEMPORARIES
+    assert plan.estimate(arch, replace(big, compute="dequant")).in_flight == \
+        plan.CUDA_RUN_AHEAD + plan.CUDA_DEQUANT_BLOCKS * 589_824 * 2 + plan.CUDA_TEMPORARIES
+    # a width that is not a multiple of 128 recomputes attention unfused in the backward pass
+    assert plan.attention_kind(arch, replace(run, seq=224)) == "fused-forward"
+    assert plan.block_bytes(arch, replace(run, seq=224))[1] == plan.UNFUSED_ATTENTION_ARRAYS * 4 * 224 * 2
+
+
+def test_checkpointing_with_the_fused_update_keeps_each_blocks_lora_inputs():
+    # measured on the CPU (docs/plan-memory.md): with the gradient norm in the backward pass's
+    # compiled call, each block keeps its LoRA layers' inputs (256 + 256 + 256 + 512 floats a
+    # token) until the gradients are done, instead of its 256-float input
+    arch = plan.arch_from_config(DEEP)
+    run = plan.Run(batch=4, seq=512, checkpoint=True, dtype="float32", device="cpu")
+    fused, separate = plan.estimate(arch, run), plan.estimate(arch, replace(run, fused_update=False))
+    assert fused.activations == 16 * 1280 * 4 * 2048 == 167_772_160
+    assert separate.activations == 16 * 256 * 4 * 2048 == 33_554_432
+    assert fused.peak > separate.peak
 
 
 def test_check_fits_refuses_with_a_smaller_batch_that_keeps_the_effective_batch(monkeypatch):
@@ -179,7 +283,7 @@ def test_plan_command_prints_json_with_the_verdict(tiny_model, tmp_path, capsys)
     out = json.loads(capsys.readouterr().out)
     assert out["fits"] is True and out["available_gb"] == 4.0 and out["batch_size"] == 2
     assert out["predicted_peak_gb"] > out["breakdown_gb"]["base_weights"] > 0
-    assert out["seq_width"] == plan._width(out["data"]["longest"])
+    assert out["seq_width"] == plan.padded_width(out["data"]["longest"], "cpu")
     assert main(args + ["--memory-gb", "0.001"]) == 1
     assert json.loads(capsys.readouterr().out)["fits"] is False
 
@@ -200,7 +304,7 @@ def test_prediction_is_within_15_percent_of_a_measured_training_step():
                                         num_attention_heads=8, num_key_value_heads=2, vocab_size=4096),
                 batch=2, seq=128)
     measured = memory.run_one(spec, "cpu", steps=2)["peak"]
-    predicted = memory.predict(spec, "cpu").peak
+    predicted = memory.predict(spec, "cpu")[0].peak
     assert abs(predicted / measured - 1) < 0.15, (predicted, measured)
 
 
