@@ -319,10 +319,11 @@ def estimate(arch: Arch, run: Run) -> Breakdown:
     # recomputes one block at a time. Measured on the CPU (bench/memory.py, docs/plan-memory.md):
     kept = n * arch.hidden * b * tokens
     probs = _probs_bytes(arch, run) if attention_kind(arch, run) == "unfused" else 0.0
+    loss = _loss_bytes(arch, run)
     moments = [
         # at the loss: the logits and the loss's arrays, the last block recomputed, and the run-ahead
         # of that recomputation (forward work: a block's arrays but its attention probabilities)
-        moment(kept, _loss_bytes(arch, run), saved, saved - probs),
+        moment(kept, loss, saved, saved - probs),
         # block by block: the block being differentiated, and in flight both the recomputation and
         # the gradient work of the blocks after it
         moment(kept, 0.0, saved + work, 2 * saved + work),
@@ -550,9 +551,13 @@ def run_from_config(cfg, arch: Arch, lengths=None, device: str | None = None) ->
     By example count (batch_size): batch_size rows as wide as the longest example. By token budget
     (batch_tokens): batch_tokens tokens, and for what depends on the width (attention's
     width x width arrays) the longest example's width with batch_tokens // width rows."""
+    import mlx.core as mx
+
     from .backend import device_kind
+    from .trainer import fused_update
 
     device = device or device_kind()
+    world = mx.distributed.init().size()  # 1 unless launched by mlx.launch
     m, t = cfg.model, cfg.training
     dtype = m.dtype if m.dtype != "auto" else ("float32" if device == "cpu" else "bfloat16")
     longest, stats = cfg.data.max_seq_length, None
@@ -571,7 +576,8 @@ def run_from_config(cfg, arch: Arch, lengths=None, device: str | None = None) ->
               bits=None if m.quantize == "none" else int(m.quantize), group_size=m.group_size,
               dtype=dtype, compute=_compute_path(m.compute, device), device=device,
               accumulation=t.grad_accumulation,
-              loss_chunk=_loss_chunk(arch, t.chunked_ce))
+              loss_chunk=_loss_chunk(arch, t.chunked_ce),
+              fused_update=fused_update(t.grad_checkpoint, device, world))
     if getattr(t, "batch_tokens", None):
         run = _at_budget(run, t.batch_tokens)
     return run, stats
