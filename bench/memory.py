@@ -108,15 +108,13 @@ def predict(spec: dict, device: str):
     """The planner's estimate for the spec: rows of seq + 1 tokens, padded as the trainer pads them
     on `device`, with the trainer's defaults (fused update, adapters in the input dtype)."""
     from steadytune import plan
-    from steadytune.trainer import fused_update
 
     s = settings(spec, device)
     arch = plan.arch_from_config(model_config(spec))
     run = plan.Run(batch=s["batch"], seq=plan.padded_width(s["seq"] + 1, device), checkpoint=s["ckpt"],
                    rank=s["rank"], keys=tuple(s["keys"]), lora_layers=s["lora_layers"], bits=4, group_size=64,
                    dtype=s["dtype"], compute=s["compute"], device=device,
-                   loss_chunk=plan._loss_chunk(arch, s["chunked_ce"]),
-                   fused_update=fused_update(s["ckpt"], device, 1))
+                   loss_chunk=plan._loss_chunk(arch, s["chunked_ce"]))
     return plan.estimate(arch, run), run.seq
 
 

@@ -46,14 +46,20 @@ def steps_per_epoch(n: int, batch_size: int, accum: int) -> int:
     return math.ceil(n / (batch_size * accum))
 
 
+def padded_width(tokens: int, device: str) -> int:
+    """Input width of a micro-batch whose longest example has `tokens` tokens, as pad_batch pads
+    it on `device` (n tokens give n - 1 inputs)."""
+    width = max(1, tokens - 1)
+    k = pad_multiple(width, device)
+    return math.ceil(width / k) * k
+
+
 def budget_width(tokens: int) -> int:
     """Padded input width a token budget charges for a micro-batch whose longest example has
-    `tokens` tokens: the widest padding of any device (pad_multiple on CUDA), so the same data and
-    budget give the same micro-batches on every machine (resume stays exact) and no device pads
-    past the budget."""
-    width = max(1, tokens - 1)
-    k = pad_multiple(width, "cuda")
-    return math.ceil(width / k) * k
+    `tokens` tokens: the widest padding of any device (CUDA's), so the same data and budget give
+    the same micro-batches on every machine (resume stays exact) and no device pads past the
+    budget."""
+    return padded_width(tokens, "cuda")
 
 
 def token_budget_steps(lengths, budget: int, accum: int, seed: int, epoch: int) -> list[list[list[int]]]:

@@ -35,6 +35,7 @@ import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from .batching import padded_width
 from .errors import UserError
 
 GB = 1e9
@@ -554,7 +555,6 @@ def run_from_config(cfg, arch: Arch, lengths=None, device: str | None = None) ->
     import mlx.core as mx
 
     from .backend import device_kind
-    from .trainer import fused_update
 
     device = device or device_kind()
     world = mx.distributed.init().size()  # 1 unless launched by mlx.launch
@@ -577,20 +577,10 @@ def run_from_config(cfg, arch: Arch, lengths=None, device: str | None = None) ->
               dtype=dtype, compute=_compute_path(m.compute, device), device=device,
               accumulation=t.grad_accumulation,
               loss_chunk=_loss_chunk(arch, t.chunked_ce),
-              fused_update=fused_update(t.grad_checkpoint, device, world))
+              fused_update=world == 1)  # Trainer.train_step fuses the update with one process
     if getattr(t, "batch_tokens", None):
         run = _at_budget(run, t.batch_tokens)
     return run, stats
-
-
-def padded_width(tokens: int, device: str) -> int:
-    """Input width of a micro-batch whose longest example has `tokens` tokens, as
-    steadytune.batching.pad_batch pads it on `device` (n tokens give n - 1 inputs)."""
-    from .batching import pad_multiple
-
-    width = max(1, tokens - 1)
-    k = pad_multiple(width, device)
-    return max(k, math.ceil(width / k) * k)
 
 
 def _at_budget(run: Run, budget: int, **change) -> Run:

@@ -276,12 +276,9 @@ class Trainer:
         summed loss divided by the target tokens of the whole group. Returns (gradients, summed
         loss, group target tokens, non-padding tokens)."""
         scale, group_tokens = self._begin_step(micro_batches)
-        acc, total, real = None, mx.array(0.0), 0
-        for inputs, targets, mask, n in self._padded(micro_batches):
-            part, acc = self._grad(inputs, targets, mask, scale, acc)
-            total = total + part
-            real += n
-            mx.eval(acc, total)
+        batches = list(self._padded(micro_batches))
+        acc, total = self._sum_grads(batches, scale)
+        real = sum(b[3] for b in batches)
         if self.world > 1:  # the token-weighted rule across ranks: sum, already divided by the global count
             if acc is None:
                 acc = tree_map(mx.zeros_like, self.model.trainable_parameters())
@@ -289,14 +286,26 @@ class Trainer:
             total = mx.distributed.all_sum(total)
         return acc, total, group_tokens, real
 
+    def _sum_grads(self, batches, scale, acc=None):
+        """Gradients and summed loss over padded micro-batches, evaluated after each one."""
+        total = mx.array(0.0)
+        for inputs, targets, mask, _ in batches:
+            part, acc = self._grad(inputs, targets, mask, scale, acc)
+            total = total + part
+            mx.eval(acc, total)
+        return acc, total
+
     def train_step(self, micro_batches, lr: float):
         """One optimizer step; returns (mean loss, target tokens, non-padding tokens).
 
-        Fused (see fused_update): the last micro-batch's compiled call also computes the gradient
-        norm, clips and updates, so the update is queued right behind the backward pass with no
-        round trip to Python (separate norm and update calls cost 30 of 367 ms per 7B step on an
-        H100). Otherwise the gradients are evaluated (and all-reduced across processes) first,
-        then the same update runs in a call of its own."""
+        One process: the last micro-batch's compiled call also computes the gradient norm, clips
+        and updates, so the update is queued right behind the backward pass with no round trip to
+        Python (separate norm and update calls cost 30 of 367 ms per 7B step on an H100). Several
+        processes: the gradients are all-reduced first, then the same update runs in a call of its
+        own. A measured cost of the fused call: with gradient checkpointing on the CPU, the norm in
+        the backward's graph makes MLX compute the first block's gradients before the others, so
+        every block keeps its LoRA inputs meanwhile (SmolLM2 shape, 4 x 224: 0.910 GB fused, 0.734 GB
+        separate; docs/plan-memory.md)."""
         t = self.cfg.training
         lr = mx.array(lr, dtype=mx.float32)
         max_norm = mx.array(t.max_grad_norm or float("inf"), dtype=mx.float32)
@@ -306,11 +315,8 @@ class Trainer:
         else:
             scale, group_tokens = self._begin_step(micro_batches)
             batches = list(self._padded(micro_batches))
-            acc, total, real = None, mx.array(0.0), sum(b[3] for b in batches)
-            for inputs, targets, mask, _ in batches[:-1]:
-                part, acc = self._grad(inputs, targets, mask, scale, acc)
-                total = total + part
-                mx.eval(acc, total)
+            real = sum(b[3] for b in batches)
+            acc, total = self._sum_grads(batches[:-1], scale)
             inputs, targets, mask, _ = batches[-1]
             total, norm = self._grad_apply(inputs, targets, mask, scale, acc, total, lr, max_norm)
         mx.eval(self.compiled_state, total, norm)
@@ -322,9 +328,7 @@ class Trainer:
         return loss, group_tokens, real
 
     def _build_steps(self):
-        from .backend import device_kind
-
-        self._fused = fused_update(self.cfg.training.grad_checkpoint, device_kind(), self.world)
+        self._fused = self.world == 1  # with several processes the all-reduce comes between
         model, opt = self.model, self.optimizer
         state = [model.state, opt.state, mx.random.state]
         self.compiled_state = state
@@ -494,19 +498,6 @@ class Trainer:
             f"valid: {len(self.val_set.ids)} examples",
         ]:
             bar.write(line)
-
-
-def fused_update(grad_checkpoint: bool, device: str, world: int) -> bool:
-    """Whether the update runs in the same compiled call as the last backward pass: with one
-    process (with several, the all-reduce comes between).
-
-    Measured trade-off, kept for a follow-up: with gradient checkpointing on the CPU, the norm in
-    the backward's graph makes MLX compute the first block's gradients before the others, so every
-    block keeps its LoRA inputs meanwhile: a 30-block model (SmolLM2 shape, 4 x 224) peaks at
-    0.910 GB fused against 0.734 GB with the update in a call of its own (0.654 vs 0.346 GB with an
-    8k vocabulary). The planner predicts the fused step (docs/plan-memory.md); the separate one
-    was not modelled well enough (+22% to -23% on CPU probes) to switch to it here."""
-    return world == 1
 
 
 def checkpoint_blocks(model: nn.Module) -> None:
