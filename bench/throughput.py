@@ -160,22 +160,38 @@ def steadytune_trainer(size, weights, batch, ckpt, compute="auto", kernel=None, 
     return tr
 
 
-def steadytune_steps(size, weights, batch, seq, ckpt, steps, compute="auto", kernel=None, seed=0) -> dict:
+def steadytune_steps(size, weights, batch, seq, ckpt, steps, compute="auto", kernel=None, seed=0,
+                     packed=False) -> dict:
+    """`steps` steps of Trainer.train_step on `batch` rows of `seq` random tokens; `packed`: each
+    row holds examples of random lengths (16 to seq / 2 tokens) that fill it exactly."""
     from steadytune.data import Tokenized
 
-    tr = steadytune_trainer(size, weights, batch, ckpt, compute, kernel)
+    tr = steadytune_trainer(size, weights, batch, ckpt, compute, kernel, pack=packed)
     vocab = SIZES[size]["vocab_size"]
-    ids = np.random.default_rng(seed).integers(0, vocab, (batch, seq + 1)).tolist()
-    tr.train_set = Tokenized(ids, [[True] * (seq + 1)] * batch)
+    rng = np.random.default_rng(seed)
+    if packed:
+        ids, rows = [], []
+        for _ in range(batch):
+            row, left = [], seq
+            while left:
+                n = min(left, int(rng.integers(16, seq // 2 + 1)))
+                row.append(len(ids))
+                ids.append(rng.integers(0, vocab, n + 1).tolist())  # n + 1 tokens: n inputs
+                left -= n
+            rows.append(row)
+        tr._pack_width, micro = seq, rows
+    else:
+        ids, micro = rng.integers(0, vocab, (batch, seq + 1)).tolist(), list(range(batch))
+    tr.train_set = Tokenized(ids, [[True] * len(x) for x in ids])
     reset_memory()
     times = []
     for _ in range(steps):
         t = time.perf_counter()
-        loss, _, _ = tr.train_step([list(range(batch))], LR)
+        loss, _, _ = tr.train_step([micro], LR)
         tr.state["step"] += 1
         times.append(time.perf_counter() - t)
     c = tr.compute
-    return summary(f"steadytune {batch}x{seq}{' ckpt' if ckpt else ''} ({c['mode']}"
+    return summary(f"steadytune {batch}x{seq}{' packed' if packed else ''}{' ckpt' if ckpt else ''} ({c['mode']}"
                    f"{'/' + c['kernel'] if c.get('kernel') else ''})", times, batch * seq,
                    {"loss": round(loss, 4)})
 
@@ -185,16 +201,17 @@ def compare(size, weights, settings, steps, variants, variants_on=None, skip_mlx
     allows) and mlx-lm, with steadytune/mlx-lm throughput ratios. A failing run prints its error
     and the others go on."""
     rows = []
-    for batch, seq, ckpt in settings:
+    for batch, seq, ckpt, *packed in settings:
         ours = []
         extra = variants if variants_on is None or (batch, seq, ckpt) in variants_on else []
         for compute, kernel in [("auto", None)] + extra:
             try:
-                ours.append(steadytune_steps(size, weights, batch, seq, ckpt, steps, compute, kernel))
+                ours.append(steadytune_steps(size, weights, batch, seq, ckpt, steps, compute, kernel,
+                                             packed=bool(packed)))
             except Exception as e:  # noqa: BLE001  (a benchmark reports and goes on)
                 print(f"steadytune {batch}x{seq} {compute}/{kernel} failed: {e!r}", flush=True)
             reset_memory()
-        if skip_mlx_lm:
+        if skip_mlx_lm or packed:
             rows += ours
             continue
         ref = mlx_lm_steps(size, weights, batch, seq, ckpt, steps)
@@ -233,8 +250,10 @@ def run_synthetic(a):
     weights = build_base(a.size, mx.bfloat16)
     settings = [(4, 1024, False), (4, 1024, True), (1, 2048, False)]
     if a.only:
-        settings += [(1, 128, False)]  # only on request: a step of fixed costs
-        settings = [s for s in settings if f"{s[0]}x{s[1]}{'c' if s[2] else ''}" in a.only.split(",")]
+        # only on request: a step of fixed costs, and packed rows (4 x 1024 of several examples each)
+        settings += [(1, 128, False), (4, 1024, False, True), (16, 256, False, True)]
+        settings = [s for s in settings if f"{s[0]}x{s[1]}{'c' if s[2] else ''}{'p' if s[3:] else ''}"
+                    in a.only.split(",")]
     variants = [("dequant", k) for k in a.kernels.split(",") if k]
     return compare(a.size, weights, settings, a.steps, variants, [settings[0]], a.skip_mlx_lm)
 
@@ -265,14 +284,14 @@ def run_profile(a):
         parts = {"grad": [], "update": [], "fused": [], "cpu": [], "wall": []}
         for _ in range(a.steps):
             t0 = time.perf_counter()
-            total, acc = tr._grad(inputs, targets, mask, scale, None)
+            total, acc = tr._grad(inputs, targets, mask, None, scale, None)
             mx.eval(total, acc)
             t1 = time.perf_counter()
             mx.eval(tr._apply(acc, total, lr, max_norm), tr.compiled_state)
             t2 = time.perf_counter()
             del acc
             c0 = time.process_time()
-            mx.eval(tr._grad_apply(inputs, targets, mask, scale, None, mx.array(0.0), lr, max_norm),
+            mx.eval(tr._grad_apply(inputs, targets, mask, None, scale, None, mx.array(0.0), lr, max_norm),
                     tr.compiled_state)
             t3 = time.perf_counter()
             for k, v in zip(parts, (t1 - t0, t2 - t1, t3 - t2, time.process_time() - c0, t3 - t2)):
@@ -352,7 +371,52 @@ def run_kernels(a):
         g = mx.compile(mx.grad(loss, argnums=(0, 1, 2)))
         t = bench(lambda: g(q, k, v), 5)
         rows.append({"run": f"attention fwd+bwd B={B} T={T} (per layer)", "ms": round(t * 1e3, 3)})
-    print(table(rows, ("run", "ms", "TFLOP/s", "GB/s")))
+    for B, T in [(32, 128), (16, 256), (8, 512), (4, 1024)] if a.attention else []:
+        rows += attention_packed_rows(B, T)
+    print(table(rows, ("run", "ms", "TFLOP/s", "GB/s", "max_err", "peak_gb")))
+    return rows
+
+
+def attention_packed_rows(B, T, heads=32, kv_heads=8, dim=128) -> list:
+    """Attention forward + backward of one layer, causal against packed rows (several examples
+    per row, an additive block-diagonal causal mask), and the packed result against attention
+    run on each example alone."""
+    from steadytune.packing import attention_bias
+
+    rng = np.random.default_rng(0)
+    q = mx.random.normal((B, heads, T, dim)).astype(mx.bfloat16)
+    k = mx.random.normal((B, kv_heads, T, dim)).astype(mx.bfloat16)
+    v = mx.random.normal((B, kv_heads, T, dim)).astype(mx.bfloat16)
+    seg = np.zeros((B, T), np.int32)
+    for r in range(B):  # examples of random lengths filling each row
+        pos, j = 0, 0
+        while pos < T:
+            n = int(rng.integers(T // 8, T // 2 + 1))
+            seg[r, pos:pos + n] = j
+            pos, j = pos + n, j + 1
+    bias = attention_bias(mx.array(seg), mx.bfloat16)
+    mx.eval(q, k, v, bias)
+    rows = []
+    for name, mask in [("causal", "causal"), ("packed bias", bias)]:
+        def loss(q, k, v, mask=mask):
+            return mx.fast.scaled_dot_product_attention(q, k, v, scale=0.088, mask=mask).astype(
+                mx.float32).sum()
+
+        g = mx.compile(mx.grad(loss, argnums=(0, 1, 2)))
+        reset_memory()
+        t = bench(lambda: g(q, k, v), 5)
+        rows.append({"run": f"attention fwd+bwd {name} B={B} T={T}", "ms": round(t * 1e3, 3),
+                     "peak_gb": round(mx.get_peak_memory() / 1e9, 3)})
+    out = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.088, mask=bias)
+    err = 0.0
+    for r in range(min(B, 2)):
+        for j in np.unique(seg[r]):
+            idx = np.nonzero(seg[r] == j)[0]
+            a, b = int(idx[0]), int(idx[-1]) + 1
+            ref = mx.fast.scaled_dot_product_attention(q[r:r + 1, :, a:b], k[r:r + 1, :, a:b],
+                                                       v[r:r + 1, :, a:b], scale=0.088, mask="causal")
+            err = max(err, mx.abs(out[r:r + 1, :, a:b].astype(mx.float32) - ref.astype(mx.float32)).max().item())
+    rows[-1]["max_err"] = err
     return rows
 
 
@@ -395,7 +459,7 @@ def write_model_folder(folder: Path, size: str, weights: list, texts: list[str])
 
 
 def steadytune_real(folder: Path, data: Path, out: Path, batch: int, max_steps: int, max_len: int,
-                    batch_tokens: int | None = None):
+                    batch_tokens: int | None = None, pack: bool = False):
     """`steadytune train` through the Python API, timing each optimizer step."""
     from steadytune.trainer import Trainer, as_config
 
@@ -403,7 +467,8 @@ def steadytune_real(folder: Path, data: Path, out: Path, batch: int, max_steps: 
         "model": {"path": str(folder)},
         "data": {"path": str(data), "max_seq_length": max_len},
         "lora": {"rank": RANK, "alpha": SCALE * RANK},
-        "training": {"batch_size": batch, "batch_tokens": batch_tokens, "max_steps": max_steps, "learning_rate": LR,
+        "training": {"batch_size": batch, "batch_tokens": batch_tokens, "pack": pack,
+                     "max_steps": max_steps, "learning_rate": LR,
                      "force": True,  # measure speed even where the planner would refuse
                      "eval_every": 0, "save_every": 0, "log_every": 10},
         "output": {"dir": str(out), "progress": "none"}})
@@ -501,10 +566,11 @@ def run_real(a):
                 ("alpaca", data_dir / "alpaca_en_demo.json", a.batch_alpaca)]
         for name, path, batch in [x for x in sets if x[0] in a.datasets.split(",")]:
             tr, steps, peak = steadytune_real(folder, path, Path(tmp) / f"run-{name}", batch,
-                                              a.real_steps, a.max_len, a.batch_tokens or None)
+                                              a.real_steps, a.max_len, a.batch_tokens or None, a.pack)
             total, steady = steady_rate(steps)
             padded = sum(b * w for _, _, sh in steps for b, w in sh)
             how = f"batch_tokens {a.batch_tokens}" if a.batch_tokens else f"batch {batch}"
+            how += f", packed rows of {tr._pack_width}" if a.pack else ""
             how += f", pad {a.cuda_pad} above 256" if a.cuda_pad else ""
             rows.append({"run": f"steadytune train {name} ({how})", "tok_s": round(steady, 1),
                          "tok_s_incl_compiles": round(total, 1), "peak_gb": round(peak, 2),
@@ -543,6 +609,8 @@ def main(argv=None):
                    "above 256 to multiples of this on CUDA instead of batching.pad_multiple's 128")
     p.add_argument("--batch-tokens", type=int, default=4096, help="real: steadytune's token budget per "
                    "micro-batch (0 = batches of --batch-wikisql / --batch-alpaca examples)")
+    p.add_argument("--pack", action="store_true", help="real: steadytune packs examples into rows "
+                   "(training.pack)")
     p.add_argument("--kernels", default="", help="synthetic: also run dequant with these kernels "
                    "(mlx,elementwise)")
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))

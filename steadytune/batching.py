@@ -5,6 +5,7 @@ always give the same plan (that is what makes resume exact).
 
 from __future__ import annotations
 
+import bisect
 import math
 
 import numpy as np
@@ -94,17 +95,112 @@ def token_budget_steps(lengths, budget: int, accum: int, seed: int, epoch: int) 
     return [micro[i:i + accum] for i in range(0, len(micro), accum)]
 
 
+PACK_WINDOW = 64  # rows packed together: enough examples to fill rows, few enough to stay random
+
+
+def pack_width(lengths) -> int:
+    """Row width of packed micro-batches: the longest example's input width rounded up to a
+    multiple of 8 up to 128, of 128 above (CUDA's fused attention backward needs multiples of 128;
+    a packed row is full, so the rounding costs no padding, only room), the same on every device
+    so resume stays exact anywhere."""
+    width = max(1, int(max(lengths)) - 1)
+    k = 8 if width <= 128 else 128
+    return math.ceil(width / k) * k
+
+
+def pack_rows(sizes, width: int) -> list[list[int]]:
+    """Best fit decreasing: indexes of `sizes` into rows of at most `width`. Each item goes, the
+    largest first, into the fullest row it still fits in (a new row if none), so rows come out
+    nearly full when small items are there to fill the gaps of large ones."""
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, row index), sorted
+
+    for i in sorted(range(len(sizes)), key=lambda j: -sizes[j]):
+        k = bisect.bisect_left(free, (sizes[i], -1))
+        if k == len(free):
+            rows.append([i])
+            bisect.insort(free, (width - sizes[i], len(rows) - 1))
+        else:
+            room, r = free.pop(k)
+            rows[r].append(i)
+            bisect.insort(free, (room - sizes[i], r))
+    return rows
+
+
+def packed_steps(lengths, width: int, rows: int, accum: int, seed: int,
+                 epoch: int) -> list[list[list[list[int]]]]:
+    """One epoch of packed micro-batches: steps -> micro-batches of `rows` rows -> rows -> example
+    indexes. An example of n tokens takes n - 1 positions (its inputs). The shuffled order is cut
+    into windows of about PACK_WINDOW rows' worth of tokens; each window is packed by best fit
+    decreasing (pack_rows); the rows are shuffled and taken `rows` per micro-batch, `accum` per
+    step. Every example appears exactly once; only the last micro-batch of the epoch may have
+    fewer rows."""
+    lengths = np.asarray(lengths)
+    n = len(lengths)
+    rng = epoch_rng(seed, epoch)
+    order = rng.permutation(n)
+    need = np.maximum(lengths - 1, 1)
+    windows = max(1, math.ceil(int(need.sum()) / (width * PACK_WINDOW))) if n else 1
+    packed: list[list[int]] = []
+    for chunk in np.array_split(order, windows):
+        sizes = need[chunk].tolist()
+        packed += [[int(chunk[j]) for j in row] for row in pack_rows(sizes, width)]
+    packed = [packed[i] for i in rng.permutation(len(packed))]
+    micro = [packed[i:i + rows] for i in range(0, len(packed), rows)]
+    return [micro[i:i + accum] for i in range(0, len(micro), accum)]
+
+
+def pack_batch(ids: list[list[list[int]]], masks: list[list[list[bool]]], width: int, pad_id: int = 0):
+    """Inputs, targets, loss mask and segments of packed rows (`ids[r]` = the examples of row r).
+
+    Each example contributes its n - 1 (input, target) pairs at the next free position of its row;
+    segments[r, t] numbers the example of row r that position t belongs to, from 0, and the padding
+    at a row's end is one segment more (it attends only to itself and carries no loss). Returns
+    int32 inputs/targets/segments and a float32 mask (B, width)."""
+    b = len(ids)
+    inputs = np.full((b, width), pad_id, dtype=np.int32)
+    targets = np.full((b, width), pad_id, dtype=np.int32)
+    mask = np.zeros((b, width), dtype=np.float32)
+    segments = np.zeros((b, width), dtype=np.int32)
+    for r, (row, row_masks) in enumerate(zip(ids, masks)):
+        if sum(len(x) - 1 for x in row) > width:
+            raise ValueError(f"row {r} holds {sum(len(x) - 1 for x in row)} positions, more than the "
+                             f"width {width}")
+        pos = 0
+        for j, (x, m) in enumerate(zip(row, row_masks)):
+            n = len(x) - 1
+            inputs[r, pos:pos + n] = x[:-1]
+            targets[r, pos:pos + n] = x[1:]
+            mask[r, pos:pos + n] = m[1:]
+            segments[r, pos:pos + n] = j
+            pos += n
+        segments[r, pos:] = len(row)
+    return inputs, targets, mask, segments
+
+
+def examples_of(micro_batch) -> list[int]:
+    """The example indexes of a micro-batch, packed (a list of rows) or not."""
+    return [i for row in micro_batch for i in row] if micro_batch and isinstance(micro_batch[0], list) \
+        else list(micro_batch)
+
+
 def plan_epoch(lengths, batch_size: int, batch_tokens: int | None, accum: int, seed: int, epoch: int,
-               group_by_length: bool = True) -> list[list[list[int]]]:
-    """The epoch's steps by a token budget when `batch_tokens` is set, else by example count."""
+               group_by_length: bool = True, pack: bool = False) -> list:
+    """The epoch's steps: packed rows (`pack`: batch_tokens // width rows, or batch_size rows, of
+    pack_width), by a token budget when `batch_tokens` is set, else by example count."""
+    if pack:
+        width = pack_width(lengths)
+        rows = max(1, batch_tokens // width) if batch_tokens else batch_size
+        return packed_steps(lengths, width, rows, accum, seed, epoch)
     if batch_tokens:
         return token_budget_steps(lengths, batch_tokens, accum, seed, epoch)
     return epoch_steps(lengths, batch_size, accum, seed, epoch, group_by_length)
 
 
-def shard(batch: list[int], rank: int, world: int) -> list[int]:
-    """This rank's share of a micro-batch (contiguous, sizes differ by at most one)."""
-    return np.array_split(np.asarray(batch), world)[rank].tolist()
+def shard(batch: list, rank: int, world: int) -> list:
+    """This rank's share of a micro-batch's examples, or of its rows when packed (contiguous,
+    sizes differ by at most one)."""
+    return [batch[i] for i in np.array_split(np.arange(len(batch)), world)[rank].tolist()]
 
 
 def pad_multiple(width: int, device: str) -> int:
@@ -161,6 +257,13 @@ def padding_fraction(lengths_per_batch: list[list[int]], pad_multiple: int | Non
         width = max(k, math.ceil((max(lens) - 1) / k) * k)
         real += sum(n - 1 for n in lens)
         total += width * len(lens)
+    return 1 - real / total if total else 0.0
+
+
+def packed_padding_fraction(micro_batches, lengths, width: int) -> float:
+    """Share of computed positions that are padding over packed micro-batches (lists of rows)."""
+    real = sum(max(int(lengths[i]) - 1, 1) for mb in micro_batches for row in mb for i in row)
+    total = width * sum(len(mb) for mb in micro_batches)
     return 1 - real / total if total else 0.0
 
 

@@ -84,6 +84,9 @@ class TrainingConfig:
                                      "examples of similar length, as many as fit in N padded tokens "
                                      "(at least max_seq_length; steadies memory and speed on "
                                      "variable-length data)")
+    pack: bool = _f(False, "pack several examples into each row (attention stays inside each example): "
+                    "almost no padding and one batch shape; rows are as wide as the longest example, "
+                    "batch_tokens // width of them (or batch_size rows)")
     grad_accumulation: int = _f(1, "micro-batches per optimizer step (token-weighted)")
     learning_rate: float = _f(1e-4, "peak learning rate")
     lr_schedule: str = _f("cosine", "learning-rate schedule after warmup", choices=["cosine", "constant"])

@@ -35,7 +35,7 @@ import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from .batching import padded_width
+from .batching import pack_width, padded_width
 from .errors import UserError
 
 GB = 1e9
@@ -252,6 +252,7 @@ class Run:
     accumulation: int = 1
     loss_chunk: int = 0       # tokens per chunk of a chunked cross-entropy (0 = not chunked)
     token_budget: int = 0     # --batch-tokens: micro-batches of up to this many tokens (0 = batch x seq)
+    packed: bool = False      # --pack: rows of several examples, with a (batch, 1, seq, seq) attention mask
     # How the step is run. The trainer computes the last micro-batch's gradients, their norm and
     # the update in one compiled call (Trainer.train_step, one process); False: gradients first,
     # then the update (several processes, and steadytune before the fused update).
@@ -305,13 +306,15 @@ def estimate(arch: Arch, run: Run) -> Breakdown:
     saved, work = block_bytes(arch, run)
     fixed = dict(base_weights=base_weight_bytes(arch, run), lora_weights=lora, optimizer=optimizer,
                  overhead=OVERHEAD[run.device])
+    # packed rows: one additive attention mask shared by every layer, alive for the whole step
+    mask = run.batch * run.seq * run.seq * (F32 if run.device == "cpu" else b) if run.packed else 0
 
     def moment(activations, logits, block, ahead):
         """`block`: per-token bytes of the block being worked on; `ahead`: per-token bytes of one
         block of the work in flight (see _in_flight)."""
         in_flight, elastic = _in_flight(arch, run, ahead)
-        return Breakdown(activations=activations, logits=logits, in_flight=block * tokens + in_flight,
-                         elastic=elastic, **fixed)
+        return Breakdown(activations=activations + mask, logits=logits,
+                         in_flight=block * tokens + in_flight, elastic=elastic, **fixed)
 
     if not run.checkpoint:
         # the start of the backward pass: every block's saved arrays and the loss's arrays
@@ -571,7 +574,9 @@ def run_from_config(cfg, arch: Arch, lengths=None, device: str | None = None) ->
     if unknown:
         raise UserError(f"lora.target_modules: the planner knows {', '.join(MODULES)}; "
                         f"{', '.join(unknown)} is not one of them")
-    run = Run(batch=t.batch_size, seq=padded_width(longest, device), checkpoint=t.grad_checkpoint,
+    # packed rows are as wide as the longest example, rounded as batching.pack_width rounds it
+    seq = pack_width([longest]) if t.pack else padded_width(longest, device)
+    run = Run(batch=t.batch_size, seq=seq, checkpoint=t.grad_checkpoint, packed=t.pack,
               rank=cfg.lora.rank, keys=keys, lora_layers=cfg.lora.num_layers,
               bits=None if m.quantize == "none" else int(m.quantize), group_size=m.group_size,
               dtype=dtype, compute=_compute_path(m.compute, device), device=device,

@@ -312,11 +312,15 @@ def set_loss_chunking(model: nn.Module, setting: str = "auto") -> int:
     return chunk
 
 
-def masked_ce_sum(model: nn.Module, inputs, targets, mask):
-    """Summed masked cross-entropy of the model on (inputs, targets, mask), in float32."""
+def masked_ce_sum(model: nn.Module, inputs, targets, mask, segments=None):
+    """Summed masked cross-entropy of the model on (inputs, targets, mask), in float32; with
+    `segments`, the rows are packed and attention stays inside each example (packing.py)."""
+    from .packing import model_inputs
+
     chunk = getattr(model, "_steadytune_ce_chunk", 0)
     parts = split_head(model) if chunk else None
+    extra = model_inputs(model, segments)
     if parts is None:
-        return (token_cross_entropy(model(inputs), targets) * mask).sum()
+        return (token_cross_entropy(model(inputs, **extra), targets) * mask).sum()
     backbone, head = parts
-    return chunked_cross_entropy(backbone(inputs), head, targets, mask, chunk)
+    return chunked_cross_entropy(backbone(inputs, **extra), head, targets, mask, chunk)

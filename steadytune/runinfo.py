@@ -14,7 +14,7 @@ from .errors import UserError
 MUST_MATCH = {
     "data": ["max_seq_length", "overlong", "train_on_prompt", "valid_fraction", "group_by_length"],
     "lora": ["rank", "alpha", "dropout", "target_modules", "num_layers"],
-    "training": ["batch_size", "batch_tokens", "grad_accumulation", "seed"],
+    "training": ["batch_size", "batch_tokens", "pack", "grad_accumulation", "seed"],
     "model": ["quantize", "group_size", "dtype"],
 }
 
@@ -69,9 +69,10 @@ def compare_for_resume(saved: dict, cfg: Config, fingerprints: dict, adapter_con
         if saved.get("fingerprints", {}).get(kind) != fingerprints[kind]:
             what = "model weights" if kind == "model" else "training/validation data files"
             problems.append(f"  the {what} changed since the checkpoint")
+    defaults = Config().to_dict()  # a setting newer than the checkpoint had its default then
     for sec, keys in MUST_MATCH.items():
         for k in keys:
-            a, b = old.get(sec, {}).get(k), new[sec][k]
+            a, b = old.get(sec, {}).get(k, defaults[sec][k]), new[sec][k]
             if a != b:
                 problems.append(f"  {sec}.{k}: {a!r} in the checkpoint, {b!r} now")
     if saved.get("adapter_config", {}).get("lora_parameters", {}).get("keys") != \

@@ -30,7 +30,8 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from . import checkpoint as ckpt
-from .batching import lr_at, pad_batch, padding_fraction, plan_epoch, shard
+from .batching import (examples_of, lr_at, pack_batch, pack_width, packed_padding_fraction, pad_batch,
+                       padding_fraction, plan_epoch, shard)
 from .config import Config, apply_overrides, load_yaml, save_yaml
 from .data import Tokenized, load_splits, tokenize_all
 from .errors import UserError
@@ -64,12 +65,13 @@ class TrainResult:
         return plot_run(self.run_dir, path)
 
 
-def loss_fn(model, inputs, targets, mask, scale):
+def loss_fn(model, inputs, targets, mask, segments, scale):
     """Summed masked cross-entropy times `scale` (1 / target tokens of the accumulation group).
-    Large vocabularies go through the output layer in chunks (qlora.set_loss_chunking)."""
+    Large vocabularies go through the output layer in chunks (qlora.set_loss_chunking); packed
+    rows (segments not None) attend inside each example (packing.py)."""
     from .qlora import masked_ce_sum
 
-    total = masked_ce_sum(model, inputs, targets, mask)
+    total = masked_ce_sum(model, inputs, targets, mask, segments)
     return total * scale, total
 
 
@@ -119,6 +121,7 @@ class Trainer:
                       overlong=cfg.data.overlong, train_on_prompt=cfg.data.train_on_prompt)
         self.train_set: Tokenized = tok(self.splits.train)
         self.val_set: Tokenized = tok(self._val_subset(self.splits.valid))
+        self._pack_width = pack_width(self.train_set.lengths()) if t.pack else 0
         self.model = self.loaded.model
         self.adapter_config = apply_lora(self.model, cfg.lora, t.seed)
         self.adapter_config["base_model"] = self.loaded.source
@@ -174,6 +177,10 @@ class Trainer:
 
         self.compute = apply_compute(self.model, self.cfg.model.compute)
         self.compute["ce_chunk"] = set_loss_chunking(self.model, self.cfg.training.chunked_ce)
+        if self.cfg.training.pack:
+            from .packing import prepare
+
+            prepare(self.model)
         if self.cfg.training.grad_checkpoint:
             checkpoint_blocks(self.model)
 
@@ -246,14 +253,14 @@ class Trainer:
         """The optimizer steps of `epoch` (a pure function of data lengths, settings and seed)."""
         t = self.cfg.training
         return plan_epoch(self.train_set.lengths(), t.batch_size, t.batch_tokens, t.grad_accumulation,
-                          t.seed, epoch, self.cfg.data.group_by_length)
+                          t.seed, epoch, self.cfg.data.group_by_length, t.pack)
 
     def _begin_step(self, micro_batches) -> tuple[mx.array, int]:
         """The step's loss scale (1 / target tokens of the whole group, known before any compute)
         and that token count; reseeds MLX's generator from (seed, step): dropout masks then do
         not depend on what ran before, so a resumed run draws the same ones."""
         masks = self.train_set.masks
-        group_tokens = sum(int(sum(masks[i][1:])) for mb in micro_batches for i in mb)
+        group_tokens = sum(int(sum(masks[i][1:])) for mb in micro_batches for i in examples_of(mb))
         scale = mx.array(1.0 / group_tokens, dtype=mx.float32)
         if self.state["step"] + 1 in _TEST_NAN_STEPS:
             scale = mx.array(float("nan"), dtype=mx.float32)
@@ -262,14 +269,22 @@ class Trainer:
         return scale, group_tokens
 
     def _padded(self, micro_batches):
-        """(inputs, targets, mask, non-padding tokens) of this process's share of each micro-batch."""
+        """(inputs, targets, mask, segments, non-padding tokens) of this process's share of each
+        micro-batch; segments is None unless the rows are packed."""
         ids, masks = self.train_set.ids, self.train_set.masks
         for mb in micro_batches:
             mb = shard(mb, self.rank, self.world) if self.world > 1 else mb
             if not mb:  # this rank's share of a short last micro-batch is empty
                 continue
-            inputs, targets, mask = pad_batch([ids[i] for i in mb], [masks[i] for i in mb])
-            yield mx.array(inputs), mx.array(targets), mx.array(mask), sum(len(ids[i]) - 1 for i in mb)
+            real = sum(len(ids[i]) - 1 for i in examples_of(mb))
+            if self.cfg.training.pack:
+                inputs, targets, mask, seg = pack_batch([[ids[i] for i in row] for row in mb],
+                                                        [[masks[i] for i in row] for row in mb],
+                                                        self._pack_width)
+                yield mx.array(inputs), mx.array(targets), mx.array(mask), mx.array(seg), real
+            else:
+                inputs, targets, mask = pad_batch([ids[i] for i in mb], [masks[i] for i in mb])
+                yield mx.array(inputs), mx.array(targets), mx.array(mask), None, real
 
     def accumulate(self, micro_batches):
         """Gradients of one optimizer step, summed over its micro-batches, each micro-batch's
@@ -278,7 +293,7 @@ class Trainer:
         scale, group_tokens = self._begin_step(micro_batches)
         batches = list(self._padded(micro_batches))
         acc, total = self._sum_grads(batches, scale)
-        real = sum(b[3] for b in batches)
+        real = sum(b[4] for b in batches)
         if self.world > 1:  # the token-weighted rule across ranks: sum, already divided by the global count
             if acc is None:
                 acc = tree_map(mx.zeros_like, self.model.trainable_parameters())
@@ -289,8 +304,8 @@ class Trainer:
     def _sum_grads(self, batches, scale, acc=None):
         """Gradients and summed loss over padded micro-batches, evaluated after each one."""
         total = mx.array(0.0)
-        for inputs, targets, mask, _ in batches:
-            part, acc = self._grad(inputs, targets, mask, scale, acc)
+        for inputs, targets, mask, segments, _ in batches:
+            part, acc = self._grad(inputs, targets, mask, segments, scale, acc)
             total = total + part
             mx.eval(acc, total)
         return acc, total
@@ -315,10 +330,10 @@ class Trainer:
         else:
             scale, group_tokens = self._begin_step(micro_batches)
             batches = list(self._padded(micro_batches))
-            real = sum(b[3] for b in batches)
+            real = sum(b[4] for b in batches)
             acc, total = self._sum_grads(batches[:-1], scale)
-            inputs, targets, mask, _ = batches[-1]
-            total, norm = self._grad_apply(inputs, targets, mask, scale, acc, total, lr, max_norm)
+            inputs, targets, mask, segments, _ = batches[-1]
+            total, norm = self._grad_apply(inputs, targets, mask, segments, scale, acc, total, lr, max_norm)
         mx.eval(self.compiled_state, total, norm)
         loss, norm = total.item() / group_tokens, norm.item()
         if not (math.isfinite(loss) and math.isfinite(norm)):
@@ -334,8 +349,8 @@ class Trainer:
         self.compiled_state = state
         lvg = nn.value_and_grad(model, loss_fn)
 
-        def grad_body(inputs, targets, mask, scale, acc):
-            (_, total), g = lvg(model, inputs, targets, mask, scale)
+        def grad_body(inputs, targets, mask, segments, scale, acc):
+            (_, total), g = lvg(model, inputs, targets, mask, segments, scale)
             return total, g if acc is None else tree_map(mx.add, acc, g)
 
         def apply_body(g, total, lr, max_norm):
@@ -354,12 +369,12 @@ class Trainer:
             return norm
 
         @partial(mx.compile, inputs=state, outputs=state)
-        def grad(inputs, targets, mask, scale, acc):
-            return grad_body(inputs, targets, mask, scale, acc)
+        def grad(inputs, targets, mask, segments, scale, acc):
+            return grad_body(inputs, targets, mask, segments, scale, acc)
 
         @partial(mx.compile, inputs=state, outputs=state)
-        def grad_apply(inputs, targets, mask, scale, acc, prev_total, lr, max_norm):
-            total, g = grad_body(inputs, targets, mask, scale, acc)
+        def grad_apply(inputs, targets, mask, segments, scale, acc, prev_total, lr, max_norm):
+            total, g = grad_body(inputs, targets, mask, segments, scale, acc)
             total = prev_total + total
             return total, apply_body(g, total, lr, max_norm)
 
@@ -369,7 +384,7 @@ class Trainer:
 
         @partial(mx.compile, inputs=state, outputs=state)
         def evaluate(inputs, targets, mask):
-            _, total = loss_fn(model, inputs, targets, mask, mx.array(1.0))
+            _, total = loss_fn(model, inputs, targets, mask, None, mx.array(1.0))
             return total
 
         self._grad, self._grad_apply, self._apply, self._eval = grad, grad_apply, apply, evaluate
@@ -488,13 +503,17 @@ class Trainer:
                                if device_kind() == "cpu" else "n/a")
         t = self.cfg.training
         plan = self._epoch_plan(0)
-        pad = padding_fraction([[int(lens[i]) for i in mb] for step in plan for mb in step])
+        if t.pack:
+            pad = packed_padding_fraction([mb for step in plan for mb in step], lens, self._pack_width)
+        else:
+            pad = padding_fraction([[int(lens[i]) for i in mb] for step in plan for mb in step])
         for line in notes + [
             f"run folder: {self.run_dir}",
             f"model: {self.loaded.source} ({device_kind()}, fast BLAS: {blas})",
             f"trainable parameters: {tr / 1e6:.3f}M of {tot / 1e6:.1f}M",
             f"train: {n} examples, {int(self.train_set.target_tokens().sum())} target tokens per epoch, "
-            f"{per_epoch} steps per epoch, {total} steps in all; padding {pad:.1%}",
+            f"{per_epoch} steps per epoch, {total} steps in all; "
+            + (f"packed rows of {self._pack_width} positions, " if t.pack else "") + f"padding {pad:.1%}",
             f"valid: {len(self.val_set.ids)} examples",
         ]:
             bar.write(line)

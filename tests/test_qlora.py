@@ -49,7 +49,7 @@ def batch(vocab=256, b=2, t=24, seed=1):
 
 def loss_and_grads(model, data):
     inputs, targets, mask = data
-    (_, total), grads = nn.value_and_grad(model, loss_fn)(model, inputs, targets, mask, mx.array(1.0))
+    (_, total), grads = nn.value_and_grad(model, loss_fn)(model, inputs, targets, mask, None, mx.array(1.0))
     mx.eval(total, grads)
     return total.item(), dict(tree_flatten(grads))
 
@@ -158,7 +158,7 @@ def _peak_of_compiled_step(model, data):
 
     @partial(mx.compile, inputs=state, outputs=state)
     def step(inputs, targets, mask):
-        (_, total), g = lvg(model, inputs, targets, mask, mx.array(1.0))
+        (_, total), g = lvg(model, inputs, targets, mask, None, mx.array(1.0))
         opt.update(model, g)
         return total
 
