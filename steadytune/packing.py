@@ -49,8 +49,7 @@ class PackedCache:
     def update_and_fetch(self, keys, values):
         return keys, values
 
-    # some models test `if cache is not None and cache.empty()` / read `cache.state`
-    def empty(self):
+    def empty(self):  # some mlx-lm models ask before using a cache
         return True
 
 
@@ -84,17 +83,13 @@ _ABSOLUTE = ("wpe", "embed_positions", "position_embeddings", "pos_embed")
 def check_packable(model: nn.Module) -> str | None:
     """None if packing keeps each example's result, else the reason it would not."""
     mt = getattr(getattr(model, "args", None), "model_type", type(model).__module__.rsplit(".", 1)[-1])
-    names = {k.split(".")[-1] for k, _ in _named_modules(model)}
+    names = {k.split(".")[-1] for k, _ in model.named_modules()}
     if any(a in names for a in _ABSOLUTE):
         return f"model type {mt} has absolute position embeddings (packing needs RoPE)"
     layers = getattr(model, "layers", None)
     if not layers:
         return f"model type {mt}: no transformer layers found"
-    attn = next((m for _, m in _named_modules(layers[0]) if hasattr(m, "rope")), None)
+    attn = next((m for _, m in layers[0].named_modules() if hasattr(m, "rope")), None)
     if attn is None:
         return f"model type {mt}: its attention has no RoPE (packing needs relative positions)"
     return None
-
-
-def _named_modules(m: nn.Module):
-    return m.named_modules()
