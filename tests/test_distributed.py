@@ -59,3 +59,21 @@ def test_distributed_run_resumes_exactly_after_sigkill(runs):
     assert _losses(out) == _losses(double)
     wa, wb = _adapters(out), _adapters(double)
     assert all(np.array_equal(wa[k], wb[k]) for k in wa)
+
+
+def test_packed_rows_split_between_two_processes_match_one(runs):
+    """--pack: each process takes its share of a micro-batch's rows (batching.shard); the losses
+    and adapters agree with one process training the same rows."""
+    model, data, root, _, _ = runs
+    single, double = root / "packed-single", root / "packed-double"
+    packed = ["--pack", "true", "--batch-size", "2", "--grad-accumulation", "1"]  # 2 rows a step
+    assert run_cli(*_args(model, data, single, *packed)).returncode == 0
+    r = run_cli(*_args(model, data, double, *packed, "--nproc", "2"))
+    assert r.returncode == 0, r.stderr + r.stdout
+    a, b = _losses(single), _losses(double)
+    assert [x[:2] for x in a] == [x[:2] for x in b] and len(a) > 3
+    for (_, _, x), (_, _, y) in zip(a, b):
+        assert abs(x - y) / abs(x) < 1e-5
+    wa, wb = _adapters(single), _adapters(double)
+    diff = np.sqrt(sum(np.sum((wa[k] - wb[k]) ** 2) for k in wa))
+    assert diff / np.sqrt(sum(np.sum(wa[k] ** 2) for k in wa)) < 1e-5
