@@ -175,13 +175,10 @@ def steadytune_steps(size, weights, batch, seq, ckpt, steps, compute="auto", ker
     if packed:
         ids, rows = [], []
         for _ in range(batch):
-            row, left = [], seq
-            while left:
-                n = min(left, int(rng.integers(16, seq // 2 + 1)))
-                row.append(len(ids))
+            rows.append([])
+            for n in filling(rng, seq, 16):
+                rows[-1].append(len(ids))
                 ids.append(rng.integers(0, vocab, n + 1).tolist())  # n + 1 tokens: n inputs
-                left -= n
-            rows.append(row)
         tr._pack_width, micro = seq, rows
     else:
         ids, micro = rng.integers(0, vocab, (batch, seq + 1)).tolist(), list(range(batch))
@@ -201,6 +198,16 @@ def steadytune_steps(size, weights, batch, seq, ckpt, steps, compute="auto", ker
                    {"loss": round(loss, 4)})
 
 
+def filling(rng, width: int, shortest: int) -> list[int]:
+    """Random lengths from `shortest` to width / 2 that add up to `width` (the examples of a full
+    packed row)."""
+    lengths, left = [], width
+    while left:
+        lengths.append(min(left, int(rng.integers(shortest, width // 2 + 1))))
+        left -= lengths[-1]
+    return lengths
+
+
 def compare(size, weights, settings, steps, variants, variants_on=None, skip_mlx_lm=False,
             ab_lora=False) -> list:
     """Rows for each (batch, seq, ckpt): steadytune (auto, then `variants` where `variants_on`
@@ -210,9 +217,9 @@ def compare(size, weights, settings, steps, variants, variants_on=None, skip_mlx
     for batch, seq, ckpt, *packed in settings:
         ours = []
         extra = variants if variants_on is None or (batch, seq, ckpt) in variants_on else []
-        runs = [("auto", None, {})] + [(c, k, {}) for c, k in extra]
-        ab = [("auto", None, {"lora_unfused": True})] if ab_lora else []
-        for compute, kernel, switch in ab + runs:
+        runs = ([("auto", None, {"lora_unfused": True})] if ab_lora else []) + [("auto", None, {})] \
+            + [(c, k, {}) for c, k in extra]
+        for compute, kernel, switch in runs:
             try:
                 ours.append(steadytune_steps(size, weights, batch, seq, ckpt, steps, compute, kernel,
                                              packed=bool(packed), **switch))
@@ -397,11 +404,8 @@ def attention_packed_rows(B, T, heads=32, kv_heads=8, dim=128) -> list:
     v = mx.random.normal((B, kv_heads, T, dim)).astype(mx.bfloat16)
     seg = np.zeros((B, T), np.int32)
     for r in range(B):  # examples of random lengths filling each row
-        pos, j = 0, 0
-        while pos < T:
-            n = int(rng.integers(T // 8, T // 2 + 1))
-            seg[r, pos:pos + n] = j
-            pos, j = pos + n, j + 1
+        lengths = filling(rng, T, T // 8)
+        seg[r] = np.repeat(np.arange(len(lengths)), lengths)
     bias = attention_bias(mx.array(seg), mx.bfloat16)
     mx.eval(q, k, v, bias)
     rows = []

@@ -163,9 +163,8 @@ def pack_batch(ids: list[list[list[int]]], masks: list[list[list[bool]]], width:
     mask = np.zeros((b, width), dtype=np.float32)
     segments = np.zeros((b, width), dtype=np.int32)
     for r, (row, row_masks) in enumerate(zip(ids, masks)):
-        if sum(len(x) - 1 for x in row) > width:
-            raise ValueError(f"row {r} holds {sum(len(x) - 1 for x in row)} positions, more than the "
-                             f"width {width}")
+        if (held := sum(len(x) - 1 for x in row)) > width:
+            raise ValueError(f"row {r} holds {held} positions, more than the width {width}")
         pos = 0
         for j, (x, m) in enumerate(zip(row, row_masks)):
             n = len(x) - 1
@@ -237,16 +236,7 @@ def pad_batch(ids: list[list[int]], masks: list[list[bool]], pad_multiple: int |
     width = max(len(x) for x in ids) - 1
     pad_multiple = pad_multiple or default_pad_multiple(width)
     width = max(pad_multiple, math.ceil(width / pad_multiple) * pad_multiple)
-    b = len(ids)
-    inputs = np.full((b, width), pad_id, dtype=np.int32)
-    targets = np.full((b, width), pad_id, dtype=np.int32)
-    mask = np.zeros((b, width), dtype=np.float32)
-    for i, (x, m) in enumerate(zip(ids, masks)):
-        n = len(x) - 1
-        inputs[i, :n] = x[:-1]
-        targets[i, :n] = x[1:]
-        mask[i, :n] = m[1:]
-    return inputs, targets, mask
+    return pack_batch([[x] for x in ids], [[m] for m in masks], width, pad_id)[:3]  # one example a row
 
 
 def padding_fraction(lengths_per_batch: list[list[int]], pad_multiple: int | None = None) -> float:

@@ -204,7 +204,7 @@ def _lora_dequant_fn(group_size: int, bits: int, mode: str, has_biases: bool, ke
     return f
 
 
-FUSED_LORA = True  # a switch for A/B measurements (bench/throughput.py --lora-unfused)
+FUSED_LORA = True  # a switch for A/B measurements (bench/throughput.py --ab-lora)
 
 
 class MixedLoRALinear(LoRALinear):
@@ -215,7 +215,9 @@ class MixedLoRALinear(LoRALinear):
     copy of its input and keeps it for the backward pass (for the gradient of lora_a), twice the
     bytes of the bfloat16 input, and runs the adapter matmuls in float32. Casting the adapters to
     x's dtype instead keeps the saved input in bfloat16; the gradients still arrive in float32
-    through the cast. In float32 compute (the CPU default) this is exactly mlx-lm's layer."""
+    through the cast. In float32 compute (the CPU default) this is exactly mlx-lm's layer. In half
+    precision over a DequantLinear without dropout, the adapter is added inside the matmuls
+    (_lora_dequant_fn): the same sum, fewer passes over output-sized arrays."""
 
     def __call__(self, x):
         lin = self.linear
