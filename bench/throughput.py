@@ -5,7 +5,9 @@
                                                     #      ../shared/data (wikisql, alpaca)
     python bench/throughput.py cpu                  # CPU: 4 layers, hidden 256, vocab 32000, batch 2x128
     python bench/throughput.py kernels --attention  # GPU: dequantize / matmul / attention micro-timings
-    python bench/throughput.py profile              # where a steadytune step's time goes
+    python bench/throughput.py profile              # where a steadytune step's time goes (host and GPU)
+    python bench/throughput.py synthetic --ab "..." # variants of the step timed in turns (parse_ab)
+    python bench/throughput.py kernelmix            # one step for Nsight Compute (run_kernelmix)
 
 Model: random init (weights don't change speed), base quantized 4-bit g64 (embedding and output layer
 too, as in the anchor bench), LoRA rank 16, scale 2 on q,k,v,o,gate,up,down of every layer, AdamW.
@@ -163,12 +165,14 @@ def steadytune_trainer(size, weights, batch, ckpt, compute="auto", kernel=None, 
 def steadytune_steps(size, weights, batch, seq, ckpt, steps, compute="auto", kernel=None, seed=0,
                      packed=False, lora_unfused=False) -> dict:
     """`steps` steps of Trainer.train_step on `batch` rows of `seq` random tokens; `packed`: each
-    row holds examples of random lengths (16 to seq / 2 tokens) that fill it exactly."""
+    row holds examples of random lengths (16 to seq / 2 tokens) that fill it exactly.
+    lora_unfused: an A/B switch (qlora.FUSED_LORA off)."""
     from steadytune.data import Tokenized
 
     from steadytune import qlora
 
-    qlora.FUSED_LORA = not lora_unfused  # an A/B switch: the adapter added by separate passes
+    saved = qlora.FUSED_LORA
+    qlora.FUSED_LORA = not lora_unfused
     tr = steadytune_trainer(size, weights, batch, ckpt, compute, kernel, pack=packed)
     vocab = SIZES[size]["vocab_size"]
     rng = np.random.default_rng(seed)
@@ -190,12 +194,118 @@ def steadytune_steps(size, weights, batch, seq, ckpt, steps, compute="auto", ker
         loss, _, _ = tr.train_step([micro], LR)
         tr.state["step"] += 1
         times.append(time.perf_counter() - t)
-    qlora.FUSED_LORA = True
+    qlora.FUSED_LORA = saved
     c = tr.compute
     return summary(f"steadytune {batch}x{seq}{' packed' if packed else ''}{' ckpt' if ckpt else ''}"
                    f"{' lora unfused' if lora_unfused else ''} ({c['mode']}"
                    f"{'/' + c['kernel'] if c.get('kernel') else ''})", times, batch * seq,
                    {"loss": round(loss, 4)})
+
+
+FLAG_TOKENS = {"swiglu": "FUSED_SWIGLU", "fusedlora": "FUSED_LORA", "flat": "FLAT_UPDATE"}
+
+
+def _flag_module(name):
+    from steadytune import qlora, trainer
+
+    return trainer if name == "FLAT_UPDATE" else qlora
+
+
+def set_flags(flags: dict) -> None:
+    for k, v in flags.items():
+        setattr(_flag_module(k), k, v)
+
+
+def parse_ab(spec: str) -> list[dict]:
+    """"base=cuda:1,-swiglu,-flat;new=cuda" -> [{"name", "kernel", "flags"}]: +/-swiglu and
+    +/-fusedlora set qlora's FUSED_SWIGLU and FUSED_LORA, +/-flat the trainer's FLAT_UPDATE; other
+    tokens name the dequantization kernel ("cuda:N": N packed words per thread)."""
+    out = []
+    for item in filter(None, spec.split(";")):
+        name, _, toks = item.partition("=")
+        v = {"name": name, "kernel": None, "flags": {}}
+        for t in filter(None, toks.split(",")):
+            if t[0] in "+-" and t[1:] in FLAG_TOKENS:
+                v["flags"][FLAG_TOKENS[t[1:]]] = t[0] == "+"
+            else:
+                v["kernel"] = t
+        out.append(v)
+    return out
+
+
+def interleaved(size, weights, batch, seq, ckpt, steps, variants, pipelined=0) -> list:
+    """Variants of steadytune's step (parse_ab) timed in turns, one step of each per round, in one
+    process: a slow phase of the card (clocks, other tenants) then hits every variant alike, where
+    runs one after another measured up to 10% apart on one card. Median of rounds 3+. With
+    `pipelined`, each variant then also runs that many steps without waiting for each (no .item()
+    between steps: the host queues step k+1 while the GPU runs step k)."""
+    from steadytune.data import Tokenized
+
+    vocab = SIZES[size]["vocab_size"]
+    ids = np.random.default_rng(0).integers(0, vocab, (batch, seq + 1)).tolist()
+    micro = list(range(batch))
+    saved = {k: getattr(_flag_module(k), k) for k in FLAG_TOKENS.values()}
+    runs = []
+    for v in variants:
+        set_flags({**saved, **v["flags"]})
+        tr = steadytune_trainer(size, weights, batch, ckpt, "auto", v["kernel"])
+        tr.train_set = Tokenized(ids, [[True] * len(x) for x in ids])
+        runs.append({"v": v, "tr": tr, "times": [], "peak": 0.0})
+    for _ in range(steps):
+        for r in runs:
+            set_flags({**saved, **r["v"]["flags"]})
+            reset_memory()
+            t = time.perf_counter()
+            loss, _, _ = r["tr"].train_step([micro], LR)
+            r["times"].append(time.perf_counter() - t)
+            r["tr"].state["step"] += 1
+            r["peak"] = max(r["peak"], mx.get_peak_memory() / 1e9)
+            r["loss"] = loss
+    rows = []
+    for r in runs:
+        med = statistics.median(r["times"][2:])
+        c = r["tr"].compute
+        row = {"run": f"steadytune {batch}x{seq}{' ckpt' if ckpt else ''} [{r['v']['name']}] "
+                      f"({c['mode']}/{c.get('kernel')})",
+               "median_s": round(med, 4), "tok_s": round(batch * seq / med, 1),
+               "peak_gb": round(r["peak"], 2), "steps": steps, "loss": round(r["loss"], 4),
+               "times": [round(x, 4) for x in r["times"]]}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    for r, row in zip(runs, rows) if pipelined else []:  # last: it may run out of memory
+        set_flags({**saved, **r["v"]["flags"]})
+        try:
+            row.update(pipelined_rate(r["tr"], micro, pipelined))
+            row["pipelined_tok_s"] = round(batch * seq / row["pipelined_s"], 1)
+        except Exception as e:  # noqa: BLE001  (a benchmark reports and goes on)
+            row["pipelined"] = f"failed: {e!r}"
+        reset_memory()
+        print(json.dumps({k: row[k] for k in row if k.startswith(("run", "pipelined", "host"))}), flush=True)
+    set_flags(saved)
+    return rows
+
+
+def pipelined_rate(tr, micro, steps) -> dict:
+    """Steps of the trainer's fused compiled call queued back to back (mx.async_eval, one wait at
+    the end), against its host time: how long queuing one step keeps Python and MLX busy."""
+    scale, _ = tr._begin_step([micro])
+    inputs, targets, mask, segments, _ = next(tr._padded([micro]))
+    lr, max_norm = mx.array(LR, dtype=mx.float32), mx.array(1.0, dtype=mx.float32)
+    mx.synchronize()
+    reset_memory()
+    host, outs = [], []
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        h = time.perf_counter()
+        total, norm = tr._grad_apply(inputs, targets, mask, segments, scale, None, mx.array(0.0), lr, max_norm)
+        mx.async_eval(tr.compiled_state, total, norm)
+        host.append(time.perf_counter() - h)
+        outs.append(total)
+    mx.eval(outs)
+    mx.synchronize()
+    return {"pipelined_s": round((time.perf_counter() - t0) / steps, 4),
+            "host_queue_s": round(statistics.median(host), 4),
+            "pipelined_peak_gb": round(mx.get_peak_memory() / 1e9, 2)}
 
 
 def filling(rng, width: int, shortest: int) -> list[int]:
@@ -263,6 +373,14 @@ def environment() -> str:
 
 def run_synthetic(a):
     weights = build_base(a.size, mx.bfloat16)
+    if a.ab:
+        rows = []
+        for name in a.only.split(","):
+            b, rest = name.split("x")
+            rows += interleaved(a.size, weights, int(b), int(rest.rstrip("c")), rest.endswith("c"),
+                                a.steps, parse_ab(a.ab), a.pipelined)
+            reset_memory()
+        return rows
     settings = [(4, 1024, False), (4, 1024, True), (1, 2048, False)]
     if a.only:
         # only on request: a step of fixed costs, and packed rows (4 x 1024 of several examples each)
@@ -296,21 +414,36 @@ def run_profile(a):
         inputs, targets, mask = (mx.array(x) for x in pad_batch(ids, [[True] * (seq + 1)] * batch))
         scale, lr, max_norm = mx.array(1.0 / (batch * seq)), mx.array(LR), mx.array(1.0)
         reset_memory()
-        parts = {"grad": [], "update": [], "fused": [], "cpu": [], "wall": []}
-        for _ in range(a.steps):
+        parts = {"grad": [], "update": [], "fused": [], "cpu": [], "wall": [], "grad_host": [],
+                 "update_host": [], "fused_host": []}
+
+        def host(f):
+            """(host seconds to queue f's outputs, wall seconds until they are computed)"""
+            mx.synchronize()
             t0 = time.perf_counter()
-            total, acc = tr._grad(inputs, targets, mask, None, scale, None)
-            mx.eval(total, acc)
+            out = f()
+            mx.async_eval(out)
             t1 = time.perf_counter()
-            mx.eval(tr._apply(acc, total, lr, max_norm), tr.compiled_state)
-            t2 = time.perf_counter()
+            mx.eval(out)
+            mx.synchronize()
+            return t1 - t0, time.perf_counter() - t0, out
+
+        for _ in range(a.steps):
+            c0 = time.process_time()
+            h, w, (total, acc) = host(lambda: tr._grad(inputs, targets, mask, None, scale, None))
+            parts["grad_host"].append(h)
+            parts["grad"].append(w)
+            h, w, _ = host(lambda: [tr._apply(acc, total, lr, max_norm), tr.compiled_state])
+            parts["update_host"].append(h)
+            parts["update"].append(w)
             del acc
             c0 = time.process_time()
-            mx.eval(tr._grad_apply(inputs, targets, mask, None, scale, None, mx.array(0.0), lr, max_norm),
-                    tr.compiled_state)
-            t3 = time.perf_counter()
-            for k, v in zip(parts, (t1 - t0, t2 - t1, t3 - t2, time.process_time() - c0, t3 - t2)):
-                parts[k].append(v)
+            h, w, _ = host(lambda: [tr._grad_apply(inputs, targets, mask, None, scale, None, mx.array(0.0),
+                                                   lr, max_norm), tr.compiled_state])
+            parts["fused_host"].append(h)
+            parts["fused"].append(w)
+            parts["cpu"].append(time.process_time() - c0)
+            parts["wall"].append(w)
         row = {"run": f"steadytune parts {batch}x{seq} chunked_ce={chunk}",
                "peak_gb": round(mx.get_peak_memory() / 1e9, 2)}
         row.update({k: round(statistics.median(v[2:]) * 1e3, 1) for k, v in parts.items()})
@@ -321,7 +454,89 @@ def run_profile(a):
         reset_memory()
     if a.with_mlx_lm:
         rows.append(mlx_lm_steps(a.size, weights, 1, 128, False, a.steps))
-    print(table(rows, ("run", "wall", "cpu", "grad", "update", "fused", "tok_s", "peak_gb", "median_s")))
+    print(table(rows, ("run", "wall", "cpu", "grad", "grad_host", "update", "update_host", "fused",
+                       "fused_host", "tok_s", "peak_gb")))
+    return rows
+
+
+def run_kernelmix(a):
+    """One steadytune step (4x1024, or 4x1024 checkpointed with --only 4x1024c) between
+    cuProfilerStart/Stop, after warm-up steps, for Nsight Compute:
+
+        ncu --profile-from-start off --clock-control none --metrics gpu__time_duration.sum \
+            --csv --page raw --log-file mix.csv python3 bench/throughput.py kernelmix
+        python3 bench/throughput.py kernelmix --summarize mix.csv
+
+    ncu runs the kernels one at a time: the sum is the GPU's busy time without overlap."""
+    import ctypes
+
+    if a.summarize:
+        return summarize_kernelmix(Path(a.summarize))
+    ckpt = a.only == "4x1024c"
+    weights = build_base(a.size, mx.bfloat16)
+    from steadytune.data import Tokenized
+
+    tr = steadytune_trainer(a.size, weights, 4, ckpt)
+    ids = np.random.default_rng(0).integers(0, SIZES[a.size]["vocab_size"], (4, 1025)).tolist()
+    tr.train_set = Tokenized(ids, [[True] * len(x) for x in ids])
+    for _ in range(3):
+        tr.train_step([list(range(4))], LR)
+    mx.synchronize()
+    cuda = ctypes.CDLL("libcuda.so.1")
+    cuda.cuProfilerStart()
+    tr.train_step([list(range(4))], LR)
+    mx.synchronize()
+    cuda.cuProfilerStop()
+    return []
+
+
+def kernel_group(name: str) -> str:
+    low = name.lower()
+    for key, words in [("matmul (cuBLAS)", ("gemm", "nvjet", "xmma", "cutlass")),
+                       ("attention (cuDNN)", ("cudnn", "fmha", "flash", "sdpa", "attention")),
+                       ("dequantize", ("steadytune_dequantize",)),
+                       ("rms_norm", ("rms",)), ("rope", ("rope",)),
+                       ("cross-entropy / softmax / logsumexp", ("cross_entropy", "softmax", "logsumexp")),
+                       ("reductions", ("reduce", "all_reduce", "row_reduce", "col_reduce")),
+                       ("fused elementwise (compiled)", ("compiled", "fused")),
+                       ("copies", ("copy",)), ("binary / unary", ("binary", "unary", "ternary"))]:
+        if any(w in low for w in words):
+            return key
+    return "other"
+
+
+def summarize_kernelmix(path: Path) -> list:
+    import csv
+
+    lines = path.read_text().splitlines()
+    start = next(i for i, x in enumerate(lines) if x.startswith('"ID"'))
+    reader = csv.DictReader(lines[start:])
+    col = next(c for c in reader.fieldnames if c.startswith("gpu__time_duration"))
+    per_name, units = {}, None
+    for r in reader:
+        v = r[col].replace(",", "")
+        try:
+            t = float(v)
+        except ValueError:
+            units = units or v
+            continue
+        n, total = per_name.get(r["Kernel Name"], (0, 0.0))
+        per_name[r["Kernel Name"]] = (n + 1, total + t)
+    scale = {"nsecond": 1e-6, "usecond": 1e-3, "msecond": 1.0, "second": 1e3}.get(units, 1e-6)
+    groups = {}
+    for name, (n, t) in per_name.items():
+        g = groups.setdefault(kernel_group(name), [0, 0.0])
+        g[0] += n
+        g[1] += t * scale
+    total = sum(t for _, t in groups.values())
+    rows = [{"run": k, "launches": n, "ms": round(t, 2), "share": f"{100 * t / total:.1f}%"}
+            for k, (n, t) in sorted(groups.items(), key=lambda kv: -kv[1][1])]
+    rows.append({"run": "total (GPU busy, no overlap)", "launches": sum(n for n, _ in groups.values()),
+                 "ms": round(total, 2)})
+    print(table(rows, ("run", "launches", "ms", "share")))
+    top = sorted(per_name.items(), key=lambda kv: -kv[1][1])[:40]
+    print(table([{"run": name[:110], "launches": n, "ms": round(t * scale, 3)} for name, (n, t) in top],
+                ("run", "launches", "ms")))
     return rows
 
 
@@ -373,6 +588,10 @@ def run_kernels(a):
         rows.append({"run": name, "ms": round(t * 1e3, 3),
                      "TFLOP/s": round(flops / t / 1e12, 1) if flops else "",
                      "GB/s": "" if flops else round(gbps)})
+    if mx.default_device() == mx.gpu and sys.platform != "darwin":
+        rows += dequant_variant_rows(M, K, N)
+        rows += swiglu_rows(M, N)
+        rows += torch_matmul_rows(M, K, N)
     for B, T in [(4, 480), (4, 512), (4, 992), (4, 1024), (2, 2016), (2, 2048)] if a.attention else []:
         q = mx.random.normal((B, 32, T, 128)).astype(mx.bfloat16)
         k = mx.random.normal((B, 8, T, 128)).astype(mx.bfloat16)
@@ -389,6 +608,101 @@ def run_kernels(a):
     for B, T in [(32, 128), (16, 256), (8, 512), (4, 1024)] if a.attention else []:
         rows += attention_packed_rows(B, T)
     print(table(rows, ("run", "ms", "TFLOP/s", "GB/s", "max_err", "peak_gb")))
+    return rows
+
+
+def dequant_variant_rows(M, K, N, reps=24) -> list:
+    """The CUDA dequantization kernel with 1 to 8 words per thread (qlora.dequantize_cuda), each
+    checked bit for bit against mx.dequantize on fresh random weights and timed as `reps` launches
+    on `reps` different weights per evaluation (the step's situation: each weight read once; one launch
+    per evaluation would time MLX's dispatch, not the kernel)."""
+    from steadytune.qlora import dequantize_cuda
+
+    ws = [mx.quantize((mx.random.normal((N, K)) * 0.02).astype(mx.bfloat16), group_size=64, bits=4)
+          for _ in range(reps)]
+    mx.eval(ws)
+    nbytes = sum(q.nbytes + s.nbytes + b.nbytes for q, s, b in ws) + reps * N * K * 2
+    rows = []
+    for wpt in (1, 2, 4, 8):
+        q, s, b = ws[-1]
+        try:
+            same = mx.array_equal(dequantize_cuda(q, s, b, 64, 4, wpt), mx.dequantize(q, s, b, 64, 4)).item()
+            t = bench(lambda: [dequantize_cuda(q, s, b, 64, 4, wpt) for q, s, b in ws], 5) / reps
+        except Exception as e:  # noqa: BLE001  (a benchmark reports and goes on)
+            print(f"cuda dequantize, {wpt} words per thread, failed: {e!r}", flush=True)
+            continue
+        rows.append({"run": f"cuda dequantize, {wpt} words per thread ({reps} per eval)",
+                     "ms": round(t * 1e3, 4), "GB/s": round(nbytes / reps / t / 1e9),
+                     "max_err": "exact" if same else "DIFFERS"})
+        print(json.dumps(rows[-1]), flush=True)
+    t = bench(lambda: [mx.dequantize(q, s, b, 64, 4) for q, s, b in ws], 5) / reps
+    rows.append({"run": f"mx.dequantize ({reps} per eval)", "ms": round(t * 1e3, 4),
+                 "GB/s": round(nbytes / reps / t / 1e9)})
+    return rows
+
+
+def swiglu_rows(M, N) -> list:
+    """The MLP's silu(gate) * x, forward and backward, at M tokens x N (bfloat16): autodiff of
+    mlx-lm's swiglu (what compile makes of it) against qlora.swiglu (the recomputing backward, one
+    CUDA kernel); the kernel's gradients against a float32 computation of the same formula."""
+    import mlx.nn as nn
+
+    from steadytune.qlora import swiglu
+
+    g, x, d = (mx.random.normal((M, N)).astype(mx.bfloat16) for _ in range(3))
+    mx.eval(g, x, d)
+    ref32 = mx.vjp(lambda g, x: nn.silu(g) * x, [g.astype(mx.float32), x.astype(mx.float32)],
+                   [d.astype(mx.float32)])[1]
+    got = mx.vjp(swiglu, [g, x], [d])[1]
+    err = max((mx.abs(a.astype(mx.float32) - b).max() / mx.abs(b).max()).item() for a, b in zip(got, ref32))
+    rows = []
+    from mlx_lm.models.activations import swiglu as mlx_lm_swiglu
+
+    for name, f in [("autodiff of mlx-lm's swiglu", mlx_lm_swiglu), ("qlora.swiglu", swiglu)]:
+        step = mx.compile(lambda g, x, d, f=f: mx.vjp(f, [g, x], [d]))
+        t = bench(lambda: step(g, x, d), 10)
+        rows.append({"run": f"swiglu fwd+bwd {name} ({M}x{N})", "ms": round(t * 1e3, 3),
+                     "max_err": round(err, 5) if f is swiglu else ""})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def torch_matmul_rows(M, K, N) -> list:
+    """The 7B step's matmul shapes in MLX and, where PyTorch is installed, in PyTorch (its
+    cuBLAS call, timed with CUDA events): is MLX's matmul the floor it seems?"""
+    shapes = [("x @ W.T  M,K,N", M, K, N), ("dy @ W   M,N,K", M, N, K), ("q proj   M,K,K", M, K, K),
+              ("kv proj  M,K,K/4", M, K, K // 4), ("lm head  M,K,32000", M, K, 32000)]
+    rows = []
+    for name, m, k, n in shapes:
+        xs = [mx.random.normal((m, k)).astype(mx.bfloat16) for _ in range(4)]
+        w = mx.random.normal((n, k)).astype(mx.bfloat16)
+        mx.eval(xs, w)
+        t = bench(lambda: [x @ w.T for x in xs], 10) / len(xs)
+        rows.append({"run": f"mlx matmul {name} ({m}x{k}x{n})", "ms": round(t * 1e3, 3),
+                     "TFLOP/s": round(2 * m * k * n / t / 1e12, 1)})
+        print(json.dumps(rows[-1]), flush=True)
+    try:
+        import torch
+    except ImportError:
+        return rows
+    for name, m, k, n in shapes:
+        xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        for x in xs:
+            x @ w.T
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        times = []
+        for _ in range(10):
+            start.record()
+            for x in xs:
+                x @ w.T
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3 / len(xs))
+        t = statistics.median(times)
+        rows.append({"run": f"torch matmul {name} ({m}x{k}x{n})", "ms": round(t * 1e3, 3),
+                     "TFLOP/s": round(2 * m * k * n / t / 1e12, 1)})
+        print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -612,7 +926,7 @@ def run_real(a):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("setting", choices=["synthetic", "real", "cpu", "kernels", "profile"])
+    p.add_argument("setting", choices=["synthetic", "real", "cpu", "kernels", "profile", "kernelmix"])
     p.add_argument("--steps", type=int, default=8, help="timed steps per run (median of steps 3+)")
     p.add_argument("--only", default="", help="synthetic: subset of 4x1024,4x1024c,1x2048,1x128")
     p.add_argument("--skip-mlx-lm", action="store_true", help="synthetic/real: steadytune rows only")
@@ -626,7 +940,12 @@ def main(argv=None):
     p.add_argument("--pack", action="store_true", help="real: steadytune packs examples into rows "
                    "(training.pack)")
     p.add_argument("--kernels", default="", help="synthetic: also run dequant with these kernels "
-                   "(mlx,elementwise)")
+                   "(mlx,elementwise,cuda:N)")
+    p.add_argument("--ab", default="", help="synthetic: variants timed in turns in one process, "
+                   "e.g. 'base=cuda:1,-swiglu,-flat;new=cuda' (see parse_ab); --only lists the "
+                   "settings (4x1024,4x1024c,...)")
+    p.add_argument("--pipelined", type=int, default=0, help="synthetic --ab: also queue this many "
+                   "steps without waiting for each")
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
     p.add_argument("--batch-wikisql", type=int, default=24)
     p.add_argument("--batch-alpaca", type=int, default=8)
@@ -639,6 +958,7 @@ def main(argv=None):
                    "sequence lengths that are / are not multiples of 128")
     p.add_argument("--size", default="7b", choices=sorted(SIZES), help="synthetic/real: model shape")
     p.add_argument("--json", help="also write the rows here")
+    p.add_argument("--summarize", help="kernelmix: group the kernels of an ncu --csv --page raw log")
     a = p.parse_args(argv)
     if a.cuda_pad:
         import steadytune.batching as batching
@@ -647,8 +967,8 @@ def main(argv=None):
         batching.pad_multiple = lambda width, device: a.cuda_pad if width > 256 else rule(width, device)
     print(environment(), flush=True)
     rows = {"synthetic": run_synthetic, "real": run_real, "cpu": run_cpu, "kernels": run_kernels,
-            "profile": run_profile}[a.setting](a)
-    if a.setting not in ("kernels", "profile"):
+            "profile": run_profile, "kernelmix": run_kernelmix}[a.setting](a)
+    if a.setting not in ("kernels", "profile", "kernelmix"):
         print(table(rows, ("run", "tok_s", "peak_gb", "ratio", "median_s", "loss", "tok_s_incl_compiles",
                            "padding", "vs_fixed")))
     if a.json:

@@ -378,8 +378,10 @@ def block_bytes(arch: Arch, run: Run) -> tuple[float, float]:
     Saved for the backward pass: the two RMSNorm inputs (float32 on the CPU, whose RMSNorm computes
     in float32); each distinct LoRA input (in the compute dtype, or a float32 copy where the
     adapters promote it: Run.lora_input_f32); LoRA's rank-sized intermediates; the attention inputs
-    and, unless fused, the softmax probabilities (heads x width per token); the MLP's gate, up,
-    sigmoid(gate) and silu(gate).
+    and, unless fused, the softmax probabilities (heads x width per token); the MLP's gate and up
+    (qlora.swiglu recomputes sigmoid(gate) in the backward pass instead of keeping it and
+    silu(gate)), plus one intermediate-sized array for the gradients that pass has in flight
+    (fitted on an H100, 7B shape: 4 x 1024 +11%, 1 x 2048 -6%, bench/RESULTS.md).
     """
     b = DTYPE_BYTES[run.dtype]
     d = arch.dims
@@ -398,7 +400,7 @@ def block_bytes(arch: Arch, run: Run) -> tuple[float, float]:
             attn, work = attn + probs, probs
         else:                                                 # recomputed in the backward pass
             work = UNFUSED_ATTENTION_ARRAYS * probs
-    mlp = 4 * d["inter"] * b
+    mlp = 3 * d["inter"] * b
     return norms + lora + attn + mlp, work
 
 

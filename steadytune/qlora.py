@@ -20,7 +20,11 @@ the incoming gradient makes it a different expression, which also schedules it j
 
 Three dequantization kernels give the same bits: MLX's `mx.dequantize`; the same arithmetic as
 broadcast elementwise ops, which compile fuses into one kernel (faster on the CPU and CUDA); and a
-small CUDA kernel that writes 16 bytes per thread (fastest on CUDA). `default_kernel` picks.
+small CUDA kernel that writes 16 bytes per store (fastest on CUDA). `default_kernel` picks.
+
+Also here, because they are the same kind of change (the same arithmetic in fewer passes over
+memory): the adapter added inside the matmuls (`_lora_dequant_fn`) and the MLP's SwiGLU with a
+recomputing backward pass (`swiglu`, given to mlx-lm's llama-family MLP classes).
 """
 
 from __future__ import annotations
@@ -66,28 +70,43 @@ def dequantize_elementwise(w, scales, biases, group_size: int, bits: int):
 
 
 _CUDA_DEQUANT = r"""
-    // One packed word per thread: PER values of one quantization group, stored with one
-    // 16-byte write when they fill it (bf16/fp16 at 4 bits), so the kernel runs at memory speed.
+    // Each packed word holds PER values of one quantization group, stored with one 16-byte write
+    // when they fill it (bf16/fp16 at 4 bits). A thread does WPT words strided by the block size
+    // (every load and store of a warp is one contiguous span), all loaded before the first store:
+    // the compiler may not move loads past stores (out may alias the inputs as far as it knows).
     constexpr int PER = 32 / BITS;
     constexpr uint32_t MASK = (1u << BITS) - 1u;
-    size_t i = cooperative_groups::this_grid().thread_rank();
-    if (i >= NWORDS) return;
-    uint32_t q = w[i];
-    size_t g = (i * PER) / GS;
-    float s = static_cast<float>(scales[g]);
-    float b = static_cast<float>(biases[g]);
-    alignas(16) T vals[PER];
+    size_t first = size_t(blockIdx.x) * blockDim.x * WPT + threadIdx.x;
+    uint32_t q[WPT];
+    float sc[WPT], bi[WPT];
     #pragma unroll
-    for (int k = 0; k < PER; ++k) {
-        vals[k] = static_cast<T>(static_cast<float>((q >> (BITS * k)) & MASK) * s + b);
+    for (int j = 0; j < WPT; ++j) {
+      size_t i = first + j * blockDim.x;
+      q[j] = i < NWORDS ? w[i] : 0u;
+      size_t g = i < NWORDS ? (i * PER) / GS : 0;
+      sc[j] = static_cast<float>(scales[g]);
+      bi[j] = static_cast<float>(biases[g]);
     }
-    if constexpr (sizeof(T) * PER == 16) {
+    #pragma unroll
+    for (int j = 0; j < WPT; ++j) {
+      size_t i = first + j * blockDim.x;
+      if (i >= NWORDS) break;
+      alignas(16) T vals[PER];
+      #pragma unroll
+      for (int k = 0; k < PER; ++k) {
+        vals[k] = static_cast<T>(static_cast<float>((q[j] >> (BITS * k)) & MASK) * sc[j] + bi[j]);
+      }
+      if constexpr (sizeof(T) * PER == 16) {
         *reinterpret_cast<uint4*>(out + i * PER) = *reinterpret_cast<const uint4*>(vals);
-    } else {
+      } else {
         #pragma unroll
         for (int k = 0; k < PER; ++k) out[i * PER + k] = vals[k];
+      }
     }
 """
+# words per thread of the CUDA kernel (1 to 8 measure alike inside a step: bench/RESULTS.md);
+# kernel names "cuda:N" pick another for measurements
+CUDA_WORDS_PER_THREAD = 4
 
 
 @lru_cache(maxsize=None)
@@ -96,20 +115,25 @@ def _cuda_dequant_kernel():
                                output_names=["out"], source=_CUDA_DEQUANT)
 
 
-def dequantize_cuda(w, scales, biases, group_size: int, bits: int):
+def dequantize_cuda(w, scales, biases, group_size: int, bits: int, words_per_thread: int | None = None):
     """mx.dequantize for affine 2/4/8-bit weights as a custom CUDA kernel (CUDA only)."""
     n, words = w.shape
+    wpt = words_per_thread or CUDA_WORDS_PER_THREAD
+    threads = -(-(n * words) // (256 * wpt)) * 256  # whole blocks, each spanning 256 * wpt words
     return _cuda_dequant_kernel()(
         inputs=[w, scales, biases],
-        template=[("T", scales.dtype), ("BITS", bits), ("GS", group_size), ("NWORDS", n * words)],
-        grid=(n * words, 1, 1), threadgroup=(256, 1, 1),
+        template=[("T", scales.dtype), ("BITS", bits), ("GS", group_size), ("NWORDS", n * words),
+                  ("WPT", wpt)],
+        grid=(threads, 1, 1), threadgroup=(256, 1, 1),
         output_shapes=[(n, words * 32 // bits)], output_dtypes=[scales.dtype])[0]
 
 
 def _dequantizer(group_size: int, bits: int, mode: str, kernel: str):
-    if kernel in ("elementwise", "cuda") and mode == "affine" and bits in (2, 4, 8):
-        f = dequantize_cuda if kernel == "cuda" else dequantize_elementwise
-        return lambda w, scales, biases: f(w, scales, biases, group_size, bits)
+    if kernel.startswith("cuda") and mode == "affine" and bits in (2, 4, 8):
+        wpt = int(kernel.split(":")[1]) if ":" in kernel else None  # "cuda:8": 8 words per thread
+        return lambda w, scales, biases: dequantize_cuda(w, scales, biases, group_size, bits, wpt)
+    if kernel == "elementwise" and mode == "affine" and bits in (2, 4, 8):
+        return lambda w, scales, biases: dequantize_elementwise(w, scales, biases, group_size, bits)
     return lambda w, scales, biases: mx.dequantize(w, scales, biases, group_size=group_size,
                                                    bits=bits, mode=mode)
 
@@ -174,37 +198,38 @@ class DequantEmbedding(nn.QuantizedEmbedding):
 
 @lru_cache(maxsize=None)
 def _lora_dequant_fn(group_size: int, bits: int, mode: str, has_biases: bool, kernel: str, scale: float):
-    """x @ dequantize(w).T + scale * (x @ a) @ b as one mx.custom_function (half precision).
+    """x @ dequantize(w).T + scale * xa @ b as one mx.custom_function (half precision), where
+    xa = x @ a is computed by the caller (kept for the backward pass: r columns, a few hundred KB,
+    where recomputing it would read x once more).
 
     The adapter's product is added inside the matmuls (addmm: cuBLAS reads the other term as its
     C operand) instead of by separate elementwise passes: forward, the base output is C of the
     adapter's rank-r matmul; backward, the adapter's input gradient is C of the base's. Each
     saves writing and re-reading an output-sized array per adapted layer and pass (H100, 7B
     shape: bench/RESULTS.md). The weight is dequantized again in the backward pass, as in
-    _dequant_matmul_fn; x @ a is recomputed there (r columns: cheap) rather than kept."""
+    _dequant_matmul_fn."""
     deq = _dequantizer(group_size, bits, mode, kernel)
 
     @mx.custom_function
-    def f(x, a, b, w, scales, *biases):
+    def f(x, xa, a, b, w, scales, *biases):
         weight = deq(mx.depends(w, x), scales, biases[0] if biases else None)
-        return mx.addmm(x @ weight.T, x @ a, b, alpha=scale)
+        return mx.addmm(x @ weight.T, xa, b, alpha=scale)
 
     @f.vjp
     def f_vjp(primals, cotangent, output):
-        x, a, b, w, scales, *biases = primals
+        x, xa, a, b, w, scales, *biases = primals
         weight = deq(mx.depends(w, cotangent), scales, biases[0] if biases else None)
         d = cotangent.reshape(-1, cotangent.shape[-1])
-        x2 = x.reshape(-1, x.shape[-1])
         dxa = (d @ b.T) * scale                       # gradient of x @ a
         dx = mx.addmm(cotangent @ weight, dxa.reshape(*x.shape[:-1], -1), a.T)
-        da = x2.T @ dxa
-        db = ((x2 @ a) * scale).T @ d
-        return (dx, da, db, *(mx.zeros_like(p) for p in primals[3:]))
+        da = x.reshape(-1, x.shape[-1]).T @ dxa
+        db = (xa.reshape(-1, xa.shape[-1]) * scale).T @ d
+        return (dx, mx.zeros_like(xa), da, db, *(mx.zeros_like(p) for p in primals[4:]))
 
     return f
 
 
-FUSED_LORA = True  # a switch for A/B measurements (bench/throughput.py --ab-lora)
+FUSED_LORA = True  # a switch for A/B measurements (bench/throughput.py --ab-lora, --ab)
 
 
 class MixedLoRALinear(LoRALinear):
@@ -226,11 +251,133 @@ class MixedLoRALinear(LoRALinear):
             f = _lora_dequant_fn(lin.group_size, lin.bits, lin.mode, lin.get("biases") is not None,
                                  lin.dequant_kernel, float(self.scale))
             q = [lin["weight"], lin["scales"]] + ([lin["biases"]] if lin.get("biases") is not None else [])
-            y = f(x, self.lora_a.astype(x.dtype), self.lora_b.astype(x.dtype), *q)
+            a = self.lora_a.astype(x.dtype)
+            # f's backward computes every gradient: none may also flow through xa
+            y = f(x, mx.stop_gradient(x @ a), a, self.lora_b.astype(x.dtype), *q)
             return y + lin["bias"] if "bias" in lin else y
         y = lin(x)
         z = (self.dropout(x) @ self.lora_a.astype(x.dtype)) @ self.lora_b.astype(x.dtype)
         return y + (self.scale * z).astype(x.dtype)
+
+
+# --- SwiGLU with a backward pass that recomputes instead of keeping -------------------------
+
+
+@mx.custom_function
+def swiglu(gate, x):
+    """silu(gate) * x (mlx-lm's swiglu, same forward) with a backward pass that recomputes
+    sigmoid(gate): autodiff of silu(gate) * x keeps sigmoid(gate) and silu(gate) for the backward
+    pass, so compile cannot fuse the three elementwise ops of the forward (each intermediate leaves
+    the fused region), and the backward runs as separate passes too. Here the forward is one fused
+    pass (read gate and x, write the product) and the backward another (read the gradient, gate
+    and x; write both gradients), computed in float32 inside the kernel. For a 7B model at 4 x 1024
+    tokens that is 2 intermediate-sized arrays less per layer to keep, and ~300 us per layer less
+    memory traffic on an H100 (bench/RESULTS.md). The forward is mlx-lm's own function."""
+    from mlx_lm.models.activations import swiglu as mlx_lm_swiglu
+
+    return mlx_lm_swiglu(gate, x)
+
+
+_CUDA_SWIGLU_VJP = r"""
+    // d/dgate and d/dx of silu(gate) * x, from the incoming gradient d: one pass that reads d,
+    // gate and x and writes both gradients, in float32 arithmetic, VEC elements per thread
+    // (16-byte loads and stores where the pointers allow).
+    constexpr int VEC = 16 / sizeof(T);
+    size_t i = (size_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
+    if (i >= N) return;
+    auto one = [&](size_t k) {
+      float dv = static_cast<float>(d[k]), gv = static_cast<float>(gate[k]);
+      float uv = static_cast<float>(x[k]);
+      float sv = 1.0f / (1.0f + __expf(-gv));
+      d_gate[k] = static_cast<T>(dv * uv * sv * (1.0f + gv * (1.0f - sv)));
+      d_x[k] = static_cast<T>(dv * gv * sv);
+    };
+    unsigned long long addr = reinterpret_cast<unsigned long long>(d + i) |
+        reinterpret_cast<unsigned long long>(gate + i) | reinterpret_cast<unsigned long long>(x + i) |
+        reinterpret_cast<unsigned long long>(d_gate + i) | reinterpret_cast<unsigned long long>(d_x + i);
+    if (i + VEC <= N && (addr & 15ull) == 0) {
+      alignas(16) T dv[VEC], gv[VEC], uv[VEC], og[VEC], ox[VEC];
+      *reinterpret_cast<uint4*>(dv) = *reinterpret_cast<const uint4*>(d + i);
+      *reinterpret_cast<uint4*>(gv) = *reinterpret_cast<const uint4*>(gate + i);
+      *reinterpret_cast<uint4*>(uv) = *reinterpret_cast<const uint4*>(x + i);
+      #pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        float a = static_cast<float>(dv[k]), g = static_cast<float>(gv[k]), u = static_cast<float>(uv[k]);
+        float s = 1.0f / (1.0f + __expf(-g));
+        og[k] = static_cast<T>(a * u * s * (1.0f + g * (1.0f - s)));
+        ox[k] = static_cast<T>(a * g * s);
+      }
+      *reinterpret_cast<uint4*>(d_gate + i) = *reinterpret_cast<const uint4*>(og);
+      *reinterpret_cast<uint4*>(d_x + i) = *reinterpret_cast<const uint4*>(ox);
+    } else {
+      for (size_t k = i; k < i + VEC && k < N; ++k) one(k);
+    }
+"""
+
+
+@lru_cache(maxsize=None)
+def _cuda_swiglu_vjp_kernel():
+    return mx.fast.cuda_kernel(name="steadytune_swiglu_vjp", input_names=["d", "gate", "x"],
+                               output_names=["d_gate", "d_x"], source=_CUDA_SWIGLU_VJP)
+
+
+def swiglu_vjp_cuda(d, gate, x):
+    """(d/dgate, d/dx) of silu(gate) * x as one CUDA kernel (half precision inputs)."""
+    n = gate.size
+    vec = 16 // gate.dtype.size
+    threads = -(-n // vec)
+    return _cuda_swiglu_vjp_kernel()(
+        inputs=[d, gate, x], template=[("T", gate.dtype), ("N", n)],
+        grid=(threads, 1, 1), threadgroup=(256, 1, 1),
+        output_shapes=[gate.shape, x.shape], output_dtypes=[gate.dtype, x.dtype])
+
+
+@swiglu.vjp
+def _swiglu_vjp(primals, cotangent, output):
+    gate, x = primals
+    if gate.dtype in (mx.bfloat16, mx.float16) and gate.dtype == x.dtype == cotangent.dtype \
+            and gate.shape == x.shape == cotangent.shape and _on_cuda():
+        # compile would keep sigmoid(gate) as an array between two kernels (it feeds both
+        # gradients): one kernel instead
+        return tuple(swiglu_vjp_cuda(cotangent, gate, x))
+    g, u, d = gate.astype(mx.float32), x.astype(mx.float32), cotangent.astype(mx.float32)
+    s = mx.sigmoid(g)
+    d_gate = d * u * s * (1.0 + g * (1.0 - s))  # d/dg of g * sigmoid(g), times x
+    return d_gate.astype(gate.dtype), (d * g * s).astype(x.dtype)
+
+
+def _on_cuda() -> bool:
+    from .backend import device_kind
+
+    return device_kind() == "cuda"
+
+
+_SWIGLU_CALL = "return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))"
+
+
+@lru_cache(maxsize=None)
+def _recomputing_mlp_class(cls):
+    """A subclass of an mlx-lm MLP class computing `down(swiglu(gate(x), up(x)))` that uses the
+    swiglu above, or None when the class's __call__ is anything else (checked on its source, so an
+    mlx-lm release that changes the MLP is left alone rather than mis-patched)."""
+    import inspect
+
+    try:
+        lines = [x.strip() for x in inspect.getsource(cls.__call__).splitlines()]
+    except (OSError, TypeError):
+        return None
+    if not cls.__module__.startswith("mlx_lm.models.") or _SWIGLU_CALL not in lines or \
+            len([x for x in lines if x and not x.startswith(("def ", "#", '"""'))]) != 1:
+        return None
+
+    def __call__(self, x):
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+    return type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
+                                       "__qualname__": cls.__qualname__})
+
+
+FUSED_SWIGLU = True  # a switch for A/B measurements
 
 
 # class -> (native class, dequant class); exact types only, so other subclasses are left alone
@@ -260,6 +407,8 @@ def apply_compute(model: nn.Module, mode: str = "auto", kernel: str | None = Non
     for _, m in model.named_modules():
         if type(m) is LoRALinear:  # same parameters and names: adapter files are unchanged
             m.__class__ = MixedLoRALinear
+        if FUSED_SWIGLU and type(m).__name__ == "MLP" and (mlp := _recomputing_mlp_class(type(m))):
+            m.__class__ = mlp
         pair = _CLASSES.get(type(m))
         if pair is None:
             continue

@@ -168,13 +168,14 @@ def test_a_token_budget_plans_its_tokens_and_the_widest_rows():
     assert run2 == run
     # per token (float32 on the CPU): RMSNorm inputs 2 x 256 x 4; LoRA inputs (attention in 256,
     # out 256, MLP in 256, out 512) and 7 rank-8 intermediates, x 4; q, k, v 256 + 2 x 128, x 4;
-    # MLP 4 x 512 x 4; and the attention probabilities of the widest rows: 5 x 4 heads x 704^2 x 4
+    # MLP gate, up and one gradient in flight 3 x 512 x 4; and the attention probabilities of the
+    # widest rows: 5 x 4 heads x 704^2 x 4
     saved, work = plan.block_bytes(arch, run)
-    per_token = 2 * 256 * 4 + (1280 + 56) * 4 + 512 * 4 + 4 * 512 * 4
+    per_token = 2 * 256 * 4 + (1280 + 56) * 4 + 512 * 4 + 3 * 512 * 4
     probs = 5 * 4 * 704 ** 2 * 4
-    assert saved * 4096 == per_token * 4096 + probs == 111_869_952
+    assert saved * 4096 == per_token * 4096 + probs == 103_481_344
     assert work * 4096 == probs == 39_649_280
-    assert plan.estimate(arch, run).activations == 2 * 111_869_952
+    assert plan.estimate(arch, run).activations == 2 * 103_481_344
 
 
 def test_a_token_budget_that_does_not_fit_is_given_a_smaller_budget(monkeypatch):
@@ -207,13 +208,14 @@ def test_cuda_run_ahead_is_blocks_of_work_and_a_constant():
     arch = plan.arch_from_config(ARCH)
     run = plan.Run(batch=4, seq=1024, dtype="bfloat16", device="cuda")
     # bfloat16 per token: norms 2 x 256 x 2; LoRA inputs and intermediates (1280 + 56) x 2; q, k, v
-    # 256 + 2 x 128 and the fused attention's output (256) x 2, log-sum-exp 4 heads x 4; MLP 4 x 512 x 2
+    # 256 + 2 x 128 and the fused attention's output (256) x 2, log-sum-exp 4 heads x 4; MLP gate,
+    # up and one gradient in flight 3 x 512 x 2
     saved, work = plan.block_bytes(arch, run)
-    assert (saved, work) == (1024 + 2672 + 1024 + 512 + 16 + 4096, 0.0) == (9344, 0.0)
+    assert (saved, work) == (1024 + 2672 + 1024 + 512 + 16 + 3072, 0.0) == (8320, 0.0)
     est = plan.estimate(arch, run)
     blocks = plan.IN_FLIGHT_BLOCKS["cuda"]
-    assert est.in_flight == pytest.approx(blocks * 9344 * 4096 + plan.CUDA_TEMPORARIES, rel=1e-12)
-    assert est.elastic == pytest.approx((blocks - 2) * 9344 * 4096, rel=1e-12)  # MLX needs 2 blocks
+    assert est.in_flight == pytest.approx(blocks * 8320 * 4096 + plan.CUDA_TEMPORARIES, rel=1e-12)
+    assert est.elastic == pytest.approx((blocks - 2) * 8320 * 4096, rel=1e-12)  # MLX needs 2 blocks
     # the run-ahead stops growing at CUDA_RUN_AHEAD bytes of activations (plus, with compute=dequant,
     # the dequantized weights of CUDA_DEQUANT_BLOCKS blocks: 589,824 weights of 2 bytes each here)
     big = replace(run, batch=4096)

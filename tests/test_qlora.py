@@ -298,13 +298,14 @@ def test_mixed_lora_keeps_the_saved_inputs_in_half_precision():
 def test_fused_lora_dequant_layer_has_the_exact_gradients_in_float32():
     """The half-precision layer that adds the adapter inside the matmuls (addmm), checked in float32
     where both are exact: the output and the gradients of x, lora_a and lora_b match the plain
-    dequantize + LoRA expression."""
+    dequantize + LoRA expression (x @ a computed outside, kept for the backward pass)."""
     mx.random.seed(0)
     K, N, r = 128, 192, 8
     wq, s, b = mx.quantize(mx.random.normal((N, K)) * 0.05, group_size=64, bits=4)
     x, a, bb = mx.random.normal((2, 5, K)), mx.random.normal((K, r)) * 0.1, mx.random.normal((r, N)) * 0.1
     cot = mx.random.normal((2, 5, N))
-    fused = qlora._lora_dequant_fn(64, 4, "affine", True, "mlx", 2.0)
+    f = qlora._lora_dequant_fn(64, 4, "affine", True, "mlx", 2.0)
+    fused = lambda x, a, bb, *q: f(x, mx.stop_gradient(x @ a), a, bb, *q)  # noqa: E731
 
     def plain(x, a, bb):
         return x @ mx.dequantize(wq, s, b, group_size=64, bits=4).T + 2.0 * ((x @ a) @ bb)
@@ -337,3 +338,32 @@ def test_fused_lora_is_used_in_half_precision_and_agrees_with_the_unfused_layer(
         ref = grads[False][k]
         assert g.dtype == mx.float32
         assert float(mx.linalg.norm((g - ref).flatten()) / mx.linalg.norm(ref.flatten())) < 3e-2, k
+
+
+def test_swiglu_backward_recomputes_and_matches_autodiff():
+    """qlora.swiglu: mlx-lm's forward, bit for bit; gradients as autodiff of silu(gate) * x
+    (float32 exact to rounding; bfloat16 within its precision); the MLP of llama-family models
+    gets it (same parameters), other classes are left alone."""
+    from mlx_lm.models import activations, llama
+
+    mx.random.seed(1)
+    g, x, c = (mx.random.normal((2, 9, 48)) * 3 for _ in range(3))
+    assert mx.array_equal(qlora.swiglu(g, x), activations.swiglu(g, x)).item()
+    (_, ref) = mx.vjp(lambda g, x: nn.silu(g) * x, [g, x], [c])
+    (_, got) = mx.vjp(qlora.swiglu, [g, x], [c])
+    for a, b in zip(ref, got):
+        assert mx.allclose(a, b, rtol=1e-5, atol=1e-5).item()
+    gb, xb, cb = (t.astype(mx.bfloat16) for t in (g, x, c))
+    (_, got16) = mx.vjp(qlora.swiglu, [gb, xb], [cb])
+    (_, ref32) = mx.vjp(lambda g, x: nn.silu(g) * x, [gb.astype(mx.float32), xb.astype(mx.float32)],
+                        [cb.astype(mx.float32)])
+    for a, b in zip(got16, ref32):
+        assert a.dtype == mx.bfloat16
+        assert mx.allclose(a.astype(mx.float32), b, rtol=2e-2, atol=2e-2).item()
+    model = tiny(hidden=64, layers=2, group=32)
+    keys = [k for k, _ in tree_flatten(model.parameters())]
+    qlora.apply_compute(model, "dequant", "mlx")
+    mlps = [m for _, m in model.named_modules() if type(m).__name__ == "MLP"]
+    assert len(mlps) == 2 and all(isinstance(m, llama.MLP) and type(m) is not llama.MLP for m in mlps)
+    assert [k for k, _ in tree_flatten(model.parameters())] == keys
+    assert qlora._recomputing_mlp_class(nn.Linear) is None
