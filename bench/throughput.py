@@ -429,7 +429,6 @@ def run_profile(a):
             return t1 - t0, time.perf_counter() - t0, out
 
         for _ in range(a.steps):
-            c0 = time.process_time()
             h, w, (total, acc) = host(lambda: tr._grad(inputs, targets, mask, None, scale, None))
             parts["grad_host"].append(h)
             parts["grad"].append(w)

@@ -381,7 +381,7 @@ def block_bytes(arch: Arch, run: Run) -> tuple[float, float]:
     and, unless fused, the softmax probabilities (heads x width per token); the MLP's gate and up
     (qlora.swiglu recomputes sigmoid(gate) in the backward pass instead of keeping it and
     silu(gate)), plus one intermediate-sized array for the gradients that pass has in flight
-    (fitted on an H100, 7B shape: 4 x 1024 +11%, 1 x 2048 -6%, bench/RESULTS.md).
+    (fitted on an H100, 7B shape: 4 x 1024 +11%, 1 x 2048 -1%, bench/RESULTS.md).
     """
     b = DTYPE_BYTES[run.dtype]
     d = arch.dims

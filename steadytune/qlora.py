@@ -104,8 +104,8 @@ _CUDA_DEQUANT = r"""
       }
     }
 """
-# words per thread of the CUDA kernel (1 to 8 measure alike inside a step: bench/RESULTS.md);
-# kernel names "cuda:N" pick another for measurements
+# words per thread of the CUDA kernel: 1 to 8 measure alike alone, 1 and 4 alike inside a step
+# (bench/RESULTS.md); kernel names "cuda:N" pick another for measurements
 CUDA_WORDS_PER_THREAD = 4
 
 
@@ -389,9 +389,7 @@ def default_kernel() -> str:
     """The dequantization kernel measured fastest on this backend (bench/RESULTS.md): the CUDA
     kernel on CUDA (bit-exact, 3% faster steps than the fused elementwise ops), the fused
     elementwise ops elsewhere (1.4x faster steps than mx.dequantize on the CPU)."""
-    from .backend import device_kind
-
-    return "cuda" if device_kind() == "cuda" else "elementwise"
+    return "cuda" if _on_cuda() else "elementwise"
 
 
 def apply_compute(model: nn.Module, mode: str = "auto", kernel: str | None = None) -> dict:
