@@ -9,9 +9,9 @@
 Each configuration runs in a fresh process (so one run's compiled graphs and allocator cache don't
 touch the next): build an mlx-lm llama model from ModelArgs with random weights, cast it to the
 compute dtype and quantize it 4-bit g64 as steadytune.model.load_base does, then set up a
-steadytune Trainer on it as Trainer.prepare() does (LoRA, compute path, loss chunking,
-checkpointing, AdamW, its compiled steps) and run a few optimizer steps through the public
-Trainer.train_step on one micro-batch of random tokens, padded by the trainer's own pad_batch.
+steadytune Step on it as setup.setup() does (LoRA, compute path, loss chunking, checkpointing,
+AdamW) and run a few optimizer steps through it (steadytune.step.Step, what the trainer runs) on
+one micro-batch of random tokens, padded by the trainer's own pad_batch.
 The measured number is mx.get_peak_memory() over the steps (reset after setup, so loading is not
 part of it); the predicted one is steadytune.plan.estimate(...).peak at the width the planner
 expects the trainer to pad to, the part of the plan that MLX's allocator sees (framework overhead
@@ -108,13 +108,14 @@ def predict(spec: dict, device: str):
     """The planner's estimate for the spec: rows of seq + 1 tokens, padded as the trainer pads them
     on `device`, with the trainer's defaults (fused update, adapters in the input dtype)."""
     from steadytune import plan
+    from steadytune.loss import ce_chunk
 
     s = settings(spec, device)
     arch = plan.arch_from_config(model_config(spec))
     run = plan.Run(batch=s["batch"], seq=plan.padded_width(s["seq"] + 1, device), checkpoint=s["ckpt"],
                    rank=s["rank"], keys=tuple(s["keys"]), lora_layers=s["lora_layers"], bits=4, group_size=64,
                    dtype=s["dtype"], compute=s["compute"], device=device,
-                   loss_chunk=plan._loss_chunk(arch, s["chunked_ce"]))
+                   loss_chunk=ce_chunk(arch.vocab, s["chunked_ce"]))
     return plan.estimate(arch, run), run.seq
 
 
@@ -137,15 +138,17 @@ def build(spec: dict, s: dict):
     return model
 
 
-def make_trainer(spec: dict, s: dict):
-    """A steadytune Trainer set up on the spec's model as Trainer.prepare() does it (LoRA, compute
-    path, loss chunking, checkpointing, AdamW, the compiled steps), without model files or data
-    files; bench/throughput.py's steadytune_trainer does the same."""
+def make_step(spec: dict, s: dict):
+    """A steadytune Step on the spec's model, set up as setup.setup() does it (LoRA, compute path,
+    loss chunking, checkpointing, AdamW), without model files or data files; bench/throughput.py's
+    steadytune_trainer does the same. Set `.examples` before stepping."""
     import mlx.optimizers as optim
 
     from steadytune.config import Config
+    from steadytune.data import Tokenized
     from steadytune.model import apply_lora
-    from steadytune.trainer import Trainer
+    from steadytune.setup import apply_compute_options
+    from steadytune.step import Step
 
     cfg = Config()
     cfg.model.dtype, cfg.model.compute = s["dtype"], s["compute"]
@@ -153,19 +156,18 @@ def make_trainer(spec: dict, s: dict):
     t = cfg.training
     t.batch_size, t.grad_checkpoint, t.chunked_ce = s["batch"], s["ckpt"], s["chunked_ce"]
     cfg.data.max_seq_length = max(cfg.data.max_seq_length, s["seq"] + 1)
-    tr = Trainer(cfg.validate())
-    tr.model = build(spec, s)
-    tr.adapter_config = apply_lora(tr.model, cfg.lora, t.seed)
-    tr._apply_compute_options()
-    tr.optimizer = optim.AdamW(learning_rate=t.learning_rate, weight_decay=t.weight_decay)
-    tr.optimizer.init(tr.model.trainable_parameters())
-    tr.state = {"step": 0, "epoch": 0, "pos": 0, "best_val_loss": None, "bad_evals": 0, "nonfinite": 0}
-    tr._build_steps()  # what fit() does before its first step
-    return tr
+    cfg.validate()
+    model = build(spec, s)
+    apply_lora(model, cfg.lora, t.seed)
+    compute, mask_dtype = apply_compute_options(model, cfg)
+    opt = optim.AdamW(learning_rate=t.learning_rate, weight_decay=t.weight_decay)
+    opt.init(model.trainable_parameters())
+    return Step(model, opt, Tokenized([], []), seed=t.seed, max_grad_norm=t.max_grad_norm,
+                ce_chunk=compute["ce_chunk"], mask_dtype=mask_dtype)
 
 
 def measure(spec: dict, device: str, steps: int) -> dict:
-    """Peak bytes over `steps` optimizer steps of Trainer.train_step on one micro-batch of
+    """Peak bytes over `steps` optimizer steps of steadytune's Step on one micro-batch of
     `batch` rows of `seq` + 1 tokens (padded by the trainer's own pad_batch)."""
     import mlx.core as mx
     import numpy as np
@@ -176,20 +178,19 @@ def measure(spec: dict, device: str, steps: int) -> dict:
     if device == "cpu":
         mx.set_default_device(mx.cpu)
     s = settings(spec, device)
-    tr = make_trainer(spec, s)
+    step = make_step(spec, s)
     rng = np.random.default_rng(0)
     vocab = spec["model"]["vocab_size"]
     ids = rng.integers(0, vocab, (s["batch"], s["seq"] + 1)).tolist()
-    tr.train_set = Tokenized(ids, [[True] * (s["seq"] + 1) for _ in range(s["batch"])])
-    width = int(pad_batch(ids, tr.train_set.masks)[0].shape[1])  # as train_step pads it
+    step.examples = Tokenized(ids, [[True] * (s["seq"] + 1) for _ in range(s["batch"])])
+    width = int(pad_batch(ids, step.examples.masks)[0].shape[1])  # as the step pads it
     mx.synchronize()
     base = mx.get_active_memory()
     mx.reset_peak_memory()
     tic = time.perf_counter()
     loss = float("nan")
-    for _ in range(steps):
-        loss, _, _ = tr.train_step([list(range(s["batch"]))], 1e-5)
-        tr.state["step"] += 1
+    for i in range(steps):
+        loss = step([list(range(s["batch"]))], 1e-5, i).loss
     mx.synchronize()
     return {"peak": mx.get_peak_memory(), "base": base, "seconds": time.perf_counter() - tic,
             "width": width, "loss": loss}

@@ -47,15 +47,14 @@ def main():
                                   "warmup_steps": 10, "eval_every": 0, "log_every": 10, "save_every": 1000},
                      "output": {"dir": a.out}})
     t = Trainer(cfg)
-    t.prepare()
-    t._build_steps()
-    tok = t.tokenizer
+    run = t.prepare()
+    tok = run.loaded.tokenizer
     before_loss = t.evaluate()
-    before_em = exact_match(t.model, tok, valid)
+    before_em = exact_match(run.model, tok, valid)
     t0 = time.time()
     result = t.fit()
     minutes = (time.time() - t0) / 60
-    after_em = exact_match(t.model, tok, valid)
+    after_em = exact_match(run.model, tok, valid)
     rows = [("validation loss", f"{before_loss:.4f}", f"{result.final_val_loss:.4f}"),
             (f"exact match ({len(valid)} valid)", f"{before_em:.1%}", f"{after_em:.1%}")]
     print(f"\nSmolLM2-135M-Instruct (Q4_1 GGUF) on wikisql, {result.step} steps, {minutes:.1f} min, "

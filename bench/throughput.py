@@ -133,12 +133,17 @@ def mlx_lm_steps(size, weights, batch, seq, ckpt, steps, seed=0) -> dict:
                    {"loss": round(loss.item(), 4)})
 
 
-def steadytune_trainer(size, weights, batch, ckpt, compute="auto", kernel=None, **training):
-    """A Trainer set up on the shared base weights as prepare() would (LoRA, compute options,
-    optimizer, steps), without a model folder or data files."""
+def steadytune_trainer(size, weights, batch, ckpt, compute="auto", kernel=None, flat=True, fused_lora=True,
+                       fused_swiglu=True, **training):
+    """A steadytune Step on the shared base weights, set up as setup.setup() does (LoRA, compute
+    options, optimizer), without a model folder or data files: set `.examples` (a data.Tokenized)
+    before stepping. The A/B options (flat update, fused adapter, fused SwiGLU, kernel) are its
+    arguments. Returns the Step, with `.compute` (qlora.apply_compute's answer) attached."""
     from steadytune.config import Config
+    from steadytune.data import Tokenized
     from steadytune.model import apply_lora
-    from steadytune.trainer import Trainer
+    from steadytune.setup import apply_compute_options
+    from steadytune.step import Step
 
     cfg = Config()
     cfg.lora.rank, cfg.lora.alpha = RANK, SCALE * RANK
@@ -147,33 +152,28 @@ def steadytune_trainer(size, weights, batch, ckpt, compute="auto", kernel=None, 
     cfg.training.learning_rate = LR
     for k, v in training.items():
         setattr(cfg.training, k, v)
-    tr = Trainer(cfg.validate())
-    tr.model = fresh_model(size, weights)
-    tr.adapter_config = apply_lora(tr.model, cfg.lora, 0)
-    tr._apply_compute_options()
-    if kernel:  # a measurement override of the dequantization kernel
-        from steadytune.qlora import apply_compute
-
-        tr.compute.update(apply_compute(tr.model, compute, kernel))
-    tr.optimizer = optim.AdamW(learning_rate=LR, weight_decay=cfg.training.weight_decay)
-    tr.optimizer.init(tr.model.trainable_parameters())
-    tr.state = {"step": 0, "epoch": 0, "pos": 0, "best_val_loss": None, "bad_evals": 0, "nonfinite": 0}
-    tr._build_steps()
-    return tr
+    cfg.validate()
+    model = fresh_model(size, weights)
+    apply_lora(model, cfg.lora, 0)
+    c, mask_dtype = apply_compute_options(model, cfg, kernel=kernel, fused_lora=fused_lora,
+                                          fused_swiglu=fused_swiglu)
+    opt = optim.AdamW(learning_rate=LR, weight_decay=cfg.training.weight_decay)
+    opt.init(model.trainable_parameters())
+    step = Step(model, opt, Tokenized([], []), max_grad_norm=cfg.training.max_grad_norm,
+                ce_chunk=c["ce_chunk"], mask_dtype=mask_dtype, flat=flat)
+    step.compute = c
+    return step
 
 
 def steadytune_steps(size, weights, batch, seq, ckpt, steps, compute="auto", kernel=None, seed=0,
                      packed=False, lora_unfused=False) -> dict:
-    """`steps` steps of Trainer.train_step on `batch` rows of `seq` random tokens; `packed`: each
-    row holds examples of random lengths (16 to seq / 2 tokens) that fill it exactly.
-    lora_unfused: an A/B switch (qlora.FUSED_LORA off)."""
+    """`steps` optimizer steps of steadytune's Step on `batch` rows of `seq` random tokens;
+    `packed`: each row holds examples of random lengths (16 to seq / 2 tokens) that fill it
+    exactly. lora_unfused: the A/B option fused_lora=False."""
     from steadytune.data import Tokenized
 
-    from steadytune import qlora
-
-    saved = qlora.FUSED_LORA
-    qlora.FUSED_LORA = not lora_unfused
-    tr = steadytune_trainer(size, weights, batch, ckpt, compute, kernel, pack=packed)
+    tr = steadytune_trainer(size, weights, batch, ckpt, compute, kernel, fused_lora=not lora_unfused,
+                            pack=packed)
     vocab = SIZES[size]["vocab_size"]
     rng = np.random.default_rng(seed)
     if packed:
@@ -183,18 +183,16 @@ def steadytune_steps(size, weights, batch, seq, ckpt, steps, compute="auto", ker
             for n in filling(rng, seq, 16):
                 rows[-1].append(len(ids))
                 ids.append(rng.integers(0, vocab, n + 1).tolist())  # n + 1 tokens: n inputs
-        tr._pack_width, micro = seq, rows
+        tr.pack_width, micro = seq, rows
     else:
         ids, micro = rng.integers(0, vocab, (batch, seq + 1)).tolist(), list(range(batch))
-    tr.train_set = Tokenized(ids, [[True] * len(x) for x in ids])
+    tr.examples = Tokenized(ids, [[True] * len(x) for x in ids])
     reset_memory()
     times = []
-    for _ in range(steps):
+    for i in range(steps):
         t = time.perf_counter()
-        loss, _, _ = tr.train_step([micro], LR)
-        tr.state["step"] += 1
+        loss = tr([micro], LR, i).loss
         times.append(time.perf_counter() - t)
-    qlora.FUSED_LORA = saved
     c = tr.compute
     return summary(f"steadytune {batch}x{seq}{' packed' if packed else ''}{' ckpt' if ckpt else ''}"
                    f"{' lora unfused' if lora_unfused else ''} ({c['mode']}"
@@ -202,24 +200,13 @@ def steadytune_steps(size, weights, batch, seq, ckpt, steps, compute="auto", ker
                    {"loss": round(loss, 4)})
 
 
-FLAG_TOKENS = {"swiglu": "FUSED_SWIGLU", "fusedlora": "FUSED_LORA", "flat": "FLAT_UPDATE"}
-
-
-def _flag_module(name):
-    from steadytune import qlora, trainer
-
-    return trainer if name == "FLAT_UPDATE" else qlora
-
-
-def set_flags(flags: dict) -> None:
-    for k, v in flags.items():
-        setattr(_flag_module(k), k, v)
+FLAG_TOKENS = {"swiglu": "fused_swiglu", "fusedlora": "fused_lora", "flat": "flat"}
 
 
 def parse_ab(spec: str) -> list[dict]:
-    """"base=cuda:1,-swiglu,-flat;new=cuda" -> [{"name", "kernel", "flags"}]: +/-swiglu and
-    +/-fusedlora set qlora's FUSED_SWIGLU and FUSED_LORA, +/-flat the trainer's FLAT_UPDATE; other
-    tokens name the dequantization kernel ("cuda:N": N packed words per thread)."""
+    """"base=cuda:1,-swiglu,-flat;new=cuda" -> [{"name", "kernel", "flags"}]: +/-swiglu,
+    +/-fusedlora and +/-flat turn the Step's options fused_swiglu, fused_lora and flat on or off;
+    other tokens name the dequantization kernel ("cuda:N": N packed words per thread)."""
     out = []
     for item in filter(None, spec.split(";")):
         name, _, toks = item.partition("=")
@@ -244,23 +231,18 @@ def interleaved(size, weights, batch, seq, ckpt, steps, variants, pipelined=0) -
     vocab = SIZES[size]["vocab_size"]
     ids = np.random.default_rng(0).integers(0, vocab, (batch, seq + 1)).tolist()
     micro = list(range(batch))
-    saved = {k: getattr(_flag_module(k), k) for k in FLAG_TOKENS.values()}
     runs = []
     for v in variants:
-        set_flags({**saved, **v["flags"]})
-        tr = steadytune_trainer(size, weights, batch, ckpt, "auto", v["kernel"])
-        tr.train_set = Tokenized(ids, [[True] * len(x) for x in ids])
+        tr = steadytune_trainer(size, weights, batch, ckpt, "auto", v["kernel"], **v["flags"])
+        tr.examples = Tokenized(ids, [[True] * len(x) for x in ids])
         runs.append({"v": v, "tr": tr, "times": [], "peak": 0.0})
-    for _ in range(steps):
+    for i in range(steps):
         for r in runs:
-            set_flags({**saved, **r["v"]["flags"]})
             reset_memory()
             t = time.perf_counter()
-            loss, _, _ = r["tr"].train_step([micro], LR)
+            r["loss"] = r["tr"]([micro], LR, i).loss
             r["times"].append(time.perf_counter() - t)
-            r["tr"].state["step"] += 1
             r["peak"] = max(r["peak"], mx.get_peak_memory() / 1e9)
-            r["loss"] = loss
     rows = []
     for r in runs:
         med = statistics.median(r["times"][2:])
@@ -273,7 +255,6 @@ def interleaved(size, weights, batch, seq, ckpt, steps, variants, pipelined=0) -
         print(json.dumps(row), flush=True)
         rows.append(row)
     for r, row in zip(runs, rows) if pipelined else []:  # last: it may run out of memory
-        set_flags({**saved, **r["v"]["flags"]})
         try:
             row.update(pipelined_rate(r["tr"], micro, pipelined))
             row["pipelined_tok_s"] = round(batch * seq / row["pipelined_s"], 1)
@@ -281,15 +262,14 @@ def interleaved(size, weights, batch, seq, ckpt, steps, variants, pipelined=0) -
             row["pipelined"] = f"failed: {e!r}"
         reset_memory()
         print(json.dumps({k: row[k] for k in row if k.startswith(("run", "pipelined", "host"))}), flush=True)
-    set_flags(saved)
     return rows
 
 
-def pipelined_rate(tr, micro, steps) -> dict:
-    """Steps of the trainer's fused compiled call queued back to back (mx.async_eval, one wait at
+def pipelined_rate(step, micro, steps) -> dict:
+    """Steps of the Step's fused compiled call queued back to back (mx.async_eval, one wait at
     the end), against its host time: how long queuing one step keeps Python and MLX busy."""
-    scale, _ = tr._begin_step([micro])
-    inputs, targets, mask, segments, _ = next(tr._padded([micro]))
+    scale, _ = step.begin([micro])
+    b = step.batches([micro])[0]
     lr, max_norm = mx.array(LR, dtype=mx.float32), mx.array(1.0, dtype=mx.float32)
     mx.synchronize()
     reset_memory()
@@ -297,8 +277,9 @@ def pipelined_rate(tr, micro, steps) -> dict:
     t0 = time.perf_counter()
     for _ in range(steps):
         h = time.perf_counter()
-        total, norm = tr._grad_apply(inputs, targets, mask, segments, scale, None, mx.array(0.0), lr, max_norm)
-        mx.async_eval(tr.compiled_state, total, norm)
+        total, norm = step.grad_apply(b.inputs, b.targets, b.mask, b.segments, scale, None, mx.array(0.0),
+                                      lr, max_norm)
+        mx.async_eval(step.state, total, norm)
         host.append(time.perf_counter() - h)
         outs.append(total)
     mx.eval(outs)
@@ -429,16 +410,16 @@ def run_profile(a):
             return t1 - t0, time.perf_counter() - t0, out
 
         for _ in range(a.steps):
-            h, w, (total, acc) = host(lambda: tr._grad(inputs, targets, mask, None, scale, None))
+            h, w, (total, acc) = host(lambda: tr.grad(inputs, targets, mask, None, scale, None))
             parts["grad_host"].append(h)
             parts["grad"].append(w)
-            h, w, _ = host(lambda: [tr._apply(acc, total, lr, max_norm), tr.compiled_state])
+            h, w, _ = host(lambda: [tr.update(acc, total, lr, max_norm), tr.state])
             parts["update_host"].append(h)
             parts["update"].append(w)
             del acc
             c0 = time.process_time()
-            h, w, _ = host(lambda: [tr._grad_apply(inputs, targets, mask, None, scale, None, mx.array(0.0),
-                                                   lr, max_norm), tr.compiled_state])
+            h, w, _ = host(lambda: [tr.grad_apply(inputs, targets, mask, None, scale, None, mx.array(0.0),
+                                                  lr, max_norm), tr.state])
             parts["fused_host"].append(h)
             parts["fused"].append(w)
             parts["cpu"].append(time.process_time() - c0)
@@ -477,13 +458,13 @@ def run_kernelmix(a):
 
     tr = steadytune_trainer(a.size, weights, 4, ckpt)
     ids = np.random.default_rng(0).integers(0, SIZES[a.size]["vocab_size"], (4, 1025)).tolist()
-    tr.train_set = Tokenized(ids, [[True] * len(x) for x in ids])
-    for _ in range(3):
-        tr.train_step([list(range(4))], LR)
+    tr.examples = Tokenized(ids, [[True] * len(x) for x in ids])
+    for i in range(3):
+        tr([list(range(4))], LR, i)
     mx.synchronize()
     cuda = ctypes.CDLL("libcuda.so.1")
     cuda.cuProfilerStart()
-    tr.train_step([list(range(4))], LR)
+    tr([list(range(4))], LR, 3)
     mx.synchronize()
     cuda.cuProfilerStop()
     return []
@@ -800,8 +781,8 @@ def steadytune_real(folder: Path, data: Path, out: Path, batch: int, max_steps: 
     steps, shapes = [], []
 
     class TimedTrainer(Trainer):
-        def _build_steps(self):
-            super()._build_steps()
+        def prepare(self):
+            run = super().prepare()
 
             def recording(f):
                 def g(inputs, *rest):
@@ -809,13 +790,14 @@ def steadytune_real(folder: Path, data: Path, out: Path, batch: int, max_steps: 
                     return f(inputs, *rest)
                 return g
 
-            self._grad, self._grad_apply = recording(self._grad), recording(self._grad_apply)
+            self.step.grad, self.step.grad_apply = recording(self.step.grad), recording(self.step.grad_apply)
+            return run
 
         def train_step(self, micro_batches, lr):
             shapes.clear()
             t = time.perf_counter()
             out = super().train_step(micro_batches, lr)
-            steps.append((time.perf_counter() - t, out[2], tuple(shapes)))
+            steps.append((time.perf_counter() - t, out.real, tuple(shapes)))
             return out
 
     reset_memory()
@@ -895,14 +877,14 @@ def run_real(a):
             total, steady = steady_rate(steps)
             padded = sum(b * w for _, _, sh in steps for b, w in sh)
             how = f"batch_tokens {a.batch_tokens}" if a.batch_tokens else f"batch {batch}"
-            how += f", packed rows of {tr._pack_width}" if a.pack else ""
+            how += f", packed rows of {tr.run.pack_width}" if a.pack else ""
             how += f", pad {a.cuda_pad} above 256" if a.cuda_pad else ""
             rows.append({"run": f"steadytune train {name} ({how})", "tok_s": round(steady, 1),
                          "tok_s_incl_compiles": round(total, 1), "peak_gb": round(peak, 2),
                          "steps": len(steps),
                          "padding": round(1 - sum(n for _, n, _ in steps) / padded, 3)})
             print(json.dumps(rows[-1]), flush=True)
-            train_set = tr.train_set
+            train_set = tr.run.train_set
             del tr
             reset_memory()
             if a.skip_mlx_lm:
@@ -935,7 +917,7 @@ def main(argv=None):
     p.add_argument("--batch-tokens", type=int, default=4096, help="real: steadytune's token budget per "
                    "micro-batch (0 = batches of --batch-wikisql / --batch-alpaca examples)")
     p.add_argument("--ab-lora", action="store_true", help="synthetic: also run each setting with the "
-                   "adapter added by separate passes (qlora.FUSED_LORA off) first")
+                   "adapter added by separate passes (apply_compute's fused_lora=False) first")
     p.add_argument("--pack", action="store_true", help="real: steadytune packs examples into rows "
                    "(training.pack)")
     p.add_argument("--kernels", default="", help="synthetic: also run dequant with these kernels "

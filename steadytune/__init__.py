@@ -9,10 +9,11 @@ else happens at import. The public API mirrors the CLI:
     print(result.run_dir, result.final_val_loss)
 """
 
-from .backend import tune_mlx_env as _tune_mlx_env, use_fast_blas as _use_fast_blas
+from .backend import device_from_env as _device_from_env, tune_mlx_env as _tune_mlx_env, use_fast_blas as _use_fast_blas
 
 _use_fast_blas()
 _tune_mlx_env()
+_device_from_env()  # only with STEADYTUNE_DEVICE set
 
 from .config import Config, resolve  # noqa: E402
 from .errors import UserError  # noqa: E402

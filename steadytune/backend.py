@@ -35,6 +35,18 @@ def tune_mlx_env() -> None:
     os.environ.setdefault("MLX_CUDA_GRAPH_CACHE_SIZE", CUDA_GRAPH_CACHE_SIZE)
 
 
+def device_from_env() -> None:
+    """STEADYTUNE_DEVICE=cpu (or gpu) makes MLX compute there by default. The test suite runs with
+    cpu on a Mac, so the same numbers are checked on every machine and the Metal tests choose the
+    GPU themselves; a user can take the CPU of a Mac the same way. Other values are ignored, and
+    mlx is imported only when the variable is set."""
+    want = os.environ.get("STEADYTUNE_DEVICE", "").strip().lower()
+    if want in ("cpu", "gpu"):
+        import mlx.core as mx
+
+        mx.set_default_device(mx.cpu if want == "cpu" else mx.gpu)
+
+
 def use_fast_blas() -> str | None:
     """Load OpenBLAS globally if this is Linux, it exists, and mlx is not imported yet."""
     if _state["blas"] is not None:
@@ -103,3 +115,31 @@ def memory_gb() -> dict:
         except (ValueError, OSError):
             total = 0
     return {"total": total / 1e9, "active": mx.get_active_memory() / 1e9, "peak": mx.get_peak_memory() / 1e9}
+
+
+def cache_limit_bytes(available: float, required: float) -> int:
+    """How much MLX's buffer cache may keep: the planner's headroom, the memory the device offers
+    minus what the run needs. MLX keeps freed buffers for reuse up to its cache limit, which by
+    default is its memory limit (1.5x Metal's recommended working set): with data of varying
+    length every new batch shape leaves buffers behind, so active + cache can grow past the
+    working set until macOS swaps while the reported peak (active only) stays flat. Capped at the
+    headroom, active + cache stays within what the planner counted as available."""
+    return max(0, int(available - required))
+
+
+def limit_cache(plan) -> int | None:
+    """Set MLX's cache limit from a memory plan (steadytune.plan.Plan; None: not planned, left as
+    is). Returns the limit set, in bytes; `cache_limit()` reads it back for the log and doctor."""
+    if plan is None or not plan.available:
+        return None
+    import mlx.core as mx
+
+    limit = cache_limit_bytes(plan.available, plan.breakdown.required)
+    mx.set_cache_limit(limit)
+    _state["cache_limit"] = limit
+    return limit
+
+
+def cache_limit() -> int | None:
+    """The cache limit limit_cache() set in this process (None: MLX's default)."""
+    return _state.get("cache_limit")

@@ -183,14 +183,50 @@ def examples_of(micro_batch) -> list[int]:
         else list(micro_batch)
 
 
+def packed_rows(batch_size: int, batch_tokens: int | None, width: int) -> int:
+    """Rows of a packed micro-batch: batch_tokens // width, or batch_size rows."""
+    return max(1, batch_tokens // width) if batch_tokens else batch_size
+
+
+def fill_rows(micro_batch: list, rows: int) -> list:
+    """A packed micro-batch with empty rows appended up to `rows`, so the epoch's short last
+    micro-batch (and validation's) has the shape of all the others and no new shape is compiled
+    (on a GPU each new shape costs seconds). An empty row is all padding: no loss, no gradient."""
+    return list(micro_batch) + [[] for _ in range(rows - len(micro_batch))]
+
+
+def merge_micro_batches(micro_batches: list, group: int) -> list:
+    """Packed micro-batches joined `group` at a time into one (their rows concatenated): the
+    token-weighted loss of a step is a sum over its rows, so the gradients are the same, computed
+    in fewer, larger calls."""
+    if group <= 1:
+        return micro_batches
+    return [[row for mb in micro_batches[i:i + group] for row in mb] for i in range(0, len(micro_batches), group)]
+
+
+def merge_group(accum: int, rows: int, largest_rows: int) -> int:
+    """How many of a step's `accum` packed micro-batches of `rows` rows run as one call: the largest
+    divisor of accum whose rows the memory plan says fit (`largest_rows`), so every call of a step
+    has the same shape."""
+    return max(g for g in range(1, accum + 1) if accum % g == 0 and (g == 1 or rows * g <= largest_rows))
+
+
+def packed_eval_batches(lengths, width: int, rows: int) -> list[list[list[int]]]:
+    """Validation examples packed into rows of `width` (best fit decreasing: deterministic), `rows`
+    rows per micro-batch: validation runs in the training step's shape."""
+    need = np.maximum(np.asarray(lengths, dtype=np.int64) - 1, 1).tolist()
+    packed = pack_rows(need, width) if need else []
+    return [packed[i:i + rows] for i in range(0, len(packed), rows)]
+
+
 def plan_epoch(lengths, batch_size: int, batch_tokens: int | None, accum: int, seed: int, epoch: int,
-               group_by_length: bool = True, pack: bool = False) -> list:
+               group_by_length: bool = True, pack: bool = False, width: int | None = None) -> list:
     """The epoch's steps: packed rows (`pack`: batch_tokens // width rows, or batch_size rows, of
-    pack_width), by a token budget when `batch_tokens` is set, else by example count."""
+    `width`, default pack_width(lengths)), by a token budget when `batch_tokens` is set, else by
+    example count."""
     if pack:
-        width = pack_width(lengths)
-        rows = max(1, batch_tokens // width) if batch_tokens else batch_size
-        return packed_steps(lengths, width, rows, accum, seed, epoch)
+        width = width or pack_width(lengths)
+        return packed_steps(lengths, width, packed_rows(batch_size, batch_tokens, width), accum, seed, epoch)
     if batch_tokens:
         return token_budget_steps(lengths, batch_tokens, accum, seed, epoch)
     return epoch_steps(lengths, batch_size, accum, seed, epoch, group_by_length)
@@ -266,3 +302,20 @@ def lr_at(step: int, peak: float, warmup: int, total: int, schedule: str = "cosi
         return peak
     progress = (step - warmup) / max(1, total - warmup)
     return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+EXACT_EPOCHS = 10  # epochs whose steps planned_total counts; later ones are estimated from them
+
+
+def planned_total(steps_in, epochs: int, fixed: bool) -> int:
+    """Optimizer steps of `epochs` epochs, `steps_in(e)` being the steps of epoch e. By example
+    count every epoch has the same steps: one plan times the epochs. Packed rows and token
+    budgets differ a little from epoch to epoch: the first EXACT_EPOCHS are counted and any
+    further ones estimated from their mean (a pure function, so a resumed run agrees; the last
+    epoch may end a few steps early or late). Planning a huge --epochs thus costs at most 10
+    plans (~3 s for 50k examples) instead of one per epoch (minutes of silence before step 1)."""
+    if fixed:
+        return steps_in(0) * epochs
+    k = min(epochs, EXACT_EPOCHS)
+    counted = sum(steps_in(e) for e in range(k))
+    return counted + round(counted * (epochs - k) / k)

@@ -19,6 +19,17 @@ import yaml
 from .errors import UserError, collect
 
 DEFAULT_MODEL = "smollm2-135m"
+# Above 1, each Adam step moves every adapter weight by about 1 or more: not a learning rate
+# anyone means (LoRA uses 1e-5..1e-2); 1e308 overflows float32 and NaNs the adapters.
+MAX_LEARNING_RATE = 1.0
+# Seeds feed numpy's SeedSequence and mx.random.seed(seed * 1_000_003 + step), a uint64: a 32-bit
+# seed keeps that product in range for 2^32 steps; negative seeds are refused by both.
+MAX_SEED = 2**32 - 1
+# No count in the config means more than this; larger values are typos that overflow later
+# (MLX and numpy index with int32/int64) instead of failing here.
+MAX_COUNT = 2**31 - 1
+# More epochs than this are a typo (planning is lazy: batching.planned_total).
+MAX_EPOCHS = 1_000_000
 
 
 def _f(default, help: str, flag: str | None = None, choices=None, **kw):
@@ -52,11 +63,18 @@ class DataConfig:
     overlong: str = _f("truncate", "what to do with longer sequences", choices=["truncate", "error"])
     train_on_prompt: bool = _f(False, "compute the loss on prompt tokens too (masking off)")
     valid_fraction: float = _f(0.05, "share of train held out for validation when there is no "
-                               "validation file (seeded, at least 1 example)")
+                               "validation file (seeded, at least 1 example; 0 = train on everything "
+                               "and skip validation)")
     val_max_examples: Optional[int] = _f(None, "validate on a fixed, deterministic subset of this "
                                          "many examples (default: all)")
     group_by_length: bool = _f(True, "batch examples of similar length together (less padding); "
                                "the order of batches is still shuffled each epoch")
+    max_examples: Optional[int] = _f(None, "train on the first N training examples after a seeded "
+                                     "shuffle (a quick trial run; validation is unchanged; null = all)")
+    system_fold: str = _f("auto", "a system turn on a chat template without a system role: fold it "
+                          "into the first user turn (auto: only where the template has no system role, "
+                          "and the run's config.yaml then records fold; fold: always) or error",
+                          choices=["auto", "fold", "error"])
 
 
 @dataclass
@@ -79,15 +97,22 @@ class LoraConfig:
 class TrainingConfig:
     epochs: int = _f(3, "passes over all the training data")
     max_steps: Optional[int] = _f(None, "stop after this many optimizer steps (overrides epochs)")
-    batch_size: int = _f(4, "examples per micro-batch (ignored when batch_tokens is set)")
+    batch_size: int = _f(4, "packed (the default): rows per micro-batch, each row as wide as the longest "
+                         "example and filled with whole examples; --pack false: examples per micro-batch "
+                         "(ignored when batch_tokens is set)")
     batch_tokens: Optional[int] = _f(None, "form micro-batches by a token budget instead of a count: "
                                      "examples of similar length, as many as fit in N padded tokens "
                                      "(at least max_seq_length; steadies memory and speed on "
                                      "variable-length data)")
-    pack: bool = _f(False, "pack several examples into each row (attention stays inside each example): "
-                    "almost no padding and one batch shape; rows are as wide as the longest example, "
-                    "batch_tokens // width of them (or batch_size rows)")
+    pack: bool = _f(True, "pack several examples into each row (attention stays inside each example): "
+                    "almost no padding and one compiled batch shape; rows are as wide as the longest "
+                    "example, batch_tokens // width of them (or batch_size rows); false = one example a "
+                    "row, padded")
     grad_accumulation: int = _f(1, "micro-batches per optimizer step (token-weighted)")
+    merge_micro_batches: str = _f("auto", "packed rows: run a step's micro-batches as one call when the "
+                                  "memory planner says it fits (the same token-weighted gradients, fewer "
+                                  "and larger calls: faster on a GPU); off = one call per micro-batch",
+                                  choices=["auto", "off"])
     learning_rate: float = _f(1e-4, "peak learning rate")
     lr_schedule: str = _f("cosine", "learning-rate schedule after warmup", choices=["cosine", "constant"])
     warmup_steps: int = _f(0, "linear warmup steps from 0 to the peak learning rate")
@@ -105,13 +130,20 @@ class TrainingConfig:
     patience: Optional[int] = _f(None, "early stopping: stop after N validations without improvement")
     resume: bool = _f(False, "continue from the newest complete checkpoint in the run folder")
     force: bool = _f(False, "train even if the memory planner predicts the run does not fit")
+    method: str = _f("sft", "sft (supervised), or preference tuning on chosen/rejected pairs: dpo or "
+                     "orpo (docs/preference.md)", choices=["sft", "dpo", "orpo"])
+    beta: float = _f(0.1, "dpo: the KL strength beta (higher = stay closer to the reference); orpo: "
+                     "lambda, the weight of the odds-ratio term")
+    reference: str = _f("base", "dpo's reference model: base = the base model with the adapters "
+                        "switched off (no second copy of the weights)", choices=["base"])
 
 
 @dataclass
 class OutputConfig:
     dir: Optional[str] = _f(None, "run folder (default runs/<timestamp>)", flag="--out")
     keep_last: int = _f(3, "checkpoints to keep (plus the best)")
-    log_to: list = _f(["jsonl"], "where metrics go: jsonl, tensorboard")
+    log_to: list = _f(["jsonl"], "where metrics go: jsonl, tensorboard, wandb, mlflow (comma-separated; "
+                      "wandb and mlflow take their usual environment: WANDB_PROJECT, MLFLOW_TRACKING_URI)")
     progress: str = _f("auto", "progress display", choices=["auto", "bar", "lines", "none"])
 
 
@@ -137,39 +169,46 @@ class Config:
             if v < 1:
                 p.append(f"{name} must be at least 1 (got {v})")
         for name, v in [("training.eval_every", t.eval_every), ("training.save_every", t.save_every),
-                        ("training.warmup_steps", t.warmup_steps), ("training.weight_decay", t.weight_decay)]:
+                        ("training.warmup_steps", t.warmup_steps)]:
             if v < 0:
                 p.append(f"{name} must be 0 or more (got {v})")
         if t.max_steps is not None and t.max_steps < 1:
             p.append(f"training.max_steps must be at least 1 (got {t.max_steps})")
-        if not (t.learning_rate > 0 and math.isfinite(t.learning_rate)):
-            p.append(f"training.learning_rate must be a positive number (got {t.learning_rate})")
-        if t.max_grad_norm is not None and not t.max_grad_norm > 0:
-            p.append(f"training.max_grad_norm must be positive or null (got {t.max_grad_norm})")
+        if not 0 < t.learning_rate <= MAX_LEARNING_RATE:  # NaN fails this too
+            p.append(f"training.learning_rate must be a positive number, at most {MAX_LEARNING_RATE:g} "
+                     f"(got {t.learning_rate})")
+        if t.max_grad_norm is not None and not 0 < t.max_grad_norm < math.inf:
+            p.append(f"training.max_grad_norm must be positive and finite, or null for no clipping "
+                     f"(got {t.max_grad_norm})")
         if t.batch_tokens is not None and t.batch_tokens < d.max_seq_length:
             p.append(f"training.batch_tokens must be at least data.max_seq_length ({d.max_seq_length}) so "
                      f"the longest example fits in one micro-batch (got {t.batch_tokens})")
+        if not 0 < t.beta < math.inf:
+            p.append(f"training.beta must be positive and finite (got {t.beta})")
         if t.patience is not None and t.patience < 1:
             p.append(f"training.patience must be at least 1 or null (got {t.patience})")
         if not 0 <= lo.dropout < 1:
             p.append(f"lora.dropout must be in [0, 1) (got {lo.dropout})")
-        if not lo.alpha > 0:
-            p.append(f"lora.alpha must be positive (got {lo.alpha})")
+        if not 0 < lo.alpha < math.inf:
+            p.append(f"lora.alpha must be positive and finite (got {lo.alpha})")
         if lo.num_layers == 0 or lo.num_layers < -1:
             p.append(f"lora.num_layers must be -1 (all) or at least 1 (got {lo.num_layers})")
-        if not 0 < d.valid_fraction < 1:
-            p.append(f"data.valid_fraction must be between 0 and 1 (got {d.valid_fraction})")
+        if not 0 <= d.valid_fraction < 1:
+            p.append(f"data.valid_fraction must be at least 0 and below 1 (got {d.valid_fraction})")
+        if d.max_examples is not None and d.max_examples < 1:
+            p.append(f"data.max_examples must be at least 1 or null (got {d.max_examples})")
         if d.val_max_examples is not None and d.val_max_examples < 1:
             p.append(f"data.val_max_examples must be at least 1 or null (got {d.val_max_examples})")
         for x in self.output.log_to:
-            if x not in ("jsonl", "tensorboard"):
-                p.append(f"output.log_to: unknown sink {x!r}; use jsonl and/or tensorboard")
+            if x not in ("jsonl", "tensorboard", "wandb", "mlflow"):
+                p.append(f"output.log_to: unknown sink {excerpt(x)}; use jsonl, tensorboard, wandb and/or mlflow")
+        p += range_problems(self, p)
         for section in (self.model, self.data, self.lora, self.training, self.output):
             for f in fields(section):
                 ch = f.metadata.get("choices")
                 if ch and getattr(section, f.name) not in ch:
                     p.append(f"{_section_name(section)}.{f.name} must be one of {', '.join(map(str, ch))} "
-                             f"(got {getattr(section, f.name)!r})")
+                             f"(got {excerpt(getattr(section, f.name))})")
         collect(p, "invalid configuration")
         return self
 
@@ -181,6 +220,47 @@ SECTIONS = {"model": ModelConfig, "data": DataConfig, "lora": LoraConfig,
 def _section_name(section) -> str:
     return {ModelConfig: "model", DataConfig: "data", LoraConfig: "lora",
             TrainingConfig: "training", OutputConfig: "output"}[type(section)]
+
+
+def excerpt(value, limit: int = 80) -> str:
+    """A bounded repr of a config value for a message: a YAML alias bomb is a small tree whose
+    full repr is gigabytes, so nesting, items and strings are cut before anything is built."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxdict, r.maxstring, r.maxother, r.maxlong = 2, 4, 4, limit, limit, limit
+    text = r.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def range_problems(cfg: "Config", reported: list[str]) -> list[str]:
+    """Finite numbers and sane ranges for what the specific checks in Config.validate do not
+    cover: every float setting finite (NaN passes `v < 0`), the seed, counts, epochs, weight decay.
+    A setting already in `reported` is not reported twice."""
+    p: list[str] = []
+    t = cfg.training
+    said = lambda name: any(x.startswith(name + " ") for x in reported + p)  # noqa: E731
+    if not 0 <= t.seed <= MAX_SEED:
+        p.append(f"training.seed must be between 0 and {MAX_SEED} (got {excerpt(t.seed)})")
+    wd = t.weight_decay
+    if not 0 <= wd < math.inf:
+        p.append(f"training.weight_decay must be a finite number, 0 or more (got {wd})")
+    elif 0 < t.learning_rate <= MAX_LEARNING_RATE and wd * t.learning_rate >= 1:  # AdamW multiplies weights by 1 - lr * wd each step
+        p.append(f"training.weight_decay times the learning rate must be below 1, or every step flips "
+                 f"the weights' sign (got {wd} x {t.learning_rate})")
+    if t.epochs > MAX_EPOCHS:
+        p.append(f"training.epochs must be at most {MAX_EPOCHS} (got {excerpt(t.epochs)}); set "
+                 "max_steps to train longer")
+    for section in (cfg.model, cfg.data, cfg.lora, cfg.training, cfg.output):
+        for f in fields(section):
+            name, v = f"{_section_name(section)}.{f.name}", getattr(section, f.name)
+            if isinstance(v, bool) or said(name) or name == "training.seed":
+                continue
+            if isinstance(v, float) and not math.isfinite(v):
+                p.append(f"{name} must be a finite number (got {v})")
+            elif isinstance(v, int) and abs(v) > MAX_COUNT:
+                p.append(f"{name} must be at most {MAX_COUNT} (got {excerpt(v)})")
+    return p
 
 
 def _closest(name: str, valid) -> str:
@@ -224,7 +304,7 @@ def _coerce(value: Any, f: dataclasses.Field, where: str) -> Any:
         return str(value)
     except (TypeError, ValueError):
         kind = t.replace("Optional[", "").rstrip("]")
-        raise UserError(f"{where}: {f.name} must be {kind}, got {value!r}") from None
+        raise UserError(f"{where}: {f.name} must be {kind}, got {excerpt(value)}") from None
 
 
 def apply_overrides(cfg: Config, tree: dict, source: str) -> Config:
@@ -235,7 +315,7 @@ def apply_overrides(cfg: Config, tree: dict, source: str) -> Config:
     problems = []
     for sec, values in tree.items():
         if sec not in SECTIONS:
-            problems.append(f"{source}: unknown section '{sec}'{_closest(str(sec), SECTIONS)}")
+            problems.append(f"{source}: unknown section '{str(sec)[:80]}'{_closest(str(sec)[:200], SECTIONS)}")
             continue
         if values is None:
             continue
@@ -246,7 +326,7 @@ def apply_overrides(cfg: Config, tree: dict, source: str) -> Config:
         by_name = {f.name: f for f in fields(obj)}
         for k, v in values.items():
             if k not in by_name:
-                problems.append(f"{source}: unknown key '{sec}.{k}'{_closest(str(k), by_name)}")
+                problems.append(f"{source}: unknown key '{sec}.{str(k)[:80]}'{_closest(str(k)[:200], by_name)}")
                 continue
             try:
                 setattr(obj, k, _coerce(v, by_name[k], f"{source}: {sec}"))
@@ -303,6 +383,7 @@ def resolve(config_file: str | None = None, overrides: dict | None = None) -> Co
 
 
 def save_yaml(cfg: Config, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)  # the run folder appears once its run has started
     path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 

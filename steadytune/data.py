@@ -1,7 +1,9 @@
 """Training data: reading, validating, templating and loss masks.
 
-Four record formats, detected per file (mixing them in one file is an error):
+Five record formats, detected per file (mixing them in one file is an error):
   chat        {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...], "tools"?: [...]}
+  sharegpt    {"conversations": [{"from": "human"|"gpt"|"system"|"user"|"assistant", "value": str}, ...],
+               "system"?: str}  (LLaMA-Factory, axolotl and much of the Hub)
   completion  {"prompt": str, "completion": str}
   text        {"text": str}
   alpaca      {"instruction": str, "input"?: str, "output": str}
@@ -22,11 +24,15 @@ from .errors import UserError
 ROLES = ("system", "user", "assistant", "tool")
 FORMATS = {
     "chat": ("messages",),
+    "sharegpt": ("conversations",),
     "completion": ("prompt", "completion"),
     "alpaca": ("instruction", "output"),
     "text": ("text",),
 }
 MAX_PROBLEMS = 20
+# ShareGPT speakers -> chat roles ("human"/"gpt" in the original dumps; many tools write user/assistant)
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system"}
 
 
 @dataclass
@@ -180,9 +186,46 @@ def _check_messages(rec, where, problems):
         problems.append(f"{where}: 'tools' must be a list, got {type(tools).__name__}")
 
 
+def _role_of(speaker) -> str | None:
+    """The chat role of a ShareGPT speaker; None for anything else (a list or a dict included)."""
+    return SHAREGPT_ROLES.get(speaker) if isinstance(speaker, str) else None
+
+
+def _check_conversations(rec, where, problems):
+    """ShareGPT records, validated like chat records; messages name `conversations[i]`."""
+    turns = rec.get("conversations")
+    if not isinstance(turns, list):
+        problems.append(f"{where}: 'conversations' must be a list of {{from, value}} objects, "
+                        f"got {type(turns).__name__}")
+        return
+    if not turns:
+        problems.append(f"{where}: 'conversations' is empty; a conversation needs at least a human and a gpt turn")
+        return
+    _check_str(rec, "system", where, problems, required=False)
+    for i, m in enumerate(turns):
+        at = f"{where}: conversations[{i}]"
+        if not isinstance(m, dict):
+            problems.append(f"{at} must be an object with 'from' and 'value', got {type(m).__name__}")
+            continue
+        speaker = m.get("from")
+        if _role_of(speaker) is None:
+            problems.append(f"{at}: unknown 'from' {_short(speaker)}; use one of {', '.join(SHAREGPT_ROLES)}")
+        value = m.get("value")
+        if not isinstance(value, str):
+            problems.append(f"{at}: 'value' must be a string, got {type(value).__name__}")
+        elif _role_of(speaker) == "assistant" and not value.strip():
+            problems.append(f"{at}: gpt value is empty")
+    if not any(isinstance(m, dict) and _role_of(m.get("from")) == "assistant" for m in turns):
+        problems.append(f"{where}: no gpt (assistant) turn; add the answer the model should learn")
+
+
 def _to_example(rec: dict, kind: str, where: str) -> Example:
     if kind == "chat":
         return Example(where, kind, messages=rec["messages"], tools=rec.get("tools"))
+    if kind == "sharegpt":
+        msgs = [{"role": "system", "content": rec["system"]}] if rec.get("system") else []
+        msgs += [{"role": SHAREGPT_ROLES[m["from"]], "content": m["value"]} for m in rec["conversations"]]
+        return Example(where, kind, messages=msgs)
     if kind == "completion":
         return Example(where, kind, messages=[{"role": "user", "content": rec["prompt"]},
                                               {"role": "assistant", "content": rec["completion"]}])
@@ -211,12 +254,14 @@ def read_file(path: str | Path) -> list[Example]:
             else:
                 keys = ", ".join(_short(k, 30) for k in list(rec)[:5]) + (", ..." if len(rec) > 5 else "")
                 problems.append(f"{where}: unknown record format (keys: {keys or 'none'}); "
-                                "use messages, prompt+completion, text, or instruction+output")
+                                "use messages, prompt+completion, text, instruction+output, or conversations (ShareGPT)")
             continue
         kinds.setdefault(kind, where)
         before = len(problems)
         if kind == "chat":
             _check_messages(rec, where, problems)
+        elif kind == "sharegpt":
+            _check_conversations(rec, where, problems)
         elif kind == "completion":
             _check_str(rec, "prompt", where, problems)
             _check_str(rec, "completion", where, problems)
@@ -246,10 +291,15 @@ def find_files(path: str | Path) -> dict[str, Path]:
     p = Path(path)
     if p.is_file():
         return {"train": p}
+    if p.is_dir() and p.suffix in (".jsonl", ".json"):
+        raise UserError(f"{p}: is a folder, not a data file; pass a .jsonl/.json file, or a folder with train.jsonl")
     if p.is_dir():
         files = {}
         for split in ("train", "valid", "test"):
             for ext in (".jsonl", ".json"):
+                if (p / f"{split}{ext}").is_dir():
+                    raise UserError(f"{p / f'{split}{ext}'}: is a folder, not a data file; put the records in a "
+                                    f"file named {split}{ext}")
                 if (p / f"{split}{ext}").is_file():
                     files[split] = p / f"{split}{ext}"
                     break
@@ -269,7 +319,12 @@ def holdout(n: int, fraction: float, seed: int) -> np.ndarray:
     return np.sort(rng.permutation(n)[:k])
 
 
-def load_splits(path: str | Path, valid_fraction: float = 0.05, seed: int = 0) -> Splits:
+def load_splits(path: str | Path, valid_fraction: float = 0.05, seed: int = 0,
+                max_examples: int | None = None) -> Splits:
+    """The train/valid/test examples of a data argument. Without a validation file a seeded
+    `valid_fraction` of train is held out (0: none, validation is skipped); then `max_examples`
+    keeps the first N of a seeded shuffle of train (the hold-out does not depend on N, so a
+    10-example trial validates on the same examples as the full run)."""
     files = find_files(path)
     data, problems = {}, []
     for split, f in files.items():
@@ -283,16 +338,33 @@ def load_splits(path: str | Path, valid_fraction: float = 0.05, seed: int = 0) -
         raise UserError(f"{path}: {len(problems)} problems in the data", problems)
     splits = Splits(data["train"], data.get("valid", []), data.get("test", []),
                     files={k: str(v) for k, v in files.items()})
-    if not splits.valid:
+    if not splits.valid and valid_fraction == 0:
+        splits.notes.append(f"no validation: no validation file and valid_fraction 0, so all "
+                            f"{len(splits.train)} training examples are trained on and validation is skipped")
+    elif not splits.valid:
         if len(splits.train) < 2:
             raise UserError(f"{files['train']}: only {len(splits.train)} training example: need at least "
-                            "2 to hold one out for validation, or add a valid.jsonl")
+                            "2 to hold one out for validation, or add a valid.jsonl (or pass "
+                            "--valid-fraction 0 to skip validation)")
         held = set(holdout(len(splits.train), valid_fraction, seed).tolist())
         splits.valid = [e for i, e in enumerate(splits.train) if i in held]
         splits.train = [e for i, e in enumerate(splits.train) if i not in held]
         splits.notes.append(f"no validation file: held out {len(held)} of {len(held) + len(splits.train)} "
                             f"training examples (seed {seed})")
+    if max_examples is not None:
+        n = len(splits.train)
+        keep = first_after_shuffle(n, max_examples, seed)
+        splits.train = [splits.train[i] for i in keep]
+        splits.notes.append(f"max_examples {max_examples}: training on {len(keep)} of {n} training examples "
+                            f"(the first of a seeded shuffle, seed {seed})")
     return splits
+
+
+def first_after_shuffle(n: int, k: int, seed: int) -> np.ndarray:
+    """Indexes (in file order) of the first k of a seeded shuffle of n examples; all if k >= n.
+    Its own generator stream, so the choice does not move the hold-out or the epoch order."""
+    rng = np.random.default_rng([seed, 0xF125])
+    return np.sort(rng.permutation(n)[:k])
 
 
 # --- tokenization and loss masks -------------------------------------------------------------
@@ -310,10 +382,87 @@ def render_chat(tokenizer, messages, tools=None, add_generation_prompt=False, wh
                                              add_generation_prompt=add_generation_prompt)
     except Exception as e:
         msg = " ".join(str(e).split())[:200] or "no message"
-        model = getattr(tokenizer, "name_or_path", "") or "the model"
-        raise UserError(f"{where}: the chat template of {model} failed on this conversation "
-                        f"({type(e).__name__}: {msg}); use roles the template accepts, or fix the "
-                        "model's chat_template") from None
+        roles = ", ".join(str(m.get("role")) if isinstance(m, dict) else "?" for m in messages)
+        raise UserError(f"{where}: the chat template of {_model_name(tokenizer)} failed on this conversation "
+                        f"({type(e).__name__}: {msg}; roles: {roles}); use roles the template accepts, "
+                        "or fix the model's chat_template") from None
+
+
+def _model_name(tokenizer) -> str:
+    return getattr(tokenizer, "name_or_path", "") or "the model"
+
+
+def fold_system(messages: list) -> list:
+    """The conversation with each system turn's text put at the start of the next user turn
+    (separated by a blank line), for chat templates that have no system role (Mistral's v0.2
+    raises on one). Returned unchanged where no user turn follows a system turn."""
+    out, pending = [], []
+    for m in messages:
+        if m.get("role") == "system":
+            pending.append(m["content"])
+            continue
+        if pending and m.get("role") == "user":
+            m = dict(m, content="\n\n".join([*pending, m["content"]]))
+            pending = []
+        out.append(m)
+    return messages if pending else out
+
+
+_PROBE = ("STEADYTUNE_SYSTEM_PROBE", "STEADYTUNE_USER_PROBE", "STEADYTUNE_ANSWER_PROBE")
+
+
+def template_has_system_role(tokenizer) -> bool:
+    """False when the chat template rejects a system turn (raises) or silently drops it, but
+    renders the same conversation with the system text folded into the user turn."""
+    system, user, answer = _PROBE
+    convo = [{"role": "system", "content": system}, {"role": "user", "content": user},
+             {"role": "assistant", "content": answer}]
+    try:
+        if system in render_chat(tokenizer, convo):
+            return True
+    except UserError:
+        pass
+    try:
+        render_chat(tokenizer, fold_system(convo))
+    except UserError:
+        return True  # it fails without a system turn too: not a system-role problem; say so per record
+    return False
+
+
+def check_template(splits: Splits, tokenizer, data_cfg) -> list[str]:
+    """The model's chat template against the data, before any weights load: system turns folded
+    per data_cfg.system_fold (auto resolves to fold, recorded in data_cfg, where the template has
+    no system role), then one example of each conversation shape (kind, roles, tools) tokenized
+    in full, so a template that rejects the data fails here, naming file:line and the fix.
+    Returns notes for the run's first lines. A None tokenizer (not available without
+    downloading) checks nothing."""
+    if tokenizer is None:
+        return []
+    examples = splits.train + splits.valid
+    with_system = [e for e in examples if e.messages and any(
+        isinstance(m, dict) and m.get("role") == "system" for m in e.messages)]
+    notes = []
+    if with_system and getattr(tokenizer, "chat_template", None):
+        mode = data_cfg.system_fold
+        if mode != "fold" and not template_has_system_role(tokenizer):
+            if mode == "error":
+                raise UserError(f"{with_system[0].where}: the chat template of {_model_name(tokenizer)} has "
+                                f"no system role and {len(with_system)} examples have a system turn; remove "
+                                "them, or pass --system-fold auto to fold each into the first user turn")
+            mode = data_cfg.system_fold = "fold"
+            notes.append(f"the chat template of {_model_name(tokenizer)} has no system role: the system turn "
+                         f"of {len(with_system)} examples is folded into the first user turn "
+                         "(--system-fold error refuses instead)")
+        if mode == "fold":
+            for e in with_system:
+                e.messages = fold_system(e.messages)
+    seen = set()
+    for e in examples:
+        shape = (e.kind, tuple(m.get("role") for m in e.messages or () if isinstance(m, dict)), bool(e.tools))
+        if shape not in seen:
+            seen.add(shape)
+            tokenize(e, tokenizer, data_cfg.train_on_prompt)
+    return notes
 
 
 def _render(tokenizer, messages, tools, add_generation_prompt, where) -> str:
@@ -356,6 +505,16 @@ def _chat_segments(ex: Example, tokenizer) -> list[tuple[str, bool]]:
     return segs
 
 
+def _encode_many(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of many texts in one call: a fast (Rust) tokenizer encodes the batch on all cores,
+    where one call per text costs a Python round trip each (949 alpaca examples: 2,000 calls,
+    seconds of a run's start-up). The same ids as `encode(text, add_special_tokens=False)`."""
+    hf = getattr(tokenizer, "_tokenizer", tokenizer)  # mlx-lm's TokenizerWrapper holds the HF one
+    if texts and getattr(hf, "is_fast", False):
+        return [list(x) for x in hf(texts, add_special_tokens=False)["input_ids"]]
+    return [_encode(tokenizer, t) for t in texts]
+
+
 def tokenize(ex: Example, tokenizer, train_on_prompt: bool = False) -> tuple[list[int], list[bool]]:
     """Token ids and a per-token target mask (True = in the loss).
 
@@ -363,21 +522,41 @@ def tokenize(ex: Example, tokenizer, train_on_prompt: bool = False) -> tuple[lis
     when the template has none) so the tuned model learns to stop. Tokens the template adds after the
     end-of-turn token (a newline, say) are prompt, not target.
     """
+    return tokenize_many([ex], tokenizer, train_on_prompt)[0]
+
+
+def tokenize_many(examples: list[Example], tokenizer, train_on_prompt: bool = False) -> list[tuple[list[int], list[bool]]]:
+    """tokenize() of every example, the texts of all of them encoded in one batch (_encode_many)."""
     eos = _eos_ids(tokenizer)
+    pieces, texts = [], []
+    for ex in examples:
+        if ex.kind == "text":
+            segs = [(ex.text, True)]
+        elif not getattr(tokenizer, "chat_template", None):
+            raise UserError(f"{ex.where}: the model's tokenizer has no chat template, so {ex.kind} records "
+                            "cannot be formatted; use {\"text\"} records or a chat model")
+        else:
+            segs = _chat_segments(ex, tokenizer)
+        pieces.append(segs)
+        texts += [text for text, _ in segs if text]
+    encoded = iter(_encode_many(tokenizer, texts))
+    return [_assemble(ex, [(next(encoded) if text else [], target) for text, target in segs], tokenizer,
+                      eos, train_on_prompt) for ex, segs in zip(examples, pieces)]
+
+
+def _assemble(ex: Example, segs: list[tuple[list[int], bool]], tokenizer, eos: set,
+              train_on_prompt: bool) -> tuple[list[int], list[bool]]:
+    """Ids and mask of one example from its encoded (ids, is_target) pieces (tokenize's rules)."""
     if ex.kind == "text":
-        ids = _encode(tokenizer, ex.text)
+        ids = segs[0][0]
         bos = tokenizer.bos_token_id
         if bos is not None and getattr(tokenizer, "add_bos_token", False) and (not ids or ids[0] != bos):
             ids = [bos] + ids
         if not ids or ids[-1] not in eos:
             ids.append(tokenizer.eos_token_id)
         return ids, [True] * len(ids)
-    if not getattr(tokenizer, "chat_template", None):
-        raise UserError(f"{ex.where}: the model's tokenizer has no chat template, so {ex.kind} records "
-                        "cannot be formatted; use {\"text\"} records or a chat model")
     ids, mask = [], []
-    for text, target in _chat_segments(ex, tokenizer):
-        toks = _encode(tokenizer, text) if text else []
+    for toks, target in segs:
         if target:
             last = max((j for j, t in enumerate(toks) if t in eos), default=None)
             if last is None:
@@ -410,8 +589,7 @@ def tokenize_all(examples: list[Example], tokenizer, max_seq_length: int, overlo
                  train_on_prompt: bool = False) -> Tokenized:
     out = Tokenized([], [])
     too_long = []
-    for ex in examples:
-        ids, mask = tokenize(ex, tokenizer, train_on_prompt)
+    for ex, (ids, mask) in zip(examples, tokenize_many(examples, tokenizer, train_on_prompt)):
         if len(ids) > max_seq_length:
             too_long.append(f"{ex.where}: {len(ids)} tokens is longer than max_seq_length {max_seq_length}")
             ids, mask = ids[:max_seq_length], mask[:max_seq_length]

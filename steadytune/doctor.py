@@ -3,14 +3,19 @@
 Each check prints one line: `ok`, `note` (worth knowing, not a problem) or `FAIL` with the fix.
 Exit status 0 when nothing failed, 1 otherwise. The same config flags as `train` say which model,
 data and run folder to check, so `steadytune doctor --model M --data D` vets a run before it starts.
+
+`steadytune doctor --bench` then trains for a couple of minutes (the default model on the bundled
+chatbot data unless --model/--data say otherwise; --bench-steps steps, in a temporary folder) and
+reports tokens/s, the measured peak memory against the planner's prediction, the MLX cache limit,
+the device and versions, ending with one line of JSON to paste into an issue (docs/mac.md).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,21 +37,81 @@ class Check:
         return f"{tag:<5} {self.name}: {self.detail}{fix}"
 
 
-def add_arguments(parser) -> None:
-    from .config import add_config_flags
+# --------------------------------------------------------------------------- the bench
 
-    add_config_flags(parser)
+BENCH_STEPS = 20  # ~2 minutes with set-up on a 2-core CPU; seconds on a Mac
+BUNDLED_DATA = Path(__file__).parent / "data" / "chatbot"
 
 
-def command(args) -> int:
-    from .config import from_args
+def run_bench(cfg, steps: int = BENCH_STEPS) -> dict:
+    """Train `steps` optimizer steps of cfg's model in a temporary folder; the facts as a dict.
+    tokens/s is the median of the steps after the first (which compiles); the peak is MLX's over
+    the whole run (loading, steps and the final validation), compared with the planner's
+    MLX-side peak of the same configuration."""
+    import platform
+    import tempfile
+    from dataclasses import replace
 
-    checks = run_checks(from_args(args))
-    for c in checks:
-        print(c.line())
-    failed = [c for c in checks if not c.ok]
-    print(f"\n{len(failed)} problem{'s' if len(failed) != 1 else ''} found" if failed else "\nall checks passed")
-    return 1 if failed else 0
+    import mlx.core as mx
+
+    from . import __version__
+    from .backend import cache_limit, device_kind, fast_blas
+    from .plan import GB, data_lengths, make_plan
+    from .trainer import run
+
+    t = replace(cfg.training, max_steps=steps, eval_every=0, log_every=1, save_every=0, resume=False)
+    data = replace(cfg.data, path=cfg.data.path or str(BUNDLED_DATA))
+    with tempfile.TemporaryDirectory(prefix="steadytune-bench-") as tmp:
+        out = replace(cfg.output, dir=str(Path(tmp) / "run"), progress="none")
+        bench_cfg = replace(cfg, training=t, data=data, output=out).validate()
+        plan = make_plan(bench_cfg, lengths=data_lengths(bench_cfg))
+        mx.synchronize()
+        mx.reset_peak_memory()
+        start = time.perf_counter()
+        result = run(bench_cfg)
+        seconds = time.perf_counter() - start
+        peak = mx.get_peak_memory()
+    train = [r for r in result.history if r.get("event") == "train"]
+    speeds = sorted(r["tok_per_s"] for r in train[1:]) or [r["tok_per_s"] for r in train]
+    info = mx.device_info() if hasattr(mx, "device_info") else {}
+    try:
+        import mlx_lm
+        lm = mlx_lm.__version__
+    except ImportError:
+        lm = None
+    predicted = plan.breakdown.peak
+    return {
+        "steadytune_bench": 1, "steadytune": __version__, "python": platform.python_version(),
+        "mlx": mx.__version__, "mlx_lm": lm, "os": platform.platform(terse=True),
+        "machine": platform.machine(), "device": device_kind(),
+        "device_name": info.get("device_name") or info.get("architecture") or platform.processor() or "?",
+        "fast_blas": bool(fast_blas()) if device_kind() == "cpu" else None,
+        "model": cfg.model.path, "dtype": plan.run.dtype, "compute": plan.run.compute,
+        "batch_size": plan.run.batch, "seq_width": plan.run.seq, "steps": result.step,
+        "seconds": round(seconds, 1),
+        "tokens_per_s": round(speeds[len(speeds) // 2], 1) if speeds else None,
+        "final_loss": round(result.final_train_loss, 4) if result.final_train_loss is not None else None,
+        "peak_gb": round(peak / GB, 3), "predicted_peak_gb": round(predicted / GB, 3),
+        "peak_vs_predicted": round(peak / predicted, 3) if predicted else None,
+        "available_gb": round(plan.available / GB, 2), "memory_source": plan.memory_source,
+        "cache_limit_gb": round(cache_limit() / GB, 2) if cache_limit() is not None else None,
+    }
+
+
+def bench_lines(r: dict) -> list[str]:
+    """The bench for people; the JSON line after it is for pasting."""
+    blas = "" if r["fast_blas"] is None else f", fast BLAS {'yes' if r['fast_blas'] else 'NO'}"
+    cache = "MLX default" if r["cache_limit_gb"] is None else f"{r['cache_limit_gb']:.2f} GB"
+    return [
+        f"device     {r['device']} ({r['device_name']}), {r['os']} {r['machine']}{blas}",
+        f"versions   steadytune {r['steadytune']}, mlx {r['mlx']}, mlx-lm {r['mlx_lm']}, Python {r['python']}",
+        f"run        {r['model']}: {r['steps']} steps, batch {r['batch_size']} x {r['seq_width']}, "
+        f"{r['dtype']}, {r['compute']}, {r['seconds']:.0f} s with set-up, final loss {r['final_loss']}",
+        f"speed      {r['tokens_per_s']:,.0f} tokens/s (median step after the first)",
+        f"memory     peak {r['peak_gb']:.3f} GB, planner predicted {r['predicted_peak_gb']:.3f} GB "
+        f"(x{r['peak_vs_predicted']}); {r['available_gb']:.1f} GB available ({r['memory_source']}); "
+        f"cache limit {cache}",
+    ]
 
 
 def run_checks(cfg) -> list[Check]:
@@ -171,14 +236,11 @@ def _model_fix(name: str) -> str:
 
 
 def check_data(path: str | None) -> Check:
+    from .data import validate_path
     from .errors import UserError
 
     if not path:
         return Check("data", True, "no --data given; nothing to check", note=True)
-    try:
-        from .data import validate_path
-    except ImportError:
-        validate_path = _validate_json_lines
     try:
         summary = validate_path(path)
     except UserError as e:
@@ -187,28 +249,6 @@ def check_data(path: str | None) -> Check:
         return Check("data", False, e.render(limit=5), fix)
     parts = [f"{k} {v['records']} records ({v.get('format', '?')})" for k, v in summary.items()]
     return Check("data", True, f"{path}: " + ", ".join(parts))
-
-
-def _validate_json_lines(path) -> dict:
-    """Fallback data check: the path exists and each line is JSON."""
-    from .errors import UserError
-
-    p = Path(path)
-    files = [p] if p.is_file() else sorted(p.glob("*.jsonl")) if p.is_dir() else []
-    if not files:
-        raise UserError(f"{p}: data not found; pass a .jsonl file or a folder with train.jsonl")
-    summary = {}
-    for f in files:
-        n = 0
-        for i, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{f}:{i}: not valid JSON ({e.msg}); fix or remove the line") from None
-                n += 1
-        summary[f.stem] = {"file": str(f), "records": n}
-    return summary
 
 
 def check_disk(out_dir: str | None) -> Check:

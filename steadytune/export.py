@@ -8,8 +8,10 @@ base + adapters. Formats:
 - mlx:  an mlx-lm folder (model.safetensors, config.json, tokenizer), for `mlx_lm.generate`.
 - hf:   a Hugging Face folder (HF tensor names, config.json, generation_config.json, tokenizer),
         for transformers, vLLM, or llama.cpp's convert_hf_to_gguf.py.
-- gguf: model.gguf (llama layout; F16/BF16/F32; q/k rows in llama.cpp's order; tokenizer and chat
-        template metadata) and an Ollama Modelfile next to it: `ollama create NAME -f Modelfile`.
+- gguf: model.gguf (the architecture llama.cpp names the family by: llama, qwen2, qwen3, gemma2,
+        gemma3, phi3; F16/BF16/F32; its tensor names and transforms: q/k rows in llama.cpp's order
+        for llama, gemma's norms stored as 1 + w; tokenizer and chat template metadata) and an Ollama
+        Modelfile next to it: `ollama create NAME -f Modelfile`.
 
 The export is written to a hidden folder beside --out and renamed into place when complete, so an
 interrupted export never leaves a half-written model that looks finished.
@@ -27,26 +29,9 @@ FORMATS = ("mlx", "hf", "gguf")
 DTYPES = ("float16", "bfloat16", "float32")
 # model types whose mlx-lm parameter names are the HF names (mlx-lm's sanitize only drops buffers)
 HF_NAMED = ("llama", "mistral", "qwen2", "qwen3")
-GGUF_LAYOUT = ("llama", "mistral")
-
-
-def add_arguments(p) -> None:
-    p.add_argument("run", help="a run folder of steadytune train (or its adapters/ folder)")
-    p.add_argument("--format", choices=FORMATS, default="mlx", help="what to write (default: mlx)")
-    p.add_argument("--out", default=None,
-                   help="where to write (default: RUN/export-FORMAT); must not exist or be empty")
-    p.add_argument("--model", default=None, help="base model, if not the one in the run's config.yaml")
-    p.add_argument("--dtype", choices=DTYPES, default="float16", help="weight dtype of the export")
-
-
-def command(args) -> int:
-    out = export(args.run, args.format, args.out, model=args.model, dtype=args.dtype)
-    print(f"wrote {args.format} model to {out}")
-    if args.format == "gguf":
-        print(f"  ollama: cd {out} && ollama create my-model -f Modelfile")
-    else:
-        print(f"  try it: mlx_lm.generate --model {out} --prompt 'Hello'")
-    return 0
+# mlx-lm model type -> the GGUF architecture written (llama.cpp reads Mistral 7B as "llama")
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
+             "gemma3_text": "gemma3", "phi3": "phi3"}
 
 
 def export(run, fmt: str, out=None, model: str | None = None, dtype: str = "float16") -> Path:
@@ -67,9 +52,9 @@ def export(run, fmt: str, out=None, model: str | None = None, dtype: str = "floa
     model_type = config.get("model_type")
     if fmt == "hf" and model_type not in HF_NAMED:
         raise UserError(f"--format hf: model type {model_type!r} is not supported; use --format mlx")
-    if fmt == "gguf" and model_type not in GGUF_LAYOUT:
-        raise UserError(f"--format gguf: model type {model_type!r} is not a llama layout; use --format hf "
-                        "and llama.cpp's convert_hf_to_gguf.py")
+    if fmt == "gguf" and model_type not in GGUF_ARCH:
+        raise UserError(f"--format gguf: model type {model_type!r} is not written to GGUF by steadytune "
+                        f"({', '.join(GGUF_ARCH)} are); use --format hf and llama.cpp's convert_hf_to_gguf.py")
     fuse(loaded.model, getattr(mx, dtype))
     config = export_config(config, loaded.tokenizer, dtype)
     tmp = out.with_name(f".{out.name}.partial")
@@ -146,7 +131,7 @@ def write_gguf(out: Path, loaded, config: dict) -> None:
     import gguf
 
     path = out / "model.gguf"
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), GGUF_ARCH[config["model_type"]])
     _add_hyperparameters(writer, config)
     for key, value, vtype in _tokenizer_fields(loaded, config):
         writer.add_key_value(key, value, vtype)
@@ -171,13 +156,19 @@ def _add_hyperparameters(w, config: dict) -> None:
     w.add_feed_forward_length(config["intermediate_size"])
     w.add_head_count(heads)
     w.add_head_count_kv(config.get("num_key_value_heads") or heads)
-    w.add_rope_dimension_count(head_dim)
+    w.add_rope_dimension_count(int(head_dim * config.get("partial_rotary_factor", 1.0)))
     if head_dim != config["hidden_size"] // heads:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
     w.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-5))
     w.add_rope_freq_base(config.get("rope_theta", 10000.0))
     w.add_vocab_size(config["vocab_size"])
+    for key, add in (("attn_logit_softcapping", w.add_attn_logit_softcapping),
+                     ("final_logit_softcapping", w.add_final_logit_softcapping)):
+        if config.get(key):
+            add(config[key])
+    if config.get("sliding_window"):
+        w.add_sliding_window(config["sliding_window"])
     scaling = config.get("rope_scaling")
     if scaling and scaling.get("type", scaling.get("rope_type")) == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
@@ -191,16 +182,18 @@ def _add_hyperparameters(w, config: dict) -> None:
 
 
 def _gguf_tensors(model, config: dict):
-    """(GGUF name, numpy array, raw GGML type or None) for every weight, q/k rows in llama.cpp order."""
+    """(GGUF name, numpy array, raw GGML type or None) for every weight, transformed as llama.cpp's
+    converter does: q/k rows in llama.cpp's order (llama), 1 + w for norms (gemma)."""
     import gguf
     import mlx.core as mx
     import numpy as np
     from mlx.utils import tree_flatten
 
-    from .gguf import BLOCK_NAMES, TOP_NAMES, permute_rows
+    from .gguf import ARCHS, TOP_NAMES, permute_rows
 
+    spec = ARCHS[GGUF_ARCH[config["model_type"]]]
     top = {v: k for k, v in TOP_NAMES.items()}
-    block = {v: k for k, v in BLOCK_NAMES.items()}
+    block = {v: k for k, v in spec.blocks.items()}
     heads = {"attn_q": config["num_attention_heads"],
              "attn_k": config.get("num_key_value_heads") or config["num_attention_heads"]}
     for name, value in tree_flatten(model.parameters()):
@@ -214,9 +207,11 @@ def _gguf_tensors(model, config: dict):
                 continue
             short = top[stem]
             gname = f"{short}.{suffix}"
-        if short in heads:
+        if spec.permuted_qk and short in heads:
             # llama.cpp rotates adjacent pairs, so each head's rows go back to its interleaved order
             value = mx.take(value, permute_rows(value.shape[0], heads[short]), axis=0)
+        if spec.norm_offset and gname.endswith("norm.weight"):
+            value = value.astype(mx.float32) + spec.norm_offset
         if value.ndim == 1 or value.dtype == mx.float32:  # norms stay F32, as llama.cpp writes them
             yield gname, np.array(value.astype(mx.float32)), None
         elif value.dtype == mx.bfloat16:  # numpy has no bfloat16: hand over the raw 16-bit words

@@ -1,11 +1,25 @@
-"""Loading a tuned model (base + adapters of a run) and answering prompts with mlx-lm's generator."""
+"""Loading a tuned model (base + adapters of a run) and answering prompts with mlx-lm's generator.
+
+Fast generation on the CPU (`load_tuned(..., inference=True)`, used by generate, chat, serve and the
+demo): decoding reads every weight once per token, and MLX's CPU quantized matmul is slower than
+OpenBLAS on float32 weights, so where memory allows the model answers from a float32 copy with the
+adapters fused in (`inference_copy`), and OpenBLAS runs one thread while decoding (its idle second
+thread spins in sched_yield between the per-token matmuls, taking the core the other thread needs).
+Measured in bench/generation_speed.py, results in bench/RESULTS.md. On a GPU the quantized model
+stays: there the quantized kernels read a quarter of the bytes, which is what decoding waits on.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
+import os
+import sys
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from .config import ModelConfig, load_yaml
 from .errors import UserError
@@ -25,7 +39,8 @@ def adapter_dir(run: str | Path) -> Path:
 def run_model_config(run: str | Path) -> ModelConfig:
     """The model section of a run's config.yaml (which base the adapters belong to)."""
     run = Path(run)
-    for cand in (run / "config.yaml", run.parent / "config.yaml"):
+    for cand in (run / "steadytune-config.yaml", run / "config.yaml", run.parent / "steadytune-config.yaml",
+                 run.parent / "config.yaml"):  # steadytune-config.yaml: the user's config.yaml was in --out
         if cand.is_file():
             tree = load_yaml(cand)
             return ModelConfig(**{k: v for k, v in (tree.get("model") or {}).items()
@@ -33,8 +48,11 @@ def run_model_config(run: str | Path) -> ModelConfig:
     return ModelConfig()
 
 
-def load_tuned(run: str | Path | None, model: str | None = None, dtype: str = "auto") -> LoadedModel:
-    """Base model (from `model`, else the run's config) with the run's adapters applied."""
+def load_tuned(run: str | Path | None, model: str | None = None, dtype: str = "auto",
+               inference: bool = False) -> LoadedModel:
+    """Base model (from `model`, else the run's config) with the run's adapters applied. With
+    `inference`, the model is made fast to answer with (inference_copy; it cannot train any more)
+    and a line on stderr says which mode runs."""
     from mlx_lm.tuner.utils import load_adapters
 
     mcfg = run_model_config(run) if run else ModelConfig()
@@ -50,8 +68,103 @@ def load_tuned(run: str | Path | None, model: str | None = None, dtype: str = "a
             raise UserError(f"{adir}: adapters do not fit this model ({str(e).splitlines()[0]}); "
                             "pass the --model the run was trained on") from None
     loaded.model.eval()
+    if inference:
+        print(f"(answering with {inference_copy(loaded.model)})", file=sys.stderr, flush=True)
     mx.eval(loaded.model.parameters())  # lazy adapter weights fail if first used from another thread
     return loaded
+
+
+def inference_copy(model, available_bytes: int | None = None) -> str:
+    """On the CPU, replace the quantized layers of `model` by float ones in place, with LoRA
+    adapters fused into them, when the float weights take at most half the free memory. Greedy
+    answers stay the same: the float weights are the exact dequantized values (the matmul sums
+    them in another order). Returns the mode, in words."""
+    from .backend import device_kind
+
+    quantized = {n: m for n, m in model.named_modules() if hasattr(m, "scales")}
+    if not quantized:
+        return "the model's own float weights"
+    if device_kind() != "cpu":
+        return "quantized weights (GPU: its quantized kernels decode faster than float weights)"
+    extra = sum(float_bytes(m) for m in quantized.values())
+    free = available_bytes if available_bytes is not None else available_memory()
+    if free and extra > free / 2:
+        return (f"quantized weights (a float32 copy needs {extra / 1e9:.1f} GB, "
+                f"{free / 1e9:.1f} GB free)")
+    _replace_quantized(model)
+    mx.eval(model.parameters())
+    return f"a float32 copy of the weights, adapters fused ({extra / 1e6:,.0f} MB)"
+
+
+def float_bytes(layer) -> int:
+    """Bytes of a quantized layer's weight as floats of its scales' dtype."""
+    packed = layer.weight.shape[-1]  # uint32 words of 32 // bits values each
+    return layer.weight.size // packed * (packed * 32 // layer.bits) * layer.scales.itemsize
+
+
+def _dequantized(layer):
+    return mx.dequantize(layer.weight, layer.scales, getattr(layer, "biases", None),
+                         group_size=layer.group_size, bits=layer.bits,
+                         **({"mode": layer.mode} if hasattr(layer, "mode") else {}))
+
+
+def _replace_quantized(model) -> None:
+    from mlx.utils import tree_unflatten
+
+    new, done = [], []
+    for name, m in model.named_modules():
+        if any(name.startswith(d + ".") for d in done):
+            continue  # inside a fused LoRA layer
+        if hasattr(m, "lora_a") and hasattr(m, "fuse"):
+            new.append((name, m.fuse(dequantize=True)))
+            done.append(name)
+        elif isinstance(m, nn.QuantizedLinear):
+            layer = nn.Linear(1, 1, bias="bias" in m)
+            layer.weight = _dequantized(m)
+            if "bias" in m:
+                layer.bias = m.bias
+            new.append((name, layer))
+        elif isinstance(m, nn.QuantizedEmbedding):
+            layer = nn.Embedding(1, 1)
+            layer.weight = _dequantized(m)
+            new.append((name, layer))
+    model.update_modules(tree_unflatten(new))
+    model.freeze()
+
+
+def available_memory() -> int:
+    """Bytes of memory free for a new allocation (0 when unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+@contextlib.contextmanager
+def one_blas_thread():
+    """OpenBLAS (the fast BLAS on Linux) with one thread while decoding, restored afterwards."""
+    from .backend import fast_blas
+
+    lib = None
+    if fast_blas() and "openblas" in fast_blas():
+        try:
+            lib = ctypes.CDLL(fast_blas().split(":")[0])
+            before = lib.openblas_get_num_threads()
+            lib.openblas_set_num_threads(1)
+        except (OSError, AttributeError):
+            lib = None
+    try:
+        yield
+    finally:
+        if lib is not None:
+            lib.openblas_set_num_threads(before)
 
 
 def to_messages(prompt: str | list | None = None, system: str | None = None) -> list[dict]:
@@ -72,23 +185,28 @@ def render_prompt(tokenizer, messages: list[dict]) -> list[int]:
 def generate(loaded: LoadedModel, messages: list[dict] | str, max_tokens: int = 256,
              temperature: float = 0.0, stream: bool = False):
     """Greedy by default. With stream=True, yields text pieces; otherwise returns the answer."""
-    from mlx_lm.generate import stream_generate
     from mlx_lm.sample_utils import make_sampler
 
     tokens = render_prompt(loaded.tokenizer, to_messages(messages))
-    sampler = make_sampler(temp=temperature)
-    pieces = (r.text for r in stream_generate(loaded.model, loaded.tokenizer, tokens,
-                                              max_tokens=max_tokens, sampler=sampler))
+    pieces = stream_text(loaded.model, loaded.tokenizer, tokens, max_tokens, make_sampler(temp=temperature))
     return pieces if stream else "".join(pieces)
+
+
+def stream_text(model, tokenizer, tokens: list[int], max_tokens: int, sampler=None):
+    """Text pieces of the answer to prompt `tokens` (mlx-lm's stream_generate, which computes the
+    next token while this one is detokenized), with one BLAS thread."""
+    from mlx_lm.generate import stream_generate
+
+    with one_blas_thread():
+        for r in stream_generate(model, tokenizer, tokens, max_tokens=max_tokens, sampler=sampler):
+            yield r.text
 
 
 def complete(model, tokenizer, prompt: str, max_tokens: int = 64, stop: str | None = None) -> str:
     """Greedy raw-text continuation of `prompt` (no chat template), cut at `stop`."""
-    from mlx_lm.generate import stream_generate
-
     out = ""
-    for r in stream_generate(model, tokenizer, tokenizer.encode(prompt), max_tokens=max_tokens):
-        out += r.text
+    for text in stream_text(model, tokenizer, tokenizer.encode(prompt), max_tokens):
+        out += text
         if stop and stop in out:
             return out.split(stop)[0]
     return out

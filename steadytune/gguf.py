@@ -1,10 +1,12 @@
-"""Loading llama-family GGUF files (llama.cpp's format) into mlx-lm's llama model.
+"""Loading GGUF files (llama.cpp's format) into mlx-lm's model classes: llama, mistral, qwen2,
+qwen3, gemma2, gemma3 and phi3 (ARCHS: tensor names, rope layout, gemma's norm offsets).
 
-Quantized tensors stay quantized: MLX's GGUF reader turns Q4_0, Q4_1 and Q8_0 blocks into MLX
-affine-quantized arrays (weight, scales, biases; group size 32), which become QuantizedLinear and
-QuantizedEmbedding layers as they are, so no full-precision copy of the base is ever made. F32, F16
-and BF16 tensors load as plain arrays. Other GGML types (the K-quants, IQ*) have no MLX equivalent
-and are refused with a message that says how to get a file that loads.
+Quantized tensors stay quantized. Q4_0, Q4_1 and Q8_0 blocks are MLX affine groups of 32 already:
+MLX's own reader (or `gguf_quants.affine_codes`) turns them into weight, scales and biases without
+rounding, which become QuantizedLinear and QuantizedEmbedding layers as they are. Every other type
+the gguf package knows (K-quants, IQ*, ...) is dequantized tensor by tensor with vectorised numpy
+(gguf_quants.py) and re-quantized to MLX's affine format per `tensor_plan`, so no full-precision
+copy of the whole base is ever made. F32, F16 and BF16 tensors load as plain arrays.
 
 MLX's native reader trusts the file; on a truncated or corrupted one it can take the whole process
 down. `check_gguf_header` therefore walks the header in pure Python first (it never reads tensor
@@ -22,8 +24,9 @@ from pathlib import Path
 
 from .errors import UserError
 
-LLAMA_ARCHS = ("llama", "mistral")  # llama.cpp writes Mistral and SmolLM models as "llama"
-LOADABLE_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0")
+FLOAT_TYPES = ("F32", "F16", "BF16")
+# MLX's own reader turns these into MLX affine arrays (weight, scales, biases) without rounding
+NATIVE_TYPES = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}
 GGUF_GROUP_SIZE = 32  # Q4_0/Q4_1/Q8_0 blocks hold 32 values: one MLX quantization group each
 
 # GGUF value types: id -> struct format of a fixed-size value (8 = string and 9 = array are variable).
@@ -47,14 +50,42 @@ GGML_TYPES = {
     35: ("TQ2_0", 256, 66), 39: ("MXFP4", 32, 17), 40: ("NVFP4", 64, 36), 41: ("Q1_0", 128, 18),
 }
 
-# GGUF tensor name -> mlx-lm llama parameter name (blk.N.* go under model.layers.N).
+# GGUF tensor name -> mlx-lm parameter name (blk.N.* go under model.layers.N), as llama.cpp's
+# gguf-py/gguf/constants.py names them for each architecture.
 TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-BLOCK_NAMES = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+_ATTN = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+         "attn_output": "self_attn.o_proj"}
+_MLP = {"ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+_QK_NORM = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+BLOCK_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", **_ATTN, **_MLP}
+_GEMMA_BLOCK = {"attn_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
+                "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
+                **_ATTN, **_MLP}
+_PHI3_BLOCK = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+               "attn_qkv": "self_attn.qkv_proj", "attn_output": "self_attn.o_proj",
+               "ffn_up": "mlp.gate_up_proj", "ffn_down": "mlp.down_proj"}  # ffn_up holds gate and up
+
+
+@dataclass(frozen=True)
+class Arch:
+    """How one GGUF architecture maps onto an mlx-lm model class."""
+    model_type: str           # mlx_lm.models.<model_type>
+    hf_class: str             # config.json "architectures"
+    blocks: dict              # blk.N.<GGUF name> -> model.layers.N.<mlx-lm name>
+    permuted_qk: bool         # llama.cpp interleaved each q/k head's rows (LlamaModel.permute)
+    norm_offset: float = 0.0  # gemma: the converter stores 1 + w for every RMSNorm weight
+
+
+ARCHS = {
+    "llama": Arch("llama", "LlamaForCausalLM", BLOCK_NAMES, True),  # also SmolLM, Mistral 7B
+    "mistral": Arch("llama", "MistralForCausalLM", BLOCK_NAMES, True),
+    "qwen2": Arch("qwen2", "Qwen2ForCausalLM", BLOCK_NAMES, False),  # + q/k/v biases
+    "qwen3": Arch("qwen3", "Qwen3ForCausalLM", {**BLOCK_NAMES, **_QK_NORM}, False),
+    "gemma2": Arch("gemma2", "Gemma2ForCausalLM", _GEMMA_BLOCK, False, 1.0),
+    "gemma3": Arch("gemma3_text", "Gemma3ForCausalLM", {**_GEMMA_BLOCK, **_QK_NORM}, False, 1.0),
+    "phi3": Arch("phi3", "Phi3ForCausalLM", _PHI3_BLOCK, False),
 }
+LLAMA_ARCHS = tuple(a for a, spec in ARCHS.items() if spec.model_type == "llama")
 # Tokens a chat template ends a turn with; generation must stop on them, not only on the file's eos.
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|end_of_turn|>", "</s>")
 
@@ -64,6 +95,7 @@ class GGUFHeader:
     version: int
     metadata: dict                               # key -> value (numeric arrays as lists)
     tensors: dict = field(default_factory=dict)  # name -> (GGML type name, shape rows-first)
+    data: dict = field(default_factory=dict)     # name -> (byte offset in the file, byte count)
 
 
 # --------------------------------------------------------------------------- header check
@@ -189,7 +221,7 @@ def _parse(cur: _Cursor) -> GGUFHeader:
     if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
         raise _Corrupt(f"general.alignment is {alignment!r}, not a power of two")
     data_start = -(-cur.pos // alignment) * alignment
-    tensors = {}
+    tensors, data = {}, {}
     for name, dims, gtype, offset in infos:
         if gtype not in GGML_TYPES:
             raise _Corrupt(f"tensor {name} has unknown type id {gtype}, newer than this steadytune or garbage")
@@ -205,38 +237,51 @@ def _parse(cur: _Cursor) -> GGUFHeader:
             raise _Corrupt(f"tensor {name} ({nbytes} bytes at offset {offset}) ends past the "
                            f"end of the file ({cur.size} bytes)")
         tensors[name] = (type_name, tuple(reversed(dims)))  # GGUF lists the fastest axis first
-    return GGUFHeader(version, metadata, tensors)
+        data[name] = (data_start + offset, nbytes)
+    return GGUFHeader(version, metadata, tensors, data)
 
 
 # --------------------------------------------------------------------------- config
 
 def _arch(header: GGUFHeader, path) -> str:
     arch = header.metadata.get("general.architecture")
-    if arch not in LLAMA_ARCHS:
-        raise UserError(f"{path}: architecture {arch!r} is not supported; steadytune loads llama-family "
-                        "GGUF files (llama, mistral, smollm); use the model's HF folder instead")
+    if arch not in ARCHS:
+        raise UserError(f"{path}: architecture {arch!r} is not supported from GGUF (steadytune reads "
+                        f"{', '.join(ARCHS)}); use the model's HF folder instead")
     return arch
 
 
+def loadable_types() -> set[str]:
+    """GGML types whose tensors load: floats, our own dequantizers and the gguf package's."""
+    from gguf.quants import _type_traits
+
+    from .gguf_quants import OURS
+
+    return set(FLOAT_TYPES) | set(OURS) | {t.name for t in _type_traits}
+
+
 def _check_tensors(header: GGUFHeader, path) -> None:
+    ok = loadable_types()
     bad = {}
     for name, (gtype, _) in header.tensors.items():
-        if gtype not in LOADABLE_TYPES:
+        if gtype not in ok:
             bad.setdefault(gtype, []).append(name)
     if bad:
         what = "; ".join(f"{t} in {n[0]}" + (f" and {len(n) - 1} more" if len(n) > 1 else "")
                          for t, n in bad.items())
-        raise UserError(f"{path}: tensor types MLX cannot keep quantized ({what}); use a Q4_0, Q4_1, "
-                        "Q8_0 or F16 GGUF of this model, or re-quantize one with llama.cpp: "
-                        "llama-quantize --pure model-f16.gguf model-q8_0.gguf Q8_0")
-    if "rope_freqs.weight" in header.tensors:
-        raise UserError(f"{path}: this model uses llama3 RoPE frequency factors (rope_freqs), which "
-                        "steadytune does not read from GGUF yet; use the model's HF folder instead")
+        raise UserError(f"{path}: tensor type not supported ({what}); use a file with K-quants, "
+                        "Q4_0/Q5_0/Q8_0 or F16 tensors, e.g. llama-quantize model-f16.gguf model.gguf Q4_K_M")
+    for factors in ("rope_freqs.weight", "rope_factors_long.weight"):
+        if factors in header.tensors:
+            raise UserError(f"{path}: this model scales its RoPE frequencies ({factors}: llama3 or "
+                            "longrope scaling), which steadytune does not read from GGUF yet; use the "
+                            "model's HF folder instead")
 
 
 def gguf_config(header: GGUFHeader, path="GGUF") -> dict:
-    """A config.json-like dict (model_type llama) from the GGUF metadata."""
+    """A config.json-like dict for the mlx-lm model class of the file's architecture."""
     arch = _arch(header, path)
+    spec = ARCHS[arch]
     m = header.metadata
 
     def get(key, default=None):
@@ -244,6 +289,9 @@ def gguf_config(header: GGUFHeader, path="GGUF") -> dict:
         if value is None:
             raise UserError(f"{path}: metadata key {arch}.{key} is missing; re-convert the model "
                             "with a current llama.cpp")
+        if isinstance(value, list):
+            raise UserError(f"{path}: metadata key {arch}.{key} varies per layer, which the mlx-lm "
+                            f"{spec.model_type} model does not; use the model's HF folder instead")
         return value
 
     tied = "output.weight" not in header.tensors
@@ -252,8 +300,8 @@ def gguf_config(header: GGUFHeader, path="GGUF") -> dict:
     heads = get("attention.head_count")
     hidden = get("embedding_length")
     config = {
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
+        "model_type": spec.model_type,
+        "architectures": [spec.hf_class],
         "hidden_size": hidden,
         "num_hidden_layers": get("block_count"),
         "intermediate_size": get("feed_forward_length"),
@@ -268,32 +316,157 @@ def gguf_config(header: GGUFHeader, path="GGUF") -> dict:
         "tie_word_embeddings": tied,
         "hidden_act": "silu",
     }
-    if m.get(f"{arch}.rope.scaling.type") == "linear":
+    scaling = m.get(f"{arch}.rope.scaling.type", "none")
+    if scaling == "linear":
         config["rope_scaling"] = {"type": "linear", "factor": float(get("rope.scaling.factor"))}
-    elif m.get(f"{arch}.rope.scaling.type", "none") != "none":
-        raise UserError(f"{path}: RoPE scaling {m[f'{arch}.rope.scaling.type']!r} is not supported "
-                        "from GGUF; use the model's HF folder instead")
-    rope_dims = m.get(f"{arch}.rope.dimension_count", config["head_dim"])
-    if rope_dims != config["head_dim"]:
+    elif scaling != "none":
+        raise UserError(f"{path}: RoPE scaling {scaling!r} is not supported from GGUF; use the "
+                        "model's HF folder instead")
+    rope_dims = get("rope.dimension_count", config["head_dim"])
+    if arch == "phi3":
+        config["partial_rotary_factor"] = rope_dims / config["head_dim"]
+    elif rope_dims != config["head_dim"]:
         raise UserError(f"{path}: partial rotary embedding ({rope_dims} of {config['head_dim']} dims) "
-                        "is not a llama layout; use the model's HF folder instead")
+                        f"is not part of the {arch} layout; use the model's HF folder instead")
+    if arch.startswith("gemma"):
+        config.update(_gemma_config(arch, m, config))
+    elif f"{arch}.attention.sliding_window" in m:  # phi3, mistral: recorded; mlx-lm attends in full
+        config["sliding_window"] = m[f"{arch}.attention.sliding_window"]
     for key in ("bos_token_id", "eos_token_id"):
         if f"tokenizer.ggml.{key}" in m:
             config[key] = m[f"tokenizer.ggml.{key}"]
     return config
 
 
+def _gemma_config(arch: str, m: dict, config: dict) -> dict:
+    """Gemma 2/3 settings llama.cpp keeps in metadata or derives (llama-model.cpp, load_hparams)."""
+    layers, heads = config["num_hidden_layers"], config["num_attention_heads"]
+    # Queries are scaled by 1/sqrt(query_pre_attn_scalar): head_dim, except for the 27B models
+    # (46 layers for Gemma 2, 62 for Gemma 3), which use hidden/heads, as llama.cpp hard-codes.
+    scale = m.get(f"{arch}.attention.scale")
+    if scale:
+        scalar = 1.0 / float(scale) ** 2
+    elif layers == {"gemma2": 46, "gemma3": 62}[arch]:
+        scalar = config["hidden_size"] // heads
+    else:
+        scalar = config["head_dim"]
+    out = {"query_pre_attn_scalar": scalar, "hidden_act": "gelu_pytorch_tanh",
+           "sliding_window": m.get(f"{arch}.attention.sliding_window", 4096)}
+    if arch == "gemma2":
+        out["attn_logit_softcapping"] = float(m.get("gemma2.attn_logit_softcapping", 50.0))
+        out["final_logit_softcapping"] = float(m.get("gemma2.final_logit_softcapping", 30.0))
+    else:  # every 6th layer is global (llama.cpp: set_swa_pattern(6)); local layers use base 10000
+        pattern = m.get("gemma3.attention.sliding_window_pattern", 6)
+        if not isinstance(pattern, int):
+            raise UserError("gemma3: a per-layer sliding window pattern is not supported from GGUF; "
+                            "use the model's HF folder instead")
+        out.update(sliding_window_pattern=pattern, rope_local_base_freq=10000.0)
+        if "rope_scaling" in config:
+            out["rope_scaling"] = {"rope_type": "linear", "factor": config["rope_scaling"]["factor"]}
+    return out
+
+
+def gguf_model_config(path: str, bits: int | None = 4, group_size: int = 64) -> dict:
+    """The config of a GGUF file from its header alone, with mlx-lm's "quantization" entry for the
+    layers as `load_gguf(path, bits, group_size)` will build them (the memory planner's view)."""
+    header = check_gguf_header(path)
+    config = gguf_config(header, path)
+    quant = quantization_entry(header, ARCHS[_arch(header, path)], bits, group_size)
+    if quant:
+        config["quantization"] = quant
+    return config
+
+
+# --------------------------------------------------------------------------- the load plan
+
+def bits_per_weight(gtype: str) -> float:
+    _, block, size = next(t for t in GGML_TYPES.values() if t[0] == gtype)
+    return size * 8 / block
+
+
+def tensor_plan(name: str, gtype: str, shape: tuple, bits: int | None, group_size: int):
+    """(bits, group size) that GGUF tensor `name` becomes as an MLX quantized layer, or None if it
+    loads as floats. The one rule the loader, its summary and the memory planner share.
+
+    Q4_0/Q4_1/Q8_0 blocks are MLX affine groups of 32 already and convert without rounding, and so
+    do Q4_K's 32-value sub-blocks when 4 bits are asked for, whatever the group size. Every other
+    quantized type is dequantized and re-quantized to `bits` with `group_size` (the largest of
+    group_size, 64, 32 that divides the row), except that a type of 5 bits or more per weight (Q5_*,
+    Q6_K: the output layer, attn_v and ffn_down of Q4_K_M files) becomes 8-bit, so that loading never
+    throws away precision the file chose to spend. bits=None (--quantize none) keeps floats.
+
+    Why (bench/gguf_requant.py, SmolLM2-135M as a Q4_K_M-like file, KL of next-token distributions
+    from the dequantized file): every matrix re-quantized to 4-bit group 64 gives 0.98 nats, more
+    than the file's own error (0.16); Q4_K alone re-quantized to group 64, 0.32; these rules, 1.7e-3.
+    """
+    if gtype in FLOAT_TYPES or len(shape) != 2:
+        return None
+    if gtype in NATIVE_TYPES:
+        return NATIVE_TYPES[gtype], GGUF_GROUP_SIZE
+    if bits is None:
+        return None
+    if gtype == "Q4_K" and bits == 4:
+        return 4, GGUF_GROUP_SIZE
+    if bits_per_weight(gtype) >= 5:
+        bits = max(bits, 8)
+    group = next(g for g in (group_size, 64, GGUF_GROUP_SIZE) if shape[1] % g == 0)
+    return bits, group
+
+
+def repacks_exactly(gtype: str, plan) -> bool:
+    """Whether tensor_plan's (bits, group) holds `gtype`'s values without rounding."""
+    return gtype in NATIVE_TYPES or (gtype == "Q4_K" and plan == (4, GGUF_GROUP_SIZE))
+
+
+def layer_plans(header: GGUFHeader, spec: Arch, bits, group_size, path="GGUF") -> dict:
+    """mlx-lm layer path -> {"group_size", "bits"} (quantized) or False, for every matrix."""
+    per = {}
+    for name, (gtype, shape) in header.tensors.items():
+        if not name.endswith(".weight") or len(shape) != 2:
+            continue
+        plan = tensor_plan(name, gtype, shape, bits, group_size)
+        per[_mlx_name(name, spec, path).rsplit(".", 1)[0]] = (
+            {"group_size": plan[1], "bits": plan[0]} if plan else False)
+    return per
+
+
+def quantization_entry(header: GGUFHeader, spec: Arch, bits, group_size) -> dict | None:
+    """mlx-lm's config "quantization": the most common setting plus per-layer exceptions."""
+    per = layer_plans(header, spec, bits, group_size)
+    settings = [v for v in per.values() if v]
+    if not settings:
+        return None
+    common = max(settings, key=settings.count)
+    return {**common, **{k: v for k, v in per.items() if v != common}}
+
+
+def load_summary(header: GGUFHeader, bits, group_size) -> list[str]:
+    """One line per GGML type: how many tensors, and what they became."""
+    seen = {}
+    for name, (gtype, shape) in header.tensors.items():
+        plan = tensor_plan(name, gtype, shape, bits, group_size)
+        if plan is None:
+            what = "float, as stored" if gtype in FLOAT_TYPES else "dequantized to float32"
+        else:
+            how = "exact" if repacks_exactly(gtype, plan) else "dequantized and re-quantized"
+            what = f"MLX {plan[0]}-bit affine, group {plan[1]} ({how})"
+        seen.setdefault(gtype, {}).setdefault(what, 0)
+        seen[gtype][what] += 1
+    return [f"{gtype}: " + "; ".join(f"{n} tensor{'s' * (n > 1)} -> {what}" for what, n in whats.items())
+            for gtype, whats in seen.items()]
+
+
 # --------------------------------------------------------------------------- weights
 
-def _mlx_name(gguf_name: str, path) -> str:
+def _mlx_name(gguf_name: str, spec: Arch, path) -> str:
     base, _, suffix = gguf_name.rpartition(".")  # weight, scales, biases or bias
     if base in TOP_NAMES:
         return f"{TOP_NAMES[base]}.{suffix}"
     match = re.fullmatch(r"blk\.(\d+)\.(\w+)", base)
-    if match and match.group(2) in BLOCK_NAMES:
-        return f"model.layers.{match.group(1)}.{BLOCK_NAMES[match.group(2)]}.{suffix}"
-    raise UserError(f"{path}: tensor {gguf_name} is not part of a llama model (mixture-of-experts and "
-                    "other layouts are not supported); use the model's HF folder instead")
+    if match and match.group(2) in spec.blocks:
+        return f"model.layers.{match.group(1)}.{spec.blocks[match.group(2)]}.{suffix}"
+    raise UserError(f"{path}: tensor {gguf_name} is not part of a {spec.model_type} model (mixture-of-"
+                    "experts and other layouts are not supported); use the model's HF folder instead")
 
 
 def unpermute_rows(n_rows: int, n_head: int):
@@ -319,8 +492,41 @@ def permute_rows(n_rows: int, n_head: int):
     return mx.argsort(unpermute_rows(n_rows, n_head))
 
 
-def _mlx_weights(raw: dict, config: dict, path) -> dict:
-    """Rename GGUF tensors to mlx-lm names and put q/k rows back in HF order.
+def _read_tensors(path, header: GGUFHeader, bits, group_size) -> dict:
+    """GGUF name -> MLX array(s), tensor by tensor from a memory map: floats as stored, Q4_0/Q4_1/
+    Q8_0 (and Q4_K at group 32) repacked exactly, the rest dequantized (vectorised numpy) and
+    re-quantized per tensor_plan. Only one tensor's float copy exists at a time."""
+    import mlx.core as mx
+    import numpy as np
+
+    from .gguf_quants import affine_codes, dequantize, pack
+
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    out = {}
+    for name, (gtype, shape) in header.tensors.items():
+        start, nbytes = header.data[name]
+        data = mm[start:start + nbytes]
+        stem = name.rsplit(".", 1)[0]
+        plan = tensor_plan(name, gtype, shape, bits, group_size)
+        if gtype == "BF16":
+            out[name] = mx.array(np.array(data).view(np.uint16).reshape(shape)).view(mx.bfloat16)
+        elif gtype in ("F32", "F16"):
+            out[name] = mx.array(np.array(data).view(np.dtype(gtype.replace("F", "float"))).reshape(shape))
+        elif plan is None:
+            out[name] = mx.array(dequantize(data, gtype, shape))
+        elif repacks_exactly(gtype, plan):
+            codes, scales, biases = affine_codes(data, gtype, shape)
+            out[name] = mx.array(pack(codes, plan[0]))
+            out[f"{stem}.scales"], out[f"{stem}.biases"] = mx.array(scales), mx.array(biases)
+        else:
+            w, s, b = mx.quantize(mx.array(dequantize(data, gtype, shape)), group_size=plan[1], bits=plan[0])
+            out[name], out[f"{stem}.scales"], out[f"{stem}.biases"] = w, s, b
+            mx.eval(w, s, b)  # free the float copy now, not at the end of the model
+    return out
+
+
+def _mlx_weights(raw: dict, config: dict, spec: Arch, path) -> dict:
+    """Rename GGUF tensors to mlx-lm names, put q/k rows back in HF order, remove gemma's +1.
 
     Why un-permute rather than run llama.cpp's layout with traditional (adjacent-pair) RoPE: both
     give the same logits as the HF model, but only the HF row order makes the q/k LoRA adapters
@@ -334,40 +540,39 @@ def _mlx_weights(raw: dict, config: dict, path) -> dict:
     out = {}
     for name, value in raw.items():
         kind = name.split(".")[2] if name.startswith("blk.") else ""
-        if kind in heads:
+        if spec.permuted_qk and kind in heads:
             value = mx.take(value, unpermute_rows(value.shape[0], heads[kind]), axis=0)
-        out[_mlx_name(name, path)] = value
+        if spec.norm_offset and name.endswith("norm.weight"):
+            value = value.astype(mx.float32) - spec.norm_offset
+        out[_mlx_name(name, spec, path)] = value
     return out
 
 
-def _build_model(config: dict, weights: dict):
-    import mlx.nn as nn
-    from mlx_lm.models.llama import Model, ModelArgs
+def _build_model(config: dict, weights: dict, quant: dict):
+    """The mlx-lm model of config["model_type"], its layers quantized per `quant` (layer_plans)."""
+    import importlib
 
-    model = Model(ModelArgs.from_dict(config))
-    quant = {}
-    for name, w in weights.items():
-        if name.endswith(".scales"):
-            layer = name[: -len(".scales")]
-            in_features = w.shape[-1] * GGUF_GROUP_SIZE
-            bits = weights[f"{layer}.weight"].shape[-1] * 32 // in_features
-            quant[layer] = {"group_size": GGUF_GROUP_SIZE, "bits": bits}
+    import mlx.nn as nn
+
+    module = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
+    model = module.Model(module.ModelArgs.from_dict(config))
+    weights = model.sanitize(dict(weights)) if hasattr(model, "sanitize") else weights
     nn.quantize(model, class_predicate=lambda p, m: quant.get(p, False))
     model.load_weights(list(weights.items()), strict=True)
-    if quant:  # recorded like mlx-lm's config.json: the common setting plus per-layer exceptions
-        common = max(({"group_size": GGUF_GROUP_SIZE, "bits": b} for b in (4, 8)),
-                     key=lambda q: sum(v == q for v in quant.values()))
-        config["quantization"] = {**common, **{k: v for k, v in quant.items() if v != common}}
     return model
 
 
-def load_gguf(path: str):
-    """(model, tokenizer, config) from a llama-family GGUF file; UserError for anything else."""
+def load_gguf(path: str, bits: int | None = 4, group_size: int = 64):
+    """(model, tokenizer, config) from a GGUF file of a supported architecture; UserError otherwise.
+
+    `bits`/`group_size`: what tensors of types MLX has no equivalent for become (see tensor_plan).
+    """
     import mlx.core as mx
 
     header = check_gguf_header(path)
     try:
         config = gguf_config(header, path)
+        spec = ARCHS[_arch(header, path)]
         _check_tensors(header, path)
         tokenizer = build_tokenizer(header.metadata, path)
     except UserError:
@@ -375,16 +580,28 @@ def load_gguf(path: str):
     except Exception as e:  # wrong value types, merges naming unknown tokens, ... in the metadata
         raise UserError(f"{path}: invalid GGUF metadata ({_first_line(e)}); re-download or re-convert it") from None
     try:
-        raw = mx.load(str(path))
+        if all(t in FLOAT_TYPES or t in NATIVE_TYPES for t, _ in header.tensors.values()):
+            raw = mx.load(str(path))  # MLX's native reader: fast, and keeps Q4_0/Q4_1/Q8_0 as they are
+        else:
+            import sys
+
+            for line in load_summary(header, bits, group_size):
+                print(f"{Path(path).name}: {line}", file=sys.stderr)
+            raw = _read_tensors(path, header, bits, group_size)
     except (RuntimeError, ValueError) as e:
-        raise UserError(f"{path}: MLX could not read the tensors ({_first_line(e)}); "
+        raise UserError(f"{path}: the tensors could not be read ({_first_line(e)}); "
                         "re-download or re-convert it") from None
-    weights = _mlx_weights(raw, config, path)
     try:
-        model = _build_model(config, weights)
-    except (ValueError, KeyError) as e:  # a tensor missing, extra or of the wrong shape
+        weights = _mlx_weights(raw, config, spec, path)
+        model = _build_model(config, weights, layer_plans(header, spec, bits, group_size, path))
+    except UserError:
+        raise
+    except (ValueError, KeyError, IndexError) as e:  # a tensor missing, extra or of the wrong shape
         raise UserError(f"{path}: the tensors do not fit the model its metadata describes "
                         f"({_first_line(e)}); re-download or re-convert it") from None
+    quant = quantization_entry(header, spec, bits, group_size)
+    if quant:  # recorded like mlx-lm's config.json: the common setting plus per-layer exceptions
+        config["quantization"] = quant
     config["eos_token_id"] = sorted(tokenizer.eos_token_ids)
     return model, tokenizer, config
 

@@ -100,18 +100,38 @@ def check_source(kind: str, src: str) -> None:
         from .gguf import check_gguf_header
 
         check_gguf_header(src)
+    elif kind == "hub":
+        check_hub(src)
 
 
-def load_base(mcfg: ModelConfig) -> LoadedModel:
-    """Load the frozen base model in the compute dtype, quantized per `mcfg.quantize`."""
+def check_hub(repo: str) -> None:
+    """Offline (HF_HUB_OFFLINE) with the Hub id not in the cache: the one-line error now, before a
+    run folder exists (online, a missing cache is fine: loading downloads it)."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    try:
+        cached = isinstance(try_to_load_from_cache(repo, "config.json"), str)
+    except Exception:  # noqa: BLE001  (a malformed id: the loader says what is wrong with it)
+        return
+    if constants.HF_HUB_OFFLINE and not cached:
+        from huggingface_hub.errors import OfflineModeIsEnabled
+
+        raise hub_error(repo, OfflineModeIsEnabled(repo))
+
+
+def load_base(mcfg: ModelConfig, source: tuple[str, str] | None = None) -> LoadedModel:
+    """Load the frozen base model in the compute dtype, quantized per `mcfg.quantize`; `source`:
+    resolve_source(mcfg.path) where the caller has it already."""
     from .backend import compute_dtype
 
-    kind, src = resolve_source(mcfg.path)
+    kind, src = source or resolve_source(mcfg.path)
     dtype = compute_dtype(mcfg.dtype, kind)
     if kind == "gguf":
         from .gguf import load_gguf
 
-        model, tokenizer, config = load_gguf(src)
+        # tensor types MLX has no layout for (K-quants, IQ4_*) are re-quantized to these settings
+        bits = None if mcfg.quantize == "none" else int(mcfg.quantize)
+        model, tokenizer, config = load_gguf(src, bits=bits, group_size=mcfg.group_size)
     else:
         if kind == "folder":
             check_folder(Path(src))
@@ -142,8 +162,58 @@ def _load_mlx_lm(src: str):
     except UserError:
         raise
     except Exception as e:  # mlx-lm raises many types; turn them into one clear line
-        raise _load_error(src, e) from None
+        raise (hub_error(src, e) if not Path(src).exists() else None) or _load_error(src, e) from None
     return model, tokenizer, config
+
+
+# What a tokenizer needs from a Hub snapshot (mlx-lm's download patterns without weights and code)
+HUB_TOKENIZER_FILES = ["*.json", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
+
+
+def hub_cache_dir() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def hub_error(repo: str, e: Exception) -> UserError | None:
+    """One line for a Hub id that cannot be fetched: offline (HF_HUB_OFFLINE, or no network) and
+    not cached, or not on the Hub; None for other errors."""
+    names = {c.__name__ for c in type(e).__mro__}
+    if names & {"LocalEntryNotFoundError", "OfflineModeIsEnabled", "ConnectionError", "ConnectTimeout",
+                "ConnectError", "Timeout", "TimeoutException"}:
+        return UserError(f"{repo}: not in the Hugging Face cache ({hub_cache_dir()}) and the Hub cannot be "
+                         f"reached (offline); download it where there is a network with `hf download {repo}` "
+                         "(the same cache; HF_HOME moves it), or pass a model folder")
+    if names & {"RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError"}:
+        return UserError(f"{repo}: not found on the Hugging Face Hub, or gated ({type(e).__name__}); check the "
+                         f"id, or log in with `hf auth login` and accept the model's terms")
+    return None
+
+
+def source_tokenizer(name: str, source: tuple[str, str] | None = None):
+    """The tokenizer (with its chat template) of a model argument, without loading any weights:
+    a folder's tokenizer files, a GGUF file's metadata, a Hub id's tokenizer files (fetched alone
+    if not cached: the weights come later, in load_base). `source`: resolve_source(name), if known."""
+    kind, src = source or resolve_source(name)
+    if kind == "gguf":
+        from .gguf import build_tokenizer, check_gguf_header
+
+        try:
+            return build_tokenizer(check_gguf_header(src).metadata, src)
+        except UserError:
+            raise
+        except Exception as e:  # broken metadata behind a valid header: the message load_gguf gives
+            first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+            raise UserError(f"{src}: invalid GGUF metadata ({first}); re-download or re-convert it") from None
+    if kind == "hub":
+        from huggingface_hub import snapshot_download
+
+        try:
+            src = snapshot_download(src, allow_patterns=HUB_TOKENIZER_FILES)
+        except Exception as e:  # noqa: BLE001  (huggingface_hub and requests raise many types)
+            raise (hub_error(src, e) or _load_error(src, e)) from None
+    return load_tokenizer(src)
 
 
 def load_tokenizer(src: str):
@@ -225,6 +295,30 @@ def apply_lora(model: nn.Module, lcfg: LoraConfig, seed: int) -> dict:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) logical parameters: a quantized layer's packed uint32 words hold 32 / bits
+    weights each, and its scales and biases are storage, not parameters (so a 4-bit 7B model counts
+    7.2B, as in full precision)."""
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-    total = sum(v.size for _, v in tree_flatten(model.parameters()))
+    total = 0
+    for _, m in model.named_modules():
+        own = dict(tree_flatten(m.parameters()))
+        own = {k: v for k, v in own.items() if "." not in k}  # this module's arrays, not its children's
+        bits = getattr(m, "bits", None)
+        if bits and "weight" in own and own["weight"].dtype == mx.uint32:
+            total += own.pop("weight").size * 32 // bits
+            own.pop("scales", None)
+            own.pop("biases", None)
+        total += sum(v.size for v in own.values())
     return trainable, total
+
+
+def parameter_bytes(model: nn.Module) -> int:
+    """Bytes the model's arrays (packed weights, scales, adapters) take on the device."""
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
+def describe_parameters(model: nn.Module) -> str:
+    """The run's parameter line: trainable and logical totals, and the bytes on the device."""
+    tr, tot = count_parameters(model)
+    return (f"trainable parameters: {tr / 1e6:.3f}M of {tot / 1e6:.1f}M "
+            f"({parameter_bytes(model) / 2**20:,.1f} MiB on the device)")

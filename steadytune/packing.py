@@ -53,18 +53,19 @@ class PackedCache:
         return True
 
 
-def model_inputs(model: nn.Module, segments: mx.array | None) -> dict:
+def model_inputs(model: nn.Module, segments: mx.array | None, mask_dtype=mx.float32) -> dict:
     """Keyword arguments that make an mlx-lm model (or its backbone) attend inside each packed
-    example: one PackedCache per layer sharing one mask ({} for an ordinary padded batch)."""
+    example: one PackedCache per layer sharing one mask in `mask_dtype` (what `prepare` returns),
+    {} for an ordinary padded batch."""
     if segments is None:
         return {}
-    bias = attention_bias(segments, getattr(model, "_steadytune_mask_dtype", mx.float32))
+    bias = attention_bias(segments, mask_dtype)
     return {"cache": [PackedCache(bias)] * len(model.layers)}
 
 
-def prepare(model: nn.Module) -> None:
-    """Check that `model` can train on packed rows (UserError if not) and note the dtype its
-    attention computes in (the mask's: SDPA wants both alike)."""
+def prepare(model: nn.Module):
+    """Check that `model` can train on packed rows (UserError if not); returns the dtype its
+    attention computes in, for the mask (SDPA wants both alike)."""
     from mlx.utils import tree_flatten
 
     from .errors import UserError
@@ -74,7 +75,7 @@ def prepare(model: nn.Module) -> None:
         raise UserError(f"--pack: {why}; train without --pack (--batch-tokens groups examples of "
                         "similar length instead)")
     norms = [v.dtype for k, v in tree_flatten(model.parameters()) if k.endswith("norm.weight")]
-    model._steadytune_mask_dtype = norms[0] if norms else mx.float32
+    return norms[0] if norms else mx.float32
 
 
 _ABSOLUTE = ("wpe", "embed_positions", "position_embeddings", "pos_embed")

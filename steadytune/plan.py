@@ -1,4 +1,8 @@
-"""`steadytune plan [CONFIG] [flags]`: predict a training run's peak memory before anything loads.
+"""The memory planner: predict a training run's peak memory before anything loads (the command:
+commands/plan.py). One module of ~800 lines on purpose: the calibrated constants, the terms of the
+estimate and the search for what fits are fitted and changed together (docs/plan-memory.md);
+the rules it shares with the trainer (padding, loss chunking, compute mode, fused update) are
+imported from where the trainer uses them.
 
 The prediction adds up what is alive at the worst moment of a training step (without
 checkpointing the start of the backward pass of the largest micro-batch; with it the largest of
@@ -43,7 +47,7 @@ F32 = 4                 # LoRA weights, their gradients and AdamW's moments are 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 # --- calibration: measured with bench/memory.py (CPU) and on one H100 (docs/plan-memory.md) -----
-# Logits-sized arrays alive around the loss (steadytune.qlora.token_cross_entropy): on the CPU the
+# Logits-sized arrays alive around the loss (steadytune.loss.token_cross_entropy): on the CPU the
 # logits in float32 and the cross-entropy's intermediates and gradient (3 float32 arrays, plus the
 # half-precision logits and gradient when computing in half precision); on a GPU the fused
 # cross-entropy reads the compute-dtype logits and writes their gradient (2 arrays).
@@ -73,9 +77,6 @@ UNFUSED_ATTENTION_ARRAYS = 4
 # compute=dequant: the output layer's weight, dequantized for the forward matmul and again for the
 # backward one, is alive around the loss (a block's weights are small next to its activations).
 DEQUANT_HEAD_COPIES = 1.75
-# steadytune.qlora's chunked cross-entropy (one checkpointed chunk of tokens at a time) is used for
-# vocabularies of at least this size.
-CHUNKED_LOSS_VOCAB = 65536
 
 # LoRA target -> (input, output) dimension names and the input it adapts (shared inputs are kept once).
 MODULES = {
@@ -132,12 +133,12 @@ def arch_from_config(config: dict) -> Arch:
                 quantization=q if isinstance(q, dict) and "bits" in q else None)
 
 
-def read_model_config(path: str) -> dict:
+def read_model_config(path: str, source: tuple[str, str] | None = None) -> dict:
     """The config.json (or the equivalent from GGUF metadata) of a model argument, without loading
-    any weights."""
+    any weights; `source`: resolve_source(path), where the caller has it."""
     from .model import resolve_source
 
-    kind, src = resolve_source(path)
+    kind, src = source or resolve_source(path)
     if kind == "gguf":
         return gguf_model_config(src)
     if kind == "hub":
@@ -168,69 +169,28 @@ def _cached_hub_config(repo: str) -> dict:
     except Exception:  # noqa: BLE001  (no huggingface_hub, malformed id: same answer)
         cached = None
     if not isinstance(cached, str):
-        raise UserError(f"{repo}: not in the local Hugging Face cache, and plan does not download; "
-                        "run `huggingface-cli download` first, or pass a model folder")
+        from .model import hub_cache_dir
+
+        raise UserError(f"{repo}: not in the local Hugging Face cache ({hub_cache_dir()}), and plan does not "
+                        f"download; run `hf download {repo}` first, or pass a model folder")
     return json.loads(Path(cached).read_text(encoding="utf-8"))
 
 
-GGUF_BLOCK = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-              "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-              "ffn_down": "mlp.down_proj"}
-GGUF_QUANT = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}  # MLX keeps these quantized, group size 32
-
-
 def gguf_model_config(path: str) -> dict:
-    """A config.json-like dict from a GGUF file's metadata, with mlx-lm's "quantization" entry for
-    the tensors that stay quantized. Reads the header only."""
-    try:
-        from gguf import GGUFReader
-        reader = GGUFReader(path)
-        meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.")}
-        tensors = {t.name: (t.tensor_type.name, [int(x) for x in t.shape]) for t in reader.tensors}
-    except Exception as e:  # noqa: BLE001  (gguf raises many types on a bad file)
-        raise UserError(f"{path}: cannot read the GGUF header ({type(e).__name__}: {e}); "
-                        "re-download or re-convert the file") from None
-    arch = meta.get("general.architecture", "llama")
+    """A config.json-like dict from a GGUF file's header (gguf.py's one reader), with mlx-lm's
+    "quantization" entry for the layers as loading builds them. Reads the header only."""
+    from .gguf import gguf_model_config as read
 
-    def get(key, default=None):
-        value = meta.get(f"{arch}.{key}", default)
-        if value is None:
-            raise UserError(f"{path}: metadata key {arch}.{key} is missing; re-convert the model")
-        return value
-
-    heads, hidden = get("attention.head_count"), get("embedding_length")
-    embd = tensors.get("token_embd.weight")
-    config = {"model_type": "llama", "hidden_size": hidden, "num_hidden_layers": get("block_count"),
-              "intermediate_size": get("feed_forward_length"), "num_attention_heads": heads,
-              "num_key_value_heads": get("attention.head_count_kv", heads),
-              "head_dim": get("attention.key_length", hidden // heads),
-              "vocab_size": embd[1][1] if embd else get("vocab_size"),
-              "tie_word_embeddings": "output.weight" not in tensors}
-    quant = _gguf_quantization(tensors)
-    if quant:
-        config["quantization"] = quant
-    return config
+    return read(path)
 
 
 def _gguf_quantization(tensors: dict) -> dict | None:
-    """mlx-lm style: the common setting plus per-module exceptions (False = not quantized)."""
-    per = {}
-    for name, (gtype, _) in tensors.items():
-        parts = name.split(".")
-        if name == "token_embd.weight":
-            path = "model.embed_tokens"
-        elif name == "output.weight":
-            path = "lm_head"
-        elif parts[0] == "blk" and parts[2] in GGUF_BLOCK and parts[-1] == "weight":
-            path = f"model.layers.{parts[1]}.{GGUF_BLOCK[parts[2]]}"
-        else:
-            continue
-        per[path] = {"group_size": 32, "bits": GGUF_QUANT[gtype]} if gtype in GGUF_QUANT else False
-    settings = [v for v in per.values() if v]
-    if not settings:
-        return None
-    common = max(settings, key=settings.count)
-    return {**common, **{k: v for k, v in per.items() if v != common}}
+    """mlx-lm style quantization of a llama GGUF's tensors {name: (type, shape fastest-axis-first)}:
+    the common setting plus per-module exceptions (False = not quantized); gguf.py's rule."""
+    from .gguf import ARCHS, GGUFHeader, quantization_entry
+
+    header = GGUFHeader(3, {}, {n: (t, tuple(reversed(shape))) for n, (t, shape) in tensors.items()})
+    return quantization_entry(header, ARCHS["llama"], 4, 64)
 
 
 # --------------------------------------------------------------------------- the estimate
@@ -254,7 +214,7 @@ class Run:
     token_budget: int = 0     # --batch-tokens: micro-batches of up to this many tokens (0 = batch x seq)
     packed: bool = False      # --pack: rows of several examples, with a (batch, 1, seq, seq) attention mask
     # How the step is run. The trainer computes the last micro-batch's gradients, their norm and
-    # the update in one compiled call (Trainer.train_step, one process); False: gradients first,
+    # the update in one compiled call (step.fuses_update: one process); False: gradients first,
     # then the update (several processes, and steadytune before the fused update).
     fused_update: bool = True
     # mlx-lm's LoRALinear promotes a half-precision input to float32 for the adapter matmuls and
@@ -560,6 +520,9 @@ def run_from_config(cfg, arch: Arch, lengths=None, device: str | None = None) ->
     import mlx.core as mx
 
     from .backend import device_kind
+    from .loss import ce_chunk          # the trainer's rules, from where the trainer uses them
+    from .qlora import resolve_mode
+    from .step import fuses_update
 
     device = device or device_kind()
     world = mx.distributed.init().size()  # 1 unless launched by mlx.launch
@@ -581,10 +544,10 @@ def run_from_config(cfg, arch: Arch, lengths=None, device: str | None = None) ->
     run = Run(batch=t.batch_size, seq=seq, checkpoint=t.grad_checkpoint, packed=t.pack,
               rank=cfg.lora.rank, keys=keys, lora_layers=cfg.lora.num_layers,
               bits=None if m.quantize == "none" else int(m.quantize), group_size=m.group_size,
-              dtype=dtype, compute=_compute_path(m.compute, device), device=device,
+              dtype=dtype, compute=resolve_mode(m.compute, device), device=device,
               accumulation=t.grad_accumulation,
-              loss_chunk=_loss_chunk(arch, t.chunked_ce),
-              fused_update=world == 1)  # Trainer.train_step fuses the update with one process
+              loss_chunk=ce_chunk(arch.vocab, t.chunked_ce),
+              fused_update=fuses_update(world))
     if getattr(t, "batch_tokens", None):
         run = _at_budget(run, t.batch_tokens)
     return run, stats
@@ -600,29 +563,6 @@ def _at_budget(run: Run, budget: int, **change) -> Run:
 def _at_width(run: Run, width: int) -> Run:
     """`run` with its longest example `width` wide (rows recounted under a token budget)."""
     return _at_budget(run, run.token_budget, seq=width) if run.token_budget else replace(run, seq=width)
-
-
-def _compute_path(compute: str, device: str) -> str:
-    """The quantized matmul the trainer will run on `device`: steadytune.qlora.resolve_mode's rule
-    (auto = native on Metal, dequant elsewhere), or native where qlora is not installed."""
-    try:
-        from . import qlora  # noqa: F401
-    except ImportError:
-        return "native"
-    if compute != "auto":
-        return compute
-    return "native" if device == "metal" else "dequant"
-
-
-def _loss_chunk(arch: Arch, setting: str) -> int:
-    """Tokens per chunk of the trainer's cross-entropy (0 = all logits at once), by
-    steadytune.qlora.set_loss_chunking's rule: on, off, or auto = on from a 64k vocabulary."""
-    try:
-        from .qlora import ce_chunk_tokens
-    except ImportError:
-        return 0
-    on = setting == "on" or (setting == "auto" and arch.vocab >= CHUNKED_LOSS_VOCAB)
-    return ce_chunk_tokens(arch.vocab) if on else 0
 
 
 def make_plan(cfg, model_cfg: dict | None = None, lengths=None, device: str | None = None,
@@ -756,7 +696,7 @@ def _fitting_length(plan: Plan) -> int:
     return 32 * _largest(ok, 4096)  # max_seq_length 128k
 
 
-def check_fits(cfg, model_config: dict | None = None, data_stats=None) -> Plan | None:
+def check_fits(cfg, model_config: dict | None = None, data_stats=None, source=None) -> Plan | None:
     """The plan of `cfg`; raises UserError with the recommendation when it is predicted not to fit,
     unless training.force.
 
@@ -764,12 +704,13 @@ def check_fits(cfg, model_config: dict | None = None, data_stats=None) -> Plan |
     data_stats: token lengths of the training examples (None: tokenize cfg.data.path with the
     model's tokenizer; where that cannot be done without the weights, every micro-batch is
     assumed to be max_seq_length long). Returns None, with a note, for a Hub model that is not
-    downloaded yet (its config is not here to plan with)."""
+    downloaded yet (its config is not here to plan with). source: model.resolve_source's answer
+    for cfg.model.path, where the caller has it."""
     if model_config is None:
         try:
-            model_config = read_model_config(cfg.model.path)
+            model_config = read_model_config(cfg.model.path, source)
         except UserError as e:
-            if _is_hub(cfg.model.path):  # loading will download it; plan with it then
+            if (source[0] == "hub" if source else _is_hub(cfg.model.path)):  # loading will download it; plan with it then
                 print(f"note: memory not planned before loading ({e})", file=sys.stderr)
                 return None
             raise
@@ -807,66 +748,29 @@ def advice(cfg) -> str:
             f"--grad-accumulation {math.ceil(run.batch * run.accumulation / half)}{ckpt}")
 
 
-# --------------------------------------------------------------------------- the command
-
-def add_arguments(parser) -> None:
-    from .config import add_config_flags
-
-    add_config_flags(parser)
-    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
-    parser.add_argument("--device", dest="plan_device", choices=["cpu", "cuda", "metal"],
-                        help="plan for this backend instead of this machine's")
-    parser.add_argument("--memory-gb", dest="plan_memory_gb", type=float,
-                        help="memory the run may use (default: what the device reports)")
-
-
-def command(args) -> int:
-    from .config import from_args
-
-    cfg = from_args(args)
-    lengths = data_lengths(cfg)
-    plan = make_plan(cfg, lengths=lengths, device=args.plan_device, memory_gb=args.plan_memory_gb)
-    print(json.dumps(plan.as_json(), indent=2) if args.json else render(plan, cfg))
-    return 0 if plan.fits else 1
-
-
 def data_lengths(cfg):
     """Token lengths of the training examples, with the model's tokenizer (None without --data or
     when the tokenizer cannot be loaded without the weights)."""
     if not cfg.data.path:
         return None
-    from .data import load_splits, tokenize_all
+    from .data import check_template, load_splits, tokenize_all
 
-    splits = load_splits(cfg.data.path, cfg.data.valid_fraction, cfg.training.seed)
+    splits = load_splits(cfg.data.path, cfg.data.valid_fraction, cfg.training.seed, cfg.data.max_examples)
     tokenizer = _tokenizer(cfg.model.path)
     if tokenizer is None:
         return None
+    check_template(splits, tokenizer, cfg.data)  # system turns folded as train folds them; template errors named
     # the longest tokenized length decides the plan: measure them untruncated
     tok = tokenize_all(splits.train, tokenizer, max_seq_length=1 << 30, train_on_prompt=True)
     return tok.lengths().tolist()
 
 
 def _tokenizer(path: str):
-    from .model import resolve_source
+    """The model's tokenizer without its weights; None for a Hub id (plan does not download)."""
+    from .model import resolve_source, source_tokenizer
 
-    kind, src = resolve_source(path)
-    if kind == "gguf":
-        try:
-            from .gguf import build_tokenizer, check_gguf_header
-        except ImportError:
-            return None
-        try:
-            return build_tokenizer(check_gguf_header(src).metadata, src)
-        except UserError:
-            raise
-        except Exception as e:  # broken metadata behind a valid header: the same message load_gguf gives
-            first = (str(e).splitlines() or [type(e).__name__])[0][:200]
-            raise UserError(f"{src}: invalid GGUF metadata ({first}); re-download or re-convert it") from None
-    if kind == "folder":
-        from .model import load_tokenizer
-
-        return load_tokenizer(src)
-    return None
+    source = resolve_source(path)
+    return None if source[0] == "hub" else source_tokenizer(path, source)
 
 
 def render(plan: Plan, cfg) -> str:
@@ -917,4 +821,3 @@ def render(plan: Plan, cfg) -> str:
                      f"{'' if r.checkpoint else f' ({ck} with --grad-checkpoint true)'}"
                      f"; {plan.longest_seq} tokens at batch {r.batch}")
     return "\n".join(lines)
-

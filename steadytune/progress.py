@@ -2,17 +2,30 @@
 
 The display is drawn from the training thread right after each step has been evaluated; there is
 no monitor thread (tqdm's is switched off) that could hold the GIL or a lock while MLX waits on the
-device. Three modes: a tqdm bar in a terminal or Jupyter, plain periodic lines when output goes to a
-file (no carriage returns), or nothing.
+device. Three modes: a tqdm bar in a terminal or Jupyter, plain lines when output goes to a file (no
+carriage returns: one every `log_every` steps, and one at least every minute while steps are slow),
+or nothing. The ETA is measured on steady steps only: the first step of a process includes
+compiling the step functions and can take as long as dozens of later steps.
+
+Metrics go to RUN/metrics.jsonl and, optionally, TensorBoard, Weights & Biases and MLflow: the same
+records, with the run's config as W&B config / MLflow parameters.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
 import time
 from pathlib import Path
+
+from .errors import UserError
+
+# steps at the start of a process left out of the ETA: the first one compiles the step functions
+WARMUP_STEPS = 1
+# the longest the line display stays silent, whatever log_every says (slow steps: large models)
+MAX_SILENCE_S = 60.0
 
 
 def _in_notebook() -> bool:
@@ -30,20 +43,28 @@ def _fmt_time(s: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60:02d}:{s % 60:02d}"
 
 
+def steady_eta(t_from: float, step_from: int, now: float, step: int, total: int) -> float | None:
+    """Seconds left at the pace of the steps since (t_from, step_from), the end of the warm-up
+    steps; None until one steady step is done."""
+    if step <= step_from:
+        return None
+    return (now - t_from) / (step - step_from) * (total - step)
+
+
 class Progress:
     """Optimizer-step progress: epoch, loss, tokens/s, ETA, peak memory."""
 
-    def __init__(self, total: int, initial: int = 0, mode: str = "auto", stream=None,
-                 line_every_s: float = 10.0):
+    def __init__(self, total: int, initial: int = 0, mode: str = "auto", stream=None, log_every: int = 10,
+                 max_silence_s: float = MAX_SILENCE_S, clock=time.perf_counter):
         self.stream = stream or sys.stderr
         self.total, self.n = total, initial
         if mode == "auto":
             tty = hasattr(self.stream, "isatty") and self.stream.isatty()
             mode = "bar" if (tty or _in_notebook()) else "lines"
         self.mode = mode
-        self.line_every_s = line_every_s
-        self._last_line = 0.0
-        self._t0 = time.perf_counter()
+        self.log_every, self.max_silence_s, self.clock = max(1, log_every), max_silence_s, clock
+        self._last_line = clock()
+        self._steady = None  # (time, step) at the end of the warm-up steps
         self._n0 = initial
         self.bar = None
         if mode == "bar":
@@ -60,20 +81,22 @@ class Progress:
 
     def update(self, step: int, epoch: float, loss: float, tok_per_s: float, peak_gb: float) -> None:
         self.n = step
-        elapsed = time.perf_counter() - self._t0
-        done = step - self._n0
-        eta = elapsed / done * (self.total - step) if done else 0.0
+        now = self.clock()
+        if self._steady is None and step - self._n0 >= WARMUP_STEPS:
+            self._steady = (now, step)
+        eta = steady_eta(*self._steady, now, step, self.total) if self._steady else None
         fields = {"epoch": f"{epoch:.2f}", "loss": f"{loss:.4f}", "tok/s": f"{tok_per_s:,.0f}",
                   "peak": f"{peak_gb:.2f}GB"}
         if self.bar is not None:
             self.bar.set_postfix(fields, refresh=False)
             self.bar.update(step - self.bar.n)
         elif self.mode == "lines":
-            now = time.perf_counter()
-            if now - self._last_line >= self.line_every_s or step >= self.total:
+            if (step % self.log_every == 0 or step >= self.total
+                    or now - self._last_line >= self.max_silence_s):
                 self._last_line = now
                 kv = " ".join(f"{k}={v}" for k, v in fields.items())
-                print(f"step {step}/{self.total} {kv} eta={_fmt_time(eta)}", file=self.stream, flush=True)
+                left = "--:--" if eta is None else _fmt_time(eta)
+                print(f"step {step}/{self.total} {kv} eta={left}", file=self.stream, flush=True)
 
     def write(self, msg: str) -> None:
         if self.mode == "none":
@@ -88,14 +111,131 @@ class Progress:
             self.bar.close()
 
 
+# sink -> (module to import, pip extra of steadytune)
+OPTIONAL_SINKS = {"wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "mlflow")}
+
+
+def check_sinks(sinks) -> None:
+    """Refuse, before anything loads, a metrics sink whose package is missing (one line each)."""
+    for name in sinks:
+        if name in OPTIONAL_SINKS and importlib.util.find_spec(OPTIONAL_SINKS[name][0]) is None:
+            _missing(name)
+
+
+def _missing(name: str):
+    module, extra = OPTIONAL_SINKS[name]
+    raise UserError(f"output.log_to: {name} needs the {module} package, which is not installed; run "
+                    f"pip install 'steadytune[{extra}]', or leave {name} out of --log-to")
+
+
+def _import(name: str):
+    try:
+        return importlib.import_module(OPTIONAL_SINKS[name][0])
+    except ImportError:
+        _missing(name)
+
+
+def _scalars(record: dict) -> dict:
+    """The record's numbers, keyed event/name (bools and None left out)."""
+    return {f"{record.get('event', 'train')}/{k}": float(v) for k, v in record.items()
+            if k not in ("event", "step") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+class WandbSink:
+    """A Weights & Biases run per run folder: its id is kept in RUN/wandb-run-id, so a resumed
+    run continues the same W&B run. Project from WANDB_PROJECT (default steadytune); WANDB_MODE,
+    WANDB_DIR and the rest of W&B's environment apply as usual (local files go to the run folder
+    unless WANDB_DIR says otherwise)."""
+
+    def __init__(self, run_dir: Path, config: dict | None):
+        wandb = _import("wandb")
+        id_file = run_dir / "wandb-run-id"
+        run_id = id_file.read_text().strip() if id_file.is_file() else None
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "steadytune"), name=run_dir.name,
+                              id=run_id, resume="allow" if run_id else None, config=config or {},
+                              dir=os.environ.get("WANDB_DIR") or str(run_dir), allow_val_change=True)
+        id_file.write_text(self.run.id)
+
+    def log(self, record: dict) -> None:
+        values = _scalars(record)
+        if values:
+            self.run.log(values, step=int(record.get("step", 0)))
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MlflowSink:
+    """An MLflow run per run folder (id kept in RUN/mlflow-run-id; a resumed run continues it),
+    through MlflowClient, so no global active run is left behind. Tracking URI from
+    MLFLOW_TRACKING_URI, experiment from MLFLOW_EXPERIMENT_NAME (default steadytune); the run's
+    config is logged once as parameters (MLflow refuses to change a parameter)."""
+
+    def __init__(self, run_dir: Path, config: dict | None):
+        mlflow = _import("mlflow")
+        from mlflow.entities import Metric, Param
+
+        self.Metric = Metric
+        self.client = mlflow.MlflowClient()
+        id_file = run_dir / "mlflow-run-id"
+        if id_file.is_file():
+            self.run_id = id_file.read_text().strip()
+            return
+        name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "steadytune")
+        exp = self.client.get_experiment_by_name(name)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(name)
+        self.run_id = self.client.create_run(exp_id, run_name=run_dir.name).info.run_id
+        id_file.write_text(self.run_id)
+        params = [Param(k, str(v)[:500]) for k, v in _flat(config or {}).items()]
+        for i in range(0, len(params), 100):  # MLflow takes at most 100 parameters a batch
+            self.client.log_batch(self.run_id, params=params[i:i + 100])
+
+    def log(self, record: dict) -> None:
+        ms, step = int(time.time() * 1000), int(record.get("step", 0))
+        metrics = [self.Metric(k, v, ms, step) for k, v in _scalars(record).items()]
+        if metrics:
+            self.client.log_batch(self.run_id, metrics=metrics)
+
+    def close(self) -> None:
+        self.client.set_terminated(self.run_id)
+
+
+def _open_sink(name: str, run_dir: Path, config: dict | None):
+    """A W&B or MLflow sink; its own start-up failures (no login, no tracking store) as one line."""
+    try:
+        return {"wandb": WandbSink, "mlflow": MlflowSink}[name](run_dir, config)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001  (each raises its own types)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        hint = {"wandb": "log in with `wandb login`, or set WANDB_MODE=offline",
+                "mlflow": "set MLFLOW_TRACKING_URI to your tracking server or store"}[name]
+        raise UserError(f"output.log_to: {name} could not start ({type(e).__name__}: {first}); {hint}, "
+                        f"or leave {name} out of --log-to") from None
+
+
 class Metrics:
     """Appends one JSON object per line to RUN/metrics.jsonl, flushed per line; optionally
-    TensorBoard too. On resume the file is first cut back to the checkpoint's step, so no step
-    is duplicated or missing."""
+    TensorBoard, W&B and MLflow too (the same records). On resume the file is first cut back to
+    the checkpoint's step, so no step is duplicated or missing."""
 
-    def __init__(self, path: Path, sinks=("jsonl",)):
+    def __init__(self, path: Path, sinks=("jsonl",), config: dict | None = None):
         self.path = Path(path)
         self.f = open(self.path, "a", encoding="utf-8")
+        self.remote = []
+        for name in sinks:
+            if name in OPTIONAL_SINKS:
+                self.remote.append(_open_sink(name, self.path.parent, config))
         self.tb = None
         if "tensorboard" in sinks:
             try:
@@ -116,9 +256,13 @@ class Metrics:
             for k, v in record.items():
                 if k not in ("event", "step") and isinstance(v, (int, float)):
                     self.tb.add_scalar(f"{record['event']}/{k}", v, step)
+        for sink in self.remote:
+            sink.log(record)
 
     def close(self) -> None:
         self.f.close()
+        for sink in self.remote:
+            sink.close()
         if self.tb is not None:
             self.tb.close()
 
@@ -128,24 +272,21 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     path = Path(path)
     if not path.exists():
         return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if rec.get("step", 0) <= last_step:
-            keep.append(line)
+    keep = [json.dumps(rec) for rec in read_metrics(path) if rec.get("step", 0) <= last_step]
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
     os.replace(tmp, path)
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl, in order; a torn line (a run killed mid-write) is skipped.
+    The one reader of the file (the trainer's result, truncation on resume, report)."""
     out = []
     for line in Path(path).read_text(encoding="utf-8").splitlines():
         try:
-            out.append(json.loads(line))
+            rec = json.loads(line)
         except json.JSONDecodeError:
-            pass
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
     return out

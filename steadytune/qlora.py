@@ -36,19 +36,17 @@ import mlx.nn as nn
 from mlx_lm.tuner.lora import LoRALinear
 
 MODES = ("auto", "dequant", "native")
-# mlx-lm model modules whose Model.__call__ is `head(self.model(inputs))`: the loss can run the
-# output layer chunk by chunk (see chunked_cross_entropy).
-PLAIN_HEAD_MODULES = {"mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwen3"}
 
 
-def resolve_mode(mode: str) -> str:
-    """auto -> what measured fastest on this backend: dequant on CUDA and CPU; native on Metal,
-    where quantized_matmul is MLX's best-tuned kernel and dequantizing would only add traffic."""
+def resolve_mode(mode: str, device: str | None = None) -> str:
+    """auto -> what measured fastest on `device` (default: this backend): dequant on CUDA and CPU;
+    native on Metal, where quantized_matmul is MLX's best-tuned kernel and dequantizing would only
+    add traffic. The memory planner asks this function too."""
     if mode != "auto":
         return mode
     from .backend import device_kind
 
-    return "native" if device_kind() == "metal" else "dequant"
+    return "native" if (device or device_kind()) == "metal" else "dequant"
 
 
 # --- the dequantize-then-matmul function with its memory-saving backward --------------------
@@ -229,9 +227,6 @@ def _lora_dequant_fn(group_size: int, bits: int, mode: str, has_biases: bool, ke
     return f
 
 
-FUSED_LORA = True  # a switch for A/B measurements (bench/throughput.py --ab-lora, --ab)
-
-
 class MixedLoRALinear(LoRALinear):
     """mlx-lm's LoRALinear with the adapter matmuls in the input's dtype.
 
@@ -242,11 +237,14 @@ class MixedLoRALinear(LoRALinear):
     x's dtype instead keeps the saved input in bfloat16; the gradients still arrive in float32
     through the cast. In float32 compute (the CPU default) this is exactly mlx-lm's layer. In half
     precision over a DequantLinear without dropout, the adapter is added inside the matmuls
-    (_lora_dequant_fn): the same sum, fewer passes over output-sized arrays."""
+    (_lora_dequant_fn): the same sum, fewer passes over output-sized arrays, unless `fused` is
+    False (apply_compute's fused_lora: an A/B measurement of the separate passes)."""
+
+    fused = True
 
     def __call__(self, x):
         lin = self.linear
-        if (FUSED_LORA and x.dtype in (mx.bfloat16, mx.float16) and type(lin) is DequantLinear
+        if (self.fused and x.dtype in (mx.bfloat16, mx.float16) and type(lin) is DequantLinear
                 and getattr(self.dropout, "_p_1", 0.0) == 1.0):  # no dropout: the same x throughout
             f = _lora_dequant_fn(lin.group_size, lin.bits, lin.mode, lin.get("biases") is not None,
                                  lin.dequant_kernel, float(self.scale))
@@ -258,6 +256,31 @@ class MixedLoRALinear(LoRALinear):
         y = lin(x)
         z = (self.dropout(x) @ self.lora_a.astype(x.dtype)) @ self.lora_b.astype(x.dtype)
         return y + (self.scale * z).astype(x.dtype)
+
+
+def checkpoint_blocks(model: nn.Module) -> None:
+    """Gradient checkpointing per transformer block: the block's activations are recomputed in
+    the backward pass. Done by giving each block instance a subclass whose __call__ is
+    checkpointed, so parameter names (and adapter files) are unchanged and no other model in the
+    process is affected (mlx-lm's helper patches the class itself)."""
+    for layer in model.layers:
+        cls = type(layer)
+        if getattr(cls, "_steadytune_ckpt", False):
+            continue
+        base_call = cls.__call__
+
+        def call(self, x, *args, _base=base_call, **kwargs):
+            # Only the parameters and the hidden state are the checkpoint's inputs; the mask (a
+            # packed run's block-diagonal bias array) and the cache are closed over as constants:
+            # as inputs, their gradients would be asked for, and MLX's fused attention has no
+            # gradient with respect to a mask.
+            def inner(params, h):
+                self.update(params)
+                return _base(self, h, *args, **kwargs)
+
+            return mx.checkpoint(inner)(self.trainable_parameters(), x)
+
+        layer.__class__ = type(cls.__name__, (cls,), {"__call__": call, "_steadytune_ckpt": True})
 
 
 # --- SwiGLU with a backward pass that recomputes instead of keeping -------------------------
@@ -377,9 +400,6 @@ def _recomputing_mlp_class(cls):
                                        "__qualname__": cls.__qualname__})
 
 
-FUSED_SWIGLU = True  # a switch for A/B measurements
-
-
 # class -> (native class, dequant class); exact types only, so other subclasses are left alone
 _CLASSES = {c: pair for pair in [(nn.QuantizedLinear, DequantLinear),
                                  (nn.QuantizedEmbedding, DequantEmbedding)] for c in pair}
@@ -392,9 +412,11 @@ def default_kernel() -> str:
     return "cuda" if _on_cuda() else "elementwise"
 
 
-def apply_compute(model: nn.Module, mode: str = "auto", kernel: str | None = None) -> dict:
+def apply_compute(model: nn.Module, mode: str = "auto", kernel: str | None = None,
+                  fused_lora: bool = True, fused_swiglu: bool = True) -> dict:
     """Switch the model's quantized layers to `mode` (auto, dequant, native). Call after the LoRA
-    layers are in place (it reaches the QuantizedLinear inside each LoRALinear). Returns
+    layers are in place (it reaches the QuantizedLinear inside each LoRALinear). fused_lora /
+    fused_swiglu False keep the adapter's separate passes / mlx-lm's MLP (A/B measurements). Returns
     {"mode": resolved mode, "kernel": dequantization kernel, "layers": layers switched}."""
     if mode not in MODES:
         raise ValueError(f"compute mode must be one of {MODES}, got {mode!r}")
@@ -405,7 +427,8 @@ def apply_compute(model: nn.Module, mode: str = "auto", kernel: str | None = Non
     for _, m in model.named_modules():
         if type(m) is LoRALinear:  # same parameters and names: adapter files are unchanged
             m.__class__ = MixedLoRALinear
-        if FUSED_SWIGLU and type(m).__name__ == "MLP" and (mlp := _recomputing_mlp_class(type(m))):
+            m.fused = fused_lora
+        if fused_swiglu and type(m).__name__ == "MLP" and (mlp := _recomputing_mlp_class(type(m))):
             m.__class__ = mlp
         pair = _CLASSES.get(type(m))
         if pair is None:
@@ -415,104 +438,3 @@ def apply_compute(model: nn.Module, mode: str = "auto", kernel: str | None = Non
             m.dequant_kernel = kernel
         n += 1
     return {"mode": resolved, "kernel": kernel if resolved == "dequant" else None, "layers": n}
-
-
-# --- the output layer and the loss, chunked for large vocabularies --------------------------
-
-
-def token_cross_entropy(logits, targets):
-    """Per-token cross-entropy in float32. On GPUs a fused kernel reads half-precision logits
-    and accumulates in float32, so no float32 copy of the logits (or of their gradient) is made;
-    the CPU's fallback reduces in the logits' dtype, so it gets float32 logits."""
-    if logits.dtype != mx.float32 and mx.default_device() == mx.cpu:
-        logits = logits.astype(mx.float32)
-    return mx.fast.cross_entropy(logits, targets)
-
-
-def split_head(model: nn.Module):
-    """(backbone, head) for models computing `head(model.model(inputs))`, else None.
-
-    The head is the output layer (lm_head) or the tied embedding's as_linear. Only for model
-    types known to have no extra step between the two (no logit soft-capping or scaling)."""
-    args = getattr(model, "args", None)
-    if type(model).__module__ not in PLAIN_HEAD_MODULES or args is None:
-        return None
-    if getattr(args, "tie_word_embeddings", False):
-        head = model.model.embed_tokens.as_linear
-        head_module = model.model.embed_tokens
-    elif "lm_head" in model:
-        head, head_module = model.lm_head, model.lm_head
-    else:
-        return None
-    from mlx.utils import tree_flatten
-
-    if tree_flatten(head_module.trainable_parameters()):
-        return None  # a trained head must see its parameters as inputs, not captured constants
-    return model.model, head
-
-
-def ce_chunk_tokens(vocab_size: int, budget_elements: int = 1 << 25) -> int:
-    """Tokens per chunk so one chunk's float32 logits stay under `budget_elements` (128 MB)."""
-    return max(128, budget_elements // max(1, vocab_size) // 128 * 128)
-
-
-def chunked_cross_entropy(hidden, head, targets, mask, chunk: int):
-    """Summed masked cross-entropy of head(hidden) without all the float32 logits at once.
-
-    A custom function: the forward keeps only each chunk's loss; the backward recomputes one
-    chunk's logits at a time. Each chunk waits for the previous one (mx.depends): MLX's scheduler
-    would otherwise run independent chunks side by side, all their logits alive at once. So at
-    most one chunk of logits is alive (for a 150k vocabulary and 8k tokens: 0.5 GB of float32
-    logits instead of 4.9 GB, and their softmax gradients likewise). `head` must have no trainable
-    parameters: they would be captured as constants."""
-    d = hidden.shape[-1]
-    h, t, m = hidden.reshape(-1, d), targets.reshape(-1), mask.reshape(-1)
-    spans = [(i, min(i + chunk, h.shape[0])) for i in range(0, h.shape[0], chunk)]
-
-    def piece(x, a, b):
-        return (token_cross_entropy(head(x), t[a:b]) * m[a:b]).sum()
-
-    @mx.custom_function
-    def f(x):
-        total = mx.array(0.0, dtype=mx.float32)
-        for a, b in spans:  # chained, or MLX may run every chunk's head matmul before any loss
-            total = total + piece(mx.depends(x[a:b], total), a, b)
-        return total
-
-    @f.vjp
-    def f_vjp(x_all, cotangent, output):  # one input, one output: plain arrays, not tuples
-        grads, after = [], cotangent
-        for a, b in spans:
-            x = mx.depends(x_all[a:b], after)
-            _, (g,) = mx.vjp(lambda x, a=a, b=b: piece(x, a, b), [x], [cotangent])
-            grads.append(g)
-            after = g
-        return mx.concatenate(grads, axis=0)
-
-    return f(h)
-
-
-def set_loss_chunking(model: nn.Module, setting: str = "auto") -> int:
-    """Decide chunked cross-entropy (on, off, auto: on for vocabularies of 64k tokens and more,
-    where float32 logits dominate activation memory). Stores the chunk size on the model for
-    `masked_ce_sum` (0 = off) and returns it."""
-    parts = split_head(model)
-    vocab = getattr(getattr(model, "args", None), "vocab_size", 0) or 0
-    on = setting == "on" or (setting == "auto" and vocab >= 65536)
-    chunk = ce_chunk_tokens(vocab) if (on and parts is not None) else 0
-    model._steadytune_ce_chunk = chunk  # a plain attribute: not a parameter, not saved
-    return chunk
-
-
-def masked_ce_sum(model: nn.Module, inputs, targets, mask, segments=None):
-    """Summed masked cross-entropy of the model on (inputs, targets, mask), in float32; with
-    `segments`, the rows are packed and attention stays inside each example (packing.py)."""
-    from .packing import model_inputs
-
-    chunk = getattr(model, "_steadytune_ce_chunk", 0)
-    parts = split_head(model) if chunk else None
-    extra = model_inputs(model, segments)
-    if parts is None:
-        return (token_cross_entropy(model(inputs, **extra), targets) * mask).sum()
-    backbone, head = parts
-    return chunked_cross_entropy(backbone(inputs, **extra), head, targets, mask, chunk)

@@ -13,16 +13,19 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
+from .progress import read_metrics
 
 # One color per curve, so a curve can be found again in the PNG by its pixels.
 COLORS = {"train_loss": "#1f77b4", "val_loss": "#ff7f0e", "lr": "#2ca02c", "tok_per_s": "#d62728",
           "peak_mem_gb": "#9467bd"}
+# Preference runs (--method dpo|orpo) also log rewards; their panel is drawn only when they are there.
+REWARD_COLORS = {"reward_accuracy": "#8c564b", "val_reward_accuracy": "#e377c2",
+                 "reward_margin": "#17becf", "val_reward_margin": "#bcbd22"}
 # panel file name -> (title, y label, curves as (metric key, label))
 PANELS = {
     "loss": ("Loss", "cross-entropy per target token",
@@ -30,6 +33,9 @@ PANELS = {
     "lr": ("Learning rate", "learning rate", [("lr", "learning rate")]),
     "throughput": ("Throughput", "tokens/s", [("tok_per_s", "tokens/s")]),
     "memory": ("Peak memory", "GB", [("peak_mem_gb", "peak memory")]),
+    "rewards": ("Preference rewards", "accuracy (share) / mean margin",
+                [("reward_accuracy", "train accuracy"), ("val_reward_accuracy", "validation accuracy"),
+                 ("reward_margin", "train margin"), ("val_reward_margin", "validation margin")]),
 }
 
 
@@ -58,20 +64,17 @@ def load_series(run_dir: str | Path) -> Series:
     """Read metrics.jsonl; a torn last line (a run killed mid-write) is skipped, and a step
     logged twice keeps its last value."""
     path = metrics_path(run_dir)
-    by_key: dict[str, dict[int, float]] = {k: {} for k in COLORS}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+    by_key: dict[str, dict[int, float]] = {k: {} for k in {**COLORS, **REWARD_COLORS}}
+    for rec in read_metrics(path):
+        if not isinstance(rec.get("step"), int):
             continue
         if rec.get("event") == "train":
-            for key in ("lr", "tok_per_s", "peak_mem_gb"):
+            for key in ("lr", "tok_per_s", "peak_mem_gb", "reward_accuracy", "reward_margin"):
                 _put(by_key[key], rec, key, key)
             _put(by_key["train_loss"], rec, "loss", "train_loss")
         elif rec.get("event") == "val":
-            _put(by_key["val_loss"], rec, "val_loss", "val_loss")
+            for key in ("val_loss", "val_reward_accuracy", "val_reward_margin"):
+                _put(by_key[key], rec, key, key)
     if not by_key["train_loss"] and not by_key["val_loss"]:
         raise UserError(f"{path}: no train or val records yet; wait for the first logged step "
                         "(training.log_every) and run the report again")
@@ -93,7 +96,7 @@ def _draw_panel(ax, series: Series, name: str) -> None:
             continue
         # A single point would be an invisible line: mark points when there are few.
         marker = "o" if len(steps) <= 20 else None
-        ax.plot(steps, values, color=COLORS[key], label=label, marker=marker, markersize=4,
+        ax.plot(steps, values, color={**COLORS, **REWARD_COLORS}[key], label=label, marker=marker, markersize=4,
                 linewidth=1.8, gid=key)
         drawn += 1
     from matplotlib.ticker import MaxNLocator
@@ -177,7 +180,8 @@ def _num(v: float) -> str:
 
 
 def _config(run_dir: Path) -> dict:
-    path = run_dir / "config.yaml"
+    path = run_dir / "steadytune-config.yaml"  # written there when the user's config.yaml was in --out
+    path = path if path.is_file() else run_dir / "config.yaml"
     if not path.is_file():
         return {}
     import yaml
@@ -197,20 +201,71 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
     out.mkdir(parents=True, exist_ok=True)
     images = {}
     for name in PANELS:
+        if name == "rewards" and not any(series.get(k)[0] for k in REWARD_COLORS):
+            continue  # not a preference run
         plot_panel(run_dir, name, out / f"{name}.png", series=series)
         images[name] = out / f"{name}.png"
+    if plot_memory_trace(run_dir, out / "resident.png") is not None:  # only runs that log it (bench/soak.py)
+        images["resident"] = out / "resident.png"
     plot_run(run_dir, out / "metrics.png")
     page = out / "report.html"
     page.write_text(_html(run_dir, series, images), encoding="utf-8")
     return page
 
 
+# {"event": "memory", "step", "rss_gb", "mlx_active_gb", "mlx_cache_gb"} records, one per step
+MEMORY_TRACE = ("Resident memory", [("rss_gb", "process RSS", "#9467bd"),
+                                    ("mlx_active_gb", "MLX active", "#2ca02c"),
+                                    ("mlx_cache_gb", "MLX cache", "#8c564b")])
+
+
+def memory_trace(run_dir: str | Path) -> dict:
+    """The per-step memory records' series, key -> (steps, GB); {} when the run logged none."""
+    curves: dict[str, dict[int, float]] = {key: {} for key, _, _ in MEMORY_TRACE[1]}
+    for rec in read_metrics(metrics_path(run_dir)):
+        if rec.get("event") == "memory" and isinstance(rec.get("step"), int):
+            for key in curves:
+                _put(curves[key], rec, key, key)
+    return {k: (sorted(v), [v[s] for s in sorted(v)]) for k, v in curves.items() if v}
+
+
+def plot_memory_trace(run_dir: str | Path, path: str | Path | None = None):
+    """Process RSS, MLX active and MLX cache memory per step, and active + cache: memory that grows
+    over a long run shows here while the peak-memory panel stays flat. None without such records."""
+    trace = memory_trace(run_dir)
+    if not trace:
+        return None
+    fig = _new_figure((6.4, 4.2))
+    ax = fig.subplots()
+    for key, label, color in MEMORY_TRACE[1]:
+        if key in trace:
+            ax.plot(*trace[key], color=color, label=label, linewidth=1.5, gid=key)
+    if "mlx_active_gb" in trace and "mlx_cache_gb" in trace:
+        steps, active = trace["mlx_active_gb"]
+        cache = dict(zip(*trace["mlx_cache_gb"]))
+        ax.plot(steps, [a + cache.get(s, 0.0) for s, a in zip(steps, active)], color="#7f7f7f",
+                linestyle="--", label="MLX active + cache", linewidth=1.2, gid="mlx_total")
+    ax.set_title(MEMORY_TRACE[0])
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("GB")
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    if path is not None:
+        fig.savefig(path)
+    return fig
+
+
+def _title(name: str) -> str:
+    return MEMORY_TRACE[0] if name == "resident" else PANELS[name][0]
+
+
 def _html(run_dir: Path, series: Series, images: dict) -> str:
     esc = html.escape
     rows = "\n".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in summary(run_dir, series))
     figs = "\n".join(
-        f'<figure><img alt="{esc(PANELS[n][0])}" src="data:image/png;base64,'
-        f'{base64.b64encode(p.read_bytes()).decode()}"><figcaption>{esc(PANELS[n][0])} '
+        f'<figure><img alt="{esc(_title(n))}" src="data:image/png;base64,'
+        f'{base64.b64encode(p.read_bytes()).decode()}"><figcaption>{esc(_title(n))} '
         f"against optimizer step</figcaption></figure>" for n, p in images.items())
     title = esc(f"steadytune run {run_dir.resolve().name}")
     return f"""<!doctype html>
@@ -232,19 +287,3 @@ figure {{ margin: 0; }} img {{ max-width: 100%; }} figcaption {{ color: #666; fo
 </div>
 </body></html>
 """
-
-
-def add_arguments(p) -> None:
-    p.add_argument("run", help="a run folder of steadytune train (holds metrics.jsonl)")
-    p.add_argument("--out", default=None, help="where to write report.html and the PNGs "
-                   "(default: the run folder)")
-
-
-def command(args) -> int:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise UserError("steadytune report needs matplotlib; run: pip install 'steadytune[report]'") from None
-    page = write_report(args.run, args.out)
-    print(f"report written to {page} (PNGs beside it)")
-    return 0

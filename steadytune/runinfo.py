@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import time
 from pathlib import Path
 
@@ -12,7 +14,8 @@ from .errors import UserError
 # Changing these makes a resumed run a different run: refused. Everything else (epochs, max_steps,
 # eval/log/save frequency, patience, keep_last, learning rate) is accepted and logged.
 MUST_MATCH = {
-    "data": ["max_seq_length", "overlong", "train_on_prompt", "valid_fraction", "group_by_length"],
+    "data": ["max_seq_length", "overlong", "train_on_prompt", "valid_fraction", "group_by_length",
+             "max_examples", "system_fold"],
     "lora": ["rank", "alpha", "dropout", "target_modules", "num_layers"],
     "training": ["batch_size", "batch_tokens", "pack", "grad_accumulation", "seed"],
     "model": ["quantize", "group_size", "dtype"],
@@ -40,9 +43,9 @@ def data_fingerprint(files: dict, data_cfg) -> str:
     return h.hexdigest()[:16]
 
 
-def model_fingerprint(source: str, kind: str) -> str:
-    """A cheap, stable identity of the base weights: config + each weight file's name, size, and
-    sha256 of its first and last MiB (hashing a 4 GB model in full would cost a minute per run)."""
+def _legacy_fingerprint(source: str, kind: str) -> str:
+    """The identity checkpoints held before the full one: config + each weight file's name, size
+    and sha256 of its first and last MiB. Kept to compare against such checkpoints."""
     h = hashlib.sha256(kind.encode())
     p = Path(source)
     files = [p] if p.is_file() else sorted(
@@ -60,15 +63,116 @@ def model_fingerprint(source: str, kind: str) -> str:
     return h.hexdigest()[:16]
 
 
+# What changes the meaning of a token or what the model computes, by the name a message gives it.
+# tokenizer_config.json is split by key: its chat_template, its special tokens, the rest.
+_MODEL_FILES = {
+    "weights": ["*.safetensors", "model.safetensors.index.json"],
+    "model config": ["config.json"],
+    "tokenizer vocabulary": ["tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt",
+                             "spiece.model"],
+    "special tokens": ["special_tokens_map.json", "added_tokens.json"],
+    "chat template": ["chat_template.jinja", "chat_template.json"],
+    "generation config": ["generation_config.json"],
+}
+_SPECIAL_KEYS = ("added_tokens_decoder", "additional_special_tokens")
+
+
+def cache_dir() -> Path:
+    """Where steadytune keeps the weight-hash cache: $STEADYTUNE_CACHE_DIR, else
+    $XDG_CACHE_HOME/steadytune, else ~/.cache/steadytune."""
+    if os.environ.get("STEADYTUNE_CACHE_DIR"):
+        return Path(os.environ["STEADYTUNE_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "steadytune"
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, cached by (resolved path, size, mtime, inode) in
+    cache_dir()/file-hashes.json: a 7B model's 14 GB are read once (~10 s), not at every start.
+    A cache that cannot be read or written is ignored."""
+    from .checkpoint import sha256_file
+
+    path = Path(path).resolve()
+    st = path.stat()
+    if st.st_size < (1 << 20):  # small files: hashing is cheaper than the cache
+        return sha256_file(path)
+    key, stamp = str(path), [st.st_size, st.st_mtime_ns, st.st_ino]
+    cache_file = cache_dir() / "file-hashes.json"
+    try:
+        cache = json.loads(cache_file.read_text())
+        assert isinstance(cache, dict)
+    except (OSError, ValueError, AssertionError):
+        cache = {}
+    hit = cache.get(key)
+    if isinstance(hit, list) and hit[:3] == stamp and len(hit) == 4:
+        return hit[3]
+    digest = sha256_file(path)
+    cache[key] = stamp + [digest]
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(f".file-hashes.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, cache_file)  # atomic: a concurrent reader sees the old or the new cache
+    except OSError:
+        pass
+    return digest
+
+
+def model_fingerprint(source: str, kind: str) -> dict:
+    """The base model's identity, part by part ({part: sha256[:16]}, parts named as a message
+    says them): every byte of the weights (hashes cached, see file_sha256), config.json,
+    tokenizer vocabulary, special tokens, chat template, generation config. A GGUF file holds all
+    of them: its whole-file hash is one part. "legacy" is the older, partial identity (only
+    compared against checkpoints that hold nothing else)."""
+    p = Path(source)
+    parts = {"legacy": _legacy_fingerprint(source, kind)}
+    if p.is_file():
+        parts["GGUF file"] = file_sha256(p)[:16]
+        return parts
+    if not p.is_dir():
+        parts["source"] = hashlib.sha256(f"{kind}:{source}".encode()).hexdigest()[:16]
+        return parts
+    for part, patterns in _MODEL_FILES.items():
+        h = hashlib.sha256()
+        for f in sorted({f for pat in patterns for f in p.glob(pat) if f.is_file()}):
+            h.update(f"{f.name}:{file_sha256(f)}\n".encode())
+        parts[part] = h.hexdigest()[:16]
+    tc = p / "tokenizer_config.json"
+    try:
+        conf = json.loads(tc.read_text()) if tc.is_file() else {}
+    except (OSError, ValueError):
+        conf = {"unreadable": tc.read_bytes().hex() if tc.is_file() else ""}
+    conf = conf if isinstance(conf, dict) else {"not an object": conf}
+    pieces = {"chat template": {k: v for k, v in conf.items() if k == "chat_template"},
+              "special tokens": {k: v for k, v in conf.items() if k.endswith("_token") or k in _SPECIAL_KEYS},
+              "tokenizer config": {}}
+    pieces["tokenizer config"] = {k: v for k, v in conf.items()
+                                  if k not in pieces["chat template"] and k not in pieces["special tokens"]}
+    for part, values in pieces.items():
+        h = hashlib.sha256(parts.get(part, "").encode())
+        h.update(json.dumps(values, sort_keys=True, default=str).encode())
+        parts[part] = h.hexdigest()[:16]
+    return parts
+
+
+def model_changes(old, new: dict) -> list[str]:
+    """What differs between two model identities, by part name (a checkpoint from before the
+    full identity holds only the legacy string)."""
+    if isinstance(old, str) or old is None:
+        return [] if old == new.get("legacy") else ["weights or config.json"]
+    return [part for part in new if part != "legacy" and old.get(part) != new[part]] + \
+        [part for part in old if part not in new and part != "legacy"]
+
+
 def compare_for_resume(saved: dict, cfg: Config, fingerprints: dict, adapter_config: dict, where) -> None:
     """Refuse a resume whose model, data, LoRA shape or batching differ; log safe changes."""
     old = saved.get("config", {})
     new = cfg.to_dict()
     problems = []
-    for kind in ("model", "data"):
-        if saved.get("fingerprints", {}).get(kind) != fingerprints[kind]:
-            what = "model weights" if kind == "model" else "training/validation data files"
-            problems.append(f"  the {what} changed since the checkpoint")
+    before = saved.get("fingerprints", {})
+    for part in model_changes(before.get("model"), fingerprints["model"]):
+        problems.append(f"  the model's {part} changed since the checkpoint")
+    if before.get("data") != fingerprints["data"]:
+        problems.append("  the training/validation data files changed since the checkpoint")
     defaults = Config().to_dict()  # a setting newer than the checkpoint had its default then
     for sec, keys in MUST_MATCH.items():
         for k in keys:
@@ -78,6 +182,9 @@ def compare_for_resume(saved: dict, cfg: Config, fingerprints: dict, adapter_con
     if saved.get("adapter_config", {}).get("lora_parameters", {}).get("keys") != \
             adapter_config["lora_parameters"]["keys"]:
         problems.append("  the adapted layers differ")
+    if len(problems) == 1:
+        raise UserError(f"{where}: cannot resume: {problems[0].strip()}; restore it, or start a new run "
+                        "with another --out")
     if problems:
         raise UserError(f"{where}: cannot resume: the run would not be the same run. Restore these "
                         "settings or start a new run with another --out:", problems)

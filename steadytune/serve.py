@@ -18,7 +18,6 @@ import hmac
 import ipaddress
 import json
 import os
-import signal
 import socket
 import sys
 import threading
@@ -27,21 +26,14 @@ from .errors import UserError
 
 API_KEY_ENV = "STEADYTUNE_API_KEY"
 MAX_BODY_BYTES = 4 << 20  # a chat request is text; anything bigger is a mistake or an attack
+CONCURRENCY = 32  # requests answered at once by default: mlx-lm's decode batch (decode_concurrency)
+# Connections the OS queues before accept(): more than the documented concurrency, so that a burst
+# of clients waits for a thread (and gets an answer or a 503) instead of a connection reset.
+LISTEN_BACKLOG = 256
+CLIENT_TIMEOUT_S = 30  # a client silent this long mid-request is dropped (it would hold a thread)
 
 
 # --- chat ----------------------------------------------------------------------------------------
-
-def add_model_arguments(p) -> None:
-    p.add_argument("run", help="a run folder of steadytune train (or its adapters/ folder)")
-    p.add_argument("--model", default=None, help="base model (default: the one the run was trained on)")
-    p.add_argument("--max-tokens", type=int, default=512, help="longest answer in tokens")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-
-
-def add_chat_arguments(p) -> None:
-    add_model_arguments(p)
-    p.add_argument("--system", default=None, help="a system message to start the conversation with")
-
 
 def fit_history(tokenizer, messages: list[dict], budget: int) -> tuple[list[dict], int]:
     """Drop the oldest exchanges (never the system message or the newest user turn) until the
@@ -113,45 +105,7 @@ def _prompted(lines, prompt: str, out):
             return
 
 
-def chat_command(args) -> int:
-    from .generation import load_tuned
-
-    _check_sampling(args)
-    loaded = load_tuned(args.run, args.model)
-    tty = sys.stdin.isatty()
-    if tty:
-        try:
-            import readline  # noqa: F401  (line editing and history for input())
-        except ImportError:
-            pass
-        print("chatting with the tuned model; /reset forgets the conversation, /quit ends it",
-              file=sys.stderr)
-    chat_loop(loaded, sys.stdin, system=args.system, max_tokens=args.max_tokens,
-              temperature=args.temperature, prompt="> " if tty else "")
-    return 0
-
-
-def _check_sampling(args) -> None:
-    if args.max_tokens < 1:
-        raise UserError(f"--max-tokens must be at least 1 (got {args.max_tokens})")
-    if args.temperature < 0:
-        raise UserError(f"--temperature must be 0 or more (got {args.temperature})")
-
-
 # --- serve ---------------------------------------------------------------------------------------
-
-def add_serve_arguments(p) -> None:
-    add_model_arguments(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this "
-                   "machine only; any other address requires an API key)")
-    p.add_argument("--port", type=int, default=8080, help="port (0 = any free port; it is printed)")
-    p.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' on every "
-                   f"request (or set {API_KEY_ENV}, which keeps the key out of the process list)")
-    p.add_argument("--allowed-origins", default="", help="comma-separated web origins allowed to "
-                   "call the API from a browser, e.g. http://localhost:3000 (default: none)")
-    p.add_argument("--model-name", default=None, help="the model id /v1/models lists "
-                   "(default: the run folder's name)")
-
 
 def is_loopback(host: str) -> bool:
     """True when every address `host` resolves to is a loopback one."""
@@ -173,7 +127,8 @@ def check_exposure(host: str, api_key: str | None) -> None:
                         f"--api-key KEY (or set {API_KEY_ENV}), or bind to 127.0.0.1")
 
 
-def server_args(max_tokens: int = 512, temperature: float = 0.0, allowed_origins=()) -> argparse.Namespace:
+def server_args(max_tokens: int = 512, temperature: float = 0.0, allowed_origins=(),
+                concurrency: int = CONCURRENCY) -> argparse.Namespace:
     """The settings mlx-lm's server reads from its command line, at its defaults."""
     from mlx_lm.generate import DEFAULT_QUANTIZED_KV_START
 
@@ -181,9 +136,28 @@ def server_args(max_tokens: int = 512, temperature: float = 0.0, allowed_origins
         model=None, adapter_path=None, draft_model=None, num_draft_tokens=3, trust_remote_code=False,
         chat_template="", use_default_chat_template=False, chat_template_args={}, pipeline=False,
         temp=temperature, top_p=1.0, top_k=0, min_p=0.0, max_tokens=max_tokens,
-        allowed_origins=list(allowed_origins), decode_concurrency=32, prompt_concurrency=8,
+        allowed_origins=list(allowed_origins), decode_concurrency=concurrency, prompt_concurrency=8,
         prefill_step_size=2048, prompt_cache_size=10, prompt_cache_bytes=None, kv_bits=None,
         kv_group_size=64, quantized_kv_start=DEFAULT_QUANTIZED_KV_START)
+
+
+def _generator_class():
+    from queue import Empty
+
+    from mlx_lm.server import ResponseGenerator
+
+    class Generator(ResponseGenerator):
+        def _await_response(self, response_queue):
+            # mlx-lm polls every second for a stopped generator; a request thread that waits that
+            # long holds up shutdown (server_close joins it).
+            while True:
+                try:
+                    return response_queue.get(timeout=0.05)
+                except Empty:
+                    if not self.generation_available():
+                        raise RuntimeError("the server is stopping") from None
+
+    return Generator
 
 
 def _provider_class():
@@ -216,17 +190,25 @@ def _handler_class():
     from mlx_lm.server import APIHandler, _image_parts
 
     class Handler(APIHandler):
-        """mlx-lm's handler behind an API key, an origin check and a body size limit."""
+        """mlx-lm's handler behind an API key, an origin check, a validated body length, a
+        prompt length limit and a bound on the requests in flight."""
+
+        timeout = CLIENT_TIMEOUT_S  # socket timeout: a stalled client cannot hold its thread forever
 
         def __init__(self, request, client_address, server):
             # mlx-lm's handler takes the generator first; ours finds it on the server
             super().__init__(server.generator, request, client_address, server)
 
-        def _refuse(self, code: int, message: str) -> None:
+        def _refuse(self, code: int, message: str, headers: dict | None = None) -> None:
+            # The connection closes after a refusal: an unread body must not be parsed as a request.
+            self.close_connection = True
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
+            self.send_header("Connection", "close")
             if code == 401:
                 self.send_header("WWW-Authenticate", 'Bearer realm="steadytune"')
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
             self.end_headers()
             self.wfile.write(json.dumps({"error": {"message": message, "code": code}}).encode())
 
@@ -245,14 +227,39 @@ def _handler_class():
         def do_POST(self):
             if not self._admitted():
                 return
+            size = self._body_length()
+            if size is None:
+                return
+            if not self.server.slots.acquire(blocking=False):
+                self.rfile.read(size)  # bounded by now; read so that closing does not reset the client
+                self._refuse(503, f"busy: {self.server.concurrency} requests are being answered; "
+                             "retry shortly", {"Retry-After": "1"})
+                return
             try:
-                size = int(self.headers.get("Content-Length") or 0)
-            except ValueError:
-                size = 0
+                super().do_POST()  # reads exactly `size` bytes: the length is validated
+            finally:
+                self.server.slots.release()
+
+        def _body_length(self) -> int | None:
+            """The body's length from a validated Content-Length, or None after refusing the
+            request without reading its body: mlx-lm reads `int(Content-Length)` bytes, and
+            read(-1) reads until the client stops sending."""
+            if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+                self._refuse(411, "chunked bodies are not accepted; send Content-Length")
+                return None
+            values = self.headers.get_all("Content-Length") or []
+            if not values:
+                self._refuse(411, "Content-Length header is required")
+                return None
+            text = values[0].strip()
+            if len(set(values)) > 1 or not text.isascii() or not text.isdigit():
+                self._refuse(400, f"invalid Content-Length {text[:20]!r}: a decimal byte count")
+                return None
+            size = int(text)
             if size > MAX_BODY_BYTES:
                 self._refuse(413, f"request body over {MAX_BODY_BYTES} bytes")
-                return
-            super().do_POST()
+                return None
+            return size
 
         def do_GET(self):
             if self._admitted():
@@ -275,6 +282,19 @@ def _handler_class():
                 raise ValueError("this model reads text only; remove the image parts")
             return super().handle_chat_completions()
 
+        def handle_completion(self, request, stop_words):
+            # Here, not in the generation thread: a prompt over the context would otherwise be
+            # prefilled there in full while every other request waits.
+            tokens, exact = prompt_tokens(self.server.tokenizer, request, self.server.context,
+                                          self.server.max_token_chars)
+            limit = self.server.context
+            if tokens >= limit:
+                self._refuse(413, f"the prompt is {'' if exact else 'over '}{tokens} tokens; this "
+                             f"model's context is {limit} tokens: shorten the prompt or the conversation")
+                return
+            self.max_tokens = min(self.max_tokens, limit - tokens)  # the answer fits the context too
+            super().handle_completion(request, stop_words)
+
         def handle_models_request(self):
             self._set_completion_headers(200)
             self.end_headers()
@@ -289,6 +309,33 @@ def _handler_class():
     return Handler
 
 
+def prompt_tokens(tokenizer, request, context: int, max_token_chars: int) -> tuple[int, bool]:
+    """(number of prompt tokens, exact?) of an mlx-lm CompletionRequest. A text longer than
+    `context * max_token_chars` characters has more than `context` tokens (no token is longer than
+    the longest one in the vocabulary), so a huge prompt is refused without tokenizing it."""
+    chat = request.request_type == "chat"
+    text = (" ".join(str(m.get("content") or "") for m in request.messages if isinstance(m, dict))
+            if chat else str(request.prompt))
+    if len(text) > context * max_token_chars:
+        return len(text) // max_token_chars, False
+    try:
+        if chat and getattr(tokenizer, "chat_template", None):
+            return len(tokenizer.apply_chat_template(request.messages, tools=request.tools,
+                                                     add_generation_prompt=True, tokenize=True)), True
+        return len(tokenizer.encode(text)), True
+    except Exception:  # content mlx-lm converts first (lists of parts): count the text alone
+        return len(tokenizer.encode(text)), True
+
+
+def max_token_chars(tokenizer) -> int:
+    """The most characters one token decodes to: its vocabulary entry's length bounds it (byte-level
+    and sentencepiece entries are never shorter than their text)."""
+    try:
+        return max(1, max(len(t) for t in tokenizer.get_vocab()))
+    except (AttributeError, TypeError, ValueError):
+        return 64
+
+
 class Server:
     """A running server: `url`, `wait()` (until Ctrl-C), `shutdown()`. Built by `start_server`."""
 
@@ -296,7 +343,9 @@ class Server:
         self.httpd, self.generator = httpd, generator
         host, port = httpd.server_address[:2]
         self.url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
-        self.thread = threading.Thread(target=httpd.serve_forever, name="steadytune-http", daemon=True)
+        # a short poll interval: shutdown() waits for the accept loop to notice
+        self.thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                       name="steadytune-http", daemon=True)
         self.thread.start()
 
     def wait(self) -> None:
@@ -314,8 +363,10 @@ class Server:
         finish those threads: `join` returns before a thread's native teardown (MLX's per-thread
         streams) has run, and if Python exits in between, the process aborts ("terminate called
         without an active exception")."""
+        self.generator._stop = True  # stop generating while the accept loop winds down
         self.httpd.shutdown()
         self.generator.stop_and_join()
+        self.httpd.hang_up()  # threads blocked on a slow client's socket return now
         self.httpd.server_close()
         _await_os_exit(self.httpd.thread_ids | {self.thread.native_id,
                                                 self.generator._generation_thread.native_id})
@@ -338,24 +389,40 @@ def _server_class(family: int):
     class HTTPServer(ThreadingHTTPServer):
         address_family = family
         daemon_threads, block_on_close = False, True  # server_close() joins the request threads
+        request_queue_size = LISTEN_BACKLOG
 
         def process_request_thread(self, request, client_address):
             self.thread_ids.add(threading.get_native_id())
-            super().process_request_thread(request, client_address)
+            self.clients.add(request)
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                self.clients.discard(request)
+
+        def hang_up(self) -> None:
+            """Shut the sockets of the requests still open (reads return, writes fail)."""
+            for sock in list(self.clients):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
     return HTTPServer
 
 
 def start_server(loaded, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
                  max_tokens: int = 512, temperature: float = 0.0, allowed_origins=(),
-                 model_name: str = "steadytune", verbose: bool = False) -> Server:
-    """Serve `loaded` (a LoadedModel) on host:port from a background thread."""
+                 model_name: str = "steadytune", verbose: bool = False,
+                 concurrency: int = CONCURRENCY) -> Server:
+    """Serve `loaded` (a LoadedModel) on host:port from a background thread; at most
+    `concurrency` requests are answered at once, more get 503 with Retry-After."""
     from mlx_lm.models.cache import LRUPromptCache
-    from mlx_lm.server import ResponseGenerator
 
     import mlx.core as mx
 
     check_exposure(host, api_key)
+    if concurrency < 1:
+        raise UserError(f"--concurrency must be at least 1 (got {concurrency})")
     # Arrays still lazy here (adapters just loaded) would be computed on this thread's stream,
     # which the generation thread cannot use (MLX streams are per thread): compute them now.
     mx.eval(loaded.model.parameters())
@@ -366,30 +433,11 @@ def start_server(loaded, host: str = "127.0.0.1", port: int = 8080, api_key: str
         raise UserError(f"--host {host} --port {port}: cannot listen there ({e.strerror}); pick "
                         "another --port (0 = any free one)") from None
     httpd.api_key, httpd.allowed_origins = api_key or None, set(allowed_origins)
-    httpd.model_name, httpd.verbose, httpd.thread_ids = model_name, verbose, set()
-    cli_args = server_args(max_tokens, temperature, allowed_origins)
+    httpd.model_name, httpd.verbose, httpd.thread_ids, httpd.clients = model_name, verbose, set(), set()
+    httpd.concurrency, httpd.slots = concurrency, threading.BoundedSemaphore(concurrency)
+    httpd.tokenizer, httpd.context = loaded.tokenizer, context_length(loaded)
+    httpd.max_token_chars = max_token_chars(loaded.tokenizer)
+    cli_args = server_args(max_tokens, temperature, allowed_origins, concurrency)
     provider = _provider_class()(cli_args, loaded)
-    httpd.generator = ResponseGenerator(provider, LRUPromptCache(cli_args.prompt_cache_size))
+    httpd.generator = _generator_class()(provider, LRUPromptCache(cli_args.prompt_cache_size))
     return Server(httpd, httpd.generator)
-
-
-def serve_command(args) -> int:
-    from pathlib import Path
-
-    from .generation import load_tuned
-
-    _check_sampling(args)
-    if not 0 <= args.port <= 65535:
-        raise UserError(f"--port {args.port}: a port is 0-65535 (0 = any free port)")
-    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
-    check_exposure(args.host, api_key)  # before the model loads: a refusal costs nothing
-    origins = [o.strip() for o in args.allowed_origins.split(",") if o.strip()]
-    loaded = load_tuned(args.run, args.model)
-    name = args.model_name or Path(args.run).resolve().name
-    server = start_server(loaded, args.host, args.port, api_key, args.max_tokens, args.temperature,
-                          origins, name, verbose=True)
-    print(f"serving {name} on {server.url}/v1/chat/completions"
-          + (" (API key required)" if api_key else "") + "; Ctrl-C stops", flush=True)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop as cleanly as on Ctrl-C
-    server.wait()
-    return 0

@@ -11,9 +11,41 @@ from pathlib import Path
 import pytest
 
 import steadytune  # noqa: F401  (fast BLAS before mlx)
+import mlx.core as mx  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+SHARED_DATA = ROOT.parent / "shared" / "data"  # the workspace's data sets; a user's clone has none
+TEST_DATA = ROOT / "tests" / "data"  # small samples vendored with the tests (licenses in its README)
+needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="needs ../shared/data (the workspace's "
+                                  "data sets, not part of the repository)")
+
+
+def metal_only(test):
+    """A test of what only Metal does (the device choice, compute auto, long GPU steps, Metal's memory
+    reading): it runs on the GPU of a Mac and is skipped elsewhere. Every other test computes on the
+    CPU (the `cpu_by_default` fixture; STEADYTUNE_DEVICE=cpu for the CLI in a subprocess), so a Mac
+    checks the same numbers as any other machine."""
+    skip = pytest.mark.skipif(not mx.metal.is_available(), reason="only meaningful on Apple Silicon (Metal)")
+    return pytest.mark.metal(skip(test))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "metal: runs on Metal's GPU (see conftest.metal_only)")
+
+
+@pytest.fixture(autouse=True)
+def cpu_by_default(request):
+    if request.node.get_closest_marker("metal") or not mx.metal.is_available():
+        yield
+        return
+    before = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    try:
+        yield
+    finally:
+        mx.set_default_device(before)
+
+
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -24,9 +56,9 @@ TINY = dict(model_type="llama", hidden_size=64, num_hidden_layers=2, intermediat
 
 def _corpus() -> list[str]:
     lines = []
-    if (SHARED_DATA / "wikisql" / "train.jsonl").exists():
-        for line in (SHARED_DATA / "wikisql" / "train.jsonl").read_text().splitlines()[:200]:
-            lines.append(json.loads(line)["text"])
+    # the vendored sample, so that every clone trains the same tokenizer (and golden numbers hold)
+    for line in (TEST_DATA / "wikisql" / "train.jsonl").read_text().splitlines()[:200]:
+        lines.append(json.loads(line)["text"])
     lines += ["user assistant system hello world the capital of France is Paris"] * 3
     return lines
 
@@ -110,6 +142,7 @@ def chat_data(tmp_path) -> Path:
 def cli_env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("STEADYTUNE_DEVICE", "cpu")  # as cpu_by_default does in this process
     return env
 
 
@@ -134,3 +167,27 @@ def read_adapters(run: Path) -> dict:
     import numpy as np
 
     return {k: np.array(v) for k, v in mx.load(str(run / "adapters" / "adapters.safetensors")).items()}
+
+
+# Mistral-7B-Instruct-v0.2's chat template (without its BOS, which the tiny tokenizer lacks): no
+# system role; any role out of user/assistant alternation raises.
+MISTRAL_V02 = ("{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+               "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+               "{% endif %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+               "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
+               "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}"
+               "{% endfor %}")
+
+
+def set_chat_template(folder: Path, template: str) -> Path:
+    """Replace the chat template of a model folder built by build_model/build_tokenizer."""
+    tc = json.loads((folder / "tokenizer_config.json").read_text())
+    tc["chat_template"] = template
+    (folder / "tokenizer_config.json").write_text(json.dumps(tc))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def mistral_like(tmp_path_factory) -> Path:
+    """A tiny model folder whose tokenizer has Mistral v0.2's chat template."""
+    return set_chat_template(build_model(tmp_path_factory.mktemp("mistral") / "model"), MISTRAL_V02)

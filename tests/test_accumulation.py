@@ -8,16 +8,19 @@ import pytest
 from mlx.utils import tree_flatten, tree_map
 
 from conftest import make_chat_data
+from steadytune.setup import make_step
 from steadytune.trainer import Trainer, as_config
 
 
 def _trainer(tiny_model, data, tmp_path, name, **training):
     cfg = as_config({"model": {"path": str(tiny_model)}, "data": {"path": str(data)},
-                     "training": dict({"eval_every": 0, "max_grad_norm": None, "learning_rate": 1e-2}, **training),
+                     # micro-batches here are lists of example indexes: one example a row (--pack false);
+                     # the packed default is pinned by test_packed_accumulation_* below
+                     "training": dict({"eval_every": 0, "max_grad_norm": None, "learning_rate": 1e-2,
+                                       "pack": False}, **training),
                      "output": {"dir": str(tmp_path / name), "progress": "none"}})
     t = Trainer(cfg)
     t.prepare()
-    t._build_steps()
     return t
 
 
@@ -31,10 +34,10 @@ def test_batch4_equals_batch1_times_accumulation4(tiny_model, tmp_path):
     big = _trainer(tiny_model, d, tmp_path, "big", batch_size=4, grad_accumulation=1)
     small = _trainer(tiny_model, d, tmp_path, "small", batch_size=1, grad_accumulation=4)
     examples = [0, 1, 2, 3]
-    lengths = [len(big.train_set.ids[i]) for i in examples]
+    lengths = [len(big.run.train_set.ids[i]) for i in examples]
     assert len(set(lengths)) > 2  # different lengths, so padding and token counts differ per example
-    g_big, loss_big, n_big, _ = big.accumulate([examples])
-    g_small, loss_small, n_small, _ = small.accumulate([[i] for i in examples])
+    g_big, loss_big, n_big, _ = big.step.gradients([examples])
+    g_small, loss_small, n_small, _ = small.step.gradients([[i] for i in examples])
     assert n_big == n_small
     for (k, a), (_, b) in zip(tree_flatten(g_big), tree_flatten(g_small)):
         if float(mx.abs(b).max()) > 0:
@@ -46,13 +49,13 @@ def test_batch4_equals_batch1_times_accumulation4(tiny_model, tmp_path):
     import mlx.optimizers as optim
 
     for t in (big, small):
-        t.optimizer = optim.SGD(learning_rate=1e-2)
-        t.optimizer.init(t.model.trainable_parameters())
-        t._build_steps()
+        sgd = optim.SGD(learning_rate=1e-2)
+        sgd.init(t.run.model.trainable_parameters())
+        t.step = make_step(t.run, sgd)
     big.train_step([examples], lr=1e-2)
     small.train_step([[i] for i in examples], lr=1e-2)
-    for (k, a), (_, b) in zip(tree_flatten(big.model.trainable_parameters()),
-                              tree_flatten(small.model.trainable_parameters())):
+    for (k, a), (_, b) in zip(tree_flatten(big.run.model.trainable_parameters()),
+                              tree_flatten(small.run.model.trainable_parameters())):
         assert _rel(a, b) < 1e-5, k
 
 
@@ -62,7 +65,7 @@ def test_adamw_update_agrees_too(tiny_model, tmp_path):
     small = _trainer(tiny_model, d, tmp_path, "small", batch_size=1, grad_accumulation=4)
     big.train_step([[0, 1, 2, 3]], lr=1e-2)
     small.train_step([[0], [1], [2], [3]], lr=1e-2)
-    flat = lambda t: mx.concatenate([v.flatten() for _, v in tree_flatten(t.model.trainable_parameters())])  # noqa: E731
+    flat = lambda t: mx.concatenate([v.flatten() for _, v in tree_flatten(t.run.model.trainable_parameters())])  # noqa: E731
     assert _rel(flat(big), flat(small)) < 1e-5
 
 
@@ -71,15 +74,15 @@ def test_mean_of_micro_batch_means_would_differ(tiny_model, tmp_path):
     different lengths; our accumulation does not, so the test above can fail."""
     d = make_chat_data(tmp_path / "data", 8)
     t = _trainer(tiny_model, d, tmp_path, "t", batch_size=1, grad_accumulation=4)
-    ours, _, _, _ = t.accumulate([[0], [1], [2], [3]])
-    means = [t.accumulate([[i]])[0] for i in range(4)]
+    ours, _, _, _ = t.step.gradients([[0], [1], [2], [3]])
+    means = [t.step.gradients([[i]])[0] for i in range(4)]
     naive = {k: sum(dict(tree_flatten(m))[k] for m in means) / 4 for k, _ in tree_flatten(ours)}
     diffs = [_rel(naive[k], v) for k, v in tree_flatten(ours) if float(mx.abs(v).max()) > 0]
     assert max(diffs) > 1e-2
 
 
 def _flat_state(t):
-    return [(k, mx.array(v)) for k, v in tree_flatten([t.model.trainable_parameters(), t.optimizer.state])]
+    return [(k, mx.array(v)) for k, v in tree_flatten([t.run.model.trainable_parameters(), t.run.optimizer.state])]
 
 
 def test_fused_update_clips_like_a_separate_clip_then_adamw(tiny_model, tmp_path):
@@ -88,15 +91,15 @@ def test_fused_update_clips_like_a_separate_clip_then_adamw(tiny_model, tmp_path
     d = make_chat_data(tmp_path / "data", 8)
     t = _trainer(tiny_model, d, tmp_path, "clip", batch_size=2, grad_accumulation=2, max_grad_norm=0.05,
                  weight_decay=0.1)
-    params0 = tree_map(mx.array, t.model.trainable_parameters())
-    g, total, ntok, _ = t.accumulate([[0, 1], [2, 3]])
+    params0 = tree_map(mx.array, t.run.model.trainable_parameters())
+    g, total, ntok, _ = t.step.gradients([[0, 1], [2, 3]])
     norm = math.sqrt(sum(float(mx.sum(x.astype(mx.float32) ** 2)) for _, x in tree_flatten(g)))
     assert norm > 0.05  # clipping is active
     ref = optim.AdamW(learning_rate=1e-2, weight_decay=0.1)
     expected = ref.apply_gradients(tree_map(lambda x: x * (0.05 / (norm + 1e-6)), g), params0)
-    loss, n2, _ = t.train_step([[0, 1], [2, 3]], lr=1e-2)
+    loss, n2, _, _ = t.train_step([[0, 1], [2, 3]], lr=1e-2)
     assert n2 == ntok and loss == pytest.approx(total.item() / ntok, rel=1e-6)
-    got = dict(tree_flatten(t.model.trainable_parameters()))
+    got = dict(tree_flatten(t.run.model.trainable_parameters()))
     for k, v in tree_flatten(expected):
         assert _rel(got[k] - dict(tree_flatten(params0))[k], v - dict(tree_flatten(params0))[k]) < 1e-4, k
 
@@ -107,16 +110,14 @@ def test_nonfinite_step_leaves_parameters_and_optimizer_state_bitwise_unchanged(
     t = _trainer(tiny_model, d, tmp_path, "nan", batch_size=2)
     t.train_step([[0, 1]], lr=1e-2)  # a real update first: non-zero moments to keep
     before = _flat_state(t)
-    g, total, _, _ = t.accumulate([[2, 3]])
+    g, total, _, _ = t.step.gradients([[2, 3]])
     g = tree_map(lambda x: x.at[0].add(float("nan")) if x.ndim else x, g)
-    norm = t._apply(g, total, mx.array(1e-2), mx.array(float("inf")))
-    mx.eval(t.compiled_state, norm)
+    norm = t.step.apply(g, total, 1e-2, float("inf"))
     assert not math.isfinite(norm.item())
     after = _flat_state(t)
     assert [k for k, _ in before] == [k for k, _ in after]
     assert all(mx.array_equal(a, b).item() for (_, a), (_, b) in zip(before, after))
-    t._apply(tree_map(mx.zeros_like, g), mx.array(float("inf")), mx.array(1e-2), mx.array(1.0))  # loss inf
-    mx.eval(t.compiled_state)
+    t.step.apply(tree_map(mx.zeros_like, g), mx.array(float("inf")), 1e-2, 1.0)  # loss inf
     assert all(mx.array_equal(a, b).item() for (_, a), (_, b) in zip(before, _flat_state(t)))
 
 
@@ -126,7 +127,7 @@ def test_epoch_steps_and_every_example_trained(tiny_model, tmp_path, budget):
     t = _trainer(tiny_model, d, tmp_path, "r", batch_size=2, grad_accumulation=2, epochs=2)
     if budget:  # micro-batches by a token budget: the steps come from the plan, still every example once
         t.cfg.training.batch_tokens = budget
-        plans = [t._epoch_plan(e) for e in range(2)]
+        plans = [t.epoch_plan(e) for e in range(2)]
         seen = []
         orig = t.train_step
         t.train_step = lambda mbs, lr: (seen.append(sorted(i for mb in mbs for i in mb)), orig(mbs, lr))[1]
@@ -153,7 +154,7 @@ def test_epoch_steps_and_every_example_trained(tiny_model, tmp_path, budget):
     # each epoch follows its own seeded order (a new shuffle, not the first epoch's again)
     from steadytune.batching import epoch_steps
 
-    lengths = t.train_set.lengths()
+    lengths = t.run.train_set.lengths()
     expected = [[i for mb in st for i in mb] for e in range(2) for st in epoch_steps(lengths, 2, 2, 0, e)]
     assert seen == expected and seen[:3] != seen[3:]
 
@@ -161,10 +162,10 @@ def test_epoch_steps_and_every_example_trained(tiny_model, tmp_path, budget):
 @pytest.mark.parametrize("make", [lambda: optim.AdamW(learning_rate=1e-2, weight_decay=0.1),
                                   lambda: optim.SGD(learning_rate=1e-2, momentum=0.9)])
 def test_flat_update_is_the_per_array_update_bit_for_bit(make):
-    """trainer.flat_update (one concatenated vector through the optimizer's own rule) against
+    """step.flat_update (one concatenated vector through the optimizer's own rule) against
     opt.update on each array: equal bits for three steps when no clipping applies; a factored
     optimizer (state not shaped like the parameters) is declined."""
-    from steadytune.trainer import flat_update
+    from steadytune.step import flat_update
 
     mx.random.seed(3)
     shapes = {"a": (7, 3), "b": [(3, 5), (2,)], "c": {"d": (4, 4, 2)}}

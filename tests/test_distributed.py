@@ -17,7 +17,8 @@ def _args(model, data, out, *extra):
 
 def _losses(run):
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    return [(r["event"], r["step"], r.get("loss", r.get("val_loss"))) for r in recs]
+    return [(r["event"], r["step"], r.get("loss", r.get("val_loss"))) for r in recs
+            if r["event"] in ("train", "val")]  # not the startup record's timings
 
 
 @pytest.fixture(scope="module")

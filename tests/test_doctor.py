@@ -3,13 +3,14 @@ was found."""
 
 from __future__ import annotations
 
+import json
 import sys
 
 from steadytune import doctor
 from steadytune.cli import main
 from steadytune.config import Config
 
-from conftest import write_jsonl
+from conftest import make_chat_data, write_jsonl
 
 
 def config(model: str, data=None, out=None) -> Config:
@@ -93,3 +94,25 @@ def test_all_fine_exits_0(tiny_model, tmp_path, monkeypatch, capsys):
     data = write_jsonl(tmp_path / "train.jsonl", [{"text": "hello"}] * 3)
     assert main(["doctor", "--model", str(tiny_model), "--data", str(data), "--out", str(tmp_path / "r")]) == 0
     assert "all checks passed" in capsys.readouterr().out
+
+
+def test_bench_trains_briefly_and_ends_with_one_line_of_json(tiny_model, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(doctor, "check_blas", lambda: doctor.Check("fast BLAS", True, "stub"))
+    data = make_chat_data(tmp_path / "data", 8)
+    assert main(["doctor", "--bench", "--bench-steps", "3", "--model", str(tiny_model), "--data", str(data),
+                 "--batch-size", "2", "--out", str(tmp_path / "unused")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    r = json.loads(lines[-1])
+    assert r["steps"] == 3 and r["batch_size"] == 2 and r["model"] == str(tiny_model)
+    assert r["tokens_per_s"] > 0 and r["peak_gb"] > 0 and r["predicted_peak_gb"] > 0
+    # each GB figure is rounded to 1e-3 and the ratio to 1e-3: the product is within 2e-3 of the peak
+    assert abs(r["peak_vs_predicted"] * r["predicted_peak_gb"] - r["peak_gb"]) <= 2e-3
+    assert r["cache_limit_gb"] is not None and 0 < r["cache_limit_gb"] <= r["available_gb"]
+    assert r["device"] in ("cpu", "metal", "cuda") and r["mlx"] and r["python"]
+    assert any(line.startswith("memory     peak") for line in lines)
+    assert not (tmp_path / "unused").exists()  # the bench trains in a temporary folder
+
+
+def test_bench_is_skipped_when_a_check_failed(tmp_path, capsys):
+    assert main(["doctor", "--bench", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "r")]) == 1
+    assert "bench:" not in capsys.readouterr().out

@@ -232,7 +232,8 @@ def small_run(tiny_model, tmp_path):
     d = make_chat_data(tmp_path / "data", 8)
     return from_dict({"model": {"path": str(tiny_model), "quantize": "none"},
                       "data": {"path": str(d)},
-                      "training": {"epochs": 1, "batch_size": 2, "save_every": 1, "eval_every": 0},
+                      "training": {"epochs": 1, "batch_size": 2, "pack": False, "save_every": 1,
+                                   "eval_every": 0},  # not packed: 4 steps of 2 examples
                       "output": {"dir": str(tmp_path / "run"), "progress": "none", "keep_last": 5}})
 
 
@@ -244,7 +245,7 @@ def _fail_at_step(monkeypatch, trainer, step: int, exc: BaseException):
     real = trainer.train_step
 
     def step_fn(*a, **k):
-        if trainer.state["step"] + 1 == step:
+        if trainer.state.step + 1 == step:
             raise exc
         return real(*a, **k)
 
@@ -256,11 +257,12 @@ def test_out_of_memory_mid_run_gives_planner_advice_and_keeps_the_last_checkpoin
     from steadytune import checkpoint as ckpt
     from steadytune.trainer import Trainer
 
+    trainer = Trainer(small_run)
+    trainer.prepare()  # with the real planner: setup plans memory and reads the tokenizer with it
     fake_plan = SimpleNamespace(advice=lambda cfg: f"plan: use --batch-size {cfg.training.batch_size // 2} "
                                                    "--grad-accumulation 2")
     monkeypatch.setitem(sys.modules, "steadytune.plan", fake_plan)
     monkeypatch.setattr(steadytune, "plan", fake_plan, raising=False)
-    trainer = Trainer(small_run)
     _fail_at_step(monkeypatch, trainer, 3, RuntimeError("[malloc] Unable to allocate 68719476736 bytes."))
     with pytest.raises(UserError) as e:
         trainer.fit()
@@ -286,19 +288,6 @@ def test_out_of_memory_advice_comes_from_the_real_planner(small_run, monkeypatch
         trainer.fit()
     assert str(e.value).startswith("out of memory at step 2 (MemoryError). the planner expected ")
     assert "try --batch-size 1 --grad-accumulation 2 or --grad-checkpoint true." in str(e.value)
-
-
-def test_out_of_memory_without_a_planner_gives_generic_advice(small_run, monkeypatch):
-    from steadytune.trainer import Trainer
-
-    monkeypatch.setitem(sys.modules, "steadytune.plan", None)  # import fails: no planner
-    trainer = Trainer(small_run)
-    _fail_at_step(monkeypatch, trainer, 1, RuntimeError("[metal::malloc] Attempting to allocate 9 GB"))
-    with pytest.raises(UserError) as e:
-        trainer.fit()
-    assert str(e.value) == ("out of memory at step 1 ([metal::malloc] Attempting to allocate 9 GB). lower "
-                            "--batch-size (raise --grad-accumulation to keep the effective batch), lower "
-                            "--max-seq-length, or add --grad-checkpoint true. No checkpoint was written yet")
 
 
 def test_other_runtime_errors_are_not_dressed_up_as_out_of_memory(small_run, monkeypatch):
@@ -354,3 +343,127 @@ def test_disk_full_outside_a_checkpoint_is_a_user_error_too(small_run, monkeypat
     assert str(e.value) == ("metrics.jsonl: cannot write at step 4 (No space left on device); free disk "
                             f"space or fix permissions; the last complete checkpoint, {last}, is intact: "
                             "rerun with --resume")
+
+
+# --------------------------------------------------------------------------- issue 23: run folders
+
+def test_disk_full_raised_by_mlx_as_runtime_error_while_checkpointing_is_a_one_line_error(small_run, monkeypatch):
+    """mx.save_safetensors reports a full disk as RuntimeError, not OSError: the same one-line
+    error, the previous checkpoint kept."""
+    import shutil
+
+    import mlx.core as mx
+
+    from steadytune import checkpoint as ckpt
+    from steadytune.trainer import Trainer
+
+    real = mx.save_safetensors
+
+    def save(path, arrays, metadata=None):
+        if path.endswith("optimizer.safetensors") and ".step-0000003" in path:
+            raise RuntimeError("[save_safetensors] Failed to write to file")
+        return real(path, arrays, metadata=metadata)
+
+    monkeypatch.setattr(mx, "save_safetensors", save)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(free=0, total=1, used=1))
+    with pytest.raises(UserError) as e:
+        Trainer(small_run).fit()
+    run = Path(small_run.output.dir)
+    assert str(e.value).startswith(f"{run}/checkpoints/.step-0000003.tmp-{os.getpid()}/optimizer.safetensors: "
+                                   "could not write step-0000003 (No space left on device); the previous copy is intact")
+    assert [p.name for p in ckpt.list_checkpoints(run)[0]] == ["step-0000001", "step-0000002"]
+
+
+def test_disk_full_at_the_final_adapters_without_a_checkpoint_saves_them_elsewhere(small_run, monkeypatch, tmp_path):
+    """No checkpoint yet (save_every 0, epoch end is the run's end) and the final adapters cannot
+    be written: they go to the temporary directory and the one-line error says where."""
+    import shutil
+    import tempfile
+
+    import mlx.core as mx
+    import numpy as np
+    from mlx.utils import tree_flatten
+
+    from steadytune.trainer import Trainer
+
+    small_run.training.save_every = 0
+    small_run.training.max_steps = 3  # stops before the epoch end: no checkpoint at all
+    run = Path(small_run.output.dir)
+    real = mx.save_safetensors
+
+    def save(path, arrays, metadata=None):
+        if str(run) in path:
+            raise RuntimeError("[save_safetensors] Failed to write to file")
+        return real(path, arrays, metadata=metadata)
+
+    monkeypatch.setattr(mx, "save_safetensors", save)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(free=0, total=1, used=1))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "spare"))
+    (tmp_path / "spare").mkdir()
+    trainer = Trainer(small_run)
+    with pytest.raises(UserError) as e:
+        trainer.fit()
+    spare = tmp_path / "spare" / f"steadytune-adapters-run-{os.getpid()}"
+    assert str(e.value) == (f"{run / 'adapters'}: could not write the final adapters (No space left on device); "
+                            f"they were saved to {spare} instead: move that folder to {run / 'adapters'} once "
+                            "there is space")
+    assert not (run / "checkpoints").exists() and not (run / "adapters").exists()
+    got = {k: np.array(v) for k, v in mx.load(str(spare / "adapters.safetensors")).items()}
+    want = {k: np.array(v) for k, v in tree_flatten(trainer.run.model.trainable_parameters())}
+    assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in got)  # the trained ones
+
+
+_HOLD = """
+import sys
+from steadytune import runlock
+runlock.claim(sys.argv[1])
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_second_process_on_a_run_folder_is_refused_naming_the_holder_and_a_dead_holder_is_taken_over(tmp_path):
+    from steadytune import runlock
+
+    run = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-c", _HOLD, str(run)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         env=cli_env(), text=True)
+    try:
+        assert p.stdout.readline() == "locked\n"
+        for attempt in (runlock.claim, runlock.check_new):
+            with pytest.raises(UserError) as e:
+                attempt(run)
+            assert str(e.value) == (f"{run}: another steadytune process (pid {p.pid}) is using this run folder; "
+                                    "wait for it to finish, or pass another --out")
+    finally:
+        p.kill()  # SIGKILL: the lock file stays, with a dead pid in it
+        p.wait()
+    runlock.claim(run)  # taken over
+    assert (run / runlock.LOCK).read_text() == f"{os.getpid()}\n"
+    runlock.release(run)
+
+
+def test_training_into_the_folder_of_its_own_config_keeps_the_users_files(tiny_model, tmp_path, capsys):
+    """`train myexp/config.yaml --out myexp`: the user's config.yaml (comments and all) and an
+    old metrics.jsonl of an attempt without checkpoints are kept; the resolved config goes to
+    steadytune-config.yaml, and the new metrics start empty."""
+    from steadytune.generation import run_model_config
+    from steadytune.trainer import Trainer, as_config
+
+    exp = tmp_path / "myexp"
+    exp.mkdir()
+    d = make_chat_data(tmp_path / "data", 8)
+    user = (f"# my experiment\nmodel:\n  path: {tiny_model}  # the tiny one\n  quantize: none\n"
+            f"data:\n  path: {d}\ntraining:\n  max_steps: 2\n  batch_size: 2\n  eval_every: 0\n"
+            f"output:\n  dir: {exp}\n  progress: none\n")
+    (exp / "config.yaml").write_text(user)
+    (exp / "metrics.jsonl").write_text('{"event": "train", "step": 1, "loss": 9.0}\n')
+    Trainer(as_config(exp / "config.yaml")).fit()
+    assert (exp / "config.yaml").read_text() == user
+    assert (exp / "metrics-1.jsonl").read_text() == '{"event": "train", "step": 1, "loss": 9.0}\n'
+    assert "renamed metrics-1.jsonl" in capsys.readouterr().out
+    recs = [json.loads(x) for x in (exp / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if r["event"] == "train"] == [2]  # log_every 10: the last step only
+    resolved = yaml.safe_load((exp / "steadytune-config.yaml").read_text())
+    assert resolved["training"]["max_steps"] == 2 and resolved["model"]["quantize"] == "none"
+    assert run_model_config(exp).path == str(tiny_model)

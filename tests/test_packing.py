@@ -87,7 +87,6 @@ def _trainer(tiny_model, data, tmp_path, name, **training):
                      "output": {"dir": str(tmp_path / name), "progress": "none"}})
     t = Trainer(cfg)
     t.prepare()
-    t._build_steps()
     return t
 
 
@@ -100,11 +99,11 @@ def test_packed_gradients_equal_one_example_per_row(tiny_model, tmp_path, ckpt):
     padded = _trainer(tiny_model, d, tmp_path, "padded", batch_size=6, grad_checkpoint=ckpt)
     packed = _trainer(tiny_model, d, tmp_path, "packed", batch_size=2, pack=True, grad_checkpoint=ckpt)
     ex = list(range(6))
-    need = [len(packed.train_set.ids[i]) - 1 for i in ex]
-    rows = [[ex[j] for j in row] for row in pack_rows(need, packed._pack_width)]
+    need = [len(packed.run.train_set.ids[i]) - 1 for i in ex]
+    rows = [[ex[j] for j in row] for row in pack_rows(need, packed.run.pack_width)]
     assert len(rows) < 6 and any(len(r) > 1 for r in rows)  # really packed: offsets > 0
-    g1, l1, n1, r1 = padded.accumulate([ex])
-    g2, l2, n2, r2 = packed.accumulate([rows])
+    g1, l1, n1, r1 = padded.step.gradients([ex])
+    g2, l2, n2, r2 = packed.step.gradients([rows])
     assert (n1, r1) == (n2, r2)
     assert abs(l1.item() - l2.item()) / l1.item() < 1e-5
     for (k, a), (_, b) in zip(tree_flatten(g1), tree_flatten(g2)):

@@ -16,7 +16,8 @@ from conftest import chat_records, cli_env, make_chat_data, read_adapters as _ad
 def _args(model, data, out, *extra):
     return ["train", "--model", model, "--data", data, "--out", out, "--epochs", "2", "--batch-size", "3",
             "--grad-accumulation", "2", "--lora-dropout", "0.1", "--learning-rate", "5e-3",
-            "--log-every", "1", "--eval-every", "3", "--save-every", "2", "--progress", "lines", *extra]
+            "--log-every", "1", "--eval-every", "3", "--save-every", "2", "--progress", "lines",
+            "--pack", "false", *extra]  # by example count: 5 steps an epoch
 
 
 def _train_losses(run):
@@ -35,7 +36,9 @@ def setup(tiny_model, tmp_path_factory):
     return tiny_model, data, root, ref
 
 
-@pytest.mark.parametrize("crash", ["step:3", "step:7", "between-files:2", "before-marker:4"])
+# between-renames:1 is the first replacement of a folder: checkpoints/best/ at the second
+# improvement (its old copy renamed away, the new one not yet in place)
+@pytest.mark.parametrize("crash", ["step:3", "step:7", "between-files:2", "before-marker:4", "between-renames:1"])
 def test_resume_after_sigkill_matches_uninterrupted_run(setup, crash):
     model, data, root, ref = setup
     out = root / crash.replace(":", "-")
@@ -50,6 +53,9 @@ def test_resume_after_sigkill_matches_uninterrupted_run(setup, crash):
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     steps = [s for s, _ in _train_losses(out)[0]]
     assert steps == list(range(1, len(steps) + 1))  # no duplicated or missing steps
+    best, ref_best = out / "checkpoints" / "best", ref / "checkpoints" / "best"
+    assert (best / "COMPLETE").is_file() and not list((out / "checkpoints").glob(".*"))
+    assert (best / "adapters.safetensors").read_bytes() == (ref_best / "adapters.safetensors").read_bytes()
 
 
 def test_incomplete_checkpoint_is_reported_and_skipped(setup):
@@ -62,6 +68,7 @@ def test_incomplete_checkpoint_is_reported_and_skipped(setup):
     r = run_cli(*_args(model, data, out, "--resume"))
     assert r.returncode == 0
     assert "incomplete" in r.stdout and "skipped" in r.stdout
+    assert not torn[0].exists()  # stale temporary folders are cleaned at start
 
 
 def test_resume_refuses_changed_data_and_lora_shape(setup):
@@ -139,3 +146,300 @@ def test_resume_with_a_token_budget_matches_uninterrupted_run(setup):
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     r = run_cli(*_args(model, data, out, "--resume"))  # the budget is part of the run: refused without it
     assert r.returncode == 2 and "batch_tokens" in r.stderr
+
+
+# --------------------------------------------------------------------------- issue 23, in-process
+# A 4-step run (8 examples, batch 2, one epoch) of a copy of the tiny model, a checkpoint after
+# every step; each test copies what it damages. Without dropout, so resumed runs are comparable.
+
+def _cfg(model, data, out, **training):
+    from steadytune.config import from_dict
+
+    return from_dict({"model": {"path": str(model), "quantize": "none"}, "data": {"path": str(data)},
+                      "lora": {"dropout": 0.0},
+                      "training": {"epochs": 1, "batch_size": 2, "pack": False, "save_every": 1,
+                                   "eval_every": 0, "learning_rate": 5e-3, **training},
+                      "output": {"dir": str(out), "progress": "none", "keep_last": 5}})
+
+
+@pytest.fixture(scope="module")
+def small(tiny_model, tmp_path_factory):
+    import shutil
+    from types import SimpleNamespace
+
+    from steadytune.trainer import Trainer
+
+    root = tmp_path_factory.mktemp("faults")
+    model = root / "model"
+    shutil.copytree(tiny_model, model)
+    data = make_chat_data(root / "data", 8)
+    trainer = Trainer(_cfg(model, data, root / "ref"))
+    trainer.fit()
+    return SimpleNamespace(root=root, model=model, data=data, ref=root / "ref", trainer=trainer)
+
+
+@pytest.fixture(autouse=True)
+def _hash_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("STEADYTUNE_CACHE_DIR", str(tmp_path / "cache"))  # never the user's ~/.cache
+
+
+def _copy_run(small, dest):
+    import shutil
+
+    shutil.copytree(small.ref, dest)
+    return dest
+
+
+def _rehash(ckpt):
+    """Rewrite COMPLETE with the files' current hashes: a deliberate edit, not a disk error."""
+    from steadytune.checkpoint import MARKER, sha256_file
+
+    files = {p.name: sha256_file(p) for p in sorted(ckpt.iterdir()) if p.is_file() and p.name != MARKER}
+    (ckpt / MARKER).write_text(json.dumps({"sha256": files}))
+
+
+def _flip_byte(path, where=0.5):
+    data = bytearray(path.read_bytes())
+    i = int(len(data) * where)
+    data[i] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_one_before_and_matches_uninterrupted_run(
+        small, tmp_path, capsys):
+    from steadytune.trainer import Trainer
+
+    out = _copy_run(small, tmp_path / "run")
+    _flip_byte(out / "checkpoints" / "step-0000004" / "adapters.safetensors", 0.9)
+    capsys.readouterr()
+    Trainer(_cfg(small.model, small.data, out, resume=True)).fit()
+    said = capsys.readouterr().out
+    assert f"note: {out / 'checkpoints' / 'step-0000004'} is damaged (adapters.safetensors does not match " \
+           f"the hash written with the checkpoint: changed or corrupted since); resuming from " \
+           f"{out / 'checkpoints' / 'step-0000003'}" in said
+    a, b = _adapters(out), _adapters(small.ref)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)  # step 4 redone exactly
+
+
+def _damage_adapters(fn):
+    def damage(ck):
+        import mlx.core as mx
+
+        w = mx.load(str(ck / "adapters.safetensors"))
+        mx.save_safetensors(str(ck / "adapters.safetensors"), fn(w))
+        _rehash(ck)
+    return damage
+
+
+def _damage_state(fn):
+    def damage(ck):
+        state = json.loads((ck / "state.json").read_text())
+        (ck / "state.json").write_text(json.dumps(fn(state)))
+        _rehash(ck)
+    return damage
+
+
+def _first(w):
+    return sorted(w)[0]
+
+
+DAMAGES = {
+    "flipped-bit": (lambda ck: _flip_byte(ck / "optimizer.safetensors", 0.7),
+                    "optimizer.safetensors does not match the hash written with the checkpoint"),
+    "renamed-tensor": (_damage_adapters(lambda w: {("x" + k if k == _first(w) else k): v for k, v in w.items()}),
+                       "adapters.safetensors: tensors do not match the model: 1 missing (model.layers.0."),
+    "missing-tensor": (_damage_adapters(lambda w: {k: v for k, v in w.items() if k != _first(w)}),
+                       "adapters.safetensors: tensors do not match the model: 1 missing"),
+    "wrong-shape": (_damage_adapters(lambda w: {k: (v[:1] if k == _first(w) else v) for k, v in w.items()}),
+                    ", the model needs mlx.core.float32 ("),
+    "nan-values": (_damage_adapters(lambda w: {k: (v * float("nan") if k == _first(w) else v) for k, v in w.items()}),
+                   "holds NaN or inf"),
+    "state-without-pos": (_damage_state(lambda s: {k: v for k, v in s.items() if k != "pos"}),
+                          "state.json has no 'pos'"),
+    "state-wrong-type": (_damage_state(lambda s: dict(s, epoch="0")),
+                         "state.json: 'epoch' must be a whole number of 0 or more, got '0'"),
+    "state-other-step": (_damage_state(lambda s: dict(s, step=3)),
+                         "state.json says step 3, the folder's name step 4"),
+    "optimizer-garbage": (lambda ck: ((ck / "optimizer.safetensors").write_bytes(b"\xff" * 64), _rehash(ck)),
+                          "optimizer.safetensors: "),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_tampered_or_corrupted_checkpoint_is_refused_naming_the_damage(small, tmp_path, damage):
+    """Each damage of the issue (flipped bits, renamed/missing/wrong-shape/NaN tensors, a
+    state.json without `pos` or of wrong types, a garbage optimizer file) is caught before anything
+    is loaded; with no sound checkpoint before it, a one-line error."""
+    from steadytune import checkpoint as ckpt
+    from steadytune.errors import UserError
+
+    run, (fn, want) = small.trainer.run, DAMAGES[damage]
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    import shutil
+
+    ck = shutil.copytree(small.ref / "checkpoints" / "step-0000004", out / "checkpoints" / "step-0000004")
+    ckpt.verify(ck, run.model, run.optimizer)  # sound before
+    fn(ck)
+    with pytest.raises(ckpt.Damaged) as e:
+        ckpt.verify(ck, run.model, run.optimizer)
+    assert want in str(e.value), str(e.value)
+    with pytest.raises(UserError) as e:
+        ckpt.load_good(ck, run.model, run.optimizer)
+    assert str(e.value).startswith(f"{ck}: checkpoint is unreadable ({want}") or want in str(e.value)
+    assert "\n" not in e.value.render()
+
+
+def test_nonfinite_update_is_rolled_back_counted_stopped_and_never_saved(small, tmp_path):
+    """A learning rate that overflows float32 (validation bypassed) gives finite loss and norm
+    but non-finite weights: each update is rolled back and counted, the run stops at the limit,
+    and every checkpoint holds the untouched initial adapters."""
+    from steadytune.checkpoint import MARKER
+    from steadytune.errors import UserError
+    from steadytune.trainer import Trainer
+
+    cfg = _cfg(small.model, small.data, tmp_path / "run", max_nonfinite=2)
+    cfg.training.learning_rate = 1e300
+    with pytest.raises(UserError, match=r"^step 2: 2 non-finite losses/gradients in a row"):
+        Trainer(cfg).fit()
+    cks = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert [c.name for c in cks] == ["step-0000001"] and (cks[0] / MARKER).is_file()
+    import mlx.core as mx
+
+    saved = mx.load(str(cks[0] / "adapters.safetensors"))
+    assert all(bool(mx.all(mx.isfinite(v))) for v in saved.values())
+    assert all(float(mx.abs(v).max()) == 0 for k, v in saved.items() if k.endswith("lora_b"))  # the init
+    assert json.loads((cks[0] / "state.json").read_text())["nonfinite"] == 1
+    assert not (tmp_path / "run" / "adapters").exists()
+
+
+def _edit_json(path, **changes):
+    d = json.loads(path.read_text())
+    d.update(changes)
+    path.write_text(json.dumps(d))
+
+
+def _add_token(folder):
+    tok = json.loads((folder / "tokenizer.json").read_text())
+    tok["model"]["vocab"]["zzqq"] = max(tok["model"]["vocab"].values()) + 1
+    (folder / "tokenizer.json").write_text(json.dumps(tok))
+
+
+MODEL_CHANGES = {
+    "chat template": lambda f: _edit_json(f / "tokenizer_config.json",
+                                          chat_template=json.loads((f / "tokenizer_config.json").read_text())
+                                          ["chat_template"].replace("<|im_start|>", "<|im_start|> ")),
+    "special tokens": lambda f: _edit_json(f / "tokenizer_config.json", eos_token="<|endoftext|>"),
+    "tokenizer vocabulary": _add_token,
+    "weights": lambda f: _flip_byte(f / "model.safetensors", 0.6),
+    "generation config": lambda f: (f / "generation_config.json").write_text('{"eos_token_id": 0}'),
+}
+
+
+@pytest.mark.parametrize("part", sorted(MODEL_CHANGES))
+def test_resume_refuses_a_changed_template_tokens_vocabulary_or_weights(small, tmp_path, part):
+    """The run's identity is every byte of the weights and what makes a token: one line names the part
+    (a model at another path with the same bytes would be accepted: the path is not the identity)."""
+    import shutil
+
+    from steadytune.errors import UserError
+    from steadytune.trainer import Trainer
+
+    model = shutil.copytree(small.model, tmp_path / "model")
+    MODEL_CHANGES[part](model)
+    out = _copy_run(small, tmp_path / "run")
+    with pytest.raises(UserError) as e:
+        Trainer(_cfg(model, small.data, out, resume=True)).prepare()
+    assert e.value.render() == (f"{out / 'checkpoints' / 'step-0000004'}: cannot resume: the model's {part} "
+                                "changed since the checkpoint; restore it, or start a new run with another --out")
+
+
+def test_weight_hashes_are_cached_by_path_size_and_mtime(small, tmp_path, monkeypatch):
+    """A big weight file is read once: the second fingerprint reads no weight bytes."""
+    import shutil
+
+    from steadytune import checkpoint as ckpt, runinfo
+
+    model = shutil.copytree(small.model, tmp_path / "model")
+    (model / "big.safetensors").write_bytes(b"\0" * (3 << 20))  # above the 1 MiB cache threshold
+    first = runinfo.model_fingerprint(str(model), "hf")
+    read = []
+    real = ckpt.sha256_file
+    monkeypatch.setattr(ckpt, "sha256_file", lambda p: read.append(p.name) or real(p))
+    assert runinfo.model_fingerprint(str(model), "hf") == first
+    assert "big.safetensors" not in read
+    assert (tmp_path / "cache" / "file-hashes.json").is_file()
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_a_million_epochs_are_planned_without_delay(small, pack):
+    """By example count every epoch has the same steps: one plan times the epochs. Packed rows
+    differ a little per epoch: 10 epochs are counted and the rest estimated from them."""
+    t = small.trainer.cfg.training
+    before = t.epochs, t.pack
+    try:
+        t.epochs, t.pack = 1_000_000, pack
+        tic = time.perf_counter()
+        total = small.trainer.total_steps()
+        assert time.perf_counter() - tic < 0.5  # at most 10 plans of 8 examples: ~10 ms
+        first = [len(small.trainer.epoch_plan(e)) for e in range(10)]
+        assert total == (first[0] * 1_000_000 if not pack else sum(first) * 100_000)
+    finally:
+        t.epochs, t.pack = before
+
+
+_SWAP = """
+import sys
+from pathlib import Path
+from steadytune import checkpoint as ckpt
+final = Path(sys.argv[1])
+for version in (b"v1", b"v2"):
+    ckpt.atomic_folder(final, lambda d: ((d / "a.bin").write_bytes(version), ckpt._crash_hook("between-files"),
+                                         (d / "b.bin").write_bytes(version)))
+"""
+
+
+# (crash point, its pass that is in the second write, the version a restart must find)
+@pytest.mark.parametrize("point,nth,version", [("between-files", 2, b"v1"), ("before-marker", 2, b"v1"),
+                                               ("between-renames", 1, b"v2"), ("after-swap", 2, b"v2")])
+@pytest.mark.parametrize("name", ["best", "adapters"])
+def test_a_kill_at_any_instant_of_replacing_best_or_adapters_leaves_a_complete_copy(tmp_path, point, nth,
+                                                                                    version, name):
+    from steadytune import checkpoint as ckpt
+
+    final = tmp_path / "run" / ("checkpoints" if name == "best" else "") / name
+    env = dict(cli_env(), STEADYTUNE_TEST_CRASH=f"{point}:{nth}")
+    r = subprocess.run([sys.executable, "-c", _SWAP, str(final)], env=env, capture_output=True, timeout=60)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    ckpt.recover(tmp_path / "run")
+    assert ckpt.is_complete(final)
+    ckpt.check_hashes(final)  # raises if a file is not what was written
+    assert (final / "a.bin").read_bytes() == (final / "b.bin").read_bytes() == version
+    assert sorted(p.name for p in final.parent.iterdir() if p.name.startswith(".")) == []
+
+
+def test_nan_checkpoint_is_never_written_and_pruning_keeps_the_newest_sound_one(small, tmp_path):
+    """The issue's sequence: NaN weights would have been checkpointed and the good checkpoint
+    pruned. Now the NaN save is refused, and with the newer checkpoints damaged on disk, pruning
+    to one keeps the newest sound one too."""
+    from types import SimpleNamespace
+
+    import mlx.core as mx
+    from mlx.utils import tree_map
+
+    from steadytune import checkpoint as ckpt
+    from steadytune.errors import UserError
+
+    run = small.trainer.run
+    out = _copy_run(small, tmp_path / "run")
+    poisoned = SimpleNamespace(trainable_parameters=lambda: tree_map(
+        lambda v: v * float("nan"), run.model.trainable_parameters()))
+    with pytest.raises(UserError, match=r"step-0000005 \(step 5\): model\.layers\..* holds NaN or inf .*not saved"):
+        ckpt.save(out, 5, poisoned, run.optimizer, run.adapter_config, {"epoch": 1, "pos": 0})
+    assert not list((out / "checkpoints").glob("*0000005*")) and not list((out / "checkpoints").glob(".*"))
+    for name in ("step-0000003", "step-0000004"):
+        _flip_byte(out / "checkpoints" / name / "adapters.safetensors", 0.8)
+    ckpt.prune(out, keep_last=1)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
+    assert ckpt.sound(out / "checkpoints" / "step-0000002") and not ckpt.sound(out / "checkpoints" / "step-0000004")
+    assert mx.load(str(out / "checkpoints" / "step-0000002" / "adapters.safetensors"))

@@ -45,6 +45,17 @@ def test_run_folder_has_config_metrics_adapters(run):
     assert len(ac["lora_parameters"]["keys"]) == 7
 
 
+def test_metrics_start_with_a_startup_record_of_where_the_time_went(run):
+    """One `startup` record, first, written after the first step: seconds spent reading and
+    tokenizing the data, planning memory, loading the model, and in the first (compiling) step."""
+    _, out, _ = run
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    startup = [x for x in recs if x["event"] == "startup"]
+    assert len(startup) == 1 and recs[0] is startup[0] and startup[0]["step"] == 0
+    assert all(isinstance(startup[0][k], float) and startup[0][k] >= 0
+               for k in ("data_s", "plan_s", "load_s", "compile_s"))
+
+
 def test_progress_to_a_file_has_no_carriage_returns(run):
     _, _, r = run
     assert "\r" not in r.stderr and "step 15/15" in r.stderr

@@ -1,4 +1,10 @@
-"""`steadytune check-data PATH [--model M]`: validate data and print its statistics."""
+"""`steadytune check-data PATH [--model M]`: validate data and print its statistics.
+
+Reads the model's tokenizer and chat template only, never its weights: a folder's tokenizer files,
+a GGUF file's metadata, or a Hub id's tokenizer files. The template is tried on the data first
+(system turns folded as `train` would fold them), so a template that rejects the data is reported
+here, as `file:line`, not after a model has loaded.
+"""
 
 from __future__ import annotations
 
@@ -7,23 +13,36 @@ import numpy as np
 from ..config import DataConfig
 
 
-def add_check_data_arguments(p) -> None:
+def add_arguments(p) -> None:
+    from ..config import DEFAULT_MODEL
+
     p.add_argument("path", help="a data file or a folder with train.jsonl [valid.jsonl test.jsonl]")
-    p.add_argument("--model", default=None, help="tokenize with this model's tokenizer (default: smollm2-135m)")
+    p.add_argument("--model", default=None,
+                   help=f"count tokens with this model's tokenizer and chat template (default: {DEFAULT_MODEL}); "
+                        "only the tokenizer is read, never the weights")
     p.add_argument("--max-seq-length", type=int, default=DataConfig.max_seq_length)
     p.add_argument("--train-on-prompt", action="store_true")
+    p.add_argument("--system-fold", default=DataConfig.system_fold, choices=["auto", "fold", "error"],
+                   help="system turns on a template without a system role (as in train)")
 
 
-def check_data_command(args) -> int:
-    from ..config import DEFAULT_MODEL, ModelConfig
-    from ..data import find_files, read_file, tokenize_all
-    from ..model import load_base
+def command(args) -> int:
+    from ..config import DEFAULT_MODEL
+    from ..data import Splits, check_template, find_files, read_file, tokenize_all
+    from ..model import source_tokenizer
 
     files = find_files(args.path)
     examples = {split: read_file(f) for split, f in files.items()}  # raises with every problem
-    loaded = load_base(ModelConfig(path=args.model or DEFAULT_MODEL))
+    model = args.model or DEFAULT_MODEL
+    tokenizer = source_tokenizer(model)
+    default = "" if args.model else "; the default: pass --model YOUR_MODEL to count with yours"
+    print(f"tokenizer: {model} (tokenizer and chat template only, no weights loaded{default})")
+    data_cfg = DataConfig(train_on_prompt=args.train_on_prompt, system_fold=args.system_fold)
+    others = [e for split, exs in examples.items() if split != "train" for e in exs]
+    for note in check_template(Splits(examples["train"], others), tokenizer, data_cfg):
+        print(f"note: {note}")
     for split, exs in examples.items():
-        tok = tokenize_all(exs, loaded.tokenizer, max_seq_length=10**9, train_on_prompt=args.train_on_prompt)
+        tok = tokenize_all(exs, tokenizer, max_seq_length=10**9, train_on_prompt=args.train_on_prompt)
         lens = tok.lengths()
         over = int((lens > args.max_seq_length).sum())
         p = np.percentile(lens, [50, 90, 95, 99, 100]).astype(int)

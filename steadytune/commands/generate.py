@@ -41,7 +41,7 @@ def command(args) -> int:
     if args.max_tokens < 1:
         raise UserError(f"--max-tokens must be at least 1 (got {args.max_tokens})")
     msgs = load_messages(args.messages) if args.messages else to_messages(args.prompt, args.system)
-    loaded = load_tuned(args.adapter, args.model)
+    loaded = load_tuned(args.adapter, args.model, inference=True)
     if getattr(loaded.tokenizer, "chat_template", None):  # a failing template: a UserError, not a traceback
         from ..data import render_chat
 

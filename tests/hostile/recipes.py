@@ -113,6 +113,25 @@ def config_deep_nesting(dest, ctx):
     return p
 
 
+@recipe
+def config_yaml_alias_bomb(dest, ctx):
+    """A ~400-byte YAML whose value is 9^8 strings through aliases: its full repr is 300 MB
+    (a 740-byte one printed 2.1 GB); the message must show a bounded excerpt."""
+    rows = ['    - &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    rows += [f"    - &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 8)]
+    p = dest / "config-alias-bomb.yaml"
+    p.write_text("training:\n  seed:\n" + "\n".join(rows) + "\n")
+    return p
+
+
+@recipe
+def data_folder_named_train_jsonl(dest, ctx):
+    folder = dest / "data-with-folder"
+    (folder / "train.jsonl").mkdir(parents=True)
+    (folder / "train.jsonl" / "part-1.jsonl").write_text(GOOD_LINE * 2)
+    return folder
+
+
 # --------------------------------------------------------------------------- model folders
 
 def _copy_tiny(dest, ctx, name) -> Path:

@@ -11,7 +11,7 @@ import json
 import time
 from pathlib import Path
 
-DATA = Path(__file__).parent / "data" / "chatbot"
+DATA = Path(__file__).parents[1] / "data" / "chatbot"
 
 
 def add_arguments(p) -> None:
@@ -22,23 +22,21 @@ def add_arguments(p) -> None:
 
 
 def _answers(loaded, system, prompts, max_tokens) -> list[str]:
-    from .generation import generate
+    from ..generation import generate
 
     msgs = lambda q: [{"role": "system", "content": system}, {"role": "user", "content": q}]  # noqa: E731
     return [generate(loaded, msgs(q), max_tokens=max_tokens).strip() for q in prompts]
 
 
 def command(args) -> int:
-    from .config import ModelConfig
-    from .generation import load_tuned
-    from .model import load_base
-    from .trainer import run
+    from ..generation import load_tuned
+    from ..trainer import run
 
     prompts = json.loads((DATA / "prompts.json").read_text())
     system, held_out = prompts["system"], prompts["held_out"]
     out = Path(args.out) if args.out else Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     print("== before fine-tuning ==", flush=True)
-    before = _answers(load_base(ModelConfig()), system, held_out, args.max_tokens)
+    before = _answers(load_tuned(None, inference=True), system, held_out, args.max_tokens)
     for q, a in zip(held_out, before):
         print(f"Q: {q}\nA: {a}\n", flush=True)
     t0 = time.time()
@@ -51,14 +49,14 @@ def command(args) -> int:
     minutes = (time.time() - t0) / 60
     print(f"\n== after fine-tuning ({result.step} steps, {minutes:.1f} min, "
           f"val_loss {result.final_val_loss:.3f}) ==", flush=True)
-    after = _answers(load_tuned(result.run_dir), system, held_out, args.max_tokens)
+    after = _answers(load_tuned(result.run_dir, inference=True), system, held_out, args.max_tokens)
     lines = []
     for q, a, b in zip(held_out, before, after):
         print(f"Q: {q}\nA: {b}\n", flush=True)
         lines.append({"question": q, "before": a, "after": b})
     (result.run_dir / "demo_answers.json").write_text(json.dumps(lines, indent=2) + "\n")
     try:
-        from .report import write_report
+        from ..report import write_report
 
         write_report(result.run_dir)
         print(f"loss curve and report: {result.run_dir}/report.html (PNG files beside it)")

@@ -1,0 +1,208 @@
+"""Time to result: a user's first command, timed from the command to the saved adapters.
+
+    python bench/time_to_result.py gpu    # Mistral-7B shape, 4-bit random base, 32k BPE tokenizer,
+                                          # alpaca demo data as chat JSONL (949 train / 50 valid)
+    python bench/time_to_result.py cpu    # the embedded default model on the same data, 2-core CPU
+
+Every trainer runs as a subprocess, as a user would start it, on the same model folder and data:
+`steadytune train` with default flags (plus --lora-rank 16 --max-seq-length 1024 --batch-size 4,
+the issue's setting), the same with --batch-size 1 --grad-accumulation 4 and with
+--grad-checkpoint true, and `mlx_lm.lora` (rank 16 on all 7 projections, batch 4) as the anchor,
+with and without --grad-checkpoint. Per run it prints: wall from command to saved adapters, the
+seconds until the first optimizer step ends, steady tokens/s (the median of each trainer's own
+per-step rate of non-padding tokens over steps 4 and later: compilation and start-up are out;
+mlx-lm reports every step with --steps-per-report 1), peak memory and, for
+steadytune, the distinct step shapes the run compiled. Each output line is time-stamped as it
+arrives, so nothing here depends on the trainers' own clocks.
+
+Model weights are random (speed does not depend on them); the tokenizer is trained offline on
+the data. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+PROJECTIONS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+
+
+def chat_split(source: Path, out: Path, n_train: int = 949, n_valid: int = 50) -> Path:
+    """The alpaca demo records as chat JSONL, shuffled with seed 0, split 949 / 50."""
+    recs = json.loads(source.read_text())
+    rows = [{"messages": [{"role": "user", "content": r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else "")},
+                          {"role": "assistant", "content": r["output"]}]} for r in recs]
+    random.Random(0).shuffle(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows[:n_train]))
+    (out / "valid.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows[n_train:n_train + n_valid]))
+    return out
+
+
+def gpu_model(folder: Path, data: Path) -> Path:
+    """The 7B-shaped 4-bit model folder of bench/throughput.py with a tokenizer trained on `data`."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import mlx.core as mx
+    import throughput as tp
+
+    if not (folder / "model.safetensors").exists():
+        texts = [m["content"] for line in (data / "train.jsonl").read_text().splitlines()
+                 for m in json.loads(line)["messages"]]
+        tp.write_model_folder(folder, "7b", tp.build_base("7b", mx.bfloat16), texts * 3)
+    return folder
+
+
+def timed(cmd: list[str], env: dict | None = None, timeout: float = 900) -> tuple[list[tuple[float, str]], float, int]:
+    """Run `cmd`; every output line with the seconds since the start; the wall; the exit status."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                         env={**os.environ, **(env or {})})
+    lines = []
+    for line in p.stdout:
+        lines.append((time.perf_counter() - t0, line.rstrip()))
+        if os.environ.get("BENCH_ECHO"):
+            print(f"  [{lines[-1][0]:7.1f}] {lines[-1][1]}", flush=True)
+    rc = p.wait(timeout=timeout)
+    return lines, time.perf_counter() - t0, rc
+
+
+def steadytune_run(name: str, model: Path, data: Path, out: Path, flags: list[str]) -> dict:
+    run = out / name
+    cmd = [sys.executable, "-m", "steadytune.cli", "train", "--model", str(model), "--data", str(data),
+           "--lora-rank", "16", "--lora-alpha", "32", "--max-seq-length", "1024", "--epochs", "1",
+           "--progress", "lines", "--log-every", "1", "--save-every", "0", "--out", str(run), *flags]
+    lines, wall, rc = timed(cmd)
+    step_re = re.compile(r"^step (\d+)/")
+    arrivals = {int(m.group(1)): t for t, s in lines if (m := step_re.match(s))}
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()] if rc == 0 else []
+    train = [r for r in recs if r.get("event") == "train"]
+    rates = [r["tok_per_s"] for r in train if r["step"] > 3]
+    startup = next((r for r in recs if r.get("event") == "startup"), {})
+    end = next((r for r in reversed(recs) if r.get("event") == "end"), {})
+    return {"run": f"steadytune {' '.join(flags) or '(defaults)'}", "rc": rc, "wall_s": round(wall, 1),
+            "first_step_s": round(arrivals.get(1, float("nan")), 1), "steps": len(train),
+            "tok_s": round(statistics.median(rates), 1) if rates else "",
+            "peak_gb": max((r.get("peak_mem_gb", 0) for r in train), default=float("nan")),
+            "shapes": end.get("step_shapes", startup.get("step_shapes", "")),
+            "startup": {k: v for k, v in startup.items() if k.endswith("_s")}}
+
+
+def mlx_lm_run(name: str, model: Path, data: Path, out: Path, iters: int, batch: int, ckpt: bool) -> dict:
+    cfg = out / f"{name}.yaml"
+    cfg.write_text(json.dumps({"lora_parameters": {"rank": 16, "scale": 2.0, "dropout": 0.0,
+                                                   "keys": PROJECTIONS}}))
+    cmd = [sys.executable, "-m", "mlx_lm", "lora", "-c", str(cfg), "--model", str(model), "--train",
+           "--data", str(data), "--batch-size", str(batch), "--num-layers", "-1", "--iters", str(iters),
+           "--max-seq-length", "1024", "--steps-per-report", "1", "--steps-per-eval", "1000000",
+           "--save-every", "1000000", "--adapter-path", str(out / name), "--learning-rate", "1e-4"]
+    if ckpt:
+        cmd.append("--grad-checkpoint")
+    lines, wall, rc = timed(cmd)
+    # mlx-lm 0.32 prints a table: iter, train loss (and a trend arrow), tok/s, trained tokens;
+    # older versions a line "Iter N: Train loss ..., Tokens/sec ..., Peak mem ... GB"
+    ansi = re.compile(r"\x1b\[[0-9;]*m")
+    table_row = re.compile(r"^\s*(\d+)\s+([\d.]+|nan)\s*[▼▲=]?\s+([\d,]+)\s+[\d.]+k?\s*$")
+    old_row = re.compile(r"Iter (\d+): Train loss [^,]+, Learning Rate [^,]+, It/sec [\d.]+, "
+                         r"Tokens/sec ([\d.]+), Trained Tokens \d+, Peak mem ([\d.]+) GB")
+    points, peak = [], float("nan")  # (arrival, its tokens/s)
+    for t, s in lines:
+        s = ansi.sub("", s)
+        if m := table_row.match(s):
+            points.append((t, float(m.group(3).replace(",", ""))))
+        elif m := old_row.search(s):
+            points.append((t, float(m.group(2))))
+            peak = float(m.group(3))
+    if rc != 0:
+        print("\n".join(s for _, s in lines[-15:]), file=sys.stderr)
+    epoch_iters = sum(1 for _ in (data / "train.jsonl").open()) / batch
+    per_step = (points[-1][0] - points[2][0]) / (len(points) - 3) if len(points) > 3 else float("nan")
+    return {"run": f"mlx_lm.lora batch {batch}{' --grad-checkpoint' if ckpt else ''} ({iters} iters)",
+            "rc": rc, "wall_s": round(wall, 1),
+            "epoch_wall_s_est": round(points[0][0] + per_step * (epoch_iters - 1), 1) if points else "",
+            "first_step_s": round(points[0][0], 1) if points else "", "steps": len(points),
+            "tok_s": round(statistics.median(r for _, r in points[3:]), 1) if len(points) > 3 else "",
+            "peak_gb": peak, "shapes": ""}
+
+
+def table(rows: list[dict]) -> str:
+    cols = ["run", "wall_s", "epoch_wall_s_est", "first_step_s", "tok_s", "peak_gb", "shapes", "steps", "rc"]
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    out += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", choices=["gpu", "cpu"])
+    p.add_argument("--work", default=None, help="folder for the model, data and runs (default: a temp dir)")
+    p.add_argument("--mlx-iters", type=int, default=60, help="mlx_lm.lora iterations (its epoch is estimated)")
+    p.add_argument("--only", default="", help="comma-separated runs, in order: default,accum,ckpt,mlx,mlx_ckpt "
+                   "(a run named twice runs twice: the second finds the GPU's kernel cache warm)")
+    p.add_argument("--alpaca", default=str(DATA / "alpaca_en_demo.json"), help="the alpaca demo records")
+    p.add_argument("--json", default=None, help="also write the rows to this file")
+    a = p.parse_args(argv)
+    work = Path(a.work or tempfile.mkdtemp(prefix="ttr-"))
+    data = chat_split(Path(a.alpaca), work / "data")
+    if a.mode == "gpu":
+        model = gpu_model(work / "model", data)
+        extra: list[str] = []
+    else:
+        model, extra = "smollm2-135m", ["--max-steps", "20"]
+    runs = work / "runs"
+    done: dict[str, int] = {}
+
+    def name(key: str) -> str:  # a key given twice runs twice (the second run finds warm caches)
+        done[key] = done.get(key, 0) + 1
+        return key if done[key] == 1 else f"{key}{done[key]}"
+
+    def mlx_model() -> Path:
+        """mlx-lm reads no GGUF: on the CPU its model is the default model exported to an MLX
+        folder and quantized 4-bit g64 by mlx_lm.convert (same shapes; values don't matter)."""
+        if a.mode == "gpu":
+            return model
+        q = work / "default-mlx-q4"
+        if not q.exists():
+            run = runs / "export-src"
+            subprocess.run([sys.executable, "-m", "steadytune.cli", "train", "--data", str(data),
+                            "--max-steps", "1", "--progress", "none", "--out", str(run)], check=True)
+            subprocess.run([sys.executable, "-m", "steadytune.cli", "export", str(run), "--format", "hf",
+                            "--out", str(work / "default-hf")], check=True)
+            subprocess.run([sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(work / "default-hf"),
+                            "--mlx-path", str(q), "-q", "--q-bits", "4", "--q-group-size", "64"], check=True)
+        return q
+
+    plan = {"default": lambda n: steadytune_run(n, model, data, runs, ["--batch-size", "4", *extra]),
+            "accum": lambda n: steadytune_run(n, model, data, runs,
+                                              ["--batch-size", "1", "--grad-accumulation", "4", *extra]),
+            "ckpt": lambda n: steadytune_run(n, model, data, runs,
+                                             ["--batch-size", "4", "--grad-checkpoint", "true", *extra]),
+            "mlx": lambda n: mlx_lm_run(n, mlx_model(), data, runs, a.mlx_iters, 4, False),
+            "mlx_ckpt": lambda n: mlx_lm_run(n, mlx_model(), data, runs, a.mlx_iters, 4, True)}
+    rows = []
+    for key in (a.only or "default,accum,ckpt,mlx,mlx_ckpt").split(","):
+        rows.append(plan[key](name(key)))
+        print(json.dumps(rows[-1]), flush=True)
+        if a.json:
+            Path(a.json).write_text(json.dumps(rows, indent=1))
+    import mlx.core as mx
+    import mlx_lm
+
+    print(f"\n{a.mode}: mlx {mx.__version__}, mlx-lm {mlx_lm.__version__}, {time.strftime('%Y-%m-%d')}")
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,281 @@
+"""Everything a run needs, built once, before the first step: `setup(cfg)` returns a `Run`.
+
+    data files read -> model source resolved -> run folder (or the checkpoint to resume)
+    -> data tokenized -> memory planned with what is now known -> model loaded, LoRA, compute
+    options -> optimizer -> fingerprints -> state (fresh or restored)
+
+Everything that can fail on bad input fails here: data validation first (cheap), then the run
+folder, the memory plan, the model. Each input is read once: the model path is resolved once,
+the data files read and tokenized once, and the planner is handed the model config and the token
+lengths instead of reading them again. `Run.timings` holds the seconds each part took (the
+`startup` record of metrics.jsonl).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+
+from . import checkpoint as ckpt
+from . import faults, runlock
+from .batching import merge_group, pack_width, packed_rows
+from .config import Config
+from .data import Splits, Tokenized, check_template, load_splits, tokenize_all
+from .errors import UserError
+from .progress import check_sinks, truncate_metrics
+from .runinfo import compare_for_resume, data_fingerprint, model_fingerprint, new_run_dir
+from .preference import load_pair_splits, make_pair_step, plan_config, tokenize_pair_splits
+from .step import Step
+
+
+@dataclass
+class TrainState:
+    """Where a run is; saved in every checkpoint's state.json and restored on resume."""
+
+    step: int = 0                      # optimizer steps done
+    epoch: int = 0
+    pos: int = 0                       # steps done in this epoch
+    best_val_loss: float | None = None
+    bad_evals: int = 0                 # validations since the best one (early stopping)
+    nonfinite: int = 0                 # non-finite steps in a row
+
+    @classmethod
+    def from_saved(cls, saved: dict) -> "TrainState":
+        return cls(**{k: saved[k] for k in cls.__dataclass_fields__})
+
+    def advance(self, epoch_steps: int) -> None:
+        """One step done, in an epoch of `epoch_steps` steps; the next epoch has a new order."""
+        self.step, self.pos = self.step + 1, self.pos + 1
+        if self.pos == epoch_steps:
+            self.epoch, self.pos = self.epoch + 1, 0
+
+    def track_best(self, val: float) -> bool:
+        """Note a validation loss; True when it is the best so far."""
+        if self.best_val_loss is None or val < self.best_val_loss:
+            self.best_val_loss, self.bad_evals = val, 0
+            return True
+        self.bad_evals += 1
+        return False
+
+
+@dataclass
+class Run:
+    """What `setup` built: a plain object, read by the loop (trainer.py) and by `make_step`."""
+
+    cfg: Config
+    run_dir: Path
+    resume_from: Path | None
+    splits: Splits
+    train_set: Tokenized
+    val_set: Tokenized
+    loaded: object                     # model.LoadedModel: model, tokenizer, config, source, kind
+    adapter_config: dict
+    compute: dict                      # qlora.apply_compute's result, plus ce_chunk
+    pack_width: int                    # 0 unless training.pack
+    mask_dtype: object                 # the packed attention mask's dtype (packing.prepare)
+    optimizer: optim.Optimizer
+    fingerprints: dict
+    state: TrainState
+    rank: int = 0
+    world: int = 1
+    timings: dict = field(default_factory=dict)
+    merge: int = 1                     # micro-batches of a step run as one call (merged_calls)
+
+    @property
+    def model(self) -> nn.Module:
+        return self.loaded.model
+
+
+def setup(cfg: Config, rank: int = 0, world: int = 1) -> Run:
+    from .model import apply_lora, check_source, load_base, resolve_source, source_tokenizer
+
+    t, timings = cfg.training, {}
+    tic = time.perf_counter()
+    if not cfg.data.path:
+        raise UserError("no training data: pass --data FILE_OR_FOLDER (JSONL with chat, "
+                        "prompt/completion, text or alpaca records)")
+    check_sinks(cfg.output.log_to)  # a missing wandb/mlflow package: said now, not after the model loads
+    splits = (load_splits if t.method == "sft" else load_pair_splits)(
+        cfg.data.path, cfg.data.valid_fraction, t.seed, cfg.data.max_examples)
+    source = resolve_source(cfg.model.path)
+    check_source(*source)  # before the planner reads the model's files
+    run_dir, resume_from = run_folder(cfg, world)
+    tokenizer = source_tokenizer(cfg.model.path, source)
+    sets = tokenize_splits(cfg, splits, tokenizer)
+    timings["data_s"] = time.perf_counter() - tic
+
+    tic = time.perf_counter()
+    merge = check_memory(cfg, source, sets[0].lengths().tolist() if sets else [])
+    timings["plan_s"] = time.perf_counter() - tic
+
+    tic = time.perf_counter()
+    loaded = load_base(cfg.model, source)
+    if sets is None or _eos(tokenizer) != _eos(loaded.tokenizer):  # the end-of-turn tokens decide the ids
+        sets = tokenize_splits(cfg, splits, loaded.tokenizer)
+    train_set, val_set = sets
+    adapter_config = apply_lora(loaded.model, cfg.lora, t.seed)
+    adapter_config["base_model"] = loaded.source
+    compute, mask_dtype = apply_compute_options(loaded.model, cfg)
+    optimizer = optim.AdamW(learning_rate=t.learning_rate, weight_decay=t.weight_decay)
+    optimizer.init(loaded.model.trainable_parameters())
+    timings["load_s"] = time.perf_counter() - tic
+    run = Run(cfg, run_dir, resume_from, splits, train_set, val_set, loaded, adapter_config, compute,
+              packed_width(cfg, train_set, val_set), mask_dtype, optimizer,
+              {"data": data_fingerprint(splits.files, cfg.data),
+               "model": model_fingerprint(loaded.source, loaded.kind)},
+              TrainState(), rank, world, timings, merge)
+    if resume_from:
+        restore(run, resume_from)
+    if rank == 0:
+        runlock.start(cfg, run_dir, resume_from is not None)  # lock; the resolved config; the user's files kept
+    return run
+
+
+def make_step(run: Run, optimizer=None) -> Step:
+    """The run's Step (with `optimizer` instead of the run's, if given)."""
+    t = run.cfg.training
+    if optimizer is not None:
+        run.optimizer = optimizer
+    if t.method != "sft":  # preference pairs (DPO, ORPO): the same interface
+        return make_pair_step(run)
+    return Step(run.model, run.optimizer, run.train_set, seed=t.seed, max_grad_norm=t.max_grad_norm,
+                pack_width=run.pack_width, rows=packed_rows(t.batch_size, t.batch_tokens, run.pack_width or 1),
+                merge=run.merge,
+                ce_chunk=run.compute["ce_chunk"], mask_dtype=run.mask_dtype,
+                rank=run.rank, world=run.world, nan_at=faults.nan_steps())
+
+
+def packed_width(cfg: Config, train_set: Tokenized, val_set: Tokenized) -> int:
+    """Row width of packed micro-batches (0 unless training.pack): wide enough for the longest
+    training *or* validation example, so validation runs in the training step's shape."""
+    if not cfg.training.pack:
+        return 0
+    return pack_width(np.concatenate([train_set.lengths(), val_set.lengths()]))
+
+
+def tokenize_splits(cfg: Config, splits: Splits, tokenizer) -> tuple[Tokenized, Tokenized] | None:
+    """(train, validation) token ids and loss masks; None without a tokenizer."""
+    if cfg.training.method != "sft":
+        return tokenize_pair_splits(cfg, splits, tokenizer)
+    if tokenizer is None:
+        return None
+    splits.notes += check_template(splits, tokenizer, cfg.data)  # system turns folded; one file:line per template failure
+    tok = partial(tokenize_all, tokenizer=tokenizer, max_seq_length=cfg.data.max_seq_length,
+                  overlong=cfg.data.overlong, train_on_prompt=cfg.data.train_on_prompt)
+    return tok(splits.train), tok(val_subset(cfg, splits.valid))
+
+
+def _eos(tokenizer) -> set:
+    """End-of-sequence ids: mlx-lm's loader adds those of the model's config (and
+    generation_config.json) to the tokenizer's own."""
+    return set(getattr(tokenizer, "eos_token_ids", None) or []) | {getattr(tokenizer, "eos_token_id", None)}
+
+
+def val_subset(cfg: Config, valid: list) -> list:
+    """A seeded `val_max_examples` of the validation examples, in their order (all if fewer)."""
+    k = cfg.data.val_max_examples
+    if k is None or k >= len(valid):
+        return valid
+    keep = np.sort(np.random.default_rng([cfg.training.seed, 0xE7A1]).permutation(len(valid))[:k])
+    return [valid[i] for i in keep]
+
+
+def run_folder(cfg: Config, world: int = 1) -> tuple[Path, Path | None]:
+    """(run folder, checkpoint to resume from or None); refuses to overwrite a run."""
+    out, resume = cfg.output.dir, cfg.training.resume
+    if resume:
+        run_dir = Path(out) if out else newest_run()
+        if run_dir.is_dir():
+            runlock.claim(run_dir)  # one process per run folder; repairs interrupted writes
+        last, incomplete = ckpt.latest(run_dir)
+        for p in incomplete:
+            print(f"note: {p} is incomplete (interrupted while writing) and is skipped")
+        if last is None:
+            raise UserError(f"{run_dir}: no complete checkpoint to resume from; start a new run "
+                            "without --resume")
+        return run_dir, last
+    if not out and world > 1:
+        raise UserError("distributed training needs --out RUN_FOLDER (the same for every process)")
+    run_dir = Path(out) if out else new_run_dir()
+    runlock.check_new(run_dir)  # not in use, holds no run
+    return run_dir, None  # created by runlock.start at the end of setup: a failed start leaves no empty folder
+
+
+def newest_run() -> Path:
+    runs = sorted((p for p in Path("runs").glob("*") if (p / "checkpoints").is_dir()),
+                  key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise UserError("--resume: no run with checkpoints under runs/; pass --out RUN_FOLDER")
+    return runs[-1]
+
+
+def check_memory(cfg: Config, source, lengths: list) -> int:
+    """Refuse a configuration the planner predicts will not fit (unless --force), planned with the
+    resolved model source and the training examples' token lengths ([]: not known yet). Returns
+    how many micro-batches of a step run as one call (merged_calls)."""
+    from .backend import limit_cache
+    from .plan import check_fits
+
+    plan = check_fits(plan_config(cfg), data_stats=lengths, source=source)
+    merge = merged_calls(cfg, plan)
+    if merge > 1:  # plan what actually runs: the merged calls
+        plan = check_fits(plan_config(merged_config(cfg, merge)), data_stats=lengths, source=source)
+    limit_cache(plan)  # MLX's buffer cache kept within the plan's headroom
+    return merge
+
+
+def merged_calls(cfg: Config, plan) -> int:
+    """Micro-batches of a step run as one call (training.merge_micro_batches): packed rows only,
+    as many as the plan says fit; 1 without a plan (nothing known, nothing risked)."""
+    t = cfg.training
+    if not t.pack or t.grad_accumulation == 1 or t.merge_micro_batches == "off" or plan is None \
+            or t.method != "sft":
+        return 1
+    return merge_group(t.grad_accumulation, plan.run.batch, plan.largest_batch)
+
+
+def merged_config(cfg: Config, merge: int) -> Config:
+    """`cfg` as the merged calls run it: `merge` times the rows per call, that many fewer calls."""
+    t = cfg.training
+    training = dataclasses.replace(t, batch_size=t.batch_size * merge,
+                                   batch_tokens=t.batch_tokens * merge if t.batch_tokens else None,
+                                   grad_accumulation=t.grad_accumulation // merge)
+    return dataclasses.replace(cfg, training=training)
+
+
+def apply_compute_options(model: nn.Module, cfg: Config, **compute_args) -> tuple[dict, object]:
+    """QLoRA compute mode, loss chunking, packing's mask dtype and gradient checkpointing, as the
+    trainer runs them; compute_args go to qlora.apply_compute (a bench's kernel or A/B options).
+    Returns (compute dict with "ce_chunk", packed mask dtype)."""
+    from .loss import loss_chunk
+    from .qlora import apply_compute, checkpoint_blocks
+
+    compute = apply_compute(model, cfg.model.compute, **compute_args)
+    compute["ce_chunk"] = loss_chunk(model, cfg.training.chunked_ce)
+    mask_dtype = mx.float32
+    if cfg.training.pack:
+        from .packing import prepare
+
+        mask_dtype = prepare(model)
+    if cfg.training.grad_checkpoint:
+        checkpoint_blocks(model)
+    return compute, mask_dtype
+
+
+def restore(run: Run, path: Path) -> None:
+    same_run = partial(compare_for_resume, cfg=run.cfg, fingerprints=run.fingerprints,
+                       adapter_config=run.adapter_config)  # checked before the tensors
+    saved, path = ckpt.load_good(path, run.model, run.optimizer, lambda s, p: same_run(s, where=p))
+    run.optimizer.init(run.model.trainable_parameters())
+    run.state = TrainState.from_saved(saved)
+    if run.rank == 0:
+        truncate_metrics(run.run_dir / "metrics.jsonl", saved["step"])
+    print(f"resuming from {path} (step {saved['step']}, epoch {saved['epoch']})")

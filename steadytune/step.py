@@ -1,0 +1,368 @@
+"""One optimizer step, as a public object a test, a bench or the planner can drive:
+
+    step = Step(model, optimizer, examples, seed=0, max_grad_norm=1.0)
+    result = step(micro_batches, lr, index)      # -> StepResult(loss, tokens, real, norm)
+
+The step pads (or packs) its micro-batches, computes each one's summed cross-entropy divided by
+the target tokens of the *whole group* (known before any compute), so the summed gradients equal
+those of one batch of all the examples; then clips, updates, and keeps the old parameters and
+optimizer state where the loss or the norm is not finite (decided on the device). The compiled
+functions take the model, optimizer and random state as inputs/outputs, and that state is
+evaluated every step, so the lazy graph never grows.
+
+Every option is a constructor argument; nothing is stored on the model or in module globals.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import NamedTuple
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from .batching import (examples_of, fill_rows, merge_micro_batches, pack_batch, packed_eval_batches, pad_batch,
+                       shard)
+from .loss import loss_fn
+
+
+class Batch(NamedTuple):
+    """One micro-batch as arrays; segments is None unless the rows are packed."""
+
+    inputs: mx.array
+    targets: mx.array
+    mask: mx.array
+    segments: mx.array | None
+    real: int  # non-padding tokens
+
+
+class StepResult(NamedTuple):
+    loss: float    # mean cross-entropy per target token of the group
+    tokens: int    # target tokens of the group (all processes)
+    real: int      # non-padding tokens this process computed
+    norm: float    # gradient norm before clipping
+
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.loss) and math.isfinite(self.norm)
+
+
+class Step:
+    """One optimizer step over micro-batches of `examples` (a data.Tokenized: ids and masks).
+
+    seed: dropout masks are drawn from (seed, step index), so a resumed run draws the same ones.
+    max_grad_norm: clip the gradient norm (None: no clipping). pack_width: > 0 packs each
+    micro-batch's rows (lists of examples) into rows this wide; rows: a packed micro-batch with fewer
+    rows gets empty ones up to this many (one compiled shape); merge: packed micro-batches run this
+    many at a time as one call (setup.merged_calls: the same gradients in fewer, larger calls). ce_chunk, mask_dtype: the loss's
+    options (loss.loss_chunk, packing.prepare). flat: the update on one concatenated vector
+    (flat_update) instead of array by array. rank, world: this process's share of each micro-batch
+    and the all-reduce of the gradients. nan_at: step numbers (1-based) whose loss scale is made
+    NaN: a test fault (faults.nan_steps)."""
+
+    def __init__(self, model: nn.Module, optimizer, examples, *, seed: int = 0,
+                 max_grad_norm: float | None = None, pack_width: int = 0, rows: int = 0, merge: int = 1,
+                 ce_chunk: int = 0,
+                 mask_dtype=mx.float32, flat: bool = True, rank: int = 0, world: int = 1,
+                 nan_at=frozenset()):
+        self.model, self.optimizer, self.examples = model, optimizer, examples
+        self.seed, self.pack_width, self.rank, self.world = seed, pack_width, rank, world
+        self.merge = merge if pack_width else 1
+        self.rows = -(-rows * self.merge // world)  # packed rows of this process's share of a call
+        self.max_norm = mx.array(max_grad_norm or float("inf"), dtype=mx.float32)
+        self.nan_at = frozenset(nan_at)
+        self.shapes = {"train": set(), "val": set()}  # distinct input shapes: each compiles once
+        self.fused = fuses_update(world)
+        self.state = [model.state, optimizer.state, mx.random.state]
+        loss = partial(loss_fn, chunk=ce_chunk, mask_dtype=mask_dtype)
+        self.grad, self.grad_apply, self.update, self.eval_loss = compile_step(
+            model, optimizer, self.state, loss, flat)
+
+    # --- inputs ----------------------------------------------------------------------------------
+
+    def begin(self, micro_batches, index: int = 0) -> tuple[mx.array, int]:
+        """The loss scale (1 / target tokens of the whole group) and that token count; reseeds
+        MLX's generator from (seed, index): dropout then does not depend on what ran before."""
+        masks = self.examples.masks
+        group_tokens = sum(int(sum(masks[i][1:])) for mb in micro_batches for i in examples_of(mb))
+        return begin_step(self.model, group_tokens, index, self.seed, self.nan_at), group_tokens
+
+    def batches(self, micro_batches) -> list[Batch]:
+        """This process's share of each micro-batch, padded (or packed) into arrays."""
+        ids, masks = self.examples.ids, self.examples.masks
+        out = []
+        for mb in merge_micro_batches(micro_batches, self.merge):
+            mb = shard(mb, self.rank, self.world) if self.world > 1 else mb
+            if not mb:  # this rank's share of a short last micro-batch is empty
+                continue
+            real = sum(len(ids[i]) - 1 for i in examples_of(mb))
+            if self.pack_width:
+                mb = fill_rows(mb, self.rows)  # the short last micro-batch keeps the shape
+                inputs, targets, mask, seg = pack_batch([[ids[i] for i in row] for row in mb],
+                                                        [[masks[i] for i in row] for row in mb],
+                                                        self.pack_width)
+                out.append(Batch(mx.array(inputs), mx.array(targets), mx.array(mask), mx.array(seg), real))
+            else:
+                inputs, targets, mask = pad_batch([ids[i] for i in mb], [masks[i] for i in mb])
+                out.append(Batch(mx.array(inputs), mx.array(targets), mx.array(mask), None, real))
+            self.shapes["train"].add(inputs.shape)
+        return out
+
+    # --- gradients and update --------------------------------------------------------------------
+
+    def gradients(self, micro_batches, index: int = 0):
+        """Gradients of one step, summed over its micro-batches (and processes), each micro-batch's
+        summed loss divided by the target tokens of the whole group. Returns (gradients, summed
+        loss, group target tokens, non-padding tokens); nothing is updated."""
+        scale, group_tokens = self.begin(micro_batches, index)
+        batches = self.batches(micro_batches)
+        acc, total = self._sum_grads(batches, scale)
+        real = sum(b.real for b in batches)
+        if self.world > 1:  # the token-weighted rule across ranks: sum, already divided by the global count
+            if acc is None:
+                acc = tree_map(mx.zeros_like, self.model.trainable_parameters())
+            acc = all_sum_tree(acc)
+            total = mx.distributed.all_sum(total)
+        return acc, total, group_tokens, real
+
+    def _sum_grads(self, batches, scale, acc=None):
+        """Gradients and summed loss over padded micro-batches, evaluated after each one."""
+        total = mx.array(0.0)
+        for b in batches:
+            part, acc = self.grad(b.inputs, b.targets, b.mask, b.segments, scale, acc)
+            total = total + part
+            mx.eval(acc, total)
+        return acc, total
+
+    def apply(self, grads, total, lr: float, max_grad_norm: float | None = None) -> mx.array:
+        """The clipped update alone, from gradients and the summed loss (evaluated); returns the
+        gradient norm. A non-finite loss or norm leaves parameters and state unchanged."""
+        max_norm = self.max_norm if max_grad_norm is None else mx.array(max_grad_norm, dtype=mx.float32)
+        norm = self.update(grads, total, mx.array(lr, dtype=mx.float32), max_norm)
+        mx.eval(self.state, norm)
+        return norm
+
+    def validation_loss(self, examples, batch_size: int) -> float:
+        """Token-weighted mean loss over `examples` (a data.Tokenized). Packed runs pack them into
+        micro-batches of the training shape (no new compiled shape); otherwise batches of
+        `batch_size` sorted by length (little padding). With several processes each evaluates
+        every world-th micro-batch and the sums are added."""
+        ids, masks = examples.ids, examples.masks
+        if self.pack_width:
+            groups = packed_eval_batches([len(x) for x in ids], self.pack_width, self.rows)
+        else:
+            order = np.argsort([len(x) for x in ids], kind="stable").tolist()
+            groups = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        self.model.eval()
+        total, count = mx.array(0.0), 0
+        for b, mb in enumerate(groups):
+            if b % self.world != self.rank:
+                continue
+            if self.pack_width:
+                mb = fill_rows(mb, self.rows)
+                inputs, targets, mask, seg = pack_batch([[ids[i] for i in row] for row in mb],
+                                                        [[masks[i] for i in row] for row in mb], self.pack_width)
+                seg = mx.array(seg)
+            else:
+                (inputs, targets, mask), seg = pad_batch([ids[i] for i in mb], [masks[i] for i in mb]), None
+            self.shapes["val"].add(inputs.shape)
+            total = total + self.eval_loss(mx.array(inputs), mx.array(targets), mx.array(mask), seg)
+            count += int(mask.sum())
+            mx.eval(total)
+        self.model.train()
+        if self.world > 1:
+            total = mx.distributed.all_sum(total)
+            count = int(mx.distributed.all_sum(mx.array(count)).item())
+        return total.item() / count
+
+    def __call__(self, micro_batches, lr: float, index: int = 0) -> StepResult:
+        """One optimizer step at learning rate `lr`; `index` is the step's number (0-based)."""
+        lr = mx.array(lr, dtype=mx.float32)
+        if not self.fused:
+            acc, total, group_tokens, real = self.gradients(micro_batches, index)
+            norm = self.update(acc, total, lr, self.max_norm)
+        else:
+            scale, group_tokens = self.begin(micro_batches, index)
+            batches = self.batches(micro_batches)
+            real = sum(b.real for b in batches)
+            acc, total = self._sum_grads(batches[:-1], scale)
+            last = batches[-1]
+            total, norm = self.grad_apply(last.inputs, last.targets, last.mask, last.segments, scale,
+                                          acc, total, lr, self.max_norm)
+        mx.eval(self.state, total, norm)
+        return StepResult(total.item() / group_tokens, group_tokens, real, norm.item())
+
+
+def begin_step(model, count: int, index: int, seed: int, nan_at=frozenset()) -> mx.array:
+    """The loss scale 1 / count (NaN at a step in `nan_at`, a test fault); reseeds MLX's generator
+    from (seed, index), so dropout masks do not depend on what ran before and a resumed run draws
+    the same ones; puts the model in training mode."""
+    scale = mx.array(1.0 / count, dtype=mx.float32)
+    if index + 1 in nan_at:
+        scale = mx.array(float("nan"), dtype=mx.float32)
+    mx.random.seed(seed * 1_000_003 + index)
+    model.train()
+    return scale
+
+
+def fuses_update(world: int) -> bool:
+    """Whether the last micro-batch's compiled call also clips and updates (the memory planner
+    asks too). One process: yes, so the update is queued right behind the backward pass with no
+    round trip to Python (separate norm and update calls cost 30 of 367 ms per 7B step on an
+    H100). Several processes: no, the all-reduce comes between, so the update runs in a call of
+    its own. A measured cost of the fused call: with gradient checkpointing on the CPU, the norm
+    in the backward's graph makes MLX compute the first block's gradients before the others, so
+    every block keeps its LoRA inputs meanwhile (SmolLM2 shape, 4 x 224: 0.910 GB fused, 0.734
+    GB separate; docs/plan-memory.md)."""
+    return world == 1
+
+
+def compile_step(model, opt, state, loss, flat: bool = True):
+    """The compiled pieces of a step, with (model, optimizer, random) `state` as inputs and outputs:
+    grad(inputs, targets, mask, segments, scale, acc) -> (summed loss, acc + gradients);
+    grad_apply(..., acc, prev_total, lr, max_norm) -> (summed loss, norm): the last micro-batch and
+    the update in one call; update(grads, total, lr, max_norm) -> norm; eval_loss(inputs, targets,
+    mask, segments) -> summed loss."""
+    lvg = nn.value_and_grad(model, loss)
+
+    def grad_body(inputs, targets, mask, segments, scale, acc):
+        (_, total), g = lvg(model, inputs, targets, mask, segments, scale)
+        return total, g if acc is None else tree_map(mx.add, acc, g)
+
+    def apply_body(g, total, lr, max_norm):
+        """Clip to max_norm and update; if the loss or the norm is not finite, keep the old
+        parameters and optimizer state (selected on the device: no host decision needed)."""
+        opt.learning_rate = lr
+        done = flat_update(opt, g, model.trainable_parameters(), max_norm, total) if flat else None
+        if done is not None:
+            params, norm = done
+            model.update(params)
+            return norm
+        norm = mx.sqrt(sum(mx.sum(x.astype(mx.float32) ** 2) for _, x in tree_flatten(g)))
+        ok = mx.isfinite(norm) & mx.isfinite(total)
+        clip = mx.minimum(1.0, max_norm / (norm + 1e-6))
+        old_params = model.trainable_parameters()
+        old_opt = tree_map(lambda x: x, opt.state)
+        opt.update(model, tree_map(lambda x: x * clip.astype(x.dtype), g))
+        ok, norm = finite_weights_guard(ok, norm, [x for _, x in tree_flatten(model.trainable_parameters())])
+        model.update(tree_map(lambda new, old: mx.where(ok, new, old), model.trainable_parameters(),
+                              old_params))
+        _keep_where(ok, opt.state, old_opt)
+        return norm
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def grad(inputs, targets, mask, segments, scale, acc):
+        return grad_body(inputs, targets, mask, segments, scale, acc)
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def grad_apply(inputs, targets, mask, segments, scale, acc, prev_total, lr, max_norm):
+        total, g = grad_body(inputs, targets, mask, segments, scale, acc)
+        total = prev_total + total
+        return total, apply_body(g, total, lr, max_norm)
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def update(g, total, lr, max_norm):
+        return apply_body(g, total, lr, max_norm)
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def eval_loss(inputs, targets, mask, segments=None):
+        _, total = loss(model, inputs, targets, mask, segments, mx.array(1.0))
+        return total
+
+    return grad, grad_apply, update, eval_loss
+
+
+def flat_update(opt, grads, params, max_norm, total):
+    """The clipped optimizer update of every trainable array at once: gradients, parameters and
+    each per-parameter state entry (AdamW's m and v) are concatenated into one vector each, the
+    optimizer's own per-array rule (`apply_single`) runs once on those vectors, and the results are
+    split back (the splits are views, not copies). The same arithmetic element by element as
+    `opt.update` on each array; the gradient norm is one reduction. Why: a 7B model with LoRA on
+    7 projections has 448 adapter arrays, and the per-array update was ~10 small kernels each
+    (4,500 launches, ~30 ms of host time per step on an H100, bench/RESULTS.md); concatenating
+    is one operation whose copies run side by side on the GPU.
+
+    If the loss or the norm is not finite, parameters and state keep their old values (selected
+    on the device). Returns (new parameter tree, gradient norm), or None where the arrays don't
+    allow it (mixed dtypes, or state entries not shaped like their parameter: factored
+    optimizers); the caller then updates array by array."""
+    order = []
+    if not opt._initialized:
+        opt.init(grads)
+    tree_map(lambda g, p, st: order.append((g, p, st)), grads, params, opt.state)
+    if not order:
+        return None
+    dtype, keys = order[0][1].dtype, sorted(order[0][2])
+    for g, p, st in order:
+        if p.dtype != dtype or sorted(st) != keys or any(
+                not isinstance(st[k], mx.array) or st[k].shape != p.shape for k in keys):
+            return None
+
+    arrays = [p for _, p, _ in order]
+    gflat = concat_flat([g for g, _, _ in order])
+    norm = mx.sqrt(mx.sum(mx.square(gflat.astype(mx.float32))))
+    ok = mx.isfinite(norm) & mx.isfinite(total)
+    clip = mx.minimum(1.0, max_norm / (norm + 1e-6))
+    pflat = concat_flat(arrays)
+    old = {k: concat_flat([st[k] for _, _, st in order]) for k in keys}
+    state = dict(old)
+    old_top = {k: v for k, v in opt.state.items() if isinstance(v, mx.array)}  # step, learning_rate
+    for name, scheduler in opt._schedulers.items():
+        opt.state[name] = scheduler(opt.step)
+    opt.state["step"] = opt.step + 1
+    new = opt.apply_single(gflat * clip.astype(gflat.dtype), pflat, state)
+    ok, norm = finite_weights_guard(ok, norm, [new])
+    new = mx.where(ok, new, pflat)
+    state = {k: mx.where(ok, state[k], old[k]) for k in keys}
+    for k, v in old_top.items():
+        opt.state[k] = mx.where(ok, opt.state[k], v)
+    for k in keys:  # in place: compiled functions hold the optimizer's state dicts themselves
+        for (_, _, st), piece in zip(order, split_like(state[k], arrays)):
+            st[k] = piece
+    it = iter(split_like(new, arrays))
+    return tree_map(lambda g: next(it), grads), norm
+
+
+def finite_weights_guard(ok, norm, new_weights):
+    """An update whose new adapter weights are not all finite is refused like a non-finite loss:
+    (ok and the weights are finite, norm or NaN). Loss and norm can be finite at the very step
+    whose update overflows (a huge learning rate or weight decay, float16), so they alone miss it;
+    the NaN norm tells the host to count the step as non-finite."""
+    finite = mx.all(mx.stack([mx.all(mx.isfinite(w)) for w in new_weights]))
+    return ok & finite, mx.where(finite, norm, mx.array(float("nan"), dtype=norm.dtype))
+
+
+def _keep_where(ok, tree, old) -> None:
+    """In place: each array of the (nested dict/list) `tree` becomes where(ok, new, old). In place
+    because compiled functions hold the optimizer's state dict itself."""
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree)
+    for k, v in list(items):
+        if isinstance(v, (dict, list)):
+            _keep_where(ok, v, old[k])
+        elif isinstance(v, mx.array):
+            tree[k] = mx.where(ok, v, old[k])
+
+
+def concat_flat(arrays):
+    """The arrays' elements as one vector, in order (one operation; split_like undoes it)."""
+    return mx.concatenate([x.reshape(-1) for x in arrays]) if len(arrays) > 1 else arrays[0].reshape(-1)
+
+
+def split_like(flat, arrays) -> list:
+    """Views of `flat` shaped like `arrays`, in order (the inverse of concat_flat)."""
+    out, i = [], 0
+    for x in arrays:
+        out.append(flat[i:i + x.size].reshape(x.shape))
+        i += x.size
+    return out
+
+
+def all_sum_tree(tree):
+    """Sum a gradient tree over all processes in one all-reduce: the leaves are packed into one
+    flat buffer (one call instead of one per tensor: 7 per block add up in latency)."""
+    keys, leaves = zip(*tree_flatten(tree))
+    flat = mx.distributed.all_sum(concat_flat(leaves))
+    return tree_unflatten(list(zip(keys, split_like(flat, leaves))))
