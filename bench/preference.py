@@ -34,7 +34,10 @@ def preference_table(run, valid, max_seq_length, beta, batch=4):
     from steadytune.generation import load_tuned
     from steadytune.preference import all_logps, preference_scores, read_pairs, reference_logps, tokenize_pairs
 
+    from steadytune.qlora import apply_compute
+
     loaded = load_tuned(run)
+    apply_compute(loaded.model, "auto")
     tp = tokenize_pairs(read_pairs(valid), loaded.tokenizer, max_seq_length)
     ref = reference_logps(loaded.model, tp, batch)
     pol = all_logps(loaded.model, tp, batch)

@@ -276,14 +276,20 @@ def read_file(path: str | Path) -> list[Example]:
                             "which is not text; fix or remove the escape")
         if len(problems) == before:
             examples.append(_to_example(rec, kind, where))
+    raise_problems(path, kinds, problems, "data")
+    return examples
+
+
+def raise_problems(path, kinds: dict, problems: list[str], what: str) -> None:
+    """A file's problems as one UserError: mixed formats first, then one problem as it is or all
+    of them at once (shared by the SFT and the pair readers)."""
     if len(kinds) > 1:
         first = ", ".join(f"{k} (first at {w})" for k, w in kinds.items())
         problems.insert(0, f"{path}: records mix formats: {first}; use one format per file")
     if len(problems) == 1:
         raise UserError(problems[0])
     if problems:
-        raise UserError(f"{path}: {len(problems)} problems in the data", problems)
-    return examples
+        raise UserError(f"{path}: {len(problems)} problems in the {what}", problems)
 
 
 def find_files(path: str | Path) -> dict[str, Path]:
@@ -382,9 +388,10 @@ def render_chat(tokenizer, messages, tools=None, add_generation_prompt=False, wh
                                              add_generation_prompt=add_generation_prompt)
     except Exception as e:
         msg = " ".join(str(e).split())[:200] or "no message"
-        roles = ", ".join(str(m.get("role")) if isinstance(m, dict) else "?" for m in messages)
+        if type(e).__name__ == "TemplateError":  # the template's raise_exception(): the roles tell why
+            msg += "; roles: " + ", ".join(str(m.get("role")) if isinstance(m, dict) else "?" for m in messages)
         raise UserError(f"{where}: the chat template of {_model_name(tokenizer)} failed on this conversation "
-                        f"({type(e).__name__}: {msg}; roles: {roles}); use roles the template accepts, "
+                        f"({type(e).__name__}: {msg}); use roles the template accepts, "
                         "or fix the model's chat_template") from None
 
 

@@ -111,13 +111,14 @@ def _dequantized(layer):
 def _replace_quantized(model) -> None:
     from mlx.utils import tree_unflatten
 
-    new, done = [], []
-    for name, m in model.named_modules():
-        if any(name.startswith(d + ".") for d in done):
-            continue  # inside a fused LoRA layer
-        if hasattr(m, "lora_a") and hasattr(m, "fuse"):
+    modules = model.named_modules()
+    lora = {name for name, m in modules if hasattr(m, "lora_a") and hasattr(m, "fuse")}
+    new = []
+    for name, m in modules:
+        if any(name.startswith(d + ".") for d in lora):
+            continue  # inside a LoRA layer, which is fused as a whole
+        if name in lora:
             new.append((name, m.fuse(dequantize=True)))
-            done.append(name)
         elif isinstance(m, nn.QuantizedLinear):
             layer = nn.Linear(1, 1, bias="bias" in m)
             layer.weight = _dequantized(m)

@@ -85,7 +85,6 @@ ARCHS = {
     "gemma3": Arch("gemma3_text", "Gemma3ForCausalLM", {**_GEMMA_BLOCK, **_QK_NORM}, False, 1.0),
     "phi3": Arch("phi3", "Phi3ForCausalLM", _PHI3_BLOCK, False),
 }
-LLAMA_ARCHS = tuple(a for a, spec in ARCHS.items() if spec.model_type == "llama")
 # Tokens a chat template ends a turn with; generation must stop on them, not only on the file's eos.
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|end_of_turn|>", "</s>")
 
@@ -253,11 +252,13 @@ def _arch(header: GGUFHeader, path) -> str:
 
 def loadable_types() -> set[str]:
     """GGML types whose tensors load: floats, our own dequantizers and the gguf package's."""
-    from gguf.quants import _type_traits
+    import gguf.quants
 
     from .gguf_quants import OURS
 
-    return set(FLOAT_TYPES) | set(OURS) | {t.name for t in _type_traits}
+    # the package's registry of the types it has a (de)quantizer for (it has no public list)
+    package = getattr(gguf.quants, "_type_traits", {})
+    return set(FLOAT_TYPES) | set(OURS) | {t.name for t in package}
 
 
 def _check_tensors(header: GGUFHeader, path) -> None:
@@ -384,9 +385,9 @@ def bits_per_weight(gtype: str) -> float:
     return size * 8 / block
 
 
-def tensor_plan(name: str, gtype: str, shape: tuple, bits: int | None, group_size: int):
-    """(bits, group size) that GGUF tensor `name` becomes as an MLX quantized layer, or None if it
-    loads as floats. The one rule the loader, its summary and the memory planner share.
+def tensor_plan(gtype: str, shape: tuple, bits: int | None, group_size: int):
+    """(bits, group size) that a GGUF tensor of type `gtype` becomes as an MLX quantized layer, or
+    None if it loads as floats. The one rule the loader, its summary and the memory planner share.
 
     Q4_0/Q4_1/Q8_0 blocks are MLX affine groups of 32 already and convert without rounding, and so
     do Q4_K's 32-value sub-blocks when 4 bits are asked for, whatever the group size. Every other
@@ -424,7 +425,7 @@ def layer_plans(header: GGUFHeader, spec: Arch, bits, group_size, path="GGUF") -
     for name, (gtype, shape) in header.tensors.items():
         if not name.endswith(".weight") or len(shape) != 2:
             continue
-        plan = tensor_plan(name, gtype, shape, bits, group_size)
+        plan = tensor_plan(gtype, shape, bits, group_size)
         per[_mlx_name(name, spec, path).rsplit(".", 1)[0]] = (
             {"group_size": plan[1], "bits": plan[0]} if plan else False)
     return per
@@ -443,8 +444,8 @@ def quantization_entry(header: GGUFHeader, spec: Arch, bits, group_size) -> dict
 def load_summary(header: GGUFHeader, bits, group_size) -> list[str]:
     """One line per GGML type: how many tensors, and what they became."""
     seen = {}
-    for name, (gtype, shape) in header.tensors.items():
-        plan = tensor_plan(name, gtype, shape, bits, group_size)
+    for gtype, shape in header.tensors.values():
+        plan = tensor_plan(gtype, shape, bits, group_size)
         if plan is None:
             what = "float, as stored" if gtype in FLOAT_TYPES else "dequantized to float32"
         else:
@@ -507,7 +508,7 @@ def _read_tensors(path, header: GGUFHeader, bits, group_size) -> dict:
         start, nbytes = header.data[name]
         data = mm[start:start + nbytes]
         stem = name.rsplit(".", 1)[0]
-        plan = tensor_plan(name, gtype, shape, bits, group_size)
+        plan = tensor_plan(gtype, shape, bits, group_size)
         if gtype == "BF16":
             out[name] = mx.array(np.array(data).view(np.uint16).reshape(shape)).view(mx.bfloat16)
         elif gtype in ("F32", "F16"):

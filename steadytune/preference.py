@@ -28,7 +28,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .data import Example, find_files, first_after_shuffle, holdout, tokenize
+from .data import Example, find_files, first_after_shuffle, holdout, raise_problems, tokenize
 from .data import _has_lone_surrogate, _read_lines, _short  # the SFT reader's JSON and text checks
 from .errors import UserError
 
@@ -180,13 +180,7 @@ def read_pairs(path: str | Path) -> list[Pair]:
         p = parse_pair(rec, kind, where, problems)
         if p is not None:
             pairs.append(p)
-    if len(kinds) > 1:
-        first = ", ".join(f"{k} (first at {w})" for k, w in kinds.items())
-        problems.insert(0, f"{path}: records mix formats: {first}; use one format per file")
-    if len(problems) == 1:
-        raise UserError(problems[0])
-    if problems:
-        raise UserError(f"{path}: {len(problems)} problems in the pairs", problems)
+    raise_problems(path, kinds, problems, "pairs")
     return pairs
 
 

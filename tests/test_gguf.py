@@ -494,10 +494,6 @@ def load_reference(config, module, weights):
     return model
 
 
-ARCH_META = {"qwen3": {"key_length": 32, "value_length": 32}, "gemma2": {"key_length": 16, "value_length": 16},
-             "gemma3": {"key_length": 16, "value_length": 16}}
-
-
 def to_file(arch: str, gname: str, value: np.ndarray) -> np.ndarray:
     """What llama.cpp's converter does to a tensor: q/k rows permuted for the llama family (its
     RoPE rotates adjacent pairs), 1 added to gemma's norms (llama.cpp multiplies by w, not 1 + w)."""
@@ -534,8 +530,9 @@ def write_arch_gguf(path, folder, arch: str, config: dict, tensors: dict) -> Non
     w.add_layer_norm_rms_eps(config["rms_norm_eps"])
     w.add_rope_freq_base(config["rope_theta"])
     w.add_rope_dimension_count(int(config["head_dim"] * config.get("partial_rotary_factor", 1)))
-    for key, value in ARCH_META.get(arch, {}).items():
-        w.add_uint32(f"{arch}.attention.{key}", value)
+    if arch in ("qwen3", "gemma2", "gemma3"):  # the converters of families with their own head_dim
+        w.add_key_length(config["head_dim"])
+        w.add_value_length(config["head_dim"])
     if arch == "gemma2":
         w.add_attn_logit_softcapping(config["attn_logit_softcapping"])
         w.add_final_logit_softcapping(config["final_logit_softcapping"])
@@ -616,9 +613,11 @@ ARCH_PROMPTS = ["The capital of France is Paris, and", "hello tiny model 42 <|im
 def test_each_family_gives_the_logits_of_mlx_lm_with_the_same_weights(arch_folder, tmp_path, arch, variant):
     path, ref, config = arch_variant(tmp_path, arch_folder, arch, variant)
     # K-quant tensors load as their exact float values here (bits=None), so every variant holds the
-    # reference's numbers and only float summation order differs: float32 over <= 256 terms of
-    # size ~1 gives |error| ~ 1e-6 per logit; 1e-4 leaves room and still catches any wrong
-    # transform (a wrong norm offset, rope layout or scale moves logits by 1e-2 or more).
+    # reference's numbers (gemma's (1 + w) - 1 even gives back the same 1 + w) and only float
+    # summation order may differ: on the CPU the logits are bit-identical (max diff 0.0 in all 21
+    # cases); a kernel that sums in another order (float32, <= 256 terms of size ~1) moves a logit
+    # by ~1e-6. 1e-4 leaves room for that and still catches any wrong transform (a wrong norm
+    # offset, rope layout or attention scale moves logits by 1e-2 or more).
     model, tok, got_config = load_gguf(str(path), bits=None if variant == "kquant" else 4)
     # In float32, as load_base runs it on a CPU: MLX's own reader keeps F16 tensors and the scales
     # of Q4_0/Q8_0 groups in float16, and would round every product to float16 (2^-11) otherwise.

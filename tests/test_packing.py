@@ -96,7 +96,7 @@ def test_packed_gradients_equal_one_example_per_row(tiny_model, tmp_path, ckpt):
     counts and gradients (float32), with and without gradient checkpointing. Packed examples sit
     at row offsets > 0, so this also checks that their positions restart in effect."""
     d = make_chat_data(tmp_path / "data", 12)
-    padded = _trainer(tiny_model, d, tmp_path, "padded", batch_size=6, grad_checkpoint=ckpt)
+    padded = _trainer(tiny_model, d, tmp_path, "padded", batch_size=6, pack=False, grad_checkpoint=ckpt)
     packed = _trainer(tiny_model, d, tmp_path, "packed", batch_size=2, pack=True, grad_checkpoint=ckpt)
     ex = list(range(6))
     need = [len(packed.run.train_set.ids[i]) - 1 for i in ex]

@@ -15,6 +15,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from steadytune import plan
+from steadytune.batching import pack_width
 from steadytune.cli import main
 from steadytune.config import Config, LoraConfig
 from steadytune.errors import UserError
@@ -106,8 +107,10 @@ def test_the_default_models_gguf_header_gives_its_shape():
 
 
 def config(batch=4, seq=2048, **training) -> Config:
+    """A config with one example a row (pack False) unless `pack=True` is given: the planner's
+    padding arithmetic below is the unpacked batcher's; packed plans are pinned separately."""
     cfg = Config()
-    cfg.training.batch_size, cfg.data.max_seq_length = batch, seq
+    cfg.training.batch_size, cfg.data.max_seq_length, cfg.training.pack = batch, seq, False
     for k, v in training.items():
         setattr(cfg.training, k, v)
     return cfg
@@ -285,7 +288,7 @@ def test_plan_command_prints_json_with_the_verdict(tiny_model, tmp_path, capsys)
     out = json.loads(capsys.readouterr().out)
     assert out["fits"] is True and out["available_gb"] == 4.0 and out["batch_size"] == 2
     assert out["predicted_peak_gb"] > out["breakdown_gb"]["base_weights"] > 0
-    assert out["seq_width"] == plan.padded_width(out["data"]["longest"], "cpu")
+    assert out["seq_width"] == pack_width([out["data"]["longest"]])  # packed rows: the default
     assert main(args + ["--memory-gb", "0.001"]) == 1
     assert json.loads(capsys.readouterr().out)["fits"] is False
 

@@ -28,6 +28,7 @@ def command(args) -> int:
     from ..data import find_files
     from ..generation import adapter_dir, load_tuned
     from ..preference import all_logps, preference_scores, read_pairs, reference_logps, tokenize_pairs
+    from ..qlora import apply_compute
 
     run = Path(args.run)
     adapter_dir(run)  # a clear error before anything loads
@@ -40,6 +41,7 @@ def command(args) -> int:
     path = files.get("valid", files["train"])
     pairs = read_pairs(path)
     loaded = load_tuned(run)
+    apply_compute(loaded.model, cfg.model.compute)  # the training's fast quantized matmuls (the CPU's are slow otherwise)
     tp = tokenize_pairs(pairs, loaded.tokenizer, cfg.data.max_seq_length, "truncate")
     ref = reference_logps(loaded.model, tp, args.batch_size)
     policy = all_logps(loaded.model, tp, args.batch_size)
