@@ -280,6 +280,18 @@ def read_file(path: str | Path) -> list[Example]:
     return examples
 
 
+def read_splits(path, files: dict, reader, what: str) -> dict:
+    """split -> reader(file) for every file; every file's problems reported together."""
+    data, problems = {}, []
+    for split, f in files.items():
+        try:
+            data[split] = reader(f)
+        except UserError as e:
+            problems += e.problems or [str(e)]
+    raise_problems(path, {}, problems, what)
+    return data
+
+
 def raise_problems(path, kinds: dict, problems: list[str], what: str) -> None:
     """A file's problems as one UserError: mixed formats first, then one problem as it is or all
     of them at once (shared by the SFT and the pair readers)."""
@@ -332,16 +344,7 @@ def load_splits(path: str | Path, valid_fraction: float = 0.05, seed: int = 0,
     keeps the first N of a seeded shuffle of train (the hold-out does not depend on N, so a
     10-example trial validates on the same examples as the full run)."""
     files = find_files(path)
-    data, problems = {}, []
-    for split, f in files.items():
-        try:
-            data[split] = read_file(f)
-        except UserError as e:  # report every file's problems together
-            problems += e.problems or [str(e)]
-    if len(problems) == 1:
-        raise UserError(problems[0])
-    if problems:
-        raise UserError(f"{path}: {len(problems)} problems in the data", problems)
+    data = read_splits(path, files, read_file, "data")
     splits = Splits(data["train"], data.get("valid", []), data.get("test", []),
                     files={k: str(v) for k, v in files.items()})
     if not splits.valid and valid_fraction == 0:

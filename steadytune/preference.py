@@ -28,7 +28,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .data import Example, find_files, first_after_shuffle, holdout, raise_problems, tokenize
+from .data import Example, find_files, first_after_shuffle, holdout, raise_problems, read_splits, tokenize
 from .data import _has_lone_surrogate, _read_lines, _short  # the SFT reader's JSON and text checks
 from .errors import UserError
 
@@ -190,16 +190,7 @@ def load_pair_splits(path: str | Path, valid_fraction: float = 0.05, seed: int =
     without a validation file a seeded `valid_fraction` of train is held out (0: none), then
     `max_examples` keeps the first N of a seeded shuffle of train."""
     files = find_files(path)
-    data, problems = {}, []
-    for split, f in files.items():
-        try:
-            data[split] = read_pairs(f)
-        except UserError as e:
-            problems += e.problems or [str(e)]
-    if len(problems) == 1:
-        raise UserError(problems[0])
-    if problems:
-        raise UserError(f"{path}: {len(problems)} problems in the pairs", problems)
+    data = read_splits(path, files, read_pairs, "pairs")
     s = PairSplits(data["train"], data.get("valid", []), data.get("test", []),
                    files={k: str(v) for k, v in files.items()})
     if not s.valid and valid_fraction > 0:
