@@ -11,7 +11,11 @@ speed: steadytune's DPO step (preference.PairStep) against mlx-lm-lora's DPO tra
     Needs `pip install mlx-lm-lora` (the `bench` extra).
 
     python bench/preference.py quality [--epochs 1] [--max-seq-length 1024] [--out runs/pref-quality]
-    python bench/preference.py speed [--pairs 32] [--batch-size 2] [--max-seq-length 512]
+    python bench/preference.py speed [--pairs 32] [--batch-size 2] [--max-seq-length 512] [--model 7b]
+
+--data names the dpo_en_demo folder (default ../shared/data/dpo_en_demo); --model 7b (speed only)
+builds bench/throughput.py's 7B-shaped 4-bit model with a tokenizer trained on the pairs (random
+weights: speed, not quality) in --work, once.
 """
 
 import argparse
@@ -47,7 +51,7 @@ def preference_table(run, valid, max_seq_length, beta, batch=4):
     return s["base_accuracy"], tuned, s["accuracy"], s["mean_margin"], s["pairs"]
 
 
-def fitting_pairs(folder: Path, max_seq_length: int) -> dict:
+def fitting_pairs(folder: Path, max_seq_length: int, source: Path = DATA) -> dict:
     """Copies of train.json and valid.json in `folder` without the pairs whose prompt alone is
     max_seq_length tokens or more (an error by the truncation rule, docs/preference.md): the
     multi-turn pairs of dpo_en_demo reach 4,100 prompt tokens. Returns {split: (kept, of)}."""
@@ -60,9 +64,9 @@ def fitting_pairs(folder: Path, max_seq_length: int) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     counts = {}
     for split in ("train", "valid"):
-        recs = json.loads((DATA / f"{split}.json").read_text())
+        recs = json.loads((source / f"{split}.json").read_text())
         keep = []
-        for p in read_pairs(DATA / f"{split}.json"):
+        for p in read_pairs(source / f"{split}.json"):
             try:
                 tokenize_pair(p, tok, max_seq_length)
                 keep.append(recs[int(p.where.rsplit(":", 1)[1]) - 1])
@@ -76,7 +80,7 @@ def fitting_pairs(folder: Path, max_seq_length: int) -> dict:
 def quality(a):
     out = Path(a.out)
     data = Path(str(out) + "-data")
-    counts = fitting_pairs(data, a.max_seq_length)
+    counts = fitting_pairs(data, a.max_seq_length, Path(a.data))
     cmd = [sys.executable, "-m", "steadytune.cli", "train", "--data", str(data), "--out", str(out),
            "--method", "dpo", "--beta", str(a.beta), "--epochs", str(a.epochs), "--batch-size", str(a.batch_size),
            "--learning-rate", str(a.lr), "--max-seq-length", str(a.max_seq_length), "--eval-every", "0",
@@ -98,13 +102,13 @@ def quality(a):
     print(f"| mean DPO reward margin | 0 | {margin:.4f} |")
 
 
-def _pairs(n, max_seq_length, tokenizer):
+def _pairs(n, max_seq_length, tokenizer, source: Path = DATA):
     """The first n pairs of train.json whose prompt fits in max_seq_length (docs/preference.md)."""
     from steadytune.errors import UserError
     from steadytune.preference import read_pairs, tokenize_pair, tokenize_pairs
 
     keep = []
-    for p in read_pairs(DATA / "train.json"):
+    for p in read_pairs(source / "train.json"):
         try:
             tokenize_pair(p, tokenizer, max_seq_length)
         except UserError:
@@ -126,8 +130,9 @@ def steadytune_speed(a):
     from steadytune.qlora import apply_compute
 
     cfg = Config()
+    cfg.model.path = a.model
     loaded = load_base(cfg.model)
-    _, tp = _pairs(a.pairs, a.max_seq_length, loaded.tokenizer)
+    _, tp = _pairs(a.pairs, a.max_seq_length, loaded.tokenizer, Path(a.data))
     model = loaded.model
     apply_lora(model, cfg.lora, 0)
     apply_compute(model, cfg.model.compute)
@@ -186,10 +191,11 @@ def mlx_lm_lora_speed(a):
     from steadytune.model import apply_lora, load_base
 
     cfg = Config()
+    cfg.model.path = a.model
     loaded = load_base(cfg.model)
     ref_model = load_base(cfg.model).model
     ref_model.freeze()
-    _, tp = _pairs(a.pairs, a.max_seq_length, loaded.tokenizer)
+    _, tp = _pairs(a.pairs, a.max_seq_length, loaded.tokenizer, Path(a.data))
     model = loaded.model
     apply_lora(model, cfg.lora, 0)
     data = [{"chosen": tp.seqs[2 * i], "rejected": tp.seqs[2 * i + 1],
@@ -230,6 +236,17 @@ def mlx_lm_lora_speed(a):
             "tokens": toks}
 
 
+def seven_b(folder: Path, data: Path) -> Path:
+    """bench/throughput.py's 7B-shaped 4-bit model folder, its tokenizer trained on the pairs' text."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import throughput as tp
+
+    if not (folder / "model.safetensors").exists():
+        texts = [json.dumps(r) for r in json.loads((data / "train.json").read_text())]
+        tp.write_model_folder(folder, "7b", tp.build_base("7b", mx.bfloat16), texts * 3)
+    return folder
+
+
 def speed(a):
     """Each side in a process of its own (peak memory is per process)."""
     if a.side == "steadytune":
@@ -239,10 +256,13 @@ def speed(a):
     if a.side == "mlx-lm-lora":
         print("RESULT " + json.dumps(mlx_lm_lora_speed(a)))
         return
+    if a.model == "7b":
+        a.model = str(seven_b(Path(a.work) / "model-7b", Path(a.data)))
     res = {}
     for side in ("steadytune", "mlx-lm-lora"):
         cmd = [sys.executable, __file__, "speed", "--side", side, "--pairs", str(a.pairs), "--batch-size",
-               str(a.batch_size), "--max-seq-length", str(a.max_seq_length)]
+               str(a.batch_size), "--max-seq-length", str(a.max_seq_length), "--data", a.data,
+               "--model", a.model, "--tmp", a.tmp]
         out = subprocess.run(cmd, capture_output=True, text=True)
         line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
         if not line:
@@ -260,8 +280,9 @@ def speed(a):
         t = res["mlx-lm-lora"]
         rows.append((f"mlx-lm-lora {t['version']} train_dpo (reference: a second model)", t["tok_s"], t["cpu_tok_s"],
                      t["peak_gb"]))
-    print(f"\nDPO step, default model (4-bit, LoRA rank 8, all layers), the first {a.pairs} pairs of "
-          f"{DATA.name}/train.json, batch {a.batch_size} pairs, max_seq_length {a.max_seq_length}, "
+    what = "the default model" if a.model == "smollm2-135m" else "the 7B-shaped model (random weights)"
+    print(f"\nDPO step, {what} ({mx.default_device()}, 4-bit, LoRA rank 8, all layers), the first {a.pairs} pairs of "
+          f"{Path(a.data).name}/train.json, batch {a.batch_size} pairs, max_seq_length {a.max_seq_length}, "
           "a first pass over them untimed (compilation), the second timed; tokens count the non-padding "
           "tokens of both sides; tokens per CPU-second (process time, all threads) is the measure that "
           "holds on a machine shared with other work\n")
@@ -288,6 +309,10 @@ def main():
     s.add_argument("--max-seq-length", type=int, default=512)
     s.add_argument("--side", choices=["both", "steadytune", "mlx-lm-lora"], default="both")
     s.add_argument("--tmp", default="/tmp")
+    for sp in (q, s):
+        sp.add_argument("--data", default=str(DATA), help="the dpo_en_demo folder (train.json, valid.json)")
+    s.add_argument("--model", default="smollm2-135m", help="a model path, or 7b (built in --work)")
+    s.add_argument("--work", default="runs/pref-speed", help="where --model 7b is built")
     a = p.parse_args()
     quality(a) if a.cmd == "quality" else speed(a)
 

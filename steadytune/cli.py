@@ -42,7 +42,22 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def hide_torch() -> None:
+    """Make PyTorch invisible to this process, unless something imported it already.
+
+    transformers (mlx-lm's tokenizers) imports torch whenever it is installed, as it is on most
+    rented GPU machines: on an H200 machine that import took 16.2-16.7 s against 3.5 s without torch,
+    most of a run's start-up (bench/RESULTS.md). steadytune never needs torch: MLX computes and the
+    tokenizers come from the `tokenizers` package. A None entry in sys.modules is how Python spells
+    "not installed" (importlib.util.find_spec returns None, import raises ImportError). Only the
+    `steadytune` program does this; importing steadytune in a notebook leaves torch alone."""
+    if "torch" not in sys.modules:
+        sys.modules["torch"] = None
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the program, not a caller in Python
+        hide_torch()
     import steadytune  # noqa: F401  (loads the fast BLAS before mlx)
     from .errors import UserError
 

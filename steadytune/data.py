@@ -1,47 +1,17 @@
-"""Training data: reading, validating, templating and loss masks.
-
-Five record formats, detected per file (mixing them in one file is an error):
-  chat        {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...], "tools"?: [...]}
-  sharegpt    {"conversations": [{"from": "human"|"gpt"|"system"|"user"|"assistant", "value": str}, ...],
-               "system"?: str}  (LLaMA-Factory, axolotl and much of the Hub)
-  completion  {"prompt": str, "completion": str}
-  text        {"text": str}
-  alpaca      {"instruction": str, "input"?: str, "output": str}
-in JSONL (one record a line) or a JSON array file. Every problem is reported as `file:line: ...`
-before any model loads.
+"""Training data: a data argument's files found and read (the record formats and their checks:
+formats.py), the validation hold-out, templating and loss masks.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .errors import UserError
-
-ROLES = ("system", "user", "assistant", "tool")
-FORMATS = {
-    "chat": ("messages",),
-    "sharegpt": ("conversations",),
-    "completion": ("prompt", "completion"),
-    "alpaca": ("instruction", "output"),
-    "text": ("text",),
-}
-MAX_PROBLEMS = 20
-# ShareGPT speakers -> chat roles ("human"/"gpt" in the original dumps; many tools write user/assistant)
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "system": "system"}
-
-
-@dataclass
-class Example:
-    where: str                    # "file:line", for messages
-    kind: str                     # one of FORMATS
-    messages: list | None = None  # chat form (every format but text)
-    text: str | None = None       # text form
-    tools: list | None = None
+from .formats import Example, raise_problems, read_bytes, read_file  # data.Example etc. stay importable
+from .runinfo import data_fingerprint
 
 
 @dataclass
@@ -51,257 +21,39 @@ class Splits:
     test: list[Example] = field(default_factory=list)
     files: dict = field(default_factory=dict)   # split -> path
     notes: list[str] = field(default_factory=list)
+    fingerprint: str = ""                       # runinfo.data_fingerprint of the files read
 
 
-def _loads(text: str):
-    """json.loads that reports Python's own limits (integers over 4300 digits, nesting deeper than
-    the recursion limit) as malformed JSON instead of letting ValueError/RecursionError escape."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        raise
-    except RecursionError:
-        raise json.JSONDecodeError("nested deeper than Python's limit", text, 0) from None
-    except ValueError:
-        raise json.JSONDecodeError("an integer longer than Python's 4300-digit limit", text, 0) from None
-
-
-def _read_lines(path: Path) -> list[tuple[int, object]]:
-    """(line number, parsed JSON) pairs; a JSON array file gives element indexes as lines."""
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror}); check the path and permissions") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise UserError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#x}); re-save the file as UTF-8") from None
-    if not text.strip():
-        raise UserError(f"{path}: the file is empty; add at least one record")
-    if "\x00" in text:  # NUL is valid UTF-8 but never valid JSON: UTF-16 without a BOM, or binary
-        line = text[: text.index("\x00")].count("\n") + 1
-        raise UserError(f"{path}:{line}: NUL bytes in the text (UTF-16 or a binary file?); "
-                        "re-save the file as UTF-8 JSONL")
-    if path.suffix == ".json" or text.lstrip().startswith("["):
-        try:
-            arr = _loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{e.lineno}: malformed JSON ({e.msg}); fix the syntax") from None
-        if not isinstance(arr, list):
-            raise UserError(f"{path}: a .json data file must hold an array of records; "
-                            "use JSONL for one record per line")
-        return [(i + 1, r) for i, r in enumerate(arr)]
-    out, problems = [], []
-    for n, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 may sit in a string
-        if not line.strip():
-            continue
-        try:
-            out.append((n, _loads(line)))
-        except json.JSONDecodeError as e:
-            problems.append(f"{path}:{n}: malformed JSON ({e.msg.removesuffix(' at')} at column {e.colno}); "
-                            "each line must be one JSON object")
-    if len(problems) == 1:
-        raise UserError(problems[0])
-    if problems:
-        raise UserError(f"{path}: {len(problems)} malformed lines", problems)
-    if not out:
-        raise UserError(f"{path}: the file is empty; add at least one record")
-    return out
-
-
-def _short(value, limit: int = 40) -> str:
-    """repr for messages, cut so a hostile megabyte-long value cannot flood the terminal."""
-    r = repr(value)
-    return r if len(r) <= limit else r[: limit - 3] + "..."
-
-
-def _has_lone_surrogate(value) -> bool:
-    """True if any string in a parsed record holds an unpaired surrogate (JSON allows the escape
-    "\\ud800"; Python keeps it; tokenizers then fail). Iterative: records may nest deeply."""
-    stack = [value]
-    while stack:
-        v = stack.pop()
-        if isinstance(v, str):
-            try:
-                v.encode("utf-8")
-            except UnicodeEncodeError:
-                return True
-        elif isinstance(v, dict):
-            stack += [*v.keys(), *v.values()]
-        elif isinstance(v, list):
-            stack += v
-    return False
-
-
-def detect_format(rec: object) -> str | None:
-    if not isinstance(rec, dict):
-        return None
-    for kind, keys in FORMATS.items():
-        if keys[0] in rec:
-            return kind
-    return None
-
-
-def _check_str(rec, key, where, problems, required=True):
-    v = rec.get(key)
-    if v is None:
-        if required:
-            problems.append(f"{where}: missing field '{key}'")
-        return
-    if not isinstance(v, str):
-        problems.append(f"{where}: '{key}' must be a string, got {type(v).__name__}")
-    elif required and not v.strip():
-        problems.append(f"{where}: '{key}' is empty")
-
-
-def _check_messages(rec, where, problems):
-    msgs = rec.get("messages")
-    if not isinstance(msgs, list):
-        problems.append(f"{where}: 'messages' must be a list of {{role, content}} objects, "
-                        f"got {type(msgs).__name__}")
-        return
-    if not msgs:
-        problems.append(f"{where}: 'messages' is empty; a conversation needs at least a user and an assistant turn")
-        return
-    for i, m in enumerate(msgs):
-        at = f"{where}: messages[{i}]"
-        if not isinstance(m, dict):
-            problems.append(f"{at} must be an object with 'role' and 'content', got {type(m).__name__}")
-            continue
-        role = m.get("role")
-        if role not in ROLES:
-            problems.append(f"{at}: unknown role {_short(role)}; use one of {', '.join(ROLES)}")
-        content = m.get("content")
-        if not isinstance(content, str):
-            if content is None and m.get("tool_calls"):
-                continue
-            problems.append(f"{at}: 'content' must be a string, got {type(content).__name__}")
-        elif role == "assistant" and not content.strip():
-            problems.append(f"{at}: assistant content is empty")
-    if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in msgs):
-        problems.append(f"{where}: no assistant turn; add the answer the model should learn")
-    tools = rec.get("tools")
-    if tools is not None and not isinstance(tools, list):
-        problems.append(f"{where}: 'tools' must be a list, got {type(tools).__name__}")
-
-
-def _role_of(speaker) -> str | None:
-    """The chat role of a ShareGPT speaker; None for anything else (a list or a dict included)."""
-    return SHAREGPT_ROLES.get(speaker) if isinstance(speaker, str) else None
-
-
-def _check_conversations(rec, where, problems):
-    """ShareGPT records, validated like chat records; messages name `conversations[i]`."""
-    turns = rec.get("conversations")
-    if not isinstance(turns, list):
-        problems.append(f"{where}: 'conversations' must be a list of {{from, value}} objects, "
-                        f"got {type(turns).__name__}")
-        return
-    if not turns:
-        problems.append(f"{where}: 'conversations' is empty; a conversation needs at least a human and a gpt turn")
-        return
-    _check_str(rec, "system", where, problems, required=False)
-    for i, m in enumerate(turns):
-        at = f"{where}: conversations[{i}]"
-        if not isinstance(m, dict):
-            problems.append(f"{at} must be an object with 'from' and 'value', got {type(m).__name__}")
-            continue
-        speaker = m.get("from")
-        if _role_of(speaker) is None:
-            problems.append(f"{at}: unknown 'from' {_short(speaker)}; use one of {', '.join(SHAREGPT_ROLES)}")
-        value = m.get("value")
-        if not isinstance(value, str):
-            problems.append(f"{at}: 'value' must be a string, got {type(value).__name__}")
-        elif _role_of(speaker) == "assistant" and not value.strip():
-            problems.append(f"{at}: gpt value is empty")
-    if not any(isinstance(m, dict) and _role_of(m.get("from")) == "assistant" for m in turns):
-        problems.append(f"{where}: no gpt (assistant) turn; add the answer the model should learn")
-
-
-def _to_example(rec: dict, kind: str, where: str) -> Example:
-    if kind == "chat":
-        return Example(where, kind, messages=rec["messages"], tools=rec.get("tools"))
-    if kind == "sharegpt":
-        msgs = [{"role": "system", "content": rec["system"]}] if rec.get("system") else []
-        msgs += [{"role": SHAREGPT_ROLES[m["from"]], "content": m["value"]} for m in rec["conversations"]]
-        return Example(where, kind, messages=msgs)
-    if kind == "completion":
-        return Example(where, kind, messages=[{"role": "user", "content": rec["prompt"]},
-                                              {"role": "assistant", "content": rec["completion"]}])
-    if kind == "alpaca":
-        prompt = rec["instruction"] + (f"\n\n{rec['input']}" if rec.get("input") else "")
-        return Example(where, kind, messages=[{"role": "user", "content": prompt},
-                                              {"role": "assistant", "content": rec["output"]}])
-    return Example(where, kind, text=rec["text"])
-
-
-def read_file(path: str | Path) -> list[Example]:
-    """Read and validate one data file; raise one UserError listing every problem (up to 20)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: data file not found; check the path")
-    problems: list[str] = []
-    rows = _read_lines(path)
-    kinds = {}
-    examples = []
-    for n, rec in rows:
-        where = f"{path}:{n}"
-        kind = detect_format(rec)
-        if kind is None:
-            if not isinstance(rec, dict):
-                problems.append(f"{where}: a record must be a JSON object, got {type(rec).__name__}")
-            else:
-                keys = ", ".join(_short(k, 30) for k in list(rec)[:5]) + (", ..." if len(rec) > 5 else "")
-                problems.append(f"{where}: unknown record format (keys: {keys or 'none'}); "
-                                "use messages, prompt+completion, text, instruction+output, or conversations (ShareGPT)")
-            continue
-        kinds.setdefault(kind, where)
-        before = len(problems)
-        if kind == "chat":
-            _check_messages(rec, where, problems)
-        elif kind == "sharegpt":
-            _check_conversations(rec, where, problems)
-        elif kind == "completion":
-            _check_str(rec, "prompt", where, problems)
-            _check_str(rec, "completion", where, problems)
-        elif kind == "alpaca":
-            _check_str(rec, "instruction", where, problems)
-            _check_str(rec, "output", where, problems)
-            _check_str(rec, "input", where, problems, required=False)
-        else:
-            _check_str(rec, "text", where, problems)
-        if len(problems) == before and _has_lone_surrogate(rec):
-            problems.append(f"{where}: a string holds an unpaired surrogate escape (like \\ud800), "
-                            "which is not text; fix or remove the escape")
-        if len(problems) == before:
-            examples.append(_to_example(rec, kind, where))
-    raise_problems(path, kinds, problems, "data")
-    return examples
-
-
-def read_splits(path, files: dict, reader, what: str) -> dict:
-    """split -> reader(file) for every file; every file's problems reported together."""
-    data, problems = {}, []
+def read_splits(path, files: dict, reader, what: str) -> tuple[dict, str]:
+    """(split -> reader(file, its bytes), data fingerprint) for every file, each file read once;
+    every file's problems reported together."""
+    data, raw, problems = {}, {}, []
     for split, f in files.items():
         try:
-            data[split] = reader(f)
+            raw[split] = read_bytes(Path(f))
+            data[split] = reader(f, raw[split])
         except UserError as e:
             problems += e.problems or [str(e)]
     raise_problems(path, {}, problems, what)
-    return data
+    return data, data_fingerprint(raw)
 
 
-def raise_problems(path, kinds: dict, problems: list[str], what: str) -> None:
-    """A file's problems as one UserError: mixed formats first, then one problem as it is or all
-    of them at once (shared by the SFT and the pair readers)."""
-    if len(kinds) > 1:
-        first = ", ".join(f"{k} (first at {w})" for k, w in kinds.items())
-        problems.insert(0, f"{path}: records mix formats: {first}; use one format per file")
-    if len(problems) == 1:
-        raise UserError(problems[0])
-    if problems:
-        raise UserError(f"{path}: {len(problems)} problems in the {what}", problems)
+def hold_out(splits, valid_fraction: float, seed: int, what: str) -> None:
+    """Move a seeded `valid_fraction` of `splits.train` (Splits or pairs.PairSplits) to its
+    validation set, with a note: for data without a validation file."""
+    held = set(holdout(len(splits.train), valid_fraction, seed).tolist())
+    splits.valid = [e for i, e in enumerate(splits.train) if i in held]
+    splits.train = [e for i, e in enumerate(splits.train) if i not in held]
+    splits.notes.append(f"no validation file: held out {len(held)} of {len(held) + len(splits.train)} "
+                        f"training {what} (seed {seed})")
+
+
+def keep_first(splits, max_examples: int, seed: int) -> int:
+    """Keep the first `max_examples` of a seeded shuffle of `splits.train`; returns how many
+    there were."""
+    n = len(splits.train)
+    splits.train = [splits.train[i] for i in first_after_shuffle(n, max_examples, seed)]
+    return n
 
 
 def find_files(path: str | Path) -> dict[str, Path]:
@@ -344,9 +96,9 @@ def load_splits(path: str | Path, valid_fraction: float = 0.05, seed: int = 0,
     keeps the first N of a seeded shuffle of train (the hold-out does not depend on N, so a
     10-example trial validates on the same examples as the full run)."""
     files = find_files(path)
-    data = read_splits(path, files, read_file, "data")
+    data, fingerprint = read_splits(path, files, read_file, "data")
     splits = Splits(data["train"], data.get("valid", []), data.get("test", []),
-                    files={k: str(v) for k, v in files.items()})
+                    files={k: str(v) for k, v in files.items()}, fingerprint=fingerprint)
     if not splits.valid and valid_fraction == 0:
         splits.notes.append(f"no validation: no validation file and valid_fraction 0, so all "
                             f"{len(splits.train)} training examples are trained on and validation is skipped")
@@ -355,17 +107,11 @@ def load_splits(path: str | Path, valid_fraction: float = 0.05, seed: int = 0,
             raise UserError(f"{files['train']}: only {len(splits.train)} training example: need at least "
                             "2 to hold one out for validation, or add a valid.jsonl (or pass "
                             "--valid-fraction 0 to skip validation)")
-        held = set(holdout(len(splits.train), valid_fraction, seed).tolist())
-        splits.valid = [e for i, e in enumerate(splits.train) if i in held]
-        splits.train = [e for i, e in enumerate(splits.train) if i not in held]
-        splits.notes.append(f"no validation file: held out {len(held)} of {len(held) + len(splits.train)} "
-                            f"training examples (seed {seed})")
+        hold_out(splits, valid_fraction, seed, "examples")
     if max_examples is not None:
-        n = len(splits.train)
-        keep = first_after_shuffle(n, max_examples, seed)
-        splits.train = [splits.train[i] for i in keep]
-        splits.notes.append(f"max_examples {max_examples}: training on {len(keep)} of {n} training examples "
-                            f"(the first of a seeded shuffle, seed {seed})")
+        n = keep_first(splits, max_examples, seed)
+        splits.notes.append(f"max_examples {max_examples}: training on {len(splits.train)} of {n} training "
+                            f"examples (the first of a seeded shuffle, seed {seed})")
     return splits
 
 
@@ -374,6 +120,15 @@ def first_after_shuffle(n: int, k: int, seed: int) -> np.ndarray:
     Its own generator stream, so the choice does not move the hold-out or the epoch order."""
     rng = np.random.default_rng([seed, 0xF125])
     return np.sort(rng.permutation(n)[:k])
+
+
+def val_subset(valid: list, k: int | None, seed: int) -> list:
+    """A seeded `k` of the validation examples or pairs (data.val_max_examples), in their order;
+    all if fewer or k is None."""
+    if k is None or k >= len(valid):
+        return valid
+    keep = np.sort(np.random.default_rng([seed, 0xE7A1]).permutation(len(valid))[:k])
+    return [valid[i] for i in keep]
 
 
 # --- tokenization and loss masks -------------------------------------------------------------
@@ -618,15 +373,6 @@ def tokenize_all(examples: list[Example], tokenizer, max_seq_length: int, overlo
 def validate_path(path: str | Path) -> dict:
     """Validate without a model: {split: {"file", "records", "format"}}; raises UserError."""
     files = find_files(path)
-    summary, problems = {}, []
-    for split, f in files.items():
-        try:
-            exs = read_file(f)
-            summary[split] = {"file": str(f), "records": len(exs), "format": exs[0].kind}
-        except UserError as e:
-            problems += e.problems or [str(e)]
-    if len(problems) == 1:
-        raise UserError(problems[0])
-    if problems:
-        raise UserError(f"{path}: {len(problems)} problems in the data", problems)
-    return summary
+    data, _ = read_splits(path, files, read_file, "data")
+    return {split: {"file": str(files[split]), "records": len(exs), "format": exs[0].kind}
+            for split, exs in data.items()}

@@ -147,6 +147,8 @@ def write_gguf(out: Path, loaded, config: dict) -> None:
 def _add_hyperparameters(w, config: dict) -> None:
     import gguf
 
+    from .gguf_arch import add_rope_scaling
+
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     w.add_name(str(config.get("_name_or_path", "steadytune export")).split("/")[-1])
@@ -169,13 +171,7 @@ def _add_hyperparameters(w, config: dict) -> None:
             add(config[key])
     if config.get("sliding_window"):
         w.add_sliding_window(config["sliding_window"])
-    scaling = config.get("rope_scaling")
-    if scaling and scaling.get("type", scaling.get("rope_type")) == "linear":
-        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        w.add_rope_scaling_factor(scaling["factor"])
-    elif scaling:
-        raise UserError(f"--format gguf: RoPE scaling {scaling} is not written by steadytune; use --format hf "
-                        "and llama.cpp's convert_hf_to_gguf.py")
+    add_rope_scaling(w, config)  # linear as metadata, llama3 / longrope as llama.cpp's factor tensors
     dtype = config.get("torch_dtype")
     w.add_file_type({"float32": gguf.LlamaFileType.ALL_F32, "bfloat16": gguf.LlamaFileType.MOSTLY_BF16}
                     .get(dtype, gguf.LlamaFileType.MOSTLY_F16))
@@ -221,7 +217,8 @@ def _gguf_tensors(model, config: dict):
 
 
 def _tokenizer_fields(loaded, config: dict):
-    """(key, value, GGUF type) of the tokenizer: copied from a GGUF base, else built from tokenizer.json."""
+    """(key, value, GGUF type) of the tokenizer: copied from a GGUF base, else built from tokenizer.json:
+    byte-level BPE as "gpt2" (merges), SentencePiece-style BPE (byte fallback) as "llama" (scores)."""
     import gguf
 
     from .gguf import check_gguf_header
@@ -236,30 +233,141 @@ def _tokenizer_fields(loaded, config: dict):
     tok = loaded.tokenizer
     spec = json.loads(tok.backend_tokenizer.to_str())
     model, pre = spec.get("model", {}), _pre_name(spec.get("pre_tokenizer"))
-    if model.get("type") != "BPE" or pre is None:
-        raise UserError(f"--format gguf: this tokenizer ({model.get('type')}, pre-tokenizer "
-                        f"{(spec.get('pre_tokenizer') or {}).get('type')}) is not one steadytune writes "
-                        "to GGUF; use --format hf and llama.cpp's convert_hf_to_gguf.py")
     vocab = tok.get_vocab()
     tokens = [f"[PAD{i}]" for i in range(max(config["vocab_size"], len(vocab)))]
     for t, i in vocab.items():
         tokens[i] = t
     added = {a["content"]: a for a in spec.get("added_tokens", [])}
-    types = [3 if t in added and added[t]["special"] else 4 if t in added else 1 if t in vocab else 5
-             for t in tokens]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    yield "tokenizer.ggml.model", "gpt2", T.STRING
-    yield "tokenizer.ggml.pre", pre, T.STRING
-    yield "tokenizer.ggml.tokens", tokens, T.ARRAY
-    yield "tokenizer.ggml.token_type", types, T.ARRAY
-    yield "tokenizer.ggml.merges", merges, T.ARRAY
+    if model.get("type") != "BPE" or (pre is None and not model.get("byte_fallback")):
+        raise UserError(_not_written(loaded, spec))
+    if pre is None:  # SentencePiece-style: byte fallback instead of a byte-level alphabet
+        space = _space_prefix(spec, vocab)
+        if space is None:
+            raise UserError(_not_written(loaded, spec))
+        yield from _spm_fields(tok, model, tokens, vocab, added, space)
+    else:
+        types = [3 if t in added and added[t]["special"] else 4 if t in added else 1 if t in vocab else 5
+                 for t in tokens]
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+        yield "tokenizer.ggml.model", "gpt2", T.STRING
+        yield "tokenizer.ggml.pre", pre, T.STRING
+        yield "tokenizer.ggml.tokens", tokens, T.ARRAY
+        yield "tokenizer.ggml.token_type", types, T.ARRAY
+        yield "tokenizer.ggml.merges", merges, T.ARRAY
+        yield "tokenizer.ggml.add_bos_token", bool(getattr(tok, "add_bos_token", False)), T.BOOL
     for key, token in (("bos", tok.bos_token), ("eos", tok.eos_token), ("unknown", tok.unk_token),
                        ("padding", tok.pad_token)):
         if token in vocab:
             yield f"tokenizer.ggml.{key}_token_id", vocab[token], T.UINT32
-    yield "tokenizer.ggml.add_bos_token", bool(getattr(tok, "add_bos_token", False)), T.BOOL
     if tok.chat_template:
         yield "tokenizer.chat_template", tok.chat_template, T.STRING
+
+
+def _not_written(loaded, spec: dict) -> str:
+    """The one-line refusal, naming the tokenizer's parts that steadytune does not write to GGUF."""
+    model = spec.get("model") or {}
+    parts = [f"{model.get('type')}{' with byte fallback' if model.get('byte_fallback') else ''}"]
+    for key, inner in (("normalizer", "normalizers"), ("pre_tokenizer", "pretokenizers")):
+        steps = [s.get("type") for s in _steps(spec.get(key), inner)]
+        parts.append(f"{key.replace('_', '-')} {'+'.join(map(str, steps)) or 'none'}")
+    where = Path(loaded.source) / "tokenizer.json" if loaded.kind == "folder" else loaded.source
+    return (f"--format gguf: {where}: this tokenizer ({', '.join(parts)}) is not one steadytune writes to "
+            "GGUF (byte-level BPE and SentencePiece-style BPE are); use --format hf and llama.cpp's "
+            "convert_hf_to_gguf.py")
+
+
+def _steps(part: dict | None, key: str) -> list[dict]:
+    """The steps of a normalizer or pre-tokenizer, a Sequence flattened one level."""
+    if not part:
+        return []
+    return list(part.get(key) or []) if part.get("type") == "Sequence" else [part]
+
+
+_SPACE_TO_META = {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}
+_PREPEND_META = {"type": "Prepend", "prepend": "▁"}
+_META_NORMALIZERS = ([_SPACE_TO_META], [_PREPEND_META, _SPACE_TO_META], [_SPACE_TO_META, _PREPEND_META])
+
+
+def _space_prefix(spec: dict, vocab: dict) -> bool | None:
+    """tokenizer.ggml.add_space_prefix for a SentencePiece-style tokenizer.json, or None where its
+    normalizer / pre-tokenizer is not what llama.cpp's "llama" tokenizer does (spaces become "▁",
+    optionally one "▁" before each piece of text, nothing else)."""
+    norm = _steps(spec.get("normalizer"), "normalizers")
+    pre = _steps(spec.get("pre_tokenizer"), "pretokenizers")
+    if not pre and norm in _META_NORMALIZERS:
+        return _PREPEND_META in norm  # the Llama 2 / TinyLlama layout (and Gemma's, without the prefix)
+    if norm or len(pre) != 1 or pre[0].get("type") != "Metaspace" or pre[0].get("replacement") != "▁":
+        return None
+    # Metaspace(split=True) cuts the text before every "▁"; the "llama" tokenizer does not, which is
+    # the same only while no token has a "▁" past its first character.
+    if pre[0].get("split", True) and any("▁" in t[1:] for t in vocab):
+        return None
+    scheme = pre[0].get("prepend_scheme") or ("always" if pre[0].get("add_prefix_space", True) else "never")
+    # llama.cpp prefixes every piece of text, also one after a special token ("first" does not) or one
+    # that starts with a space (Metaspace does not): there the GGUF gives one more "▁" (docs/export.md).
+    return scheme != "never"
+
+
+def spm_scores(tokens: list[str], merges: list[tuple[str, str]]) -> list[float]:
+    """tokenizer.ggml.scores that give a BPE tokenizer.json's merges back: -(rank of the first merge
+    that makes the token); tokens no merge makes (characters, bytes, special tokens) score below all.
+
+    Why the tokenization is the same: HF's BPE merges the adjacent pair of lowest rank first (leftmost
+    on ties); llama.cpp's SPM tokenizer merges the adjacent pair whose concatenation is a token of the
+    highest score first (leftmost on ties), and steadytune's reader (gguf.spm_merges) ranks every split
+    of a token by the token's score. Highest score is lowest rank, so the merges come in the same order.
+    Both also merge a split that the list does not name (a token "abc" made from "ab"+"c" can then
+    come from "a"+"bc"); transformers' converter writes every split of a SentencePiece vocabulary
+    (Llama, Mistral, Gemma), so for those nothing is added. Ranks stay exact in float32 below 2**24.
+    """
+    rank = {}
+    for k, (left, right) in enumerate(merges):
+        rank.setdefault(left + right, k)
+    return [-float(rank[t]) if t in rank else -float(len(merges)) for t in tokens]
+
+
+def _spm_types(tokens: list[str], vocab: dict, added: dict, unk: str | None) -> list[int]:
+    """llama.cpp's token type of each token, as its converter assigns them for a SentencePiece vocabulary."""
+    import re
+
+    from gguf import TokenType
+
+    def kind(t):
+        if t == unk:
+            return TokenType.UNKNOWN
+        if t in added:
+            return TokenType.CONTROL if added[t].get("special") else TokenType.USER_DEFINED
+        if t not in vocab:
+            return TokenType.UNUSED  # a row of the embedding past the tokenizer's vocabulary
+        return TokenType.BYTE if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", t) else TokenType.NORMAL
+
+    return [int(kind(t)) for t in tokens]
+
+
+def _adds_bos_eos(backend, bos: int | None, eos: int | None) -> tuple[bool, bool]:
+    """Whether encoding adds BOS / EOS, from what the tokenizer does (its post-processor) rather than an
+    add_bos_token attribute that only some tokenizer classes have."""
+    full = backend.encode("x").ids
+    plain = backend.encode("x", add_special_tokens=False).ids
+    return (bos is not None and full[:1] == [bos] and plain[:1] != [bos],
+            eos is not None and full[-1:] == [eos] and plain[-1:] != [eos])
+
+
+def _spm_fields(tok, model: dict, tokens: list[str], vocab: dict, added: dict, space: bool):
+    """The "llama" (SentencePiece) GGUF tokenizer of a BPE tokenizer.json with byte fallback."""
+    import gguf
+
+    T = gguf.GGUFValueType
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
+    bos, eos = (vocab.get(t) if t else None for t in (tok.bos_token, tok.eos_token))
+    add_bos, add_eos = _adds_bos_eos(tok.backend_tokenizer, bos, eos)
+    yield "tokenizer.ggml.model", "llama", T.STRING
+    yield "tokenizer.ggml.tokens", tokens, T.ARRAY
+    yield "tokenizer.ggml.scores", spm_scores(tokens, merges), T.ARRAY
+    yield "tokenizer.ggml.token_type", _spm_types(tokens, vocab, added, tok.unk_token), T.ARRAY
+    yield "tokenizer.ggml.add_bos_token", add_bos, T.BOOL
+    yield "tokenizer.ggml.add_eos_token", add_eos, T.BOOL
+    yield "tokenizer.ggml.add_space_prefix", space, T.BOOL
 
 
 def _value_type(value):

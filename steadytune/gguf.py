@@ -1,5 +1,9 @@
 """Loading GGUF files (llama.cpp's format) into mlx-lm's model classes: llama, mistral, qwen2,
-qwen3, gemma2, gemma3 and phi3 (ARCHS: tensor names, rope layout, gemma's norm offsets).
+qwen3, gemma2, gemma3 and phi3. gguf_arch.py says how each architecture maps (tensor names, rope
+layout, gemma's norm offsets, the config and RoPE scaling); this module reads the file and builds.
+
+Over 500 lines on purpose: the header check, the load plan, the tensor reader and the tokenizer all
+work from the one header walk; the tokenizer (the last ~170 lines) is the next seam to cut.
 
 Quantized tensors stay quantized. Q4_0, Q4_1 and Q8_0 blocks are MLX affine groups of 32 already:
 MLX's own reader (or `gguf_quants.affine_codes`) turns them into weight, scales and biases without
@@ -17,12 +21,13 @@ config and the tokenizer are built from it without a second parse.
 from __future__ import annotations
 
 import mmap
-import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
+from .gguf_arch import (ARCHS, TOP_NAMES, Arch, arch_of, gguf_config, mlx_name, permute_rows,  # noqa: F401
+                        unpermute_rows)
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
 # MLX's own reader turns these into MLX affine arrays (weight, scales, biases) without rounding
@@ -50,41 +55,6 @@ GGML_TYPES = {
     35: ("TQ2_0", 256, 66), 39: ("MXFP4", 32, 17), 40: ("NVFP4", 64, 36), 41: ("Q1_0", 128, 18),
 }
 
-# GGUF tensor name -> mlx-lm parameter name (blk.N.* go under model.layers.N), as llama.cpp's
-# gguf-py/gguf/constants.py names them for each architecture.
-TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_ATTN = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-         "attn_output": "self_attn.o_proj"}
-_MLP = {"ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
-_QK_NORM = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
-BLOCK_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", **_ATTN, **_MLP}
-_GEMMA_BLOCK = {"attn_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
-                "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
-                **_ATTN, **_MLP}
-_PHI3_BLOCK = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-               "attn_qkv": "self_attn.qkv_proj", "attn_output": "self_attn.o_proj",
-               "ffn_up": "mlp.gate_up_proj", "ffn_down": "mlp.down_proj"}  # ffn_up holds gate and up
-
-
-@dataclass(frozen=True)
-class Arch:
-    """How one GGUF architecture maps onto an mlx-lm model class."""
-    model_type: str           # mlx_lm.models.<model_type>
-    hf_class: str             # config.json "architectures"
-    blocks: dict              # blk.N.<GGUF name> -> model.layers.N.<mlx-lm name>
-    permuted_qk: bool         # llama.cpp interleaved each q/k head's rows (LlamaModel.permute)
-    norm_offset: float = 0.0  # gemma: the converter stores 1 + w for every RMSNorm weight
-
-
-ARCHS = {
-    "llama": Arch("llama", "LlamaForCausalLM", BLOCK_NAMES, True),  # also SmolLM, Mistral 7B
-    "mistral": Arch("llama", "MistralForCausalLM", BLOCK_NAMES, True),
-    "qwen2": Arch("qwen2", "Qwen2ForCausalLM", BLOCK_NAMES, False),  # + q/k/v biases
-    "qwen3": Arch("qwen3", "Qwen3ForCausalLM", {**BLOCK_NAMES, **_QK_NORM}, False),
-    "gemma2": Arch("gemma2", "Gemma2ForCausalLM", _GEMMA_BLOCK, False, 1.0),
-    "gemma3": Arch("gemma3_text", "Gemma3ForCausalLM", {**_GEMMA_BLOCK, **_QK_NORM}, False, 1.0),
-    "phi3": Arch("phi3", "Phi3ForCausalLM", _PHI3_BLOCK, False),
-}
 # Tokens a chat template ends a turn with; generation must stop on them, not only on the file's eos.
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|end_of_turn|>", "</s>")
 
@@ -240,15 +210,7 @@ def _parse(cur: _Cursor) -> GGUFHeader:
     return GGUFHeader(version, metadata, tensors, data)
 
 
-# --------------------------------------------------------------------------- config
-
-def _arch(header: GGUFHeader, path) -> str:
-    arch = header.metadata.get("general.architecture")
-    if arch not in ARCHS:
-        raise UserError(f"{path}: architecture {arch!r} is not supported from GGUF (steadytune reads "
-                        f"{', '.join(ARCHS)}); use the model's HF folder instead")
-    return arch
-
+# --------------------------------------------------------------------------- tensor types, config
 
 def loadable_types() -> set[str]:
     """GGML types whose tensors load: floats, our own dequantizers and the gguf package's."""
@@ -272,99 +234,6 @@ def _check_tensors(header: GGUFHeader, path) -> None:
                          for t, n in bad.items())
         raise UserError(f"{path}: tensor type not supported ({what}); use a file with K-quants, "
                         "Q4_0/Q5_0/Q8_0 or F16 tensors, e.g. llama-quantize model-f16.gguf model.gguf Q4_K_M")
-    for factors in ("rope_freqs.weight", "rope_factors_long.weight"):
-        if factors in header.tensors:
-            raise UserError(f"{path}: this model scales its RoPE frequencies ({factors}: llama3 or "
-                            "longrope scaling), which steadytune does not read from GGUF yet; use the "
-                            "model's HF folder instead")
-
-
-def gguf_config(header: GGUFHeader, path="GGUF") -> dict:
-    """A config.json-like dict for the mlx-lm model class of the file's architecture."""
-    arch = _arch(header, path)
-    spec = ARCHS[arch]
-    m = header.metadata
-
-    def get(key, default=None):
-        value = m.get(f"{arch}.{key}", default)
-        if value is None:
-            raise UserError(f"{path}: metadata key {arch}.{key} is missing; re-convert the model "
-                            "with a current llama.cpp")
-        if isinstance(value, list):
-            raise UserError(f"{path}: metadata key {arch}.{key} varies per layer, which the mlx-lm "
-                            f"{spec.model_type} model does not; use the model's HF folder instead")
-        return value
-
-    tied = "output.weight" not in header.tensors
-    embedding = header.tensors.get("token_embd.weight")
-    vocab = embedding[1][0] if embedding else len(m.get("tokenizer.ggml.tokens", []))
-    heads = get("attention.head_count")
-    hidden = get("embedding_length")
-    config = {
-        "model_type": spec.model_type,
-        "architectures": [spec.hf_class],
-        "hidden_size": hidden,
-        "num_hidden_layers": get("block_count"),
-        "intermediate_size": get("feed_forward_length"),
-        "num_attention_heads": heads,
-        "num_key_value_heads": get("attention.head_count_kv", heads),
-        "head_dim": get("attention.key_length", hidden // heads),
-        # float32 in the file: 7 significant digits give back the decimal the model was made with
-        "rms_norm_eps": float(f'{get("attention.layer_norm_rms_epsilon", 1e-5):.7g}'),
-        "rope_theta": float(get("rope.freq_base", 10000.0)),
-        "max_position_embeddings": get("context_length", 4096),
-        "vocab_size": vocab,
-        "tie_word_embeddings": tied,
-        "hidden_act": "silu",
-    }
-    scaling = m.get(f"{arch}.rope.scaling.type", "none")
-    if scaling == "linear":
-        config["rope_scaling"] = {"type": "linear", "factor": float(get("rope.scaling.factor"))}
-    elif scaling != "none":
-        raise UserError(f"{path}: RoPE scaling {scaling!r} is not supported from GGUF; use the "
-                        "model's HF folder instead")
-    rope_dims = get("rope.dimension_count", config["head_dim"])
-    if arch == "phi3":
-        config["partial_rotary_factor"] = rope_dims / config["head_dim"]
-    elif rope_dims != config["head_dim"]:
-        raise UserError(f"{path}: partial rotary embedding ({rope_dims} of {config['head_dim']} dims) "
-                        f"is not part of the {arch} layout; use the model's HF folder instead")
-    if arch.startswith("gemma"):
-        config.update(_gemma_config(arch, m, config))
-    elif f"{arch}.attention.sliding_window" in m:  # phi3, mistral: recorded; mlx-lm attends in full
-        config["sliding_window"] = m[f"{arch}.attention.sliding_window"]
-    for key in ("bos_token_id", "eos_token_id"):
-        if f"tokenizer.ggml.{key}" in m:
-            config[key] = m[f"tokenizer.ggml.{key}"]
-    return config
-
-
-def _gemma_config(arch: str, m: dict, config: dict) -> dict:
-    """Gemma 2/3 settings llama.cpp keeps in metadata or derives (llama-model.cpp, load_hparams)."""
-    layers, heads = config["num_hidden_layers"], config["num_attention_heads"]
-    # Queries are scaled by 1/sqrt(query_pre_attn_scalar): head_dim, except for the 27B models
-    # (46 layers for Gemma 2, 62 for Gemma 3), which use hidden/heads, as llama.cpp hard-codes.
-    scale = m.get(f"{arch}.attention.scale")
-    if scale:
-        scalar = 1.0 / float(scale) ** 2
-    elif layers == {"gemma2": 46, "gemma3": 62}[arch]:
-        scalar = config["hidden_size"] // heads
-    else:
-        scalar = config["head_dim"]
-    out = {"query_pre_attn_scalar": scalar, "hidden_act": "gelu_pytorch_tanh",
-           "sliding_window": m.get(f"{arch}.attention.sliding_window", 4096)}
-    if arch == "gemma2":
-        out["attn_logit_softcapping"] = float(m.get("gemma2.attn_logit_softcapping", 50.0))
-        out["final_logit_softcapping"] = float(m.get("gemma2.final_logit_softcapping", 30.0))
-    else:  # every 6th layer is global (llama.cpp: set_swa_pattern(6)); local layers use base 10000
-        pattern = m.get("gemma3.attention.sliding_window_pattern", 6)
-        if not isinstance(pattern, int):
-            raise UserError("gemma3: a per-layer sliding window pattern is not supported from GGUF; "
-                            "use the model's HF folder instead")
-        out.update(sliding_window_pattern=pattern, rope_local_base_freq=10000.0)
-        if "rope_scaling" in config:
-            out["rope_scaling"] = {"rope_type": "linear", "factor": config["rope_scaling"]["factor"]}
-    return out
 
 
 def gguf_model_config(path: str, bits: int | None = 4, group_size: int = 64) -> dict:
@@ -372,7 +241,7 @@ def gguf_model_config(path: str, bits: int | None = 4, group_size: int = 64) -> 
     layers as `load_gguf(path, bits, group_size)` will build them (the memory planner's view)."""
     header = check_gguf_header(path)
     config = gguf_config(header, path)
-    quant = quantization_entry(header, ARCHS[_arch(header, path)], bits, group_size)
+    quant = quantization_entry(header, ARCHS[arch_of(header, path)], bits, group_size)
     if quant:
         config["quantization"] = quant
     return config
@@ -426,7 +295,7 @@ def layer_plans(header: GGUFHeader, spec: Arch, bits, group_size, path="GGUF") -
         if not name.endswith(".weight") or len(shape) != 2:
             continue
         plan = tensor_plan(gtype, shape, bits, group_size)
-        per[_mlx_name(name, spec, path).rsplit(".", 1)[0]] = (
+        per[mlx_name(name, spec, path).rsplit(".", 1)[0]] = (
             {"group_size": plan[1], "bits": plan[0]} if plan else False)
     return per
 
@@ -458,40 +327,6 @@ def load_summary(header: GGUFHeader, bits, group_size) -> list[str]:
 
 
 # --------------------------------------------------------------------------- weights
-
-def _mlx_name(gguf_name: str, spec: Arch, path) -> str:
-    base, _, suffix = gguf_name.rpartition(".")  # weight, scales, biases or bias
-    if base in TOP_NAMES:
-        return f"{TOP_NAMES[base]}.{suffix}"
-    match = re.fullmatch(r"blk\.(\d+)\.(\w+)", base)
-    if match and match.group(2) in spec.blocks:
-        return f"model.layers.{match.group(1)}.{spec.blocks[match.group(2)]}.{suffix}"
-    raise UserError(f"{path}: tensor {gguf_name} is not part of a {spec.model_type} model (mixture-of-"
-                    "experts and other layouts are not supported); use the model's HF folder instead")
-
-
-def unpermute_rows(n_rows: int, n_head: int):
-    """Row order that undoes llama.cpp's q/k permutation (convert_hf_to_gguf.py `permute`).
-
-    llama.cpp stores each head's rows interleaved (r0, r_d/2, r1, r_d/2+1, ...) so its RoPE can
-    rotate adjacent pairs; HF's layout keeps the two halves apart (rotate_half). The HF row (h, p, j)
-    sits at GGUF row h*d + 2*j + p.
-    """
-    import mlx.core as mx
-
-    d = n_rows // n_head
-    h = mx.arange(n_head).reshape(-1, 1, 1)
-    p = mx.arange(2).reshape(1, -1, 1)
-    j = mx.arange(d // 2).reshape(1, 1, -1)
-    return (h * d + 2 * j + p).reshape(-1)
-
-
-def permute_rows(n_rows: int, n_head: int):
-    """The inverse order: HF rows -> llama.cpp rows (used when writing a GGUF)."""
-    import mlx.core as mx
-
-    return mx.argsort(unpermute_rows(n_rows, n_head))
-
 
 def _read_tensors(path, header: GGUFHeader, bits, group_size) -> dict:
     """GGUF name -> MLX array(s), tensor by tensor from a memory map: floats as stored, Q4_0/Q4_1/
@@ -540,12 +375,14 @@ def _mlx_weights(raw: dict, config: dict, spec: Arch, path) -> dict:
     heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
     out = {}
     for name, value in raw.items():
+        if name in spec.rope_tensors:
+            continue  # RoPE factors: gguf_config made them the config's rope_scaling
         kind = name.split(".")[2] if name.startswith("blk.") else ""
         if spec.permuted_qk and kind in heads:
             value = mx.take(value, unpermute_rows(value.shape[0], heads[kind]), axis=0)
         if spec.norm_offset and name.endswith("norm.weight"):
             value = value.astype(mx.float32) - spec.norm_offset
-        out[_mlx_name(name, spec, path)] = value
+        out[mlx_name(name, spec, path)] = value
     return out
 
 
@@ -573,11 +410,13 @@ def load_gguf(path: str, bits: int | None = 4, group_size: int = 64):
     header = check_gguf_header(path)
     try:
         config = gguf_config(header, path)
-        spec = ARCHS[_arch(header, path)]
+        spec = ARCHS[arch_of(header, path)]
         _check_tensors(header, path)
         tokenizer = build_tokenizer(header.metadata, path)
     except UserError:
         raise
+    except ImportError as e:  # a broken install, not a broken file
+        raise UserError(f"{path}: reading GGUF needs the package {e.name!r}; run: pip install {e.name}") from None
     except Exception as e:  # wrong value types, merges naming unknown tokens, ... in the metadata
         raise UserError(f"{path}: invalid GGUF metadata ({_first_line(e)}); re-download or re-convert it") from None
     try:

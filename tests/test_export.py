@@ -1,5 +1,6 @@
 """Export: a tiny base (HF folder or GGUF) + random nonzero adapters, fused and written as mlx, hf
-and gguf, reloads with mlx-lm / steadytune and answers like base + adapters."""
+and gguf, reloads with mlx-lm / steadytune and answers like base + adapters. A SentencePiece-style
+tokenizer.json (byte fallback) exports as a "llama" GGUF tokenizer that gives the HF token ids."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import json
 
 import steadytune  # noqa: F401  (fast BLAS before mlx)
 
+import gguf
 import mlx.core as mx
+import numpy as np
 import pytest
 import yaml
 from mlx.utils import tree_flatten, tree_unflatten
@@ -18,7 +21,7 @@ from steadytune.export import export
 from steadytune.generation import load_tuned
 from steadytune.gguf import check_gguf_header, load_gguf
 from steadytune.model import apply_lora, load_base
-from test_gguf import write_tiny_gguf, write_tiny_hf
+from test_gguf import TINY, tiny_weights, write_tiny_gguf, write_tiny_hf
 
 PROMPTS = ["The capital of France", "hello tiny model 42", "<|im_start|>user\nWhat?<|im_end|>\n"]
 
@@ -132,3 +135,135 @@ def test_cli_export_writes_into_an_empty_out_folder(runs, tmp_path, capsys):
     assert "quantization" not in config and config["eos_token_id"] == 2
     assert not list(tmp_path.glob(".*partial"))
     assert main(["export", str(runs["hf"]), "--format", "hf", "--out", str(out)]) == 2
+
+
+# --------------------------------------------------------------------------- SentencePiece-style tokenizers
+
+SPM_SPECIALS = ["<unk>", "<s>", "</s>"]
+SPM_WORDS = ["the capital of France is Paris", "hello world", "tiny llamas answer questions",
+             "Grüße aus München", "café crème brûlée", "naïve façade", "日本語のテキスト", "привет мир",
+             "numbers 12345 and 67890", "a quick brown fox jumps over the lazy dog", "over and over again"]
+# newlines and tabs (not in the corpus: byte tokens), emoji and letters the vocabulary lacks (byte
+# tokens), the special tokens inside text, repeated spaces, an empty string; and words whose pieces
+# depend on the order of the merges (all scores equal or reversed give other ids for them)
+SPM_STRINGS = ["hello world", "line\nbreak\n\n", "tab\there", "emoji 🦙 and ✨", "Grüße aus München",
+               "日本語", "unseen: ßŁ€", "</s>", "<s>hello</s>world", "a</s>b c", "x  y   z", "end ", "",
+               "the capital of France is Paris.", "over and overover again12345", "tiny llamas answer",
+               "overall, there are answers"]
+# Text that starts with a space (also right after a special token). A Metaspace pre-tokenizer adds no
+# "▁" there; SentencePiece, llama.cpp and steadytune's GGUF reader do, so only the normalizer layout
+# (Llama 2's, which is SentencePiece's own behaviour) gives the same ids for these.
+SPM_LEADING_SPACE = [" hello", "  two spaces", "<s> hello</s> world", "a</s> b"]
+
+
+def spm_tokenizer(layout: str):
+    """A SentencePiece-style BPE trained here, laid out as Llama 2's tokenizer.json: <unk> <s> </s>, the
+    256 byte tokens <0x00>..<0xFF>, then the pieces; byte fallback; BOS added. "normalizer": spaces
+    become "▁" and a "▁" is prepended by the normalizer (Llama 2, TinyLlama); "metaspace": by a
+    Metaspace pre-tokenizer (as the trainer uses)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = [f"{SPM_WORDS[i % 11]} {SPM_WORDS[(i * 7 + 3) % 11]} {i}" for i in range(300)]
+    trained = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    trained.pre_tokenizer = pre_tokenizers.Metaspace()
+    trained.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=SPM_SPECIALS,
+                                                            show_progress=False))
+    model = json.loads(trained.to_str())["model"]
+    pieces = [t for t, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1]) if t not in SPM_SPECIALS]
+    vocab = {t: i for i, t in enumerate(SPM_SPECIALS + [f"<0x{b:02X}>" for b in range(256)] + pieces)}
+    tok = Tokenizer(models.BPE(vocab, [tuple(m) for m in model["merges"]], byte_fallback=True,
+                               unk_token="<unk>"))
+    if layout == "normalizer":
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Sequence([decoders.Metaspace(), decoders.ByteFallback(), decoders.Fuse()])
+    tok.add_special_tokens(SPM_SPECIALS)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def write_spm_hf(folder, layout: str) -> None:
+    """The tiny llama as an HF folder with a SentencePiece-style tokenizer (embedding rows to match)."""
+    hf = spm_tokenizer(layout)
+    n = len(hf.get_vocab())
+    rng = np.random.default_rng(0)
+    weights = tiny_weights(tied=False)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        weights[name] = (0.02 * rng.standard_normal((n, TINY["hidden_size"]))).astype(np.float32)
+    folder.mkdir(parents=True)
+    mx.save_safetensors(str(folder / "model.safetensors"), {k: mx.array(v) for k, v in weights.items()},
+                        metadata={"format": "pt"})
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": n,
+              "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, **TINY}
+    (folder / "config.json").write_text(json.dumps(config))
+    hf.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def spm_exports(tmp_path_factory):
+    """layout -> (the HF tokenizer as transformers loads it from the folder, the exported GGUF)."""
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("spm")
+    out = {}
+    for layout in ("normalizer", "metaspace"):
+        write_spm_hf(root / layout, layout)
+        run = make_run(root, str(root / layout), layout)
+        out[layout] = (AutoTokenizer.from_pretrained(str(root / layout)),
+                       export(run, "gguf", root / f"{layout}-gguf") / "model.gguf")
+    return out
+
+
+@pytest.mark.parametrize("layout", ["normalizer", "metaspace"])
+def test_sentencepiece_style_tokenizer_exports_as_llama_gguf_with_the_same_ids(spm_exports, layout):
+    hf, path = spm_exports[layout]
+    spec = json.loads(hf.backend_tokenizer.to_str())
+    assert (spec["normalizer"] or spec["pre_tokenizer"])["type"] == ("Sequence" if layout == "normalizer"
+                                                                     else "Metaspace")
+    fields = gguf.GGUFReader(str(path)).fields
+    assert fields["tokenizer.ggml.model"].contents() == "llama"
+    assert fields["tokenizer.ggml.add_space_prefix"].contents() is True
+    tokens, types = fields["tokenizer.ggml.tokens"].contents(), fields["tokenizer.ggml.token_type"].contents()
+    T = gguf.TokenType
+    assert [types[tokens.index(t)] for t in ("<unk>", "<s>", "</s>", "<0x0A>", "▁the")] == [
+        T.UNKNOWN, T.CONTROL, T.CONTROL, T.BYTE, T.NORMAL]
+    _, tok, _ = load_gguf(str(path))
+    strings = SPM_STRINGS + (SPM_LEADING_SPACE if layout == "normalizer" else [])
+    assert {text: tok.encode(text) for text in strings} == {text: hf.encode(text) for text in strings}
+    pieces = hf.convert_ids_to_tokens(hf.encode("emoji 🦙\n"))
+    assert pieces[0] == "<s>" and "<0xF0>" in pieces and pieces[-1] == "<0x0A>"  # BOS and byte fallback used
+    assert tok.decode(tok.encode("Grüße 🦙\nend"), skip_special_tokens=True) == "Grüße 🦙\nend"
+
+
+@pytest.mark.parametrize("what, tokenizer", [
+    ("WordPiece, normalizer none, pre-tokenizer BertPreTokenizer", "wordpiece"),
+    ("Unigram, normalizer none, pre-tokenizer Metaspace", "unigram"),
+    ("BPE with byte fallback, normalizer NFKC, pre-tokenizer Metaspace", "bpe-nfkc")])
+def test_gguf_export_refuses_other_tokenizers_in_one_line_naming_them(what, tokenizer):
+    from types import SimpleNamespace
+
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from steadytune.export import _tokenizer_fields
+
+    if tokenizer == "wordpiece":
+        tok = Tokenizer(models.WordPiece({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    elif tokenizer == "unigram":
+        tok = Tokenizer(models.Unigram([("<unk>", 0.0), ("a", -1.0)], unk_id=0))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    else:
+        tok = Tokenizer(models.BPE({"<unk>": 0, "a": 1}, [], byte_fallback=True, unk_token="<unk>"))
+        tok.normalizer = normalizers.NFKC()
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok)
+    loaded = SimpleNamespace(kind="folder", source="/models/m", tokenizer=hf)
+    with pytest.raises(UserError) as e:
+        list(_tokenizer_fields(loaded, {"vocab_size": 2}))
+    assert str(e.value) == (f"--format gguf: /models/m/tokenizer.json: this tokenizer ({what}) is not one "
+                            "steadytune writes to GGUF (byte-level BPE and SentencePiece-style BPE are); use "
+                            "--format hf and llama.cpp's convert_hf_to_gguf.py")

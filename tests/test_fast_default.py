@@ -109,3 +109,20 @@ def test_batches_line_says_what_batch_size_means():
                                        "whole examples (2560 tokens), 1 per optimizer step")
     t.pack, t.batch_size = False, 2
     assert batches_line(t, 0, 1) == "batches: micro-batches of 2 examples, 1 per optimizer step"
+
+
+def test_the_program_hides_torch_and_python_callers_keep_it(tmp_path):
+    """`steadytune` as a program makes torch invisible to transformers (its import is most of the
+    start-up where torch is installed); `cli.main([...])` from Python leaves sys.modules alone."""
+    import subprocess
+    import sys
+
+    data = make_chat_data(tmp_path / "d", 8)
+    probe = ("import sys; from steadytune import cli; sys.argv = ['steadytune', 'check-data', {!r}]; "
+             "rc = {}; print('torch:', 'absent' if 'torch' not in sys.modules else sys.modules['torch'])")
+    out = {}
+    for how, call in (("program", "cli.main()"), ("caller", f"cli.main(['check-data', {str(data)!r}])")):
+        r = subprocess.run([sys.executable, "-c", probe.format(str(data), call)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        out[how] = r.stdout.strip().splitlines()[-1]
+    assert out == {"program": "torch: None", "caller": "torch: absent"}

@@ -2,7 +2,9 @@
 the default model answers; broken or unsupported files are one-line UserErrors; our dequantization
 of every K-quant and IQ4 type equals the gguf package's bit for bit; each supported family (llama,
 mistral, qwen2, qwen3, gemma2, gemma3, phi3), written as llama.cpp's converter writes it, gives the
-logits of mlx-lm's model of the same weights, and exports back to a GGUF of its architecture.
+logits of mlx-lm's model of the same weights, and exports back to a GGUF of its architecture; RoPE
+scaling that converters write as tensors (Llama 3's rope_freqs, Phi-3's longrope factors) and Gemma 3
+per-layer sliding-window flags load as the mlx-lm config they came from.
 
 The tiny model's quantized tensors hold values on each type's exact grid (a power-of-two scale and
 integer codes that fill the range), so Q4_0/Q4_1/Q8_0 store them without rounding and the GGUF and
@@ -24,6 +26,7 @@ from gguf.quants import quantize
 
 from steadytune.errors import UserError
 from steadytune.gguf import build_tokenizer, check_gguf_header, load_gguf, spm_merges
+from steadytune.gguf_arch import llama3_factors
 
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
@@ -464,13 +467,13 @@ def gguf_name(arch: str, hf: str) -> str:
     return f"blk.{parts[2]}.{short}.{suffix}"
 
 
-def reference_model(arch: str, seed: int = 0, hidden: int = H):
+def reference_model(arch: str, seed: int = 0, hidden: int = H, overrides: dict | None = None):
     """mlx-lm's model of the family with random weights (norms too, so their +1 offsets matter)."""
     import importlib
 
     from mlx.utils import tree_flatten
 
-    config = arch_config(arch, hidden)
+    config = {**arch_config(arch, hidden), **(overrides or {})}
     module = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
     mx.random.seed(seed)
     model = module.Model(module.ModelArgs.from_dict(config))
@@ -515,8 +518,9 @@ def from_file(arch: str, gname: str, value: np.ndarray) -> np.ndarray:
     return value
 
 
-def write_arch_gguf(path, folder, arch: str, config: dict, tensors: dict) -> None:
-    """A GGUF of the family's layout; tensors: GGUF name -> (array as stored, raw GGML type or None)."""
+def write_arch_gguf(path, folder, arch: str, config: dict, tensors: dict, extra=None) -> None:
+    """A GGUF of the family's layout; tensors: GGUF name -> (array as stored, raw GGML type or None);
+    extra(writer, config) adds more (RoPE factor tensors, a sliding window pattern)."""
     tok = json.loads((folder / "tokenizer.json").read_text())
     vocab = {**tok["model"]["vocab"], **{a["content"]: a["id"] for a in tok["added_tokens"]}}
     tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
@@ -546,6 +550,8 @@ def write_arch_gguf(path, folder, arch: str, config: dict, tensors: dict) -> Non
     w.add_token_types([3 if t in SPECIALS else 1 for t in tokens])
     w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
     w.add_eos_token_id(vocab["<|im_end|>"])
+    if extra:
+        extra(w, config)
     for gname, (array, raw_dtype) in tensors.items():
         w.add_tensor(gname, array, raw_dtype=raw_dtype)
     w.write_header_to_file()
@@ -569,11 +575,13 @@ VARIANTS = {
 }
 
 
-def arch_variant(tmp_path, folder, arch: str, variant: str, seed: int = 0, hidden: int = H):
-    """(gguf path, mlx-lm reference model holding the very values the file stores, its config)."""
+def arch_variant(tmp_path, folder, arch: str, variant: str, seed: int = 0, hidden: int = H,
+                 overrides: dict | None = None, extra=None):
+    """(gguf path, mlx-lm reference model holding the very values the file stores, its config);
+    `overrides` change the reference's config, `extra` goes to write_arch_gguf."""
     from gguf.constants import GGML_QUANT_SIZES
 
-    config, module, weights = reference_model(arch, seed, hidden)
+    config, module, weights = reference_model(arch, seed, hidden, overrides)
     rng = np.random.default_rng(seed + 1)
     tensors = {}
     for name, value in weights.items():
@@ -595,7 +603,7 @@ def arch_variant(tmp_path, folder, arch: str, variant: str, seed: int = 0, hidde
             tensors[gname] = (raw, qtype)
             weights[name] = from_file(arch, gname, gguf.quants.dequantize(raw, qtype).reshape(value.shape))
     path = tmp_path / f"{arch}-{variant}.gguf"
-    write_arch_gguf(path, folder, arch, config, tensors)
+    write_arch_gguf(path, folder, arch, config, tensors, extra)
     return path, load_reference(config, module, weights), config
 
 
@@ -715,3 +723,232 @@ def test_tuned_family_exports_to_gguf_of_its_architecture_and_answers_the_same(a
         # float32 export of dequantized base + LoRA delta: only summation order differs (~1e-6)
         assert mx.abs(got - want).max().item() < 1e-4, arch
         assert greedy(model, ids) == greedy(tuned.model, ids)
+
+
+# --------------------------------------------------------------------------- (g) RoPE scaling, SWA patterns
+
+# Tiny llama (head_dim 16, base 10000: wavelengths 6.3, 20, 63, 199, ... 19869 positions) with llama3
+# scaling whose boundaries (original / high, original / low) fall among them: 16 and 64 leave one
+# frequency unscaled, blend two and divide five by `factor`. The second (32 and 128: one blended)
+# uses other low/high factors; a file fixes only the two boundary wavelengths, so it comes back as
+# the equivalent dict with Llama 3's low 1 and high 4 (original 128), solved from its blended factor.
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64}
+LLAMA3_OTHER = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 2.0, "high_freq_factor": 8.0,
+                "original_max_position_embeddings": 256}
+# Phi-3 longrope on the tiny phi3 (4 rotary frequencies): original context 64, context 256.
+LONGROPE_SCALING = {"type": "longrope", "long_factor": [1.0, 3.0, 9.0, 27.0], "short_factor": [1.0, 1.25, 1.5, 2.0]}
+LONGROPE_CONFIG = {"rope_scaling": LONGROPE_SCALING, "original_max_position_embeddings": 64,
+                   "max_position_embeddings": 256}
+
+
+def converter_rope_freqs(config: dict) -> np.ndarray:
+    """convert_hf_to_gguf.py's LlamaModel.generate_extra_tensors in numpy float32, as torch computes
+    it (the converter reads the original context from the top level, default 8192; these configs
+    have it in rope_scaling, where mlx-lm's Llama3RoPE reads it)."""
+    s, f32 = config["rope_scaling"], np.float32
+    dim, old = config["head_dim"], s["original_max_position_embeddings"]
+    freqs = f32(1.0) / (f32(config["rope_theta"]) ** (np.arange(0, dim, 2, dtype=f32) / f32(dim)))
+    wavelen = f32(2 * np.pi) / freqs
+    smooth = (f32(old) / wavelen - f32(s["low_freq_factor"])) / f32(s["high_freq_factor"] - s["low_freq_factor"])
+    blend = f32(1) / ((f32(1) - smooth) / f32(s["factor"]) + smooth)
+    out = np.where(wavelen < old / s["high_freq_factor"], f32(1),
+                   np.where(wavelen > old / s["low_freq_factor"], f32(s["factor"]), blend))
+    return out.astype(f32)
+
+
+def converter_llama3(w, config):
+    w.add_tensor("rope_freqs.weight", converter_rope_freqs(config))
+
+
+def converter_longrope(w, config):
+    """Phi3MiniModel: the original context, the attention factor and both factor lists."""
+    import math
+
+    original = config["original_max_position_embeddings"]
+    scale = config["max_position_embeddings"] / original
+    w.add_rope_scaling_orig_ctx_len(original)
+    w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)))
+    w.add_tensor("rope_factors_long.weight", np.array(config["rope_scaling"]["long_factor"], np.float32))
+    w.add_tensor("rope_factors_short.weight", np.array(config["rope_scaling"]["short_factor"], np.float32))
+
+
+def steadytune_writer(w, config):
+    """What export --format gguf is to write (gguf_arch.add_rope_scaling): loads back the same."""
+    from steadytune.gguf_arch import add_rope_scaling
+
+    add_rope_scaling(w, config)
+
+
+def long_ids(n: int = 200) -> mx.array:
+    """Random token ids: up to position 200 a period 8 times longer (or not) turns the rotation by
+    radians, so ignored factors move logits by far more than the tolerance."""
+    return mx.array(np.random.default_rng(5).integers(0, 300, (1, n)))
+
+
+def max_logit_diff(a, b, ids) -> float:
+    return mx.abs(a(ids).astype(mx.float32) - b(ids).astype(mx.float32)).max().item()
+
+
+def as_float32(model):
+    model.apply(lambda x: x.astype(mx.float32) if mx.issubdtype(x.dtype, mx.floating) else x)
+    return model
+
+
+def with_config(ref, config: dict, **changes):
+    """The reference's weights in a model whose config differs by `changes` (None removes a key)."""
+    import importlib
+
+    from mlx.utils import tree_flatten
+
+    config = {k: v for k, v in {**config, **changes}.items() if v is not None}
+    module = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
+    model = module.Model(module.ModelArgs.from_dict(config))
+    weights = dict(tree_flatten(ref.parameters()))
+    weights = model.sanitize(weights) if hasattr(model, "sanitize") else weights
+    model.load_weights(list(weights.items()), strict=True)
+    return model
+
+
+@pytest.mark.parametrize("writer", [converter_llama3, steadytune_writer])
+@pytest.mark.parametrize("scaling, loaded", [
+    (LLAMA3, LLAMA3),
+    (LLAMA3_OTHER, {**LLAMA3_OTHER, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 128}),
+])
+def test_llama3_rope_freqs_give_the_logits_of_mlx_lm_with_the_same_rope_scaling(arch_folder, tmp_path, scaling,
+                                                                                  loaded, writer):
+    path, ref, config = arch_variant(tmp_path, arch_folder, "llama", "f16", overrides={"rope_scaling": scaling},
+                                     extra=writer)
+    header = check_gguf_header(path)
+    assert header.tensors["rope_freqs.weight"] == ("F32", (8,))
+    model, _, got = load_gguf(str(path), bits=None)
+    assert got["rope_scaling"] == loaded
+    assert np.array_equal(llama3_factors(loaded, 10000.0, 16), llama3_factors(scaling, 10000.0, 16))
+    ids = long_ids()
+    # Same weights (F16 values in float32 on both sides) and the same frequencies (mlx-lm computes
+    # them from equivalent dicts), so only float summation order could differ: measured 0.0 on the
+    # CPU in all four cases; a kernel summing in another order moves logits of size ~1 by ~1e-6.
+    # 1e-4 leaves room for that; ignoring the factors moves them by 0.2 (asserted > 1e-2 below).
+    diff = max_logit_diff(as_float32(model), ref, ids)
+    assert diff < 1e-4, f"{scaling}: max |logit diff| {diff}"
+    assert max_logit_diff(with_config(ref, config, rope_scaling=None), ref, ids) > 1e-2
+
+
+def test_llama3_scaling_of_llama_3_1_and_3_2_files_is_recovered_exactly():
+    from steadytune.gguf_arch import llama3_scaling
+
+    for factor, head_dim in ((8.0, 128), (32.0, 64)):  # Llama 3.1/3.3 8B-405B, Llama 3.2 1B
+        scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 8192}
+        freqs = converter_rope_freqs({"rope_scaling": scaling, "rope_theta": 500000.0, "head_dim": head_dim})
+        assert 1 < (freqs > 1).sum() < head_dim // 2  # some frequencies scaled, some not
+        assert llama3_scaling(freqs, 500000.0, head_dim) == scaling
+
+
+@pytest.mark.parametrize("arch, tensors, error", [
+    # factors that fall and rise again: no pair of boundaries gives them
+    ("llama", {"rope_freqs.weight": [1, 2, 1, 8, 8, 8, 8, 8]},
+     "rope_freqs.weight does not follow Llama 3's RoPE scaling rule"),
+    ("qwen2", {"rope_freqs.weight": [1] * 8}, "RoPE scaling by rope_freqs.weight is not supported in a qwen2 GGUF"),
+    ("phi3", {"rope_factors_long.weight": [1] * 4},  # the short factors missing
+     "RoPE scaling by rope_factors_long.weight is not supported in a phi3 GGUF"),
+])
+def test_rope_factors_steadytune_cannot_express_are_refused_in_one_line(arch_folder, tmp_path, arch, tensors,
+                                                                         error):
+    def add(w, config):
+        for name, values in tensors.items():
+            w.add_tensor(name, np.array(values, np.float32))
+
+    path, _, _ = arch_variant(tmp_path, arch_folder, arch, "f16", extra=add)
+    with pytest.raises(UserError) as e:
+        load_gguf(str(path))
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: {error}") and "\n" not in msg
+
+
+@pytest.mark.parametrize("writer", [converter_longrope, steadytune_writer])
+def test_phi3_longrope_factors_give_the_logits_of_mlx_lm_with_the_same_rope_scaling(arch_folder, tmp_path, writer):
+    path, ref, config = arch_variant(tmp_path, arch_folder, "phi3", "f16", overrides=LONGROPE_CONFIG, extra=writer)
+    model, tok, got = load_gguf(str(path), bits=None)
+    assert got["rope_scaling"] == LONGROPE_SCALING and got["original_max_position_embeddings"] == 64
+    assert got["max_position_embeddings"] == 256
+    as_float32(model)
+    # mlx-lm's SuScaledRoPE applies the long factors (and the attention factor sqrt(1 + ln 4 / ln 64)
+    # from the two context lengths) at every length; HF and llama.cpp switch to the short factors up
+    # to the original context. So a short prompt and 200 positions (past the original 64) both run
+    # on the long factors here, and the short ones are checked as config values above. Tolerance as
+    # for llama3 (the same float32 factors and weights; measured 0.0); using the short factors as
+    # the long ones, or none, moves logits by 0.2 (asserted > 1e-2 below).
+    for ids in (mx.array([tok.encode(ARCH_PROMPTS[0])]), long_ids()):
+        diff = max_logit_diff(model, ref, ids)
+        assert diff < 1e-4, f"{ids.shape[1]} tokens: max |logit diff| {diff}"
+    ids = long_ids()
+    swapped = {**LONGROPE_SCALING, "long_factor": LONGROPE_SCALING["short_factor"]}
+    assert max_logit_diff(with_config(ref, config, rope_scaling=swapped), ref, ids) > 1e-2
+    assert max_logit_diff(with_config(ref, config, rope_scaling=None), ref, ids) > 1e-2
+
+
+@pytest.mark.parametrize("period", [3, 6])
+def test_gemma3_per_layer_sliding_window_flags_become_the_period(arch_folder, tmp_path, period):
+    flags = [(i + 1) % period != 0 for i in range(6)]  # llama.cpp: true = sliding window layer
+
+    def pattern(w, config):
+        w.add_sliding_window_pattern(flags)
+
+    path, ref, config = arch_variant(tmp_path, arch_folder, "gemma3", "f16",
+                                     overrides={"sliding_window_pattern": period}, extra=pattern)
+    model, tok, got = load_gguf(str(path), bits=None)
+    assert got["sliding_window_pattern"] == period
+    # Same weights and layout, only summation order differs (see the family test; measured 0.0):
+    # 1e-4. The prompt is longer than the window of 4, so another period (global layers elsewhere)
+    # moves logits (by 1.3-1.4 measured; asserted > 1e-2).
+    ids = mx.array([tok.encode(ARCH_PROMPTS[0])])
+    assert max_logit_diff(as_float32(model), ref, ids) < 1e-4
+    other = with_config(ref, config, sliding_window_pattern=2)
+    assert max_logit_diff(other, ref, ids) > 1e-2
+
+
+def test_gemma3_irregular_sliding_window_flags_are_refused_in_one_line(arch_folder, tmp_path):
+    def pattern(w, config):
+        w.add_sliding_window_pattern([True, False, True, True, True, False])
+
+    path, _, _ = arch_variant(tmp_path, arch_folder, "gemma3", "f16", extra=pattern)
+    with pytest.raises(UserError) as e:
+        load_gguf(str(path))
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: gemma3 sliding window pattern SGSSSG (S sliding, G global") and "\n" not in msg
+
+
+@pytest.mark.parametrize("arch, overrides, extra", [("llama", {"rope_scaling": LLAMA3}, converter_llama3),
+                                                    ("phi3", LONGROPE_CONFIG, converter_longrope)])
+def test_scaled_rope_base_exports_to_gguf_with_its_factors_and_answers_the_same(arch_folder, tmp_path, arch,
+                                                                                overrides, extra):
+    """The export round trip of test_tuned_family_exports... on a base with llama3 / longrope scaling:
+    the written file carries the factor tensors and loads back as the tuned model."""
+    from test_export import make_run
+
+    from steadytune.export import export
+    from steadytune.generation import load_tuned
+
+    base, _, _ = arch_variant(tmp_path, arch_folder, arch, "q8_0-q4_0", overrides=overrides, extra=extra)
+    run = make_run(tmp_path, str(base), arch)
+    tuned = load_tuned(run)
+    out = export(run, "gguf", tmp_path / "export", dtype="float32")
+    assert set(check_gguf_header(out / "model.gguf").tensors) == set(check_gguf_header(base).tensors)
+    model, _, config = load_gguf(str(out / "model.gguf"))
+    assert config["rope_scaling"] == tuned.config["rope_scaling"]
+    ids = long_ids()
+    assert max_logit_diff(model, tuned.model, ids) < 1e-4  # float32 export: summation order only
+
+
+def test_per_layer_metadata_that_does_not_vary_reads_as_one_value():
+    from steadytune.gguf import GGUFHeader, gguf_config
+
+    meta = {"general.architecture": "llama", "llama.block_count": 2, "llama.embedding_length": 64,
+            "llama.feed_forward_length": 128, "llama.attention.head_count": 4}
+    same = GGUFHeader(3, {**meta, "llama.attention.head_count_kv": [2, 2]})
+    assert gguf_config(same, "same.gguf")["num_key_value_heads"] == 2
+    with pytest.raises(UserError, match=r"^varies\.gguf: metadata key llama\.attention\.head_count_kv varies per "
+                                        r"layer"):
+        gguf_config(GGUFHeader(3, {**meta, "llama.attention.head_count_kv": [2, 4]}), "varies.gguf")
