@@ -24,6 +24,7 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import quantize
 
+from gguf_util import add_shape, finish, tokenizer_lists
 from steadytune.errors import UserError
 from steadytune.gguf import build_tokenizer, check_gguf_header, load_gguf, spm_merges
 from steadytune.gguf_arch import llama3_factors
@@ -126,32 +127,27 @@ def llama_cpp_permute(w, n_head, n_head_kv):
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_gguf(path, folder, weights: dict, quant: dict = QUANT, raw: dict | None = None) -> None:
-    """The same model as llama.cpp's converter writes it: GGUF names, permuted q/k, quantized.
-
-    `raw` adds tensors given as (bytes array, GGML type), e.g. a K-quant the gguf package cannot make.
-    """
-    tok = json.loads((folder / "tokenizer.json").read_text())
-    vocab = {**tok["model"]["vocab"], **{a["content"]: a["id"] for a in tok["added_tokens"]}}
-    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
-    heads, kv = TINY["num_attention_heads"], TINY["num_key_value_heads"]
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_context_length(TINY["max_position_embeddings"])
-    w.add_embedding_length(TINY["hidden_size"])
-    w.add_block_count(TINY["num_hidden_layers"])
-    w.add_feed_forward_length(TINY["intermediate_size"])
-    w.add_head_count(heads)
-    w.add_head_count_kv(kv)
-    w.add_rope_dimension_count(TINY["hidden_size"] // heads)
-    w.add_layer_norm_rms_eps(TINY["rms_norm_eps"])
-    w.add_rope_freq_base(TINY["rope_theta"])
-    w.add_vocab_size(len(tokens))
+def add_tokenizer(w, tokens: list, merges: list) -> None:
+    """The tiny tokenizer as llama.cpp writes a byte-level BPE ("gpt2", SmolLM's pre-tokenizer)."""
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("smollm")
     w.add_token_list(tokens)
     w.add_token_types([3 if t in SPECIALS else 1 for t in tokens])
     w.add_token_merges(merges)
+
+
+def write_tiny_gguf(path, folder, weights: dict, quant: dict = QUANT, raw: dict | None = None) -> None:
+    """The same model as llama.cpp's converter writes it: GGUF names, permuted q/k, quantized.
+
+    `raw` adds tensors given as (bytes array, GGML type), e.g. a K-quant the gguf package cannot make.
+    """
+    vocab, tokens, merges = tokenizer_lists(folder)
+    heads, kv = TINY["num_attention_heads"], TINY["num_key_value_heads"]
+    w = gguf.GGUFWriter(str(path), "llama")
+    add_shape(w, TINY, heads, kv)
+    w.add_rope_dimension_count(TINY["hidden_size"] // heads)
+    w.add_vocab_size(len(tokens))
+    add_tokenizer(w, tokens, merges)
     w.add_bos_token_id(vocab["<|im_start|>"])
     w.add_eos_token_id(vocab["<|endoftext|>"])  # like many files: eos is not the end-of-turn token
     w.add_pad_token_id(vocab["<|im_end|>"])
@@ -178,10 +174,7 @@ def write_tiny_gguf(path, folder, weights: dict, quant: dict = QUANT, raw: dict 
             w.add_tensor(gname, quantize(value, qtype), raw_dtype=qtype)
     for gname, (data, qtype) in (raw or {}).items():
         w.add_tensor(gname, data, raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish(w)
 
 
 @pytest.fixture(scope="module")
@@ -418,10 +411,7 @@ def test_unsupported_architecture_is_one_line_naming_it(tmp_path):
     w = gguf.GGUFWriter(str(path), "falcon")
     w.add_block_count(1)
     w.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish(w)
     with pytest.raises(UserError, match=r"falcon\.gguf: architecture 'falcon' is not supported from GGUF "
                                          r"\(steadytune reads llama, mistral, qwen2, qwen3, gemma2, gemma3, phi3\)"):
         load_gguf(str(path))
@@ -521,18 +511,9 @@ def from_file(arch: str, gname: str, value: np.ndarray) -> np.ndarray:
 def write_arch_gguf(path, folder, arch: str, config: dict, tensors: dict, extra=None) -> None:
     """A GGUF of the family's layout; tensors: GGUF name -> (array as stored, raw GGML type or None);
     extra(writer, config) adds more (RoPE factor tensors, a sliding window pattern)."""
-    tok = json.loads((folder / "tokenizer.json").read_text())
-    vocab = {**tok["model"]["vocab"], **{a["content"]: a["id"] for a in tok["added_tokens"]}}
-    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    vocab, tokens, merges = tokenizer_lists(folder)
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_context_length(config["max_position_embeddings"])
-    w.add_embedding_length(config["hidden_size"])
-    w.add_block_count(config["num_hidden_layers"])
-    w.add_feed_forward_length(config["intermediate_size"])
-    w.add_head_count(HEADS)
-    w.add_head_count_kv(KV)
-    w.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    w.add_rope_freq_base(config["rope_theta"])
+    add_shape(w, config, HEADS, KV)
     w.add_rope_dimension_count(int(config["head_dim"] * config.get("partial_rotary_factor", 1)))
     if arch in ("qwen3", "gemma2", "gemma3"):  # the converters of families with their own head_dim
         w.add_key_length(config["head_dim"])
@@ -544,20 +525,13 @@ def write_arch_gguf(path, folder, arch: str, config: dict, tensors: dict, extra=
         w.add_sliding_window(config["sliding_window"])
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(config["rope_scaling"]["factor"])
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("smollm")
-    w.add_token_list(tokens)
-    w.add_token_types([3 if t in SPECIALS else 1 for t in tokens])
-    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
+    add_tokenizer(w, tokens, merges)
     w.add_eos_token_id(vocab["<|im_end|>"])
     if extra:
         extra(w, config)
     for gname, (array, raw_dtype) in tensors.items():
         w.add_tensor(gname, array, raw_dtype=raw_dtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish(w)
 
 
 # Per variant: GGUF name part -> type. "kquant" writes random valid K/IQ blocks (which the gguf

@@ -358,3 +358,35 @@ def test_eval_pairs_json_agrees_with_the_runs_last_validation(dpo_run):
     assert got["mean_margin"] == pytest.approx(last["val_reward_margin"], abs=1e-3)
     r = run_cli("eval-pairs", root / "ref", "--data", data / "missing.jsonl")
     assert r.returncode == 2 and "missing.jsonl: data not found" in r.stderr
+
+
+def test_two_processes_train_pairs_like_one(dpo_run):
+    """--nproc 2 (MLX's ring backend on loopback): each process takes its share of every batch's
+    pairs, the reference pass included; losses, rewards and adapters agree with one process.
+    Dropout off: each process would draw its own masks."""
+    from conftest import read_adapters, run_cli
+
+    model, data, root = dpo_run
+    single, double = root / "one-process", root / "two-processes"
+    for out, extra in ((single, ()), (double, ("--nproc", "2"))):
+        r = run_cli(*_train_args(model, data, out, "--lora-dropout", "0", *extra))
+        assert r.returncode == 0, r.stderr + r.stdout
+    keys = ("loss", "val_loss", "reward_margin", "val_reward_margin")
+    a, b = ([(x["event"], x["step"], *(x.get(k) for k in keys)) for x in _records(run)
+             if x["event"] in ("train", "val")] for run in (single, double))
+    assert [x[:2] for x in a] == [x[:2] for x in b] and len(a) > 5
+    # Two processes sum the same float32 gradients in another order (relative ~1e-6 a step); AdamW
+    # turns near-zero gradient elements into full steps either way (see test_distributed), so at
+    # lr 5e-3 the adapters part by ~1e-4 relative after 6 steps (measured 1.2e-4; bound 1e-3). A
+    # margin is beta times a difference of two sequence log-prob sums of ~100 in magnitude each, so
+    # it carries their absolute error: ~100 x 1e-4 x beta ~1e-3; bound 2e-3. The DPO loss
+    # -log sigmoid(margin) has slope below 1, so its absolute error is at most the margin's: the
+    # same bound. Measured: up to 3e-4 (margins) and 1.1e-4 (losses).
+    for x, y in zip(a, b):
+        for key, u, v in zip(keys, x[2:], y[2:]):
+            assert (u is None) == (v is None), key
+            assert u is None or abs(u - v) <= 2e-3, (key, x[:2], u, v)
+    wa, wb = read_adapters(single), read_adapters(double)
+    diff = np.sqrt(sum(np.sum((wa[k] - wb[k]) ** 2) for k in wa))
+    assert wa.keys() == wb.keys() and diff / np.sqrt(sum(np.sum(wa[k] ** 2) for k in wa)) < 1e-3
+    assert any(not np.array_equal(wa[k], wb[k]) for k in wa)  # really two different computations

@@ -284,32 +284,21 @@ def write_gguf(path: Path, model: Path, arch: str = "llama", tokenizer: bool = T
     import numpy as np
 
     cfg = json.loads((model / "config.json").read_text())
-    tok = json.loads((model / "tokenizer.json").read_text())
-    vocab = {**tok["model"]["vocab"], **{a["content"]: a["id"] for a in tok["added_tokens"]}}
-    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    from gguf_util import add_shape, finish, tokenizer_lists  # tests/ (pytest puts it on the path)
+
+    vocab, tokens, merges = tokenizer_lists(model)
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_context_length(cfg["max_position_embeddings"])
-    w.add_embedding_length(cfg["hidden_size"])
-    w.add_block_count(cfg["num_hidden_layers"])
-    w.add_feed_forward_length(cfg["intermediate_size"])
-    w.add_head_count(cfg["num_attention_heads"])
-    w.add_head_count_kv(cfg["num_key_value_heads"])
-    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    w.add_rope_freq_base(cfg["rope_theta"])
+    add_shape(w, cfg, cfg["num_attention_heads"], cfg["num_key_value_heads"])
     if tokenizer:
         w.add_tokenizer_model("gpt2")
         w.add_token_list(tokens)
         w.add_token_types([3 if t.startswith("<|") else 1 for t in tokens])
-        w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
-                           + list(extra_merges))
+        w.add_token_merges(merges + list(extra_merges))
         w.add_eos_token_id(vocab["<|im_end|>"])
         w.add_chat_template(json.loads((model / "tokenizer_config.json").read_text())["chat_template"])
     for name, value in sorted(mx.load(str(model / "model.safetensors")).items()):
         w.add_tensor(gguf_name(name), np.array(value.astype(mx.float32)))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish(w)
     return path
 
 
