@@ -124,6 +124,12 @@ def check_hub(repo: str) -> None:
         raise hub_error(repo, OfflineModeIsEnabled(repo))
 
 
+def gguf_requant(mcfg: ModelConfig) -> tuple[int | None, int]:
+    """(bits, group size) that GGUF tensor types MLX has no layout for (K-quants, IQ4_*) are
+    re-quantized to on load (None: kept float); the planner plans with the same."""
+    return (None if mcfg.quantize == "none" else int(mcfg.quantize)), mcfg.group_size
+
+
 def load_base(mcfg: ModelConfig, source: tuple[str, str] | None = None, tokenizer=None) -> LoadedModel:
     """Load the frozen base model in the compute dtype, quantized per `mcfg.quantize`; `source`:
     resolve_source(mcfg.path) where the caller has it already; `tokenizer`: a folder's tokenizer
@@ -135,9 +141,7 @@ def load_base(mcfg: ModelConfig, source: tuple[str, str] | None = None, tokenize
     if kind == "gguf":
         from .gguf import load_gguf
 
-        # tensor types MLX has no layout for (K-quants, IQ4_*) are re-quantized to these settings
-        bits = None if mcfg.quantize == "none" else int(mcfg.quantize)
-        model, tokenizer, config = load_gguf(src, bits=bits, group_size=mcfg.group_size)
+        model, tokenizer, config = load_gguf(src, *gguf_requant(mcfg))
     else:
         if kind == "folder":
             check_folder(Path(src))

@@ -133,14 +133,15 @@ def arch_from_config(config: dict) -> Arch:
                 quantization=q if isinstance(q, dict) and "bits" in q else None)
 
 
-def read_model_config(path: str, source: tuple[str, str] | None = None) -> dict:
+def read_model_config(path: str, source: tuple[str, str] | None = None, requant=(4, 64)) -> dict:
     """The config.json (or the equivalent from GGUF metadata) of a model argument, without loading
-    any weights; `source`: resolve_source(path), where the caller has it."""
+    any weights; `source`: resolve_source(path), where the caller has it; `requant`: the (bits,
+    group size) a GGUF's other tensor types become on load (model.gguf_requant)."""
     from .model import resolve_source
 
     kind, src = source or resolve_source(path)
     if kind == "gguf":
-        return gguf_model_config(src)
+        return gguf_model_config(src, *requant)
     if kind == "hub":
         return _cached_hub_config(src)
     f = Path(src) / "config.json"
@@ -176,12 +177,12 @@ def _cached_hub_config(repo: str) -> dict:
     return json.loads(Path(cached).read_text(encoding="utf-8"))
 
 
-def gguf_model_config(path: str) -> dict:
+def gguf_model_config(path: str, bits: int | None = 4, group_size: int = 64) -> dict:
     """A config.json-like dict from a GGUF file's header (gguf.py's one reader), with mlx-lm's
     "quantization" entry for the layers as loading builds them. Reads the header only."""
     from .gguf import gguf_model_config as read
 
-    return read(path)
+    return read(path, bits, group_size)
 
 
 def _gguf_quantization(tensors: dict) -> dict | None:
@@ -217,6 +218,9 @@ class Run:
     # the update in one compiled call (step.fuses_update: one process); False: gradients first,
     # then the update (several processes, and steadytune before the fused update).
     fused_update: bool = True
+    # The update on one concatenated vector (step.flat_update: Step(flat=True), the trainer's
+    # default for AdamW on its float32 adapters); False: array by array.
+    flat_update: bool = True
     # mlx-lm's LoRALinear promotes a half-precision input to float32 for the adapter matmuls and
     # keeps that copy; steadytune's MixedLoRALinear computes them in the input's dtype (False).
     # True describes mlx-lm's trainer and steadytune before MixedLoRALinear.
@@ -292,13 +296,18 @@ def estimate(arch: Arch, run: Run) -> Breakdown:
         # the gradient work of the blocks after it
         moment(kept, 0.0, saved + work, 2 * saved + work),
     ]
-    if run.fused_update:
+    if run.fused_update and not (run.device == "cpu" and run.flat_update):
         # With the gradient norm in the same compiled call as the backward pass, MLX computes the
         # gradients of the first block before those of the others: after its recomputation, every
         # block keeps the inputs of its LoRA layers (what the gradient of lora_a needs) until then,
         # instead of its own input, and the logits stay alive for the loss value, which is computed
         # last. On the CPU this doubles a checkpointed step of a 30-block model (SmolLM2 shape, 8k
-        # vocabulary: 0.336 GB with the norm in a separate call, 0.654 GB fused).
+        # vocabulary: 0.336 GB with the norm in a separate call, 0.654 GB fused), but only with the
+        # update array by array: with the flat update (the trainer's; the norm is one reduction
+        # over the concatenated gradients) the CPU computes the gradients block by block, last
+        # block first, and each block's LoRA inputs go with its backward pass (16 blocks of hidden
+        # 256, 4 x 256 tokens: 96.7 MB flat, 165.5 MB array by array; docs/plan-memory.md). On
+        # CUDA the checkpointed runs with the flat update were fitted with this moment in place.
         lora_in = sum(_lora_inputs(arch, run).values()) * b
         moments.append(moment(n * max(arch.hidden * b, lora_in) * tokens, _kept_logits(arch, run),
                               saved + work, saved + work))
@@ -567,7 +576,10 @@ def _at_width(run: Run, width: int) -> Run:
 
 def make_plan(cfg, model_cfg: dict | None = None, lengths=None, device: str | None = None,
               memory_gb: float | None = None) -> Plan:
-    arch = arch_from_config(model_cfg if model_cfg is not None else read_model_config(cfg.model.path))
+    from .model import gguf_requant
+
+    arch = arch_from_config(model_cfg if model_cfg is not None
+                            else read_model_config(cfg.model.path, requant=gguf_requant(cfg.model)))
     run, stats = run_from_config(cfg, arch, lengths, device)
     if memory_gb:
         available, source = memory_gb * GB, "--memory-gb"
@@ -708,7 +720,9 @@ def check_fits(cfg, model_config: dict | None = None, data_stats=None, source=No
     for cfg.model.path, where the caller has it."""
     if model_config is None:
         try:
-            model_config = read_model_config(cfg.model.path, source)
+            from .model import gguf_requant
+
+            model_config = read_model_config(cfg.model.path, source, gguf_requant(cfg.model))
         except UserError as e:
             if (source[0] == "hub" if source else _is_hub(cfg.model.path)):  # loading will download it; plan with it then
                 print(f"note: memory not planned before loading ({e})", file=sys.stderr)
@@ -800,7 +814,9 @@ def render(plan: Plan, cfg) -> str:
         "",
         f"{'':36}{'GB':>8}"]
     lines += [f"{name:<36}{v / GB:>8.3f}" for name, v in rows]
-    lines += [f"{'predicted peak':<36}{(b.peak + b.overhead) / GB:>8.3f}"]
+    lines += [f"{'predicted peak':<36}{(b.peak + b.overhead) / GB:>8.3f}",
+              # what mx.get_peak_memory() (train's peak_mem_gb, doctor --bench) is to be compared with
+              f"{'  of which MLX (train: peak_mem_gb)':<36}{b.peak / GB:>8.3f}"]
     if b.elastic:
         lines += [f"{'needed (MLX runs ahead less if short)':<36}{b.required / GB:>8.3f}"]
     lines += [f"{'available':<36}{plan.available / GB:>8.3f}  ({plan.memory_source})", ""]

@@ -669,6 +669,25 @@ def test_other_k_and_iq_types_are_requantized_to_the_users_bits_with_a_small_err
     assert kl4 < 3e-2 and kl8 < 1e-3
 
 
+def test_the_planner_sees_the_layers_loading_builds_at_the_users_bits(arch_folder, tmp_path):
+    """`steadytune plan --quantize 8 --group-size 32` on a K-quant file plans the layers as
+    load_gguf builds them with those settings (model.gguf_requant), not at 4-bit g64."""
+    from steadytune.config import ModelConfig
+    from steadytune.model import gguf_requant
+    from steadytune.plan import read_model_config
+
+    path, _, _ = arch_variant(tmp_path, arch_folder, "llama", "kquant", hidden=256)
+    for quantize, group in (("4", 64), ("8", 32)):
+        requant = gguf_requant(ModelConfig(path=str(path), quantize=quantize, group_size=group))
+        planned = read_model_config(str(path), requant=requant)["quantization"]
+        model, _, _ = load_gguf(str(path), *requant)
+        for name, m in model.named_modules():
+            if hasattr(m, "bits"):
+                want = {"bits": m.bits, "group_size": m.group_size}
+                assert planned.get(name, {k: planned[k] for k in want}) == want, (quantize, name)
+        assert planned.get("model.layers.0.self_attn.v_proj", planned)["bits"] == int(quantize)  # Q3_K
+
+
 # --------------------------------------------------------------------------- (f) export round trip
 
 @pytest.mark.parametrize("arch", list(ARCH_CONFIGS))
