@@ -122,6 +122,20 @@ def check_sinks(sinks) -> None:
             _missing(name)
 
 
+def summary_writer():
+    """tensorboardX's SummaryWriter, else PyTorch's (None: neither is installed). The steadytune
+    program hides torch for a fast start (cli.hide_torch); by now the tokenizers are loaded, so
+    torch may come back for its writer."""
+    for name in ("tensorboardX", "torch.utils.tensorboard"):
+        if name.startswith("torch.") and "torch" in sys.modules and sys.modules["torch"] is None:
+            del sys.modules["torch"]
+        try:
+            return importlib.import_module(name).SummaryWriter
+        except ImportError:
+            continue
+    return None
+
+
 def _missing(name: str):
     module, extra = OPTIONAL_SINKS[name]
     raise UserError(f"output.log_to: {name} needs the {module} package, which is not installed; run "
@@ -237,16 +251,8 @@ class Metrics:
             if name in OPTIONAL_SINKS:
                 self.remote.append(_open_sink(name, self.path.parent, config))
         self.tb = None
-        if "tensorboard" in sinks:
-            try:
-                from torch.utils.tensorboard import SummaryWriter  # type: ignore
-            except ImportError:
-                try:
-                    from tensorboardX import SummaryWriter  # type: ignore
-                except ImportError:
-                    SummaryWriter = None
-            if SummaryWriter is not None:
-                self.tb = SummaryWriter(str(self.path.parent / "tensorboard"))
+        if "tensorboard" in sinks and (writer := summary_writer()) is not None:
+            self.tb = writer(str(self.path.parent / "tensorboard"))
 
     def log(self, record: dict) -> None:
         self.f.write(json.dumps(record) + "\n")

@@ -148,3 +148,25 @@ def test_missing_sink_package_is_one_line_before_anything_loads(monkeypatch, sin
     monkeypatch.setitem(sys.modules, package, None)  # and if the import itself fails later
     with pytest.raises(UserError, match=f"pip install 'steadytune\\[{sink}\\]'"):
         Metrics.__init__(Metrics.__new__(Metrics), "/dev/null", [sink])
+
+
+def test_tensorboard_brings_back_the_torch_the_program_hid(tmp_path, monkeypatch):
+    """cli.hide_torch makes torch invisible for start-up; a --log-to tensorboard run without
+    tensorboardX still gets PyTorch's writer (a stand-in torch package here)."""
+    import sys
+
+    from steadytune.progress import summary_writer
+
+    pkg = tmp_path / "torch" / "utils"
+    pkg.mkdir(parents=True)
+    (tmp_path / "torch" / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "tensorboard.py").write_text("class SummaryWriter:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)  # not installed
+    monkeypatch.setitem(sys.modules, "torch", None)  # hidden, as the program does
+    try:
+        assert summary_writer().__module__ == "torch.utils.tensorboard"
+    finally:
+        for name in ("torch.utils.tensorboard", "torch.utils"):
+            sys.modules.pop(name, None)
