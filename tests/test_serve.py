@@ -363,6 +363,18 @@ def test_fast_path_answers_exactly_like_a_plain_greedy_loop(run_dir, tuned):
     assert generate(fast, HELLO, 24) == generate(tuned, HELLO, 24)  # the same text as before
 
 
+def test_answers_in_a_batch_equal_answers_one_by_one(run_dir):
+    """answer_all (the demo's before/after answers): prompts of different lengths share decode
+    steps (left-padded rows); greedy, each answer is the one generate() gives alone."""
+    from steadytune.generation import answer_all
+
+    fast = load_tuned(run_dir, inference=True)
+    chats = [HELLO, [{"role": "user", "content": "Which plots are free this spring, and who do I ask?"}],
+             [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]]
+    alone = [generate(fast, c, 16).strip() for c in chats]  # batch_generate's decode may lead with a space
+    assert [a.strip() for a in answer_all(fast, chats, 16)] == alone and len(set(alone)) == 3
+
+
 def test_float_copy_only_where_memory_allows(tiny_model):
     from steadytune.config import ModelConfig
     from steadytune.generation import inference_copy

@@ -22,10 +22,10 @@ def add_arguments(p) -> None:
 
 
 def _answers(loaded, system, prompts, max_tokens) -> list[str]:
-    from ..generation import generate
+    from ..generation import answer_all
 
-    msgs = lambda q: [{"role": "system", "content": system}, {"role": "user", "content": q}]  # noqa: E731
-    return [generate(loaded, msgs(q), max_tokens=max_tokens).strip() for q in prompts]
+    chats = [[{"role": "system", "content": system}, {"role": "user", "content": q}] for q in prompts]
+    return [a.strip() for a in answer_all(loaded, chats, max_tokens)]
 
 
 def command(args) -> int:
