@@ -5,8 +5,10 @@
 
 Rows, measured in turns within one process so that a busy machine slows them alike:
 - before: the plain path (the quantized model, mlx-lm's stream_generate, BLAS threads as loaded);
-- after: what `generate`, `chat`, `serve` and the demo run (load_tuned(..., inference=True):
-  generation.inference_copy, one BLAS thread while decoding);
+- float32 copy: the previous landing's path, and today's where the compiled decoder does not cover
+  a model (generation.inference_copy, one BLAS thread while decoding);
+- after: what `generate`, `chat`, `serve` and the demo run (load_tuned(..., inference=True): the
+  compiled CPU decoder, steadytune/cpu_decode.py, on the 4-bit weights);
 - anchor: mlx_lm's own `generate` on the quantized model.
 Greedy answers must be the same in all three (checked). Tokens/s counts the new tokens over the
 wall time from the prompt to the last token; cpu tokens/s divides by the process's CPU time
@@ -46,10 +48,12 @@ def main() -> int:
     from mlx_lm.generate import generate as mlx_lm_generate
     from mlx_lm.generate import stream_generate
 
-    from steadytune.generation import load_tuned, render_prompt, stream_text, to_messages
+    from steadytune.generation import inference_copy, load_tuned, render_prompt, stream_text, to_messages
 
     plain = load_tuned(None)
     fast = load_tuned(None, inference=True)  # prints the mode
+    f32 = load_tuned(None)
+    print(f"(float32 row: {inference_copy(f32.model)})", file=sys.stderr)
     prompt = render_prompt(plain.tokenizer, to_messages(PROMPT))
 
     def before(n=args.max_tokens):
@@ -58,11 +62,15 @@ def main() -> int:
     def after(n=args.max_tokens):
         return "".join(stream_text(fast.model, fast.tokenizer, prompt, n))
 
+    def copy(n=args.max_tokens):
+        return "".join(stream_text(f32.model, f32.tokenizer, prompt, n))
+
     def anchor(n=args.max_tokens):
         return mlx_lm_generate(plain.model, plain.tokenizer, prompt, max_tokens=n)
 
     rows = {"before: plain path (quantized, stream_generate)": before,
-            "after: steadytune generate/chat/serve path": after,
+            "float32 copy, adapters fused (previous path)": copy,
+            "after: steadytune path (compiled CPU decoder)": after,
             "anchor: mlx_lm.generate (quantized)": anchor}
     for fn in rows.values():  # warm-up: first-call costs out of the timings
         fn(8)

@@ -1,10 +1,12 @@
 """Loading a tuned model (base + adapters of a run) and answering prompts with mlx-lm's generator.
 
 Fast generation on the CPU (`load_tuned(..., inference=True)`, used by generate, chat, serve and the
-demo): decoding reads every weight once per token, and MLX's CPU quantized matmul is slower than
-OpenBLAS on float32 weights, so where memory allows the model answers from a float32 copy with the
-adapters fused in (`inference_copy`), and OpenBLAS runs one thread while decoding (its idle second
-thread spins in sched_yield between the per-token matmuls, taking the core the other thread needs).
+demo): decoding reads every weight once per token. MLX's CPU quantized matmul runs at about
+1 GMAC/s, so the model answers through steadytune's compiled CPU decoder (cpu_decode.py), which
+reads the 4-bit weights with SIMD code, adapters applied as low-rank products. Where it does not
+cover the model (another family, no C compiler) it answers from a float32 copy with the adapters
+fused in (`inference_copy`), with OpenBLAS on one thread while decoding (its idle second thread
+spins in sched_yield between the per-token matmuls, taking the core the other thread needs).
 Measured in bench/generation_speed.py, results in bench/RESULTS.md. On a GPU the quantized model
 stays: there the quantized kernels read a quarter of the bytes, which is what decoding waits on.
 """
@@ -68,10 +70,28 @@ def load_tuned(run: str | Path | None, model: str | None = None, dtype: str = "a
             raise UserError(f"{adir}: adapters do not fit this model ({str(e).splitlines()[0]}); "
                             "pass the --model the run was trained on") from None
     loaded.model.eval()
-    if inference:
-        print(f"(answering with {inference_copy(loaded.model)})", file=sys.stderr, flush=True)
     mx.eval(loaded.model.parameters())  # lazy adapter weights fail if first used from another thread
+    if inference:
+        loaded.model, mode = answering_model(loaded.model)
+        print(f"(answering with {mode})", file=sys.stderr, flush=True)
     return loaded
+
+
+def answering_model(model, available_bytes: int | None = None):
+    """(model to answer with, the mode in words). On the CPU: the compiled decoder where it covers
+    the model (STEADYTUNE_CPU_DECODER=0 turns it off), else the float32 copy (inference_copy)."""
+    from .backend import device_kind
+
+    why = ""
+    if device_kind() == "cpu" and os.environ.get("STEADYTUNE_CPU_DECODER", "1") != "0":
+        from .cpu_decode import CpuDecoder, Unsupported
+
+        try:
+            dec = CpuDecoder(model)
+            return dec, dec.describe()
+        except Unsupported as e:
+            why = f"; the compiled decoder does not cover it: {e}"
+    return model, inference_copy(model, available_bytes) + why
 
 
 def inference_copy(model, available_bytes: int | None = None) -> str:
@@ -200,7 +220,11 @@ def answer_all(loaded: LoadedModel, conversations: list, max_tokens: int = 256) 
     11 s instead of 39-40 s one by one, the same answers (bench/RESULTS.md)."""
     from mlx_lm.generate import batch_generate
 
+    from .cpu_decode import CpuDecoder
+
     prompts = [render_prompt(loaded.tokenizer, to_messages(c)) for c in conversations]
+    if isinstance(loaded.model, CpuDecoder):  # one sequence at a time; each is fast on its own
+        return ["".join(stream_text(loaded.model, loaded.tokenizer, p, max_tokens)) for p in prompts]
     with one_blas_thread():
         return batch_generate(loaded.model, loaded.tokenizer, prompts, max_tokens=max_tokens).texts
 

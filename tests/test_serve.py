@@ -332,17 +332,23 @@ def test_fifty_concurrent_connections_get_an_answer_or_503_never_a_reset(tuned):
     assert 200 in results
 
 
-# --- fast generation (the float copy that generate, chat, serve and the demo answer with) -------
+# --- fast generation (what generate, chat, serve and the demo answer with) ----------------------
 
-def test_fast_path_answers_exactly_like_a_plain_greedy_loop(run_dir, tuned):
+@pytest.mark.parametrize("decoder", ["1", "0"], ids=["compiled decoder", "float32 copy"])
+def test_fast_path_answers_exactly_like_a_plain_greedy_loop(run_dir, tuned, decoder, monkeypatch):
     import mlx.core as mx
     import mlx.nn as nn
 
+    from steadytune.cpu_decode import CpuDecoder
     from steadytune.generation import render_prompt
 
+    monkeypatch.setenv("STEADYTUNE_CPU_DECODER", decoder)
     fast = load_tuned(run_dir, inference=True)
-    kinds = {type(m).__name__ for _, m in fast.model.named_modules()}
-    assert not kinds & {"QuantizedLinear", "QuantizedEmbedding", "LoRALinear"}, kinds
+    if decoder == "1":  # the C forward pass over the quantized weights, LoRA as low-rank products
+        assert isinstance(fast.model, CpuDecoder) and "low-rank" in fast.model.describe()
+    else:  # the fallback: float layers with the adapters fused in
+        kinds = {type(m).__name__ for _, m in fast.model.named_modules()}
+        assert not kinds & {"QuantizedLinear", "QuantizedEmbedding", "LoRALinear"}, kinds
     assert any(isinstance(m, nn.QuantizedLinear) for _, m in tuned.model.named_modules())
     # the reference: the quantized model with its LoRA layers, no KV cache, argmax of a full forward
     tokens = render_prompt(tuned.tokenizer, HELLO)
@@ -363,11 +369,14 @@ def test_fast_path_answers_exactly_like_a_plain_greedy_loop(run_dir, tuned):
     assert generate(fast, HELLO, 24) == generate(tuned, HELLO, 24)  # the same text as before
 
 
-def test_answers_in_a_batch_equal_answers_one_by_one(run_dir):
-    """answer_all (the demo's before/after answers): prompts of different lengths share decode
-    steps (left-padded rows); greedy, each answer is the one generate() gives alone."""
+@pytest.mark.parametrize("decoder", ["1", "0"], ids=["compiled decoder", "float32 copy"])
+def test_answers_in_a_batch_equal_answers_one_by_one(run_dir, decoder, monkeypatch):
+    """answer_all (the demo's before/after answers): on the float copy, prompts of different
+    lengths share decode steps (left-padded rows); the compiled decoder answers them in turn.
+    Greedy, each answer is the one generate() gives alone."""
     from steadytune.generation import answer_all
 
+    monkeypatch.setenv("STEADYTUNE_CPU_DECODER", decoder)
     fast = load_tuned(run_dir, inference=True)
     chats = [HELLO, [{"role": "user", "content": "Which plots are free this spring, and who do I ask?"}],
              [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]]
@@ -385,3 +394,23 @@ def test_float_copy_only_where_memory_allows(tiny_model):
     assert mode.startswith("quantized weights (a float32 copy needs")
     assert any(type(m).__name__ == "QuantizedLinear" for _, m in loaded.model.named_modules())
     assert inference_copy(loaded.model).startswith("a float32 copy of the weights")
+
+
+def test_server_on_the_compiled_decoder_answers_like_generate_with_its_prompt_cache(run_dir, tuned, monkeypatch):
+    """`steadytune serve` on the CPU answers through the compiled decoder; mlx-lm's server keeps
+    its caches (copied, trimmed) between requests, so a follow-up reuses the first answer's."""
+    from steadytune.cpu_decode import CpuDecoder
+
+    monkeypatch.setenv("STEADYTUNE_CPU_DECODER", "1")
+    fast = load_tuned(run_dir, inference=True)
+    assert isinstance(fast.model, CpuDecoder)
+    srv = start_server(fast, "127.0.0.1", 0, max_tokens=16)
+    try:
+        first = json.load(post(srv.url, {"messages": HELLO, "max_tokens": 8}))["choices"][0]["message"]["content"]
+        assert first == generate(tuned, HELLO, 8)
+        follow = HELLO + [{"role": "assistant", "content": first}, {"role": "user", "content": "and the city"}]
+        for _ in range(2):  # the second time from a cached prefix
+            got = json.load(post(srv.url, {"messages": follow, "max_tokens": 8}))["choices"][0]["message"]["content"]
+            assert got == generate(tuned, follow, 8)
+    finally:
+        srv.shutdown()
