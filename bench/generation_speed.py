@@ -42,6 +42,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--model", default=None, help="a model folder or GGUF file (default: the embedded model)")
     args = p.parse_args()
 
     import mlx.core as mx
@@ -50,9 +51,9 @@ def main() -> int:
 
     from steadytune.generation import inference_copy, load_tuned, render_prompt, stream_text, to_messages
 
-    plain = load_tuned(None)
-    fast = load_tuned(None, inference=True)  # prints the mode
-    f32 = load_tuned(None)
+    plain = load_tuned(None, args.model)
+    fast = load_tuned(None, args.model, inference=True)  # prints the mode
+    f32 = load_tuned(None, args.model)
     print(f"(float32 row: {inference_copy(f32.model)})", file=sys.stderr)
     prompt = render_prompt(plain.tokenizer, to_messages(PROMPT))
 
@@ -70,7 +71,7 @@ def main() -> int:
 
     rows = {"before: plain path (quantized, stream_generate)": before,
             "float32 copy, adapters fused (previous path)": copy,
-            "after: steadytune path (compiled CPU decoder)": after,
+            "after: steadytune generate/chat/serve path": after,
             "anchor: mlx_lm.generate (quantized)": anchor}
     for fn in rows.values():  # warm-up: first-call costs out of the timings
         fn(8)
@@ -89,7 +90,7 @@ def main() -> int:
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     blas = "openblas" if steadytune.backend.fast_blas() else "reference"
-    print(f"model=smollm2-135m (default) prompt={len(prompt)} tokens new={n} tokens rounds={args.rounds} "
+    print(f"model={args.model or 'smollm2-135m (default)'} prompt={len(prompt)} tokens new={n} tokens rounds={args.rounds} "
           f"device={steadytune.backend.device_kind()} blas={blas} cpus={os.cpu_count()} "
           f"load1={load:.1f} {platform.machine()} mlx={mx.__version__}")
     print(f"| {'path':48s} | {'tok/s best':>10s} | {'tok/s median':>12s} | {'cpu tok/s median':>16s} |")

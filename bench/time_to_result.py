@@ -136,6 +136,19 @@ def mlx_lm_run(name: str, model: Path, data: Path, out: Path, iters: int, batch:
             "peak_gb": peak, "shapes": ""}
 
 
+def generation_rows(model: str | None) -> list[dict]:
+    """Tokens/s of answering (bench/generation_speed.py, 2 rounds of 128 new tokens): steadytune's
+    generate/chat/serve path and mlx_lm.generate, one row each."""
+    cmd = [sys.executable, str(ROOT / "bench" / "generation_speed.py"), "--rounds", "2"]
+    lines, wall, rc = timed(cmd + (["--model", model] if model else []))
+    rows = []
+    for _, s in lines:
+        cells = [c.strip() for c in s.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0].startswith(("after:", "anchor:")):
+            rows.append({"run": f"generation, {cells[0]}", "rc": rc, "tok_s": float(cells[2])})
+    return rows or [{"run": "generation", "rc": rc or 1}]
+
+
 def table(rows: list[dict]) -> str:
     cols = ["run", "wall_s", "epoch_wall_s_est", "first_step_s", "tok_s", "peak_gb", "shapes", "steps", "rc"]
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -148,10 +161,13 @@ def main(argv=None) -> int:
     p.add_argument("mode", choices=["gpu", "cpu"])
     p.add_argument("--work", default=None, help="folder for the model, data and runs (default: a temp dir)")
     p.add_argument("--mlx-iters", type=int, default=60, help="mlx_lm.lora iterations (its epoch is estimated)")
-    p.add_argument("--only", default="", help="comma-separated runs, in order: default,accum,ckpt,mlx,mlx_ckpt "
+    p.add_argument("--only", default="", help="comma-separated runs, in order: default,accum,ckpt,mlx,mlx_ckpt,gen "
+                   "(gen: tokens/s of answering; also: nopack, one example a row) "
                    "(a run named twice runs twice: the second finds the GPU's kernel cache warm)")
     p.add_argument("--alpaca", default=str(DATA / "alpaca_en_demo.json"), help="the alpaca demo records")
     p.add_argument("--json", default=None, help="also write the rows to this file")
+    p.add_argument("--cpu-steps", type=int, default=20, help="steps of each steadytune run in cpu mode "
+                   "(an epoch of 949 examples takes hours on 2 cores; steady tokens/s needs 6 or more)")
     a = p.parse_args(argv)
     work = Path(a.work or tempfile.mkdtemp(prefix="ttr-"))
     data = chat_split(Path(a.alpaca), work / "data")
@@ -159,7 +175,7 @@ def main(argv=None) -> int:
         model = gpu_model(work / "model", data)
         extra: list[str] = []
     else:
-        model, extra = "smollm2-135m", ["--max-steps", "20"]
+        model, extra = "smollm2-135m", ["--max-steps", str(a.cpu_steps)]
     runs = work / "runs"
     done: dict[str, int] = {}
 
@@ -186,13 +202,17 @@ def main(argv=None) -> int:
     plan = {"default": lambda n: steadytune_run(n, model, data, runs, ["--batch-size", "4", *extra]),
             "accum": lambda n: steadytune_run(n, model, data, runs,
                                               ["--batch-size", "1", "--grad-accumulation", "4", *extra]),
+            "nopack": lambda n: steadytune_run(n, model, data, runs,
+                                               ["--batch-size", "4", "--pack", "false", *extra]),
             "ckpt": lambda n: steadytune_run(n, model, data, runs,
                                              ["--batch-size", "4", "--grad-checkpoint", "true", *extra]),
             "mlx": lambda n: mlx_lm_run(n, mlx_model(), data, runs, a.mlx_iters, 4, False),
             "mlx_ckpt": lambda n: mlx_lm_run(n, mlx_model(), data, runs, a.mlx_iters, 4, True)}
+    plan["gen"] = lambda n: generation_rows(None if a.mode == "cpu" else str(model))
     rows = []
-    for key in (a.only or "default,accum,ckpt,mlx,mlx_ckpt").split(","):
-        rows.append(plan[key](name(key)))
+    for key in (a.only or "default,accum,ckpt,mlx,mlx_ckpt,gen").split(","):
+        new = plan[key](name(key))
+        rows.extend(new if isinstance(new, list) else [new])
         print(json.dumps(rows[-1]), flush=True)
         if a.json:
             Path(a.json).write_text(json.dumps(rows, indent=1))

@@ -150,24 +150,26 @@ static void qrows(const linear_t *L, int M, const v8f *xp, const v8f *xl, float 
     }
 }
 
+/* A dot product in 8 lanes (the compiler keeps a scalar sum's order, so it would not vectorize). */
+static inline float dot(const float *a, const float *b, int n) {
+    v8f acc = {0};
+    int k = 0;
+    for (; k + 8 <= n; k += 8) {
+        v8f x, y;
+        memcpy(&x, a + k, sizeof x);
+        memcpy(&y, b + k, sizeof y);
+        acc += x * y;
+    }
+    float s = hsum(acc);
+    for (; k < n; k++) s += a[k] * b[k];
+    return s;
+}
+
 static void frows(const linear_t *L, int M, const float *x, float *y, int r0, int r1) {
     const int in = L->in;
     for (int n = r0; n < r1; n++) {
         const float *wr = L->w + (size_t)n * in;
-        for (int m = 0; m < M; m++) {
-            const float *xm = x + (size_t)m * in;
-            v8f acc = {0};
-            int k = 0;
-            for (; k + 8 <= in; k += 8) {
-                v8f a, b;
-                memcpy(&a, wr + k, sizeof a);
-                memcpy(&b, xm + k, sizeof b);
-                acc += a * b;
-            }
-            float s = hsum(acc);
-            for (; k < in; k++) s += wr[k] * xm[k];
-            y[(size_t)m * L->out + n] = s;
-        }
+        for (int m = 0; m < M; m++) y[(size_t)m * L->out + n] = dot(wr, x + (size_t)m * in, in);
     }
 }
 
@@ -261,9 +263,7 @@ static void attend(const model_t *m, int M, int pos0, const float *q, const floa
             const float *kg = kc + (size_t)g * cap * hd, *vg = vc + (size_t)g * cap * hd;
             float mx = -INFINITY;
             for (int p = 0; p < T; p++) {
-                float d = 0;
-                for (int i = 0; i < hd; i++) d += qv[i] * kg[(size_t)p * hd + i];
-                s[p] = d * m->attn_scale;
+                s[p] = dot(qv, kg + (size_t)p * hd, hd) * m->attn_scale;
                 if (s[p] > mx) mx = s[p];
             }
             float z = 0;

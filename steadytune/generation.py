@@ -214,10 +214,11 @@ def generate(loaded: LoadedModel, messages: list[dict] | str, max_tokens: int = 
 
 
 def answer_all(loaded: LoadedModel, conversations: list, max_tokens: int = 256) -> list[str]:
-    """Greedy answers to several conversations at once (mlx-lm's batch_generate, one BLAS thread;
-    its text may start with a space where generate's does not):
-    one decode step reads the weights once for every row. Four demo questions on the 2-core CPU:
-    11 s instead of 39-40 s one by one, the same answers (bench/RESULTS.md)."""
+    """Greedy answers to several conversations. On the compiled CPU decoder, one after another
+    (the demo's four questions: 2.6-3.8 s on 2 cores). Otherwise at once (mlx-lm's batch_generate,
+    one BLAS thread; its text may start with a space where generate's does not): one decode step
+    reads the weights once for every row; on the float32 copy 11 s instead of 39-40 s one by one,
+    the same answers (bench/RESULTS.md)."""
     from mlx_lm.generate import batch_generate
 
     from .cpu_decode import CpuDecoder
