@@ -41,8 +41,8 @@ def command(args) -> int:
         print(f"Q: {q}\nA: {a}\n", flush=True)
     t0 = time.time()
     result = run({"data": {"path": str(DATA), "max_seq_length": 384},
-                  # the last 16 of 30 blocks (mlx-lm's default): the backward pass stops there, 19%
-                  # less time a step on 2 cores; with one epoch the demo fits in 3 minutes there
+                  # the last 16 of 30 blocks (mlx-lm's default): the backward pass stops there, 16%
+                  # less wall on 2 cores; with one epoch the demo takes 2:15 there (bench/RESULTS.md)
                   "lora": {"rank": 16, "alpha": 32, "num_layers": 16},
                   # pack False: the chatbot examples are all 50-88 tokens, so a packed row (as wide as
                   # the longest) holds one example and 29% padding; one example a row pads 7%, 25%
