@@ -221,7 +221,9 @@ class CpuDecoder:
         c = cache[0] if cache else DecodeCache(self)
         return mx.array(c.forward(ids))[None, None]
 
-    def __getattr__(self, name):
+    def __getattr__(self, name):  # only for names not found on the decoder itself
+        if name == "_model":  # not set yet (copy.copy builds an instance without __init__)
+            raise AttributeError(name)
         return getattr(self._model, name)
 
     def describe(self) -> str:
