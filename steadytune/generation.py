@@ -51,10 +51,10 @@ def run_model_config(run: str | Path) -> ModelConfig:
 
 
 def load_tuned(run: str | Path | None, model: str | None = None, dtype: str = "auto",
-               inference: bool = False) -> LoadedModel:
+               inference: bool = False, batched: bool = False) -> LoadedModel:
     """Base model (from `model`, else the run's config) with the run's adapters applied. With
-    `inference`, the model is made fast to answer with (inference_copy; it cannot train any more)
-    and a line on stderr says which mode runs."""
+    `inference`, the model is made fast to answer with (answering_model; it cannot train any more)
+    and a line on stderr says which mode runs; `batched`: for several sequences at once (the server)."""
     from mlx_lm.tuner.utils import load_adapters
 
     mcfg = run_model_config(run) if run else ModelConfig()
@@ -72,18 +72,22 @@ def load_tuned(run: str | Path | None, model: str | None = None, dtype: str = "a
     loaded.model.eval()
     mx.eval(loaded.model.parameters())  # lazy adapter weights fail if first used from another thread
     if inference:
-        loaded.model, mode = answering_model(loaded.model)
+        loaded.model, mode = answering_model(loaded.model, batched=batched)
         print(f"(answering with {mode})", file=sys.stderr, flush=True)
     return loaded
 
 
-def answering_model(model, available_bytes: int | None = None):
+def answering_model(model, available_bytes: int | None = None, batched: bool = False):
     """(model to answer with, the mode in words). On the CPU: the compiled decoder where it covers
-    the model (STEADYTUNE_CPU_DECODER=0 turns it off), else the float32 copy (inference_copy)."""
+    the model (STEADYTUNE_CPU_DECODER=0 turns it off), else the float32 copy (inference_copy).
+    `batched` keeps the float32 copy: the decoder answers one sequence at a time, and a server
+    that answers several clients at once must not make a short answer wait for a long one."""
     from .backend import device_kind
 
     why = ""
-    if device_kind() == "cpu" and os.environ.get("STEADYTUNE_CPU_DECODER", "1") != "0":
+    if batched and device_kind() == "cpu":
+        why = "; answering several requests at once (--concurrency 1 answers through the compiled decoder)"
+    elif device_kind() == "cpu" and os.environ.get("STEADYTUNE_CPU_DECODER", "1") != "0":
         from .cpu_decode import CpuDecoder, Unsupported
 
         try:

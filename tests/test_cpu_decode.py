@@ -145,3 +145,14 @@ def test_no_compiler_means_mlx_answers(monkeypatch, tmp_path):
 
     model, mode = answering_model(tiny())
     assert mode.startswith("a float32 copy") and "could not build" in mode
+
+
+def test_a_server_answering_several_at_once_keeps_the_batched_path():
+    """serve --concurrency N > 1 must not make a short answer wait for a long one, and the decoder
+    answers one sequence at a time: the server then gets the batched float32 copy."""
+    from steadytune.generation import answering_model
+
+    model, mode = answering_model(tiny(), batched=True)
+    assert not isinstance(model, cpu_decode.CpuDecoder) and "--concurrency 1" in mode
+    model, mode = answering_model(tiny(), batched=False)
+    assert isinstance(model, cpu_decode.CpuDecoder)
