@@ -7,10 +7,10 @@ Rows, measured in turns within one process so that a busy machine slows them ali
 - before: the plain path (the quantized model, mlx-lm's stream_generate, BLAS threads as loaded);
 - float32 copy: the previous landing's path, and today's where the compiled decoder does not cover
   a model (generation.inference_copy, one BLAS thread while decoding);
-- after: what `generate`, `chat`, `serve` and the demo run (load_tuned(..., inference=True): the
-  compiled CPU decoder, steadytune/cpu_decode.py, on the 4-bit weights);
+- after: what `generate`, `chat`, the demo and `serve --concurrency 1` run (load_tuned(...,
+  inference=True): on the CPU the compiled decoder, steadytune/cpu_decode.py, on the 4-bit weights);
 - anchor: mlx_lm's own `generate` on the quantized model.
-Greedy answers must be the same in all three (checked). Tokens/s counts the new tokens over the
+Greedy answers must be the same in all four (checked). Tokens/s counts the new tokens over the
 wall time from the prompt to the last token; cpu tokens/s divides by the process's CPU time
 instead, which a machine shared with other work inflates less. The load average is printed too.
 """
@@ -71,7 +71,7 @@ def main() -> int:
 
     rows = {"before: plain path (quantized, stream_generate)": before,
             "float32 copy, adapters fused (previous path)": copy,
-            "after: steadytune generate/chat/serve path": after,
+            "after: steadytune generate/chat/demo path": after,
             "anchor: mlx_lm.generate (quantized)": anchor}
     for fn in rows.values():  # warm-up: first-call costs out of the timings
         fn(8)

@@ -138,7 +138,7 @@ def mlx_lm_run(name: str, model: Path, data: Path, out: Path, iters: int, batch:
 
 def generation_rows(model: str | None) -> list[dict]:
     """Tokens/s of answering (bench/generation_speed.py, 2 rounds of 128 new tokens): steadytune's
-    generate/chat/serve path and mlx_lm.generate, one row each."""
+    generate/chat/demo path and mlx_lm.generate, one row each."""
     cmd = [sys.executable, str(ROOT / "bench" / "generation_speed.py"), "--rounds", "2"]
     lines, wall, rc = timed(cmd + (["--model", model] if model else []))
     rows = []

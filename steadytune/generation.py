@@ -1,7 +1,7 @@
 """Loading a tuned model (base + adapters of a run) and answering prompts with mlx-lm's generator.
 
 Fast generation on the CPU (`load_tuned(..., inference=True)`, used by generate, chat, serve and the
-demo): decoding reads every weight once per token. MLX's CPU quantized matmul runs at about
+demo; a server answering several requests at once keeps the batched float32 copy): decoding reads every weight once per token. MLX's CPU quantized matmul runs at about
 1 GMAC/s, so the model answers through steadytune's compiled CPU decoder (cpu_decode.py), which
 reads the 4-bit weights with SIMD code, adapters applied as low-rank products. Where it does not
 cover the model (another family, no C compiler) it answers from a float32 copy with the adapters
