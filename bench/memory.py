@@ -159,7 +159,7 @@ def make_step(spec: dict, s: dict):
     cfg.validate()
     model = build(spec, s)
     apply_lora(model, cfg.lora, t.seed)
-    compute, mask_dtype = apply_compute_options(model, cfg)
+    compute, mask_dtype, _ = apply_compute_options(model, cfg)
     opt = optim.AdamW(learning_rate=t.learning_rate, weight_decay=t.weight_decay)
     opt.init(model.trainable_parameters())
     return Step(model, opt, Tokenized([], []), seed=t.seed, max_grad_norm=t.max_grad_norm,

@@ -36,7 +36,6 @@ import mlx.core as mx
 import numpy as np
 
 from steadytune.backend import cache_limit, device_kind, fast_blas
-from steadytune.batching import examples_of
 from steadytune.trainer import Trainer, as_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +71,7 @@ class SoakTrainer(Trainer):
         out = super().train_step(micro_batches, lr)
         self.calls += 1
         ids = (getattr(self, "run", None) or self).train_set.ids
-        width = max((len(ids[i]) for mb in micro_batches for i in examples_of(mb)), default=0)
+        width = max((len(ids[i]) for mb in micro_batches for i in mb), default=0)
         self.log({"event": "memory", "step": self.calls, "rss_gb": round(rss_bytes() / GB, 4),
                   "mlx_active_gb": round(mx.get_active_memory() / GB, 4),
                   "mlx_cache_gb": round(mx.get_cache_memory() / GB, 4),

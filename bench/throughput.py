@@ -155,7 +155,7 @@ def steadytune_trainer(size, weights, batch, ckpt, compute="auto", kernel=None, 
     cfg.validate()
     model = fresh_model(size, weights)
     apply_lora(model, cfg.lora, 0)
-    c, mask_dtype = apply_compute_options(model, cfg, kernel=kernel, fused_lora=fused_lora,
+    c, mask_dtype, _ = apply_compute_options(model, cfg, kernel=kernel, fused_lora=fused_lora,
                                           fused_swiglu=fused_swiglu)
     opt = optim.AdamW(learning_rate=LR, weight_decay=cfg.training.weight_decay)
     opt.init(model.trainable_parameters())
@@ -183,7 +183,7 @@ def steadytune_steps(size, weights, batch, seq, ckpt, steps, compute="auto", ker
             for n in filling(rng, seq, 16):
                 rows[-1].append(len(ids))
                 ids.append(rng.integers(0, vocab, n + 1).tolist())  # n + 1 tokens: n inputs
-        tr.pack_width, micro = seq, rows
+        tr.pack_target, micro = seq, [i for row in rows for i in row]  # laid out in rows of ~seq
     else:
         ids, micro = rng.integers(0, vocab, (batch, seq + 1)).tolist(), list(range(batch))
     tr.examples = Tokenized(ids, [[True] * len(x) for x in ids])
@@ -877,7 +877,7 @@ def run_real(a):
             total, steady = steady_rate(steps)
             padded = sum(b * w for _, _, sh in steps for b, w in sh)
             how = f"batch_tokens {a.batch_tokens}" if a.batch_tokens else f"batch {batch}"
-            how += f", packed rows of {tr.run.pack_width}" if a.pack else ""
+            how += f", packed into rows of up to {tr.run.pack_target}" if a.pack else ""
             how += f", pad {a.cuda_pad} above 256" if a.cuda_pad else ""
             rows.append({"run": f"steadytune train {name} ({how})", "tok_s": round(steady, 1),
                          "tok_s_incl_compiles": round(total, 1), "peak_gb": round(peak, 2),

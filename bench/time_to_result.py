@@ -11,8 +11,11 @@ the issue's setting), the same with --batch-size 1 --grad-accumulation 4 and wit
 with and without --grad-checkpoint. Per run it prints: wall from command to saved adapters, the
 seconds until the first optimizer step ends, steady tokens/s (the median of each trainer's own
 per-step rate of non-padding tokens over steps 4 and later: compilation and start-up are out;
-mlx-lm reports every step with --steps-per-report 1), peak memory and, for
-steadytune, the distinct step shapes the run compiled. Each output line is time-stamped as it
+mlx-lm reports every step with --steps-per-report 1), peak memory, optimizer steps, the
+validation loss after the epoch on the same 50 validation conversations (mlx-lm with
+--mask-prompt, so both score the answers only) and, for steadytune, the distinct step shapes the
+run compiled and the wall until its validation loss (every 40 steps) first reached mlx-lm's
+one-epoch value. Every trainer takes 4 examples per optimizer step. Each output line is time-stamped as it
 arrives, so nothing here depends on the trainers' own clocks.
 
 Model weights are random (speed does not depend on them); the tokenizer is trained offline on
@@ -82,21 +85,33 @@ def steadytune_run(name: str, model: Path, data: Path, out: Path, flags: list[st
     run = out / name
     cmd = [sys.executable, "-m", "steadytune.cli", "train", "--model", str(model), "--data", str(data),
            "--lora-rank", "16", "--lora-alpha", "32", "--max-seq-length", "1024", "--epochs", "1",
-           "--progress", "lines", "--log-every", "1", "--save-every", "0", "--out", str(run), *flags]
+           "--progress", "lines", "--log-every", "1", "--save-every", "0", "--eval-every", "40",
+           "--out", str(run), *flags]
     lines, wall, rc = timed(cmd)
+    if rc != 0:
+        print("\n".join(s for _, s in lines[-12:]), file=sys.stderr)
     step_re = re.compile(r"^step (\d+)/")
+    val_re = re.compile(r"^step (\d+): val_loss ([\d.]+)")
     arrivals = {int(m.group(1)): t for t, s in lines if (m := step_re.match(s))}
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()] if rc == 0 else []
     train = [r for r in recs if r.get("event") == "train"]
     rates = [r["tok_per_s"] for r in train if r["step"] > 3]
     startup = next((r for r in recs if r.get("event") == "startup"), {})
     end = next((r for r in reversed(recs) if r.get("event") == "end"), {})
+    final = next((r["val_loss"] for r in reversed(recs) if r.get("event") == "val"), None)
+    vals = [(t, float(m.group(2))) for t, s in lines if (m := val_re.match(s))]
     return {"run": f"steadytune {' '.join(flags) or '(defaults)'}", "rc": rc, "wall_s": round(wall, 1),
             "first_step_s": round(arrivals.get(1, float("nan")), 1), "steps": len(train),
             "tok_s": round(statistics.median(rates), 1) if rates else "",
             "peak_gb": max((r.get("peak_mem_gb", 0) for r in train), default=float("nan")),
+            "val_loss": round(final, 4) if final is not None else "", "vals": vals + [(wall, final)],
             "shapes": end.get("step_shapes", startup.get("step_shapes", "")),
             "startup": {k: v for k, v in startup.items() if k.endswith("_s")}}
+
+
+def reached(row: dict, target: float):
+    """Seconds until a steadytune run's validation loss first was at most `target` (None: never)."""
+    return next((round(t, 1) for t, v in row.get("vals", []) if v is not None and v <= target), None)
 
 
 def mlx_lm_run(name: str, model: Path, data: Path, out: Path, iters: int, batch: int, ckpt: bool) -> dict:
@@ -105,8 +120,9 @@ def mlx_lm_run(name: str, model: Path, data: Path, out: Path, iters: int, batch:
                                                    "keys": PROJECTIONS}}))
     cmd = [sys.executable, "-m", "mlx_lm", "lora", "-c", str(cfg), "--model", str(model), "--train",
            "--data", str(data), "--batch-size", str(batch), "--num-layers", "-1", "--iters", str(iters),
-           "--max-seq-length", "1024", "--steps-per-report", "1", "--steps-per-eval", "1000000",
-           "--save-every", "1000000", "--adapter-path", str(out / name), "--learning-rate", "1e-4"]
+           "--max-seq-length", "1024", "--steps-per-report", "1", "--steps-per-eval", str(iters),
+           "--save-every", "1000000", "--adapter-path", str(out / name), "--learning-rate", "1e-4",
+           "--mask-prompt", "--val-batches", "-1"]
     if ckpt:
         cmd.append("--grad-checkpoint")
     lines, wall, rc = timed(cmd)
@@ -116,9 +132,12 @@ def mlx_lm_run(name: str, model: Path, data: Path, out: Path, iters: int, batch:
     table_row = re.compile(r"^\s*(\d+)\s+([\d.]+|nan)\s*[▼▲=]?\s+([\d,]+)\s+[\d.]+k?\s*$")
     old_row = re.compile(r"Iter (\d+): Train loss [^,]+, Learning Rate [^,]+, It/sec [\d.]+, "
                          r"Tokens/sec ([\d.]+), Trained Tokens \d+, Peak mem ([\d.]+) GB")
-    points, peak = [], float("nan")  # (arrival, its tokens/s)
+    points, peak, val = [], float("nan"), None  # (arrival, its tokens/s)
+    val_re = re.compile(r"Val loss ([\d.]+)")
     for t, s in lines:
         s = ansi.sub("", s)
+        if (m := val_re.search(s)) and points:  # the evaluation after the last iteration
+            val = float(m.group(1))
         if m := table_row.match(s):
             points.append((t, float(m.group(3).replace(",", ""))))
         elif m := old_row.search(s):
@@ -133,7 +152,7 @@ def mlx_lm_run(name: str, model: Path, data: Path, out: Path, iters: int, batch:
             "epoch_wall_s_est": round(points[0][0] + per_step * (epoch_iters - 1), 1) if points else "",
             "first_step_s": round(points[0][0], 1) if points else "", "steps": len(points),
             "tok_s": round(statistics.median(r for _, r in points[3:]), 1) if len(points) > 3 else "",
-            "peak_gb": peak, "shapes": ""}
+            "peak_gb": peak, "val_loss": val if val is not None else "", "shapes": ""}
 
 
 def generation_rows(model: str | None) -> list[dict]:
@@ -150,7 +169,8 @@ def generation_rows(model: str | None) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    cols = ["run", "wall_s", "epoch_wall_s_est", "first_step_s", "tok_s", "peak_gb", "shapes", "steps", "rc"]
+    cols = ["run", "wall_s", "epoch_wall_s_est", "first_step_s", "tok_s", "peak_gb", "val_loss",
+            "reached_mlx_val_s", "shapes", "steps", "rc"]
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     out += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
     return "\n".join(out)
@@ -216,6 +236,13 @@ def main(argv=None) -> int:
         print(json.dumps(rows[-1]), flush=True)
         if a.json:
             Path(a.json).write_text(json.dumps(rows, indent=1))
+    anchor = next((r["val_loss"] for r in rows if r["run"].startswith("mlx_lm") and r.get("val_loss") != ""), None)
+    for r in rows:  # wall until steadytune's validation loss reached mlx-lm's after its epoch
+        if anchor is not None and "vals" in r:
+            r["reached_mlx_val_s"] = reached(r, anchor)
+        r.pop("vals", None)
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=1))
     import mlx.core as mx
     import mlx_lm
 

@@ -95,17 +95,44 @@ def token_budget_steps(lengths, budget: int, accum: int, seed: int, epoch: int) 
     return [micro[i:i + accum] for i in range(0, len(micro), accum)]
 
 
-PACK_WINDOW = 64  # rows packed together: enough examples to fill rows, few enough to stay random
+# Packed layout: how a call's examples (one micro-batch, or a step's micro-batches merged) share
+# rows. Packing never decides *which* examples a step trains on (plan_epoch does, the same packed
+# or not); it only lays them out, so a packed run follows the unpacked run's optimization.
+ROW_TARGET = {"cpu": 512, "gpu": 4096}  # positions per row when a call holds more than that
 
 
-def pack_width(lengths) -> int:
-    """Row width of packed micro-batches: the longest example's input width rounded up to a
-    multiple of 8 up to 128, of 128 above (CUDA's fused attention backward needs multiples of 128;
-    a packed row is full, so the rounding costs no padding, only room), the same on every device
-    so resume stays exact anywhere."""
-    width = max(1, int(max(lengths)) - 1)
-    k = 8 if width <= 128 else 128
-    return math.ceil(width / k) * k
+def row_target(device: str) -> int:
+    """Positions a packed row aims at. Attention is computed over the whole row (the mask hides
+    the other examples but they cost compute): on the CPU the unfused attention of a 2,048-wide
+    row would cost a small model (SmolLM2) a quarter more work than its matmuls, at 512 about 8%.
+    A GPU's fused attention makes one wide row per call (one call, no row-count shapes) pay."""
+    return ROW_TARGET["cpu" if device == "cpu" else "gpu"]
+
+
+def width_bucket(n: int, device: str = "cpu") -> int:
+    """The packed row width for `n` positions: few distinct widths at little padding. On a GPU
+    each new shape costs seconds (2.5-3 s a width on an H100/H200, even uncompiled: the fused
+    attention's and the graphs' set-up), and a step of a few examples leaves it idle enough
+    that padding is cheap: powers of two from 128. On the CPU a shape compiles in well under a
+    second and every padded position costs its full share: multiples of 32, never finer than a
+    sixteenth of the power of two at or above the width (eight widths a doubling, at most 12.5%
+    padding from the rounding)."""
+    n = max(1, int(n))
+    if device != "cpu":
+        return max(128, 1 << (n - 1).bit_length())
+    step = max(32, (1 << (n - 1).bit_length()) // 16)
+    return -(-n // step) * step
+
+
+def row_bucket(r: int) -> int:
+    """Rows of a packed call: 1-8 exactly, then 12, 16, 24, 32, ... (empty rows fill the rest: all
+    padding, no loss, no gradient), so the row count adds few compiled shapes."""
+    if r <= 8:
+        return max(1, r)
+    b = 8
+    while b < r:
+        b = b * 3 // 2 if b & (b - 1) == 0 else b * 4 // 3
+    return b
 
 
 def pack_rows(sizes, width: int) -> list[list[int]]:
@@ -127,27 +154,35 @@ def pack_rows(sizes, width: int) -> list[list[int]]:
     return rows
 
 
-def packed_steps(lengths, width: int, rows: int, accum: int, seed: int,
-                 epoch: int) -> list[list[list[list[int]]]]:
-    """One epoch of packed micro-batches: steps -> micro-batches of `rows` rows -> rows -> example
-    indexes. An example of n tokens takes n - 1 positions (its inputs). The shuffled order is cut
-    into windows of about PACK_WINDOW rows' worth of tokens; each window is packed by best fit
-    decreasing (pack_rows); the rows are shuffled and taken `rows` per micro-batch, `accum` per
-    step. Every example appears exactly once; only the last micro-batch of the epoch may have
-    fewer rows."""
-    lengths = np.asarray(lengths)
-    n = len(lengths)
-    rng = epoch_rng(seed, epoch)
-    order = rng.permutation(n)
-    need = np.maximum(lengths - 1, 1)
-    windows = max(1, math.ceil(int(need.sum()) / (width * PACK_WINDOW))) if n else 1
-    packed: list[list[int]] = []
-    for chunk in np.array_split(order, windows):
-        sizes = need[chunk].tolist()
-        packed += [[int(chunk[j]) for j in row] for row in pack_rows(sizes, width)]
-    packed = [packed[i] for i in rng.permutation(len(packed))]
-    micro = [packed[i:i + rows] for i in range(0, len(packed), rows)]
-    return [micro[i:i + accum] for i in range(0, len(micro), accum)]
+def pack_layout(lengths, target: int, device: str = "cpu") -> tuple[list[list[int]], int]:
+    """(rows, width): the examples of one call (token lengths; an example of n tokens takes n - 1
+    positions) laid out in rows of `width`. Up to `target` positions in all: one row of
+    width_bucket(total). More: rows of about `target` positions, each at least as wide as the
+    call's longest example (a long step gets rows as wide as its own longest example, not the
+    data set's), packed best fit decreasing (pack_rows) into ceil(total / width) rows, widened
+    until they fit; the row count rounded up by row_bucket (empty rows). A pure function of the
+    lengths."""
+    need = [max(int(n) - 1, 1) for n in lengths]
+    if not need:
+        return [], width_bucket(1, device)
+    total = sum(need)
+    width = width_bucket(max(max(need), -(-total // -(-total // target))), device)
+    while len(rows := pack_rows(need, width)) > -(-total // width):
+        width = width_bucket(width + 1, device)
+    width = width_bucket(max(sum(need[i] for i in row) for row in rows), device)
+    return rows + [[] for _ in range(row_bucket(len(rows)) - len(rows))], width
+
+
+def layout_padding(calls, lengths, target: int, device: str = "cpu") -> float:
+    """Share of computed positions that are padding when each call (a list of example indexes) is
+    laid out by pack_layout."""
+    real = total = 0
+    for call in calls:
+        lens = [int(lengths[i]) for i in call]
+        rows, width = pack_layout(lens, target, device)
+        real += sum(max(n - 1, 1) for n in lens)
+        total += len(rows) * width
+    return 1 - real / total if total else 0.0
 
 
 def pack_batch(ids: list[list[list[int]]], masks: list[list[list[bool]]], width: int, pad_id: int = 0):
@@ -177,64 +212,34 @@ def pack_batch(ids: list[list[list[int]]], masks: list[list[list[bool]]], width:
     return inputs, targets, mask, segments
 
 
-def examples_of(micro_batch) -> list[int]:
-    """The example indexes of a micro-batch, packed (a list of rows) or not."""
-    return [i for row in micro_batch for i in row] if micro_batch and isinstance(micro_batch[0], list) \
-        else list(micro_batch)
-
-
-def packed_rows(batch_size: int, batch_tokens: int | None, width: int) -> int:
-    """Rows of a packed micro-batch: batch_tokens // width, or batch_size rows."""
-    return max(1, batch_tokens // width) if batch_tokens else batch_size
-
-
-def fill_rows(micro_batch: list, rows: int) -> list:
-    """A packed micro-batch with empty rows appended up to `rows`, so the epoch's short last
-    micro-batch (and validation's) has the shape of all the others and no new shape is compiled
-    (on a GPU each new shape costs seconds). An empty row is all padding: no loss, no gradient."""
-    return list(micro_batch) + [[] for _ in range(rows - len(micro_batch))]
-
-
 def merge_micro_batches(micro_batches: list, group: int) -> list:
-    """Packed micro-batches joined `group` at a time into one (their rows concatenated): the
-    token-weighted loss of a step is a sum over its rows, so the gradients are the same, computed
-    in fewer, larger calls."""
+    """A step's micro-batches (lists of example indexes) joined `group` at a time into one call:
+    the token-weighted loss of a step is a sum over its examples, so the gradients are the same,
+    computed in fewer, larger calls."""
     if group <= 1:
         return micro_batches
-    return [[row for mb in micro_batches[i:i + group] for row in mb] for i in range(0, len(micro_batches), group)]
+    return [[i for mb in micro_batches[k:k + group] for i in mb] for k in range(0, len(micro_batches), group)]
 
 
-def merge_group(accum: int, rows: int, largest_rows: int) -> int:
-    """How many of a step's `accum` packed micro-batches of `rows` rows run as one call: the largest
-    divisor of accum whose rows the memory plan says fit (`largest_rows`), so every call of a step
-    has the same shape."""
-    return max(g for g in range(1, accum + 1) if accum % g == 0 and (g == 1 or rows * g <= largest_rows))
-
-
-def packed_eval_batches(lengths, width: int, rows: int) -> list[list[list[int]]]:
-    """Validation examples packed into rows of `width` (best fit decreasing: deterministic), `rows`
-    rows per micro-batch: validation runs in the training step's shape."""
-    need = np.maximum(np.asarray(lengths, dtype=np.int64) - 1, 1).tolist()
-    packed = pack_rows(need, width) if need else []
-    return [packed[i:i + rows] for i in range(0, len(packed), rows)]
+def merge_group(accum: int, fits) -> int:
+    """How many of a step's `accum` micro-batches run as one call: the largest divisor g of accum
+    for which fits(g) (the memory plan of a call of g micro-batches), so every call of a step has
+    about the same size."""
+    return max(g for g in range(1, accum + 1) if accum % g == 0 and (g == 1 or fits(g)))
 
 
 def plan_epoch(lengths, batch_size: int, batch_tokens: int | None, accum: int, seed: int, epoch: int,
-               group_by_length: bool = True, pack: bool = False, width: int | None = None) -> list:
-    """The epoch's steps: packed rows (`pack`: batch_tokens // width rows, or batch_size rows, of
-    `width`, default pack_width(lengths)), by a token budget when `batch_tokens` is set, else by
-    example count."""
-    if pack:
-        width = width or pack_width(lengths)
-        return packed_steps(lengths, width, packed_rows(batch_size, batch_tokens, width), accum, seed, epoch)
+               group_by_length: bool = True) -> list:
+    """The epoch's steps, each a list of micro-batches of example indexes: by a token budget when
+    `batch_tokens` is set, else `batch_size` examples a micro-batch. Packed or not, the same: packing
+    lays out a step's examples (pack_layout), it does not choose them."""
     if batch_tokens:
         return token_budget_steps(lengths, batch_tokens, accum, seed, epoch)
     return epoch_steps(lengths, batch_size, accum, seed, epoch, group_by_length)
 
 
 def shard(batch: list, rank: int, world: int) -> list:
-    """This rank's share of a micro-batch's examples, or of its rows when packed (contiguous,
-    sizes differ by at most one)."""
+    """This rank's share of a micro-batch's examples (contiguous, sizes differ by at most one)."""
     return [batch[i] for i in np.array_split(np.arange(len(batch)), world)[rank].tolist()]
 
 
@@ -283,13 +288,6 @@ def padding_fraction(lengths_per_batch: list[list[int]], pad_multiple: int | Non
         width = max(k, math.ceil((max(lens) - 1) / k) * k)
         real += sum(n - 1 for n in lens)
         total += width * len(lens)
-    return 1 - real / total if total else 0.0
-
-
-def packed_padding_fraction(micro_batches, lengths, width: int) -> float:
-    """Share of computed positions that are padding over packed micro-batches (lists of rows)."""
-    real = sum(max(int(lengths[i]) - 1, 1) for mb in micro_batches for row in mb for i in row)
-    total = width * sum(len(mb) for mb in micro_batches)
     return 1 - real / total if total else 0.0
 
 

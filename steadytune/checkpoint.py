@@ -5,6 +5,9 @@ COMPLETE marker written last (it holds the sha256 of every file), then renamed i
 is atomic on POSIX). A folder without the marker is never used. Replacing a folder (best/,
 adapters/) takes two renames, final -> .NAME.old-PID, then .NAME.tmp-PID -> final; a kill between
 them leaves a complete copy under a temporary name, which `recover` puts back at the next start.
+Every folder written here holds OURS (written first, before anything else): only a folder holding
+it is ever removed or renamed by a repair, so a user's `.photos.old-2024` beside a run is never
+touched.
 
 On load a checkpoint is verified before anything is taken from it: the files' hashes, state.json's
 fields, the tensors' names, shapes and dtypes against the model and optimizer, and finite values.
@@ -37,10 +40,11 @@ from .errors import UserError
 from .faults import crash as _crash_hook  # noqa: F401  (fault injection lives in faults.py)
 
 MARKER = "COMPLETE"
+OURS = ".steadytune-folder.json"  # in every folder atomic_folder writes: steadytune may remove its copies
 PREFIX = "step-"
 # Counters of state.json the trainer restores; each must be a whole number >= 0.
 STATE_COUNTERS = ("step", "epoch", "pos", "bad_evals", "nonfinite")
-_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)$")
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)(-\d+)?$")
 _sound: set[Path] = set()  # folders this process wrote and hashed from disk: known sound
 
 
@@ -102,6 +106,35 @@ def _why_write_failed(e: RuntimeError, path: Path, nbytes: int) -> tuple[int, st
     return errno.EIO, " ".join(str(e).split())[:200] or "write failed"
 
 
+def ours(folder: Path) -> bool:
+    """Whether steadytune wrote `folder` (it holds OURS naming steadytune): the only folders a
+    repair or a prune may remove."""
+    try:
+        mark = json.loads((Path(folder) / OURS).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(mark, dict) and mark.get("written_by") == "steadytune"
+
+
+def mark(folder: Path, name: str) -> None:
+    """Write OURS into `folder`: steadytune made it and may remove it."""
+    _write_bytes(folder / OURS, json.dumps({"written_by": "steadytune", "folder": name, "purpose":
+                                            "written atomically; steadytune removes its .tmp-/.old- copies"}).encode())
+
+
+def _unused(parent: Path, name: str, kind: str) -> Path:
+    """.NAME.KIND-PID, or .NAME.KIND-PID-N when a folder not ours has that name (never touched)."""
+    base = f".{name}.{kind}-{os.getpid()}"
+    for n in range(1000):
+        p = parent / (base if n == 0 else f"{base}-{n}")
+        if not p.exists() and not p.is_symlink():
+            return p
+        if kind == "tmp" and n == 0 and p.is_dir() and not p.is_symlink() and ours(p):  # this pid's own leftover
+            shutil.rmtree(p)
+            return p
+    raise OSError(errno.EEXIST, "too many folders named like steadytune's temporary copies", str(parent / base))
+
+
 def atomic_folder(final: Path, write_files) -> Path:
     """Write a folder atomically: write_files(tmp) fills a temporary folder, then COMPLETE (the
     files' hashes, read back from disk) is written and the folder renamed into place, replacing
@@ -109,16 +142,18 @@ def atomic_folder(final: Path, write_files) -> Path:
     untouched and the message says what failed. A kill between the two renames of a replacement
     leaves the new copy complete under its temporary name: `recover` finishes the swap."""
     final = Path(final)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    tmp = old = None
+    made = False
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        tmp = _unused(final.parent, final.name, "tmp")
+        old = _unused(final.parent, final.name, "old")
         tmp.mkdir()
+        made = True
+        mark(tmp, final.name)
         write_files(tmp)
         _crash_hook("before-marker")
-        hashes = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        hashes = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != OURS}
         _write_bytes(tmp / MARKER, json.dumps({"sha256": hashes}, indent=1).encode())
         _fsync_dir(tmp)
         if final.exists():
@@ -127,8 +162,9 @@ def atomic_folder(final: Path, write_files) -> Path:
         os.rename(tmp, final)
         _fsync_dir(final.parent)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not final.exists():
+        if made:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and old.exists() and not final.exists():
             os.rename(old, final)
         reason = e.strerror or str(e)
         raise WriteError(f"{e.filename or final}: could not write {final.name} ({reason}); the previous "
@@ -220,8 +256,8 @@ def list_checkpoints(run_dir: Path) -> tuple[list[Path], list[Path]]:
     for p in sorted(root.iterdir()):
         if p.name.startswith(PREFIX) and p.is_dir():
             (good if is_complete(p) else bad).append(p)
-        elif p.name.startswith(".") and ".tmp-" in p.name and not is_complete(p):  # a write that never finished
-            bad.append(p)
+        elif _TEMP.match(p.name) and ".tmp-" in p.name and p.is_dir() and ours(p) and not is_complete(p):
+            bad.append(p)  # a write that never finished
     return good, bad
 
 
@@ -233,15 +269,16 @@ def latest(run_dir: Path) -> tuple[Path | None, list[Path]]:
 def repair(parent: Path) -> list[str]:
     """Finish or undo interrupted writes among `parent`'s folders (call with the run folder
     locked: nothing else writes there). For each NAME with .NAME.tmp-PID / .NAME.old-PID
-    leftovers: if NAME is missing, the newest complete copy becomes NAME (a finished new copy
-    before the old one: the swap was cut between its renames); then every leftover is removed.
-    Returns one note per thing done."""
+    leftovers steadytune wrote (holding OURS; any other folder is the user's and left alone): if
+    NAME is missing, the newest complete copy becomes NAME (a finished new copy before the old
+    one: the swap was cut between its renames); then every leftover is removed. Returns one
+    note per thing done."""
     parent, notes, groups = Path(parent), [], {}
     if not parent.is_dir():
         return notes
     for p in parent.iterdir():
         m = _TEMP.match(p.name)
-        if m and p.is_dir():
+        if m and p.is_dir() and not p.is_symlink() and ours(p):
             groups.setdefault(m["name"], []).append((m["kind"], p))
     for name, items in sorted(groups.items()):
         final = parent / name
@@ -415,7 +452,7 @@ def sound(ckpt: Path) -> bool:
 def prune(run_dir: Path, keep_last: int, protect: set[str] = frozenset()) -> None:
     """Keep the newest `keep_last` complete checkpoints (and `protect`ed ones, and always the
     newest sound one, should the newer ones be damaged); remove the rest and leftovers of
-    interrupted writes."""
+    interrupted writes. Only folders steadytune wrote (holding OURS or COMPLETE) are removed."""
     good, bad = list_checkpoints(run_dir)
     keep = set(good[-keep_last:]) if keep_last else set()
     for p in reversed(good):
@@ -423,7 +460,8 @@ def prune(run_dir: Path, keep_last: int, protect: set[str] = frozenset()) -> Non
             keep.add(p)
             break
     for p in good:
-        if p not in keep and p.name not in protect:
+        if p not in keep and p.name not in protect and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
     for p in bad:
-        shutil.rmtree(p, ignore_errors=True)
+        if ours(p) and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)

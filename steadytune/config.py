@@ -22,6 +22,7 @@ DEFAULT_MODEL = "smollm2-135m"
 # Above 1, each Adam step moves every adapter weight by about 1 or more: not a learning rate
 # anyone means (LoRA uses 1e-5..1e-2); 1e308 overflows float32 and NaNs the adapters.
 MAX_LEARNING_RATE = 1.0
+FLOAT32_MAX = 3.4028234663852886e38  # the largest finite float32: float settings are used in float32
 # Seeds feed numpy's SeedSequence and mx.random.seed(seed * 1_000_003 + step), a uint64: a 32-bit
 # seed keeps that product in range for 2^32 steps; negative seeds are refused by both.
 MAX_SEED = 2**32 - 1
@@ -75,6 +76,9 @@ class DataConfig:
                           "into the first user turn (auto: only where the template has no system role, "
                           "and the run's config.yaml then records fold; fold: always) or error",
                           choices=["auto", "fold", "error"])
+    chat_template: Optional[str] = _f(None, "a Jinja chat template file for the run, for a model without "
+                                      "one (a base model) or to replace its own; recorded, so generate "
+                                      "and chat of the run use it too")
 
 
 @dataclass
@@ -83,8 +87,10 @@ class LoraConfig:
     alpha: float = _f(16.0, "LoRA alpha; the update is scaled by alpha / rank (mlx-lm's 'scale')",
                       flag="--lora-alpha")
     dropout: float = _f(0.0, "dropout on the LoRA input", flag="--lora-dropout")
-    target_modules: list = _f([], "linear layers to adapt, e.g. [self_attn.q_proj, mlp.up_proj]; "
-                              "empty = every linear layer of attention and MLP",
+    target_modules: list = _f([], "layers to adapt, by their names inside a block, e.g. [self_attn.q_proj, "
+                              "mlp.switch_mlp]; a module that is not a linear layer stands for those in it; "
+                              "empty = every linear layer of every adapted block (experts too) but MoE "
+                              "routers (docs/models.md)",
                               flag="--lora-targets")
     num_layers: int = _f(-1, "adapt the last N transformer blocks (-1 = all)", flag="--lora-layers")
 
@@ -235,7 +241,8 @@ def excerpt(value, limit: int = 80) -> str:
 
 def range_problems(cfg: "Config", reported: list[str]) -> list[str]:
     """Finite numbers and sane ranges for what the specific checks in Config.validate do not
-    cover: every float setting finite (NaN passes `v < 0`), the seed, counts, epochs, weight decay.
+    cover: every float setting finite, in float32 too (NaN passes `v < 0`; 1e308 is finite in
+    Python and inf in float32), the seed, counts, epochs, weight decay.
     A setting already in `reported` is not reported twice."""
     p: list[str] = []
     t = cfg.training
@@ -258,6 +265,9 @@ def range_problems(cfg: "Config", reported: list[str]) -> list[str]:
                 continue
             if isinstance(v, float) and not math.isfinite(v):
                 p.append(f"{name} must be a finite number (got {v})")
+            elif isinstance(v, float) and abs(v) > FLOAT32_MAX:  # 1e308 is inf once training reads it
+                p.append(f"{name} must be finite in float32, the precision training computes in: at most "
+                         f"{FLOAT32_MAX:.4g} (got {v:g})")
             elif isinstance(v, int) and abs(v) > MAX_COUNT:
                 p.append(f"{name} must be at most {MAX_COUNT} (got {excerpt(v)})")
     return p
@@ -271,8 +281,8 @@ def _closest(name: str, valid) -> str:
 def _coerce(value: Any, f: dataclasses.Field, where: str) -> Any:
     """Convert a YAML/CLI value to the field's type, or raise a UserError that names the key."""
     t = str(f.type)
-    if value is None:
-        if "Optional" in t:
+    if value is None or ("Optional" in t and isinstance(value, str) and value.lower() in ("null", "none")):
+        if "Optional" in t:  # a flag says null as YAML does (--max-grad-norm null)
             return None
         raise UserError(f"{where}: {f.name} cannot be null")
     try:

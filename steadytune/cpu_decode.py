@@ -21,6 +21,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -59,9 +60,104 @@ class Unsupported(Exception):
 
 
 def _cache_dir() -> Path:
-    base = os.environ.get("STEADYTUNE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "steadytune")
-    return Path(base)
+    """A folder for the built library that only this user can write (created 0700): a library
+    another user could replace would run their code in this process. Refused (Unsupported) if it
+    is not ours or others can write it."""
+    from .runinfo import cache_dir
+
+    folder = cache_dir()
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(mode=0o700, exist_ok=True)
+        st = folder.stat()
+    except OSError:  # no home to write in: a folder of our own in the system's temporary directory
+        folder = Path(tempfile.gettempdir()) / f"steadytune-{os.getuid()}"
+        try:
+            folder.mkdir(mode=0o700, exist_ok=True)
+            st = os.lstat(folder)
+        except OSError as e:
+            raise Unsupported(f"no folder to build steadytune's CPU decoder in ({folder}: {e.strerror})") from None
+    if not os.path.isdir(folder) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise Unsupported(f"{folder} is writable by other users or not yours, so steadytune's CPU decoder is "
+                          f"not built or loaded there; run: chmod 700 {folder}")
+    return folder
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _verified(path: Path) -> bool:
+    """Whether the cached library is the one built here: ours, not writable by others, and its
+    bytes hash to what was recorded when it was built (a truncated, emptied or altered file, or
+    a record that is missing, means: build it again)."""
+    try:
+        st = os.lstat(path)
+        want = path.with_name(path.name + ".sha256").read_text().strip()
+        return (st.st_uid == os.getuid() and not st.st_mode & 0o022 and os.path.isfile(path)
+                and not os.path.islink(path) and _sha256(path) == want)
+    except OSError:
+        return False
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+def _compiler() -> list[str]:
+    """The compiler command: $CC split as a shell would (CC="gcc -O2"), else cc, gcc or clang."""
+    cc = os.environ.get("CC", "").strip()
+    if cc:
+        try:
+            cmd = shlex.split(cc)
+        except ValueError as e:
+            raise Unsupported(f"CC={cc!r} cannot be read as a command ({e}); set CC to a C compiler, "
+                              "e.g. CC=gcc") from None
+        if cmd:
+            return cmd
+    found = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not found:
+        raise Unsupported("no C compiler to build steadytune's CPU decoder (install gcc)")
+    return [found]
+
+
+def _build(cc: list[str], flags: list[str], path: Path) -> None:
+    """Compile into a temporary name, check the compiler made a library, fsync it, record its hash,
+    then rename it into place (atomic: another process may be building the same file)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    errors = "?"
+    for extra in (["-fopenmp"], []):  # without OpenMP (Apple's clang), one thread
+        try:
+            r = subprocess.run([*cc, *flags, *extra, str(SOURCE), "-o", str(tmp), "-lm"],
+                               capture_output=True, text=True)
+        except OSError as e:
+            errors = f"{cc[0]}: {e.strerror}"
+            break
+        if r.returncode != 0:
+            errors = (r.stderr.strip().splitlines() or ["?"])[-1]
+            continue
+        if not tmp.is_file() or tmp.stat().st_size == 0:
+            errors = f"CC={' '.join(cc)} exited 0 but wrote no library; set CC to a C compiler such as gcc or clang"
+            break
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o700)
+        _write_synced(path.with_name(path.name + ".sha256"), _sha256(tmp).encode())
+        os.replace(tmp, path)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return
+    tmp.unlink(missing_ok=True)
+    raise Unsupported(f"the C compiler could not build steadytune's CPU decoder ({errors})")
 
 
 def _cpu_signature() -> str:
@@ -80,47 +176,37 @@ _LIB_ERROR: str | None = None
 
 
 def library() -> ctypes.CDLL:
-    """cpu_decode.c built for this machine (cached per source, compiler and CPU); raises
-    Unsupported when no C compiler works."""
+    """cpu_decode.c built for this machine (cached per source, compiler and CPU, verified by its
+    hash before every load); raises Unsupported when no C compiler works."""
     global _LIB, _LIB_ERROR
     if _LIB is not None:
         return _LIB
     if _LIB_ERROR is not None:
         raise Unsupported(_LIB_ERROR)
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if not cc:
-        _LIB_ERROR = "no C compiler to build steadytune's CPU decoder (install gcc)"
-        raise Unsupported(_LIB_ERROR)
+    try:
+        _LIB = _load()
+    except Unsupported as e:
+        _LIB_ERROR = str(e)
+        raise
+    return _LIB
+
+
+def _load() -> ctypes.CDLL:
+    cc = _compiler()
     arch = "-march=native" if platform.machine().lower() in ("x86_64", "amd64", "i686") else "-mcpu=native"
     flags = ["-O3", arch, "-ffp-contract=fast", "-fPIC", "-shared", "-std=gnu11"]
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), cc, *flags, _cpu_signature()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), *cc, *flags, _cpu_signature()]).encode()).hexdigest()[:16]
     path = _cache_dir() / f"cpu_decode-{key}.so"
-    if not path.is_file():
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            path = Path(tempfile.gettempdir()) / f"steadytune-cpu_decode-{key}.so"
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        errors = "?"
-        for extra in (["-fopenmp"], []):  # without OpenMP (Apple's clang), one thread
-            try:
-                r = subprocess.run([cc, *flags, *extra, str(SOURCE), "-o", str(tmp), "-lm"],
-                                   capture_output=True, text=True)
-            except OSError as e:
-                errors = f"{cc}: {e.strerror}"
-                break
-            if r.returncode == 0:
-                os.replace(tmp, path)  # atomic: another process may be building the same file
-                break
-            errors = (r.stderr.strip().splitlines() or ["?"])[-1]
-        if not path.is_file():
-            _LIB_ERROR = f"the C compiler could not build steadytune's CPU decoder ({errors})"
-            raise Unsupported(_LIB_ERROR)
-    lib = ctypes.CDLL(str(path))
-    lib.st_forward.restype = ctypes.c_int
+    if not _verified(path):
+        _build(cc, flags, path)
+    try:
+        lib = ctypes.CDLL(str(path))
+        lib.st_forward.restype = ctypes.c_int
+    except (OSError, AttributeError) as e:
+        raise Unsupported(f"the library CC={' '.join(cc)} built cannot be loaded ({str(e)[:120]}); set CC to "
+                          "a C compiler such as gcc or clang") from None
     lib.st_forward.argtypes = [ctypes.POINTER(_Model), ctypes.POINTER(ctypes.c_int32), ctypes.c_int,
                                ctypes.c_int, _F, _F, ctypes.c_int, _F, _F, _F]
-    _LIB = lib
     return lib
 
 
@@ -250,6 +336,11 @@ class DecodeCache:
                 new = np.zeros(self.keys.shape[:2] + (cap, d.head_dim), np.float32)
                 new[:, :, :self.offset] = getattr(self, name)[:, :, :self.offset]
                 setattr(self, name, new)
+        ids = np.asarray(ids)
+        rows = d._struct.embed.out
+        if n and (ids.min() < 0 or ids.max() >= rows):  # the C code reads the embedding row unchecked
+            raise ValueError(f"token id {int(ids.max() if ids.max() >= rows else ids.min())} is outside the "
+                             f"model's embedding table (ids 0 to {rows - 1})")
         d._rope_table(need)
         logits = np.empty(d.vocab, np.float32)
         ids = np.ascontiguousarray(ids, dtype=np.int32)

@@ -200,14 +200,15 @@ def check_template(splits: Splits, tokenizer, data_cfg) -> list[str]:
     no system role), then one example of each conversation shape (kind, roles, tools) tokenized
     in full, so a template that rejects the data fails here, naming file:line and the fix.
     Returns notes for the run's first lines. A None tokenizer (not available without
-    downloading) checks nothing."""
+    downloading) checks nothing. A --chat-template file is given to the tokenizer first."""
     if tokenizer is None:
         return []
+    use_chat_template(tokenizer, data_cfg)
     examples = splits.train + splits.valid
     with_system = [e for e in examples if e.messages and any(
         isinstance(m, dict) and m.get("role") == "system" for m in e.messages)]
     notes = []
-    if with_system and getattr(tokenizer, "chat_template", None):
+    if with_system and has_chat_template(tokenizer):
         mode = data_cfg.system_fold
         if mode != "fold" and not template_has_system_role(tokenizer):
             if mode == "error":
@@ -234,8 +235,77 @@ def _render(tokenizer, messages, tools, add_generation_prompt, where) -> str:
     return render_chat(tokenizer, messages, tools, add_generation_prompt, where)
 
 
-def _encode(tokenizer, text: str) -> list[int]:
-    return list(tokenizer.encode(text, add_special_tokens=False))
+# --- token ids: exactly what the model sees ---------------------------------------------------
+# One rule for every format, the one mlx-lm follows at inference (mlx_lm.generate, its text
+# dataset): text the model reads raw is encoded as the tokenizer encodes it, its special tokens
+# included (the BOS of SentencePiece, Gemma and Llama tokenizers); text rendered by a chat template
+# is encoded without them, since the template writes its own BOS (encoding it with them would
+# double it). A format that ends a turn ends with EOS. Nothing else is added.
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def use_chat_template(tokenizer, data_cfg) -> None:
+    """Give `tokenizer` the chat template of data_cfg.chat_template (a Jinja file, or a JSON file
+    with a "chat_template" key) for the run; the path is recorded absolute in data_cfg, so the run's
+    config.yaml lets generate and chat use the same template. Nothing without the option."""
+    path = getattr(data_cfg, "chat_template", None)
+    if not path or tokenizer is None:
+        return
+    p = Path(path).expanduser()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--chat-template {path}: cannot read the template "
+                        f"({getattr(e, 'strerror', None) or e}); pass a Jinja chat template file") from None
+    if p.suffix == ".json":
+        import json
+
+        try:
+            text = json.loads(text)["chat_template"]
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"--chat-template {path}: a .json template file must hold an object with a "
+                            "\"chat_template\" string; or pass the Jinja text in a .jinja file") from None
+    if not isinstance(text, str) or not text.strip():
+        raise UserError(f"--chat-template {path}: the file is empty; pass a Jinja chat template")
+    tokenizer.chat_template = text
+    tokenizer.has_chat_template = True
+    if hasattr(tokenizer, "_chat_template"):  # mlx-lm's own renderer for some models would win over it
+        tokenizer._chat_template = None
+    data_cfg.chat_template = str(p.resolve())
+
+
+def _starts_with_bos(tokenizer, text: str) -> bool:
+    bos = getattr(tokenizer, "bos_token", None)
+    return bool(bos) and text.startswith(bos)
+
+
+def _raw_text(tokenizer, text: str) -> tuple[str, bool]:
+    """(text, encode with the tokenizer's special tokens?) of text the model reads without a
+    template: with them, unless the text writes the BOS itself (as mlx-lm's server decides)."""
+    return text, not _starts_with_bos(tokenizer, text)
+
+
+def _templated(text: str) -> tuple[str, bool]:
+    return text, False
+
+
+def raw_text_ids(tokenizer, text: str) -> list[int]:
+    """The ids of text a model reads without a chat template (a text record without its EOS, a
+    base model's prompt): as the tokenizer encodes it, its BOS included."""
+    return _encode_many(tokenizer, [_raw_text(tokenizer, text)])[0]
+
+
+def prompt_ids(tokenizer, messages: list[dict], tools=None, where: str = "prompt") -> list[int]:
+    """The ids a model is given to answer `messages`: the chat template with its generation
+    prompt, or, on a model without one, the turns' text joined by newlines as raw text (the BOS
+    included), as a base model is trained on `prompt` records. The same ids a training example's
+    prompt has (tokenize), and those mlx_lm.generate gives the model."""
+    if has_chat_template(tokenizer):
+        return _encode_many(tokenizer, [_templated(_render(tokenizer, messages, tools, True, where))])[0]
+    return raw_text_ids(tokenizer, "\n".join(str(m.get("content") or "") for m in messages))
 
 
 def _eos_ids(tokenizer) -> set[int]:
@@ -270,58 +340,84 @@ def _chat_segments(ex: Example, tokenizer) -> list[tuple[str, bool]]:
     return segs
 
 
-def _encode_many(tokenizer, texts: list[str]) -> list[list[int]]:
-    """Token ids of many texts in one call: a fast (Rust) tokenizer encodes the batch on all cores,
-    where one call per text costs a Python round trip each (949 alpaca examples: 2,000 calls,
-    seconds of a run's start-up). The same ids as `encode(text, add_special_tokens=False)`."""
+def _encode_many(tokenizer, pieces: list[tuple[str, bool]]) -> list[list[int]]:
+    """Token ids of many (text, with special tokens?) pieces, a batch per kind: a fast (Rust)
+    tokenizer encodes a batch on all cores, where one call per text costs a Python round trip each
+    (949 alpaca examples: 2,000 calls, seconds of a run's start-up). The same ids as
+    `tokenizer.encode(text, add_special_tokens=...)`."""
     hf = getattr(tokenizer, "_tokenizer", tokenizer)  # mlx-lm's TokenizerWrapper holds the HF one
-    if texts and getattr(hf, "is_fast", False):
-        return [list(x) for x in hf(texts, add_special_tokens=False)["input_ids"]]
-    return [_encode(tokenizer, t) for t in texts]
+    out: list = [None] * len(pieces)
+    for special in (False, True):
+        at = [i for i, (_, s) in enumerate(pieces) if s == special]
+        texts = [pieces[i][0] for i in at]
+        if texts and getattr(hf, "is_fast", False):
+            ids = hf(texts, add_special_tokens=special)["input_ids"]
+        else:
+            ids = [tokenizer.encode(t, add_special_tokens=special) for t in texts]
+        for i, x in zip(at, ids):
+            out[i] = list(x)
+    return out
 
 
 def tokenize(ex: Example, tokenizer, train_on_prompt: bool = False) -> tuple[list[int], list[bool]]:
-    """Token ids and a per-token target mask (True = in the loss).
+    """Token ids and a per-token target mask (True = in the loss), by the rule above.
 
-    Targets are the assistant turns, each ending with the template's end-of-turn/EOS token (appended
-    when the template has none) so the tuned model learns to stop. Tokens the template adds after the
-    end-of-turn token (a newline, say) are prompt, not target.
+    text: the text as the tokenizer encodes it (its BOS included) + EOS, all target (mlx-lm's text
+    dataset). prompt/completion on a model without a chat template (a base model): prompt +
+    completion encoded as one text (its BOS included) + EOS, the prompt's tokens masked (TRL's
+    rule). Every other case, through the chat template: targets are the assistant turns, each
+    ending with the template's end-of-turn/EOS token (appended when the template has none) so the
+    tuned model learns to stop; tokens the template adds after the end-of-turn token (a newline,
+    say) are prompt, not target.
     """
     return tokenize_many([ex], tokenizer, train_on_prompt)[0]
+
+
+def _plan(ex: Example, tokenizer) -> tuple[str, list[tuple[str, bool]], list[bool]]:
+    """(how the pieces assemble, the (text, special tokens?) pieces to encode, which are targets)."""
+    if ex.kind == "text":
+        return "text", [_raw_text(tokenizer, ex.text)], [True]
+    if not has_chat_template(tokenizer):
+        if ex.kind == "completion":
+            prompt, answer = ex.messages[0]["content"], ex.messages[1]["content"]
+            return "completion", [_raw_text(tokenizer, prompt), _raw_text(tokenizer, prompt + answer)], [False, True]
+        raise UserError(f"{ex.where}: the model's tokenizer has no chat template (a base model), so "
+                        f"{ex.kind} records cannot be formatted; pass --chat-template FILE (a Jinja chat "
+                        "template), or use {\"prompt\", \"completion\"} or {\"text\"} records")
+    segs = _chat_segments(ex, tokenizer)
+    return "chat", [_templated(t) for t, _ in segs], [target for _, target in segs]
 
 
 def tokenize_many(examples: list[Example], tokenizer, train_on_prompt: bool = False) -> list[tuple[list[int], list[bool]]]:
     """tokenize() of every example, the texts of all of them encoded in one batch (_encode_many)."""
     eos = _eos_ids(tokenizer)
-    pieces, texts = [], []
-    for ex in examples:
-        if ex.kind == "text":
-            segs = [(ex.text, True)]
-        elif not getattr(tokenizer, "chat_template", None):
-            raise UserError(f"{ex.where}: the model's tokenizer has no chat template, so {ex.kind} records "
-                            "cannot be formatted; use {\"text\"} records or a chat model")
-        else:
-            segs = _chat_segments(ex, tokenizer)
-        pieces.append(segs)
-        texts += [text for text, _ in segs if text]
-    encoded = iter(_encode_many(tokenizer, texts))
-    return [_assemble(ex, [(next(encoded) if text else [], target) for text, target in segs], tokenizer,
-                      eos, train_on_prompt) for ex, segs in zip(examples, pieces)]
+    plans = [_plan(ex, tokenizer) for ex in examples]
+    flat = [p for _, pieces, _ in plans for p in pieces if p[0]]
+    encoded = iter(_encode_many(tokenizer, flat))
+    out = []
+    for how, pieces, targets in plans:
+        ids = [next(encoded) if text else [] for text, _ in pieces]
+        out.append(_assemble(how, ids, targets, tokenizer, eos, train_on_prompt))
+    return out
 
 
-def _assemble(ex: Example, segs: list[tuple[list[int], bool]], tokenizer, eos: set,
+def _with_eos(ids: list[int], tokenizer, eos: set) -> list[int]:
+    return ids if ids and ids[-1] in eos else ids + [tokenizer.eos_token_id]
+
+
+def _assemble(how: str, pieces: list[list[int]], targets: list[bool], tokenizer, eos: set,
               train_on_prompt: bool) -> tuple[list[int], list[bool]]:
-    """Ids and mask of one example from its encoded (ids, is_target) pieces (tokenize's rules)."""
-    if ex.kind == "text":
-        ids = segs[0][0]
-        bos = tokenizer.bos_token_id
-        if bos is not None and getattr(tokenizer, "add_bos_token", False) and (not ids or ids[0] != bos):
-            ids = [bos] + ids
-        if not ids or ids[-1] not in eos:
-            ids.append(tokenizer.eos_token_id)
+    """Ids and mask of one example from its encoded pieces (tokenize's rules)."""
+    if how == "text":
+        ids = _with_eos(pieces[0], tokenizer, eos)
         return ids, [True] * len(ids)
+    if how == "completion":
+        prompt, ids = pieces[0], _with_eos(pieces[1], tokenizer, eos)
+        # where prompt and completion merge into one token at the seam, that token is the answer's
+        n = next((i for i, (a, b) in enumerate(zip(prompt, ids)) if a != b), min(len(prompt), len(ids)))
+        return ids, [train_on_prompt] * n + [True] * (len(ids) - n)
     ids, mask = [], []
-    for toks, target in segs:
+    for toks, target in zip(pieces, targets):
         if target:
             last = max((j for j, t in enumerate(toks) if t in eos), default=None)
             if last is None:
@@ -344,6 +440,10 @@ class Tokenized:
 
     def lengths(self) -> np.ndarray:
         return np.array([len(x) for x in self.ids], dtype=np.int64)
+
+    def step_lengths(self) -> np.ndarray:
+        """The lengths the epoch's steps are planned from (batching.plan_epoch)."""
+        return self.lengths()
 
     def target_tokens(self) -> np.ndarray:
         """Tokens in the loss per example (targets shift by one: the first token predicts nothing)."""

@@ -1,9 +1,10 @@
-"""`steadytune export RUN --format mlx|hf|gguf [--out DIR]`: fold a run's adapters into its base model
-and write one model that other tools load without steadytune.
+"""`steadytune export RUN --format mlx|hf|gguf|ollama|gguf-lora [--quant Q] [--out DIR]`: fold a run's
+adapters into its base model and write one model that other tools load without steadytune.
 
-The adapters are fused into *dequantized* weights (float16 by default). Re-quantizing a fused weight
-would round the small LoRA update away unevenly and change answers; a float export answers like
-base + adapters. Formats:
+The adapters are fused into *dequantized* weights (float16 by default), so a float export answers
+like base + adapters. A quantized GGUF (--quant) is made from those fused weights in one step, as
+llama.cpp's llama-quantize would make it from the float16 export (bench/gguf_quant.py measures the
+cost against llama.cpp's own quantizer). Formats:
 
 - mlx:  an mlx-lm folder (model.safetensors, config.json, tokenizer), for `mlx_lm.generate`.
 - hf:   a Hugging Face folder (HF tensor names, config.json, generation_config.json, tokenizer),
@@ -11,7 +12,12 @@ base + adapters. Formats:
 - gguf: model.gguf (the architecture llama.cpp names the family by: llama, qwen2, qwen3, gemma2,
         gemma3, phi3; F16/BF16/F32; its tensor names and transforms: q/k rows in llama.cpp's order
         for llama, gemma's norms stored as 1 + w; tokenizer and chat template metadata) and an Ollama
-        Modelfile next to it: `ollama create NAME -f Modelfile`.
+        Modelfile next to it: `ollama create NAME -f Modelfile`. `--quant q8_0|q6_k|q5_k_m|q4_k_m|q4_0`
+        quantizes it as llama.cpp's llama-quantize would (gguf_quantize.py: the same blocks, the same
+        per-tensor types) from the fused float weights.
+- ollama: the same, q4_k_m unless --quant says otherwise, for `ollama create`.
+- gguf-lora: adapter.gguf, the adapters unfused as a llama.cpp LoRA GGUF (`llama-cli --lora`,
+        Ollama's ADAPTER) for users who keep the base GGUF.
 
 The export is written to a hidden folder beside --out and renamed into place when complete, so an
 interrupted export never leaves a half-written model that looks finished.
@@ -25,7 +31,8 @@ from pathlib import Path
 
 from .errors import UserError
 
-FORMATS = ("mlx", "hf", "gguf")
+FORMATS = ("mlx", "hf", "gguf", "ollama", "gguf-lora")
+GGUF_FORMATS = ("gguf", "ollama")  # fused, written by write_gguf (with --quant)
 DTYPES = ("float16", "bfloat16", "float32")
 # model types whose mlx-lm parameter names are the HF names (mlx-lm's sanitize only drops buffers)
 HF_NAMED = ("llama", "mistral", "qwen2", "qwen3")
@@ -34,40 +41,168 @@ GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "q
              "gemma3_text": "gemma3", "phi3": "phi3"}
 
 
-def export(run, fmt: str, out=None, model: str | None = None, dtype: str = "float16") -> Path:
-    """Fuse RUN's adapters into its base and write `fmt` to `out`; returns the folder written."""
+def export(run, fmt: str, out=None, model: str | None = None, dtype: str = "float16",
+           quant: str | None = None) -> Path:
+    """Fuse RUN's adapters into its base and write `fmt` to `out`; returns the folder written.
+    `quant` (gguf, ollama): the llama.cpp file type written (gguf_quantize.FILE_TYPES); the
+    default is f16 for gguf and q4_k_m for ollama."""
     import mlx.core as mx
+    import numpy as np
 
+    from . import checkpoint as ckpt
     from .generation import adapter_dir, load_tuned
 
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    quant = _check_quant(fmt, quant)
     adapter_dir(run)  # fail on a wrong RUN before anything loads
     out = Path(out) if out else Path(run) / f"export-{fmt}"
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out}: already exists and is not empty; pass another --out or remove it")
+    tmp = out.with_name(f".{out.name}.partial")
+    if tmp.exists() and not ckpt.ours(tmp):  # only a partial export of ours is ever removed
+        raise UserError(f"{tmp}: exists and was not written by steadytune; move it away, or pass another --out")
     # Fused in float32 (the small LoRA update survives the addition), then cast to `dtype`.
     loaded = load_tuned(run, model, dtype="float32")
     config = dict(loaded.config)
     model_type = config.get("model_type")
     if fmt == "hf" and model_type not in HF_NAMED:
-        raise UserError(f"--format hf: model type {model_type!r} is not supported; use --format mlx")
-    if fmt == "gguf" and model_type not in GGUF_ARCH:
-        raise UserError(f"--format gguf: model type {model_type!r} is not written to GGUF by steadytune "
-                        f"({', '.join(GGUF_ARCH)} are); use --format hf and llama.cpp's convert_hf_to_gguf.py")
-    fuse(loaded.model, getattr(mx, dtype))
+        raise UserError(f"--format hf: model type {model_type!r} is not written as an HF folder by steadytune "
+                        f"({', '.join(HF_NAMED)} are); {instead(model_type, fmt)}")
+    if fmt in GGUF_FORMATS and model_type not in GGUF_ARCH:
+        raise UserError(f"--format {fmt}: model type {model_type!r} is not written to GGUF by steadytune "
+                        f"({', '.join(GGUF_ARCH)} are); {instead(model_type, fmt)}")
+    refuse_nonfinite(loaded.model, "float32", f"{adapter_dir(run)} with its base")
+    if fmt != "gguf-lora":  # the LoRA GGUF holds the adapters themselves, unfused
+        reference = answers(loaded)  # base + adapters, float32: what the export must still answer
+        if not all(np.isfinite(r).all() for r in reference):
+            raise UserError(f"{adapter_dir(run)}: base + adapters answers NaN or inf in float32 (is "
+                            "adapter_config.json's scale finite?); nothing was written")
+        fuse(loaded.model, getattr(mx, dtype))
+        check_fused(loaded, reference, dtype, lambda d: _fused_works(run, model, d, reference))
     config = export_config(config, loaded.tokenizer, dtype)
-    tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    ckpt.mark(tmp, out.name)  # an interrupted export's leftover is ours to remove next time
     try:
-        WRITERS[fmt](tmp, loaded, config)
+        if fmt in GGUF_FORMATS:
+            WRITERS[fmt](tmp, loaded, config, quant, data_system(run))
+        else:
+            WRITERS[fmt](tmp, loaded, config)
         if out.exists():
             out.rmdir()  # empty, checked above
+        (tmp / ckpt.OURS).unlink()
         tmp.rename(out)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if ckpt.ours(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+# --------------------------------------------------------------------------- checking what is written
+# A fused model is checked before anything is written: every tensor finite, and its answers in the
+# export dtype against base + adapters (float32) on a few prompts. float16 overflows where
+# activations pass 65504 (a trained MLP can), giving inf, then NaN, then <unk> answers.
+CHECK_PROMPTS = ("The capital of France is", "hello, how are you?", "1 2 3 4 5 6")
+# An exported model's greedy token may differ from base + adapters' where the two are nearly tied;
+# it is wrong where base + adapters rates it more than MARGIN nats below its own choice.
+MARGIN = 1.0
+MAX_WRONG = 0.25  # refused when more positions than this are wrong
+
+
+def nonfinite(model) -> list[str]:
+    """Names of the model's float tensors holding NaN or inf."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    return [k for k, v in tree_flatten(model.parameters())
+            if mx.issubdtype(v.dtype, mx.floating) and not mx.all(mx.isfinite(v)).item()]
+
+
+def refuse_nonfinite(model, dtype: str, what: str) -> None:
+    """A UserError naming the first tensor holding NaN or inf."""
+    bad = nonfinite(model)
+    if bad:
+        raise UserError(f"{what}: {bad[0]} holds NaN or inf in {dtype} ({len(bad)} tensors in all); nothing "
+                        "was written. Export an earlier checkpoint (--run RUN/checkpoints/best) or retrain "
+                        "with a lower --learning-rate")
+
+
+def answers(loaded):
+    """The model's logits (float32 numpy, one array per prompt) on CHECK_PROMPTS."""
+    import mlx.core as mx
+    import numpy as np
+
+    out = []
+    for text in CHECK_PROMPTS:
+        ids = [i for i in loaded.tokenizer.encode(text) if 0 <= i < _vocab_rows(loaded.model)][:32] or [0]
+        out.append(np.array(loaded.model(mx.array([ids]))[0].astype(mx.float32)))
+    return out
+
+
+def _vocab_rows(model) -> int:
+    from mlx.utils import tree_flatten
+
+    for k, v in tree_flatten(model.parameters()):
+        if k.endswith("embed_tokens.weight"):
+            return v.shape[0]
+    return 1 << 62
+
+
+def answer_problem(reference, got) -> str | None:
+    """Why logits `got` do not answer like `reference` (None: they do)."""
+    import numpy as np
+
+    wrong = total = 0
+    for ref, out in zip(reference, got):
+        if not np.isfinite(out).all():
+            return "its logits overflow to NaN or inf"
+        picked = ref[np.arange(len(ref)), out.argmax(-1)]
+        wrong += int((picked < ref.max(-1) - MARGIN).sum())
+        total += len(ref)
+    if wrong > MAX_WRONG * total:
+        return f"its greedy tokens differ from base + adapters' at {wrong} of {total} positions"
+    return None
+
+
+def check_fused(loaded, reference, dtype: str, works) -> None:
+    """Refuse a fused model (in `dtype`) that holds non-finite tensors or answers unlike base +
+    adapters; `works(other_dtype)` says whether another dtype would do (the advice)."""
+    problem = fused_problem(loaded, reference)
+    if problem is None:
+        return
+    others = [d for d in ("bfloat16", "float32") if d != dtype and DTYPES.index(d) > DTYPES.index(dtype)]
+    good = next((d for d in others if works(d)), None)
+    advice = (f"export with --dtype {good} (checked: it answers like base + adapters)" if good else
+              "no export dtype does: export an earlier checkpoint (--run RUN/checkpoints/best)")
+    raise UserError(f"--dtype {dtype}: the fused model does not answer like base + adapters in {dtype} "
+                    f"({problem}); nothing was written; {advice}")
+
+
+def _fused_works(run, model, dtype: str, reference) -> bool:
+    import mlx.core as mx
+
+    from .generation import load_tuned
+
+    loaded = load_tuned(run, model, dtype="float32")
+    fuse(loaded.model, getattr(mx, dtype))
+    return fused_problem(loaded, reference) is None
+
+
+def fused_problem(loaded, reference) -> str | None:
+    bad = nonfinite(loaded.model)
+    if bad:
+        return f"{bad[0]} holds NaN or inf ({len(bad)} tensors in all)"
+    return answer_problem(reference, answers(loaded))
+
+
+def instead(model_type: str | None, refused: str) -> str:
+    """The advice of a refused export: one that works for this model type (an MLX folder works for
+    every type mlx-lm loads; an HF folder, which llama.cpp's convert_hf_to_gguf.py reads, where
+    steadytune writes one)."""
+    if refused != "hf" and model_type in HF_NAMED:
+        return "use --format hf and llama.cpp's convert_hf_to_gguf.py, or --format mlx"
+    return "use --format mlx (an mlx-lm folder: mlx_lm.generate --model OUT)"
 
 
 def fuse(model, dtype) -> None:
@@ -81,8 +216,29 @@ def fuse(model, dtype) -> None:
     if fused:
         model.update_modules(tree_unflatten(fused))
     dequantize_model(model)
+    _dequantize_multilinear(model)
     model.apply(lambda x: x.astype(dtype) if mx.issubdtype(x.dtype, mx.floating) else x)
     mx.eval(model.parameters())
+
+
+def _dequantize_multilinear(model) -> None:
+    """MLA's per-head projections (mlx-lm's QuantizedMultiLinear: deepseek_v3, glm4_moe_lite,
+    mistral4), which mlx-lm's dequantize_model leaves quantized: the config is written without
+    "quantization", so every layer must be float."""
+    import mlx.core as mx
+    from mlx.utils import tree_unflatten
+    from mlx_lm.models.mla import MultiLinear, QuantizedMultiLinear
+
+    layers = []
+    for name, m in model.named_modules():
+        if isinstance(m, QuantizedMultiLinear):
+            weight = mx.dequantize(m.weight, m.scales, m.biases, m.group_size, m.bits, m.mode)
+            heads, out, d_in = weight.shape
+            layer = MultiLinear(d_in, out, heads)
+            layer.weight = weight
+            layers.append((name, layer))
+    if layers:
+        model.update_modules(tree_unflatten(layers))
 
 
 def export_config(config: dict, tokenizer, dtype: str) -> dict:
@@ -127,24 +283,51 @@ def _hf_architecture(model_type: str) -> str:
 
 # --------------------------------------------------------------------------- gguf + Modelfile
 
-def write_gguf(out: Path, loaded, config: dict) -> None:
+def _check_quant(fmt: str, quant: str | None) -> str:
+    """The --quant to write: checked against --format before anything loads."""
+    from .gguf_quantize import QUANTS
+
+    if quant is None:
+        return "q4_k_m" if fmt == "ollama" else "f16"
+    if quant not in QUANTS:
+        raise UserError(f"--quant {quant!r}: choose one of {', '.join(QUANTS)}")
+    if fmt not in GGUF_FORMATS and quant != "f16":
+        raise UserError(f"--quant {quant} applies to --format gguf and ollama, not {fmt}; "
+                        "drop --quant or pass --format gguf")
+    return quant
+
+
+def write_gguf(out: Path, loaded, config: dict, quant: str = "f16", system: str | None = None) -> None:
+    """model.gguf (`quant`: f16 keeps the export's dtype; the others are llama.cpp's file types, each
+    tensor quantized by gguf_quantize as llama-quantize would) and an Ollama Modelfile."""
     import gguf
+    import numpy as np
+
+    from .gguf_quantize import quantize, tensor_type
 
     path = out / "model.gguf"
     writer = gguf.GGUFWriter(str(path), GGUF_ARCH[config["model_type"]])
-    _add_hyperparameters(writer, config)
+    _add_hyperparameters(writer, config, quant)
     for key, value, vtype in _tokenizer_fields(loaded, config):
         writer.add_key_value(key, value, vtype)
-    for name, array, raw_dtype in _gguf_tensors(loaded.model, config):
+    tensors = list(_gguf_tensors(loaded.model, config))
+    tied = "output.weight" not in {name for name, _, _ in tensors}
+    for name, array, raw_dtype in tensors:
+        # F32/F16 from tensor_type (norms; a row no block divides) keep the export's float dtype
+        gtype = tensor_type(name, array.shape, quant, config["num_hidden_layers"], tied) if quant != "f16" else None
+        if gtype not in (None, "F32", "F16"):
+            if raw_dtype == gguf.GGMLQuantizationType.BF16:  # raw bfloat16 words -> float32
+                array = (array.astype(np.uint32) << 16).view(np.float32)
+            array, raw_dtype = quantize(array, gtype), gguf.GGMLQuantizationType[gtype]
         writer.add_tensor(name, array, raw_dtype=raw_dtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    (out / "Modelfile").write_text(modelfile(loaded.tokenizer, "./model.gguf"))
+    (out / "Modelfile").write_text(modelfile(loaded.tokenizer, "./model.gguf", system))
 
 
-def _add_hyperparameters(w, config: dict) -> None:
+def _add_hyperparameters(w, config: dict, quant: str = "f16") -> None:
     import gguf
 
     from .gguf_arch import add_rope_scaling
@@ -173,6 +356,12 @@ def _add_hyperparameters(w, config: dict) -> None:
         w.add_sliding_window(config["sliding_window"])
     add_rope_scaling(w, config)  # linear as metadata, llama3 / longrope as llama.cpp's factor tensors
     dtype = config.get("torch_dtype")
+    if quant != "f16":
+        from .gguf_quantize import FILE_TYPES
+
+        w.add_file_type(gguf.LlamaFileType[FILE_TYPES[quant][0]])
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        return
     w.add_file_type({"float32": gguf.LlamaFileType.ALL_F32, "bfloat16": gguf.LlamaFileType.MOSTLY_BF16}
                     .get(dtype, gguf.LlamaFileType.MOSTLY_F16))
 
@@ -239,11 +428,11 @@ def _tokenizer_fields(loaded, config: dict):
         tokens[i] = t
     added = {a["content"]: a for a in spec.get("added_tokens", [])}
     if model.get("type") != "BPE" or (pre is None and not model.get("byte_fallback")):
-        raise UserError(_not_written(loaded, spec))
+        raise UserError(_not_written(loaded, spec, config))
     if pre is None:  # SentencePiece-style: byte fallback instead of a byte-level alphabet
         space = _space_prefix(spec, vocab)
         if space is None:
-            raise UserError(_not_written(loaded, spec))
+            raise UserError(_not_written(loaded, spec, config))
         yield from _spm_fields(tok, model, tokens, vocab, added, space)
     else:
         types = [3 if t in added and added[t]["special"] else 4 if t in added else 1 if t in vocab else 5
@@ -263,7 +452,7 @@ def _tokenizer_fields(loaded, config: dict):
         yield "tokenizer.chat_template", tok.chat_template, T.STRING
 
 
-def _not_written(loaded, spec: dict) -> str:
+def _not_written(loaded, spec: dict, config: dict) -> str:
     """The one-line refusal, naming the tokenizer's parts that steadytune does not write to GGUF."""
     model = spec.get("model") or {}
     parts = [f"{model.get('type')}{' with byte fallback' if model.get('byte_fallback') else ''}"]
@@ -272,8 +461,8 @@ def _not_written(loaded, spec: dict) -> str:
         parts.append(f"{key.replace('_', '-')} {'+'.join(map(str, steps)) or 'none'}")
     where = Path(loaded.source) / "tokenizer.json" if loaded.kind == "folder" else loaded.source
     return (f"--format gguf: {where}: this tokenizer ({', '.join(parts)}) is not one steadytune writes to "
-            "GGUF (byte-level BPE and SentencePiece-style BPE are); use --format hf and llama.cpp's "
-            "convert_hf_to_gguf.py")
+            f"GGUF (byte-level BPE and SentencePiece-style BPE are); "
+            f"{instead(config.get('model_type'), 'gguf')}")
 
 
 def _steps(part: dict | None, key: str) -> list[dict]:
@@ -403,59 +592,162 @@ def _pre_name(pre: dict | None) -> str | None:
     return None
 
 
-# Chat formats Ollama's Go templates can express, recognised by how the template renders a probe.
+# Chat formats Ollama's Go templates can express, recognised by how the model's template renders a
+# probe: (with a system message, without one, the Go template). {s}/{u}: the system / user text.
+_GEMMA_GO = ('{{- $system := "" }}{{- range $i, $_ := .Messages }}{{- $last := eq (len (slice $.Messages $i)) 1 }}'
+             '{{- if eq .Role "system" }}{{- $system = .Content }}'
+             '{{- else if eq .Role "user" }}<start_of_turn>user\n{{ if $system }}{{ $system }}\n\n'
+             '{{ $system = "" }}{{ end }}{{ .Content }}<end_of_turn>\n{{ if $last }}<start_of_turn>model\n{{ end }}'
+             '{{- else if eq .Role "assistant" }}<start_of_turn>model\n{{ .Content }}'
+             '{{ if not $last }}<end_of_turn>\n{{ end }}{{- end }}{{- end }}')
 _OLLAMA_TEMPLATES = {
     "chatml": ("<|im_start|>system\n{s}<|im_end|>\n<|im_start|>user\n{u}<|im_end|>\n<|im_start|>assistant\n",
+               "<|im_start|>user\n{u}<|im_end|>\n<|im_start|>assistant\n",
                '{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}'
                '{{- range .Messages }}{{- if ne .Role "system" }}<|im_start|>{{ .Role }}\n'
                '{{ .Content }}<|im_end|>\n{{ end }}{{- end }}<|im_start|>assistant\n'),
     "llama3": ("<|start_header_id|>system<|end_header_id|>\n\n{s}<|eot_id|><|start_header_id|>user"
                "<|end_header_id|>\n\n{u}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+               "<|start_header_id|>user<|end_header_id|>\n\n{u}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
                '{{- if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>{{ end }}'
                '{{- range .Messages }}{{- if ne .Role "system" }}<|start_header_id|>{{ .Role }}'
                '<|end_header_id|>\n\n{{ .Content }}<|eot_id|>{{ end }}{{- end }}'
                '<|start_header_id|>assistant<|end_header_id|>\n\n'),
+    # Mistral v0.3 / Nemo: the system text goes into the last user turn, as Ollama's mistral template does
+    "mistral": ("[INST] {s}\n\n{u}[/INST]", "[INST] {u}[/INST]",
+                '{{- range $i, $_ := .Messages }}{{- if eq .Role "user" }}'
+                '{{- if and (eq (len (slice $.Messages $i)) 1) $.System }}[INST] {{ $.System }}\n\n{{ .Content }}[/INST]'
+                '{{- else }}[INST] {{ .Content }}[/INST]{{- end }}'
+                '{{- else if eq .Role "assistant" }}{{ .Content }}</s>{{- end }}{{- end }}'),
+    # Gemma 2/3: no system turn; Gemma 3 puts the system text before the first user message
+    "gemma": ("<start_of_turn>user\n{s}\n\n{u}<end_of_turn>\n<start_of_turn>model\n",
+              "<start_of_turn>user\n{u}<end_of_turn>\n<start_of_turn>model\n", _GEMMA_GO),
 }
+_BOS_SLACK = len("<|begin_of_text|>")  # what a template may put before the probe's first turn
 
 
-def modelfile(tokenizer, gguf_file: str) -> str:
-    """An Ollama Modelfile: FROM, the chat TEMPLATE (ChatML or Llama 3), a default SYSTEM, stops."""
+def modelfile(tokenizer, gguf_file: str, system: str | None = None) -> str:
+    """An Ollama Modelfile: FROM, the chat TEMPLATE (ChatML, Llama 3, Mistral, Gemma), SYSTEM (the
+    run's data's system prompt if every training example had the same one, else the template's
+    default one), a PARAMETER stop for every end-of-turn token."""
     lines = [f"FROM {gguf_file}"]
-    template, system = _ollama_template(tokenizer)
+    _, template, default, has_system = _ollama_template(tokenizer)
     if template:
         lines.append(f'TEMPLATE """{template}"""')
     else:
-        lines.append("# no TEMPLATE: the chat template is not ChatML or Llama 3; Ollama uses the one in "
-                     "the GGUF if it knows it")
-    if system:
+        lines.append("# no TEMPLATE: the chat template is not ChatML, Llama 3, Mistral or Gemma; Ollama uses "
+                     "the one stored in the GGUF (the model's own) if it knows it")
+    system = system or default
+    if system and template and not has_system:
+        lines.append(f"# no SYSTEM: this model's chat template has no system turn (the data's was {system!r})")
+    elif system:
         lines.append(f'SYSTEM """{system}"""')
     for token in tokenizer.convert_ids_to_tokens(sorted(tokenizer.eos_token_ids)):
         lines.append(f"PARAMETER stop {json.dumps(token)}")
     return "\n".join(lines) + "\n"
 
 
-def _ollama_template(tokenizer) -> tuple[str | None, str | None]:
+def _ollama_template(tokenizer) -> tuple[str | None, str | None, str | None, bool]:
+    """(family, Go template, the template's default system prompt, whether it has a system turn)."""
     if not getattr(tokenizer, "chat_template", None):
-        return None, None
+        return None, None, None, False
 
     def render(messages):
         try:
             return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except Exception:  # a template may refuse a system message; then it is not one we map
+        except Exception:  # a template may refuse a system message
             return ""
 
     probe = render([{"role": "system", "content": "SYS"}, {"role": "user", "content": "USR"}])
     bare = render([{"role": "user", "content": "USR"}])
-    for expected, go_template in _OLLAMA_TEMPLATES.values():
-        body = expected.format(s="SYS", u="USR")
-        if probe.endswith(body) and len(probe) - len(body) <= len("<|begin_of_text|>"):
+    for family, (with_system, without, go_template) in _OLLAMA_TEMPLATES.items():
+        body = with_system.format(s="SYS", u="USR")
+        if probe.endswith(body) and len(probe) - len(body) <= _BOS_SLACK:
             # A template that writes a system turn of its own when given none: that text is the SYSTEM.
-            head, after = expected.split("{s}")
+            head, after = with_system.split("{s}")
             tail = after.split("{u}")[0]
             i = bare.find(head)
             j = bare.find(tail, i + len(head)) if i >= 0 else -1
-            return go_template, (bare[i + len(head):j] or None) if j > i else None
-    return None, None
+            return family, go_template, (bare[i + len(head):j] or None) if j > i else None, True
+        plain = without.format(u="USR")
+        if not probe and bare.endswith(plain) and len(bare) - len(plain) <= _BOS_SLACK:
+            return family, go_template, None, False
+    return None, None, None, False
 
 
-WRITERS = {"mlx": write_mlx, "hf": write_hf, "gguf": write_gguf}
+def data_system(run) -> str | None:
+    """The system prompt every training example of RUN's data starts with, if they all share one
+    (read from the data path in RUN/config.yaml; None when the data is not there or varies)."""
+    import yaml
+
+    from .data import load_splits
+
+    folder = Path(run) if (Path(run) / "config.yaml").exists() else Path(run).parent  # RUN or RUN/adapters
+    try:
+        cfg = yaml.safe_load((folder / "config.yaml").read_text()) or {}
+        splits = load_splits(cfg["data"]["path"], valid_fraction=0)
+    except Exception:  # the data moved or the run has no config: the Modelfile goes without
+        return None
+    systems = {ex.messages[0]["content"] if ex.messages and ex.messages[0].get("role") == "system" else None
+               for ex in splits.train}
+    return systems.pop() if len(systems) == 1 and None not in systems else None
+
+
+# --------------------------------------------------------------------------- adapters as a LoRA GGUF
+
+def write_gguf_lora(out: Path, loaded, config: dict) -> None:
+    """adapter.gguf: the run's LoRA adapters as llama.cpp's convert_lora_to_gguf.py writes them
+    (general.type = adapter, adapter.type = lora, adapter.lora.alpha; blk.N.attn_q.weight.lora_a
+    (rank x in) and .lora_b (out x rank)), for `llama-cli -m BASE.gguf --lora adapter.gguf` or
+    Ollama's ADAPTER. llama.cpp scales B·A by alpha / rank, so alpha = mlx-lm's scale * rank."""
+    import gguf
+    import mlx.core as mx
+    import numpy as np
+
+    from .gguf import ARCHS, TOP_NAMES, permute_rows
+
+    spec = ARCHS[GGUF_ARCH[config["model_type"]]]
+    top = {v: k for k, v in TOP_NAMES.items()}
+    block = {v: k for k, v in spec.blocks.items()}
+    heads = {"attn_q": config["num_attention_heads"],
+             "attn_k": config.get("num_key_value_heads") or config["num_attention_heads"]}
+    tensors, scales = [], set()
+    for path, module in loaded.model.named_modules():
+        if not hasattr(module, "lora_a"):
+            continue
+        if hasattr(module, "m") or not hasattr(module, "linear"):
+            kind = "DoRA" if hasattr(module, "m") else type(module).__name__
+            raise UserError(f"--format gguf-lora: {path} is a {kind} adapter, which llama.cpp's LoRA GGUF "
+                            "cannot hold; use --format gguf (fused) instead")
+        if path.startswith("model.layers."):
+            _, _, i, rest = path.split(".", 3)
+            short, name = block[rest], f"blk.{i}.{block[rest]}.weight"
+        else:
+            short = top[path]
+            name = f"{short}.weight"
+        a = np.array(module.lora_a.astype(mx.float32)).T            # (rank, in)
+        b = np.array(module.lora_b.astype(mx.float32)).T            # (out, rank)
+        if spec.permuted_qk and short in heads:  # the base's rows are in llama.cpp's order, so B's are too
+            b = b[np.array(permute_rows(b.shape[0], heads[short]))]
+        tensors += [(f"{name}.lora_a", np.ascontiguousarray(a)), (f"{name}.lora_b", np.ascontiguousarray(b))]
+        scales.add(float(module.scale) * a.shape[0])
+    if not tensors:
+        raise UserError("--format gguf-lora: the run's adapters hold no LoRA layers")
+    if len(scales) != 1:
+        raise UserError(f"--format gguf-lora: the layers' scales differ ({sorted(scales)}); llama.cpp's "
+                        "LoRA GGUF has one alpha; use --format gguf (fused) instead")
+    writer = gguf.GGUFWriter(str(out / "adapter.gguf"), GGUF_ARCH[config["model_type"]])
+    writer.add_string("general.type", "adapter")
+    writer.add_string("adapter.type", "lora")
+    writer.add_float32("adapter.lora.alpha", scales.pop())
+    writer.add_name(str(config.get("_name_or_path", "steadytune adapter")).split("/")[-1])
+    for name, array in tensors:
+        writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+WRITERS = {"mlx": write_mlx, "hf": write_hf, "gguf": write_gguf, "ollama": write_gguf,
+           "gguf-lora": write_gguf_lora}

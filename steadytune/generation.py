@@ -23,7 +23,8 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from .config import ModelConfig, load_yaml
+from .config import DataConfig, ModelConfig, load_yaml
+from .data import prompt_ids, raw_text_ids, use_chat_template
 from .errors import UserError
 from .model import LoadedModel, load_base
 
@@ -38,16 +39,20 @@ def adapter_dir(run: str | Path) -> Path:
                     "adapter_config.json); pass a run folder of steadytune train")
 
 
-def run_model_config(run: str | Path) -> ModelConfig:
-    """The model section of a run's config.yaml (which base the adapters belong to)."""
+def _run_section(run: str | Path, section: str, cls):
+    """A section of a run's config.yaml as `cls` (its defaults where the run has no config)."""
     run = Path(run)
     for cand in (run / "steadytune-config.yaml", run / "config.yaml", run.parent / "steadytune-config.yaml",
                  run.parent / "config.yaml"):  # steadytune-config.yaml: the user's config.yaml was in --out
         if cand.is_file():
             tree = load_yaml(cand)
-            return ModelConfig(**{k: v for k, v in (tree.get("model") or {}).items()
-                                  if k in ModelConfig.__dataclass_fields__})
-    return ModelConfig()
+            return cls(**{k: v for k, v in (tree.get(section) or {}).items() if k in cls.__dataclass_fields__})
+    return cls()
+
+
+def run_model_config(run: str | Path) -> ModelConfig:
+    """The model section of a run's config.yaml (which base the adapters belong to)."""
+    return _run_section(run, "model", ModelConfig)
 
 
 def load_tuned(run: str | Path | None, model: str | None = None, dtype: str = "auto",
@@ -63,6 +68,7 @@ def load_tuned(run: str | Path | None, model: str | None = None, dtype: str = "a
     mcfg.dtype = dtype
     loaded = load_base(mcfg)
     if run:
+        use_chat_template(loaded.tokenizer, _run_section(run, "data", DataConfig))  # the run's --chat-template
         adir = adapter_dir(run)
         try:
             load_adapters(loaded.model, str(adir))
@@ -200,11 +206,9 @@ def to_messages(prompt: str | list | None = None, system: str | None = None) -> 
 
 
 def render_prompt(tokenizer, messages: list[dict]) -> list[int]:
-    """Prompt tokens through the chat template (plain text when the tokenizer has none)."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    text = "\n".join(m["content"] for m in messages)
-    return tokenizer.encode(text)
+    """Prompt tokens through the chat template (plain text when the tokenizer has none): the ids
+    training gave the same prompt (data.prompt_ids)."""
+    return prompt_ids(tokenizer, messages)
 
 
 def generate(loaded: LoadedModel, messages: list[dict] | str, max_tokens: int = 256,
@@ -247,7 +251,7 @@ def stream_text(model, tokenizer, tokens: list[int], max_tokens: int, sampler=No
 def complete(model, tokenizer, prompt: str, max_tokens: int = 64, stop: str | None = None) -> str:
     """Greedy raw-text continuation of `prompt` (no chat template), cut at `stop`."""
     out = ""
-    for text in stream_text(model, tokenizer, tokenizer.encode(prompt), max_tokens):
+    for text in stream_text(model, tokenizer, raw_text_ids(tokenizer, prompt), max_tokens):
         out += text
         if stop and stop in out:
             return out.split(stop)[0]

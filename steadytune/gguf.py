@@ -42,6 +42,11 @@ _U64 = struct.Struct("<Q")
 _MAX_COUNT = 1 << 24     # more tensors or keys than this is not a model, it is garbage
 _MAX_KEY = 1 << 16       # llama.cpp keys are short ASCII names
 _MAX_DIMS = 4            # GGML_MAX_DIMS
+# A metadata array becomes a Python list of ~30 bytes an element, and a nested array costs a call
+# an element: the largest real ones (vocabulary, scores, merges) hold ~260k, so more is refused
+# before the list is built (a 32 MB array would otherwise take 650 MB).
+_MAX_ARRAY = 1 << 21     # elements of one metadata array
+_MAX_ELEMENTS = 1 << 23  # elements of all metadata arrays together
 # GGML tensor types: id -> (name, values per block, bytes per block), as in ggml.h / gguf-py's
 # GGML_QUANT_SIZES (copied so the header check does not import the gguf package: 0.7 s).
 GGML_TYPES = {
@@ -77,7 +82,14 @@ class _Cursor:
     """Reads little-endian GGUF values from a memory map, never past its end."""
 
     def __init__(self, buf, size: int):
-        self.buf, self.size, self.pos = buf, size, 0
+        self.buf, self.size, self.pos, self.elements = buf, size, 0, 0
+
+    def count(self, n: int, what: str) -> None:
+        """Refuse an array longer than the limits, before anything is allocated for it."""
+        self.elements += n
+        if n > _MAX_ARRAY or self.elements > _MAX_ELEMENTS:
+            raise _Corrupt(f"metadata array {what} claims {n} elements (at most {_MAX_ARRAY} an array and "
+                           f"{_MAX_ELEMENTS} in all are read)")
 
     def need(self, n: int, what: str) -> None:
         if n < 0 or self.pos + n > self.size:
@@ -129,6 +141,7 @@ class _Cursor:
             etype = self.unpack("<I", f"element type of {what}")
             count = self.unpack("<Q", f"length of {what}")
             if etype in _SCALARS:
+                self.count(count, what)
                 width = struct.calcsize(_SCALARS[etype])
                 self.need(count * width, what)
                 out = list(struct.unpack_from(f"<{count}{_SCALARS[etype][1]}", self.buf, self.pos))
@@ -138,6 +151,7 @@ class _Cursor:
                 raise _Corrupt(f"{what} has unknown element type {etype}")
             if count > self.size:  # every element takes at least one byte
                 raise _Corrupt(f"{what} claims {count} elements")
+            self.count(count, what)
             if etype == _STRING:
                 return self.strings(count, what)
             return [self.value(etype, what, depth + 1) for _ in range(count)]
@@ -169,7 +183,7 @@ def _parse(cur: _Cursor) -> GGUFHeader:
         raise _Corrupt(f"GGUF version {version}; only versions 2 and 3 are read")
     n_tensors = cur.unpack("<Q", "tensor count")
     n_kv = cur.unpack("<Q", "metadata count")
-    if n_tensors > _MAX_COUNT or n_kv > _MAX_COUNT:
+    if n_tensors > _MAX_COUNT or n_kv > _MAX_COUNT:  # the loops below read before they keep: nothing allocated
         raise _Corrupt(f"implausible counts: {n_tensors} tensors, {n_kv} metadata keys")
     metadata = {}
     for i in range(n_kv):
@@ -195,6 +209,8 @@ def _parse(cur: _Cursor) -> GGUFHeader:
         if gtype not in GGML_TYPES:
             raise _Corrupt(f"tensor {name} has unknown type id {gtype}, newer than this steadytune or garbage")
         type_name, block, type_size = GGML_TYPES[gtype]
+        if offset % alignment:  # llama.cpp and MLX read tensor data aligned; a shifted one is garbage
+            raise _Corrupt(f"tensor {name}'s offset {offset} is not a multiple of general.alignment ({alignment})")
         if dims[0] % block:
             raise _Corrupt(f"tensor {name}: row of {dims[0]} values is not a whole number of "
                            f"{type_name} blocks")
@@ -409,9 +425,9 @@ def load_gguf(path: str, bits: int | None = 4, group_size: int = 64):
 
     header = check_gguf_header(path)
     try:
-        config = gguf_config(header, path)
         spec = ARCHS[arch_of(header, path)]
-        _check_tensors(header, path)
+        _check_tensors(header, path)  # a tensor type never read is the truer reason than its shape
+        config = gguf_config(header, path)
         tokenizer = build_tokenizer(header.metadata, path)
     except UserError:
         raise

@@ -120,29 +120,36 @@ def gguf_config(header, path="GGUF") -> dict:
                             f"{spec.model_type} model does not; use the model's HF folder instead")
         return value
 
+    def count(key, default=None):
+        """A whole number in range, checked before anything is derived from it (hidden // heads)."""
+        value, limit = get(key, default), _LIMITS[key]
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+            _bad(path, f"{arch}.{key}", value, f"it must be a whole number from 1 to {limit}")
+        return value
+
     tied = "output.weight" not in header.tensors
     embedding = header.tensors.get("token_embd.weight")
     vocab = embedding[1][0] if embedding else len(m.get("tokenizer.ggml.tokens", []))
-    heads = get("attention.head_count")
-    hidden = get("embedding_length")
+    heads = count("attention.head_count")
+    hidden = count("embedding_length")
     config = {
         "model_type": spec.model_type,
         "architectures": [spec.hf_class],
         "hidden_size": hidden,
-        "num_hidden_layers": get("block_count"),
-        "intermediate_size": get("feed_forward_length"),
+        "num_hidden_layers": count("block_count"),
+        "intermediate_size": count("feed_forward_length"),
         "num_attention_heads": heads,
-        "num_key_value_heads": get("attention.head_count_kv", heads),
-        "head_dim": get("attention.key_length", hidden // heads),
+        "num_key_value_heads": count("attention.head_count_kv", heads),
+        "head_dim": count("attention.key_length", max(hidden // heads, 1)),
         # float32 in the file: 7 significant digits give back the decimal the model was made with
         "rms_norm_eps": float(f'{get("attention.layer_norm_rms_epsilon", 1e-5):.7g}'),
         "rope_theta": float(get("rope.freq_base", 10000.0)),
-        "max_position_embeddings": get("context_length", 4096),
+        "max_position_embeddings": count("context_length", 4096),
         "vocab_size": vocab,
         "tie_word_embeddings": tied,
         "hidden_act": "silu",
     }
-    rope_dims = get("rope.dimension_count", config["head_dim"])
+    rope_dims = count("rope.dimension_count", config["head_dim"])
     if arch == "phi3":
         config["partial_rotary_factor"] = rope_dims / config["head_dim"]
     elif rope_dims != config["head_dim"]:
@@ -156,7 +163,61 @@ def gguf_config(header, path="GGUF") -> dict:
     for key in ("bos_token_id", "eos_token_id"):
         if f"tokenizer.ggml.{key}" in m:
             config[key] = m[f"tokenizer.ggml.{key}"]
+    check_config(config, header, arch, path)
     return config
+
+
+# The counts a model is built from, with their largest sane value: the model is built before a
+# tensor is read, so a corrupted count (block_count 100000, feed_forward_length 2^32 - 1) would
+# allocate gigabytes first. Checked as read; check_config then holds them against the tensors.
+_LIMITS = {"embedding_length": 1 << 17, "block_count": 1 << 12, "feed_forward_length": 1 << 20,
+           "attention.head_count": 1 << 12, "attention.head_count_kv": 1 << 12,
+           "attention.key_length": 1 << 12, "context_length": 1 << 26, "rope.dimension_count": 1 << 12}
+_POSITIVE = {"rms_norm_eps": "attention.layer_norm_rms_epsilon", "rope_theta": "rope.freq_base",
+             "query_pre_attn_scalar": "attention.scale", "attn_logit_softcapping": "attn_logit_softcapping",
+             "final_logit_softcapping": "final_logit_softcapping"}
+
+
+def _bad(path, key: str, value, rule: str):
+    raise UserError(f"{path}: metadata key {key} is {value!r}; {rule}. The file is damaged or was converted "
+                    "wrongly: re-download it or re-convert it with a current llama.cpp")
+
+
+def check_config(config: dict, header, arch: str, path) -> None:
+    """Every hyper-parameter a model is built from: a whole number in range, a positive finite
+    float, divisible where the layout needs it, and matching the tensors' shapes; a UserError
+    naming the metadata key otherwise."""
+    def bad(key: str, value, rule: str):
+        _bad(path, f"{arch}.{key}", value, rule)
+
+    if not 1 <= config["vocab_size"] <= 1 << 22:
+        _bad(path, "tokenizer.ggml.tokens", config["vocab_size"], "the vocabulary must hold 1 to 4194304 tokens")
+    for entry, key in _POSITIVE.items():
+        v = config.get(entry)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf):
+            bad(key, v, "it must be a positive finite number")
+    scaling = config.get("rope_scaling") or {}
+    if "factor" in scaling and not 0 < scaling["factor"] < math.inf:
+        bad("rope.scaling.factor", scaling["factor"], "it must be a positive finite number")
+    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
+    if heads % kv:
+        bad("attention.head_count_kv", kv, f"it must divide attention.head_count ({heads})")
+    blocks = {int(n.split(".")[1]) for n in header.tensors if re.match(r"blk\.\d+\.", n)}
+    if blocks != set(range(config["num_hidden_layers"])):
+        bad("block_count", config["num_hidden_layers"], f"the file holds tensors for {len(blocks)} blocks "
+            f"(numbered {min(blocks, default=0)} to {max(blocks, default=-1)})")
+    hidden, head_dim, ff = config["hidden_size"], config["head_dim"], config["intermediate_size"]
+    shapes = header.tensors
+    expect = [("token_embd.weight", 1, hidden, "embedding_length"),
+              ("blk.0.attn_q.weight", 0, heads * head_dim, "attention.head_count"),
+              ("blk.0.attn_k.weight", 0, kv * head_dim, "attention.head_count_kv"),
+              ("blk.0.ffn_down.weight", 1, ff, "feed_forward_length")]
+    for name, axis, want, key in expect:
+        shape = shapes.get(name, (None, ()))[1]
+        if len(shape) == 2 and shape[axis] != want:
+            value = {"embedding_length": hidden, "attention.head_count": heads,
+                     "attention.head_count_kv": kv, "feed_forward_length": ff}[key]
+            bad(key, value, f"{name} has shape {list(shape)}, which does not fit it")
 
 
 def _gemma_config(arch: str, m: dict, config: dict, path) -> dict:
@@ -384,5 +445,7 @@ def add_rope_scaling(writer, config: dict) -> None:
         for name, key in zip(LONGROPE, ("long_factor", "short_factor")):
             writer.add_tensor(name, np.array(scaling[key], np.float32))
     else:
-        raise UserError(f"--format gguf: RoPE scaling {scaling} is not written by steadytune; use --format hf "
-                        "and llama.cpp's convert_hf_to_gguf.py")
+        from .export import instead
+
+        raise UserError(f"--format gguf: RoPE scaling {scaling} is not written by steadytune; "
+                        f"{instead(config.get('model_type'), 'gguf')}")

@@ -20,7 +20,9 @@ CHUNKED_LOSS_VOCAB = 65536
 
 # mlx-lm model modules whose Model.__call__ is `head(self.model(inputs))`: the loss can run the
 # output layer chunk by chunk (see chunked_cross_entropy).
-PLAIN_HEAD_MODULES = {"mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwen3"}
+# gemma3_text too: its head is the tied embedding's as_linear (or lm_head), with no soft-capping.
+PLAIN_HEAD_MODULES = {"mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwen3",
+                      "mlx_lm.models.gemma3_text"}
 
 
 def token_cross_entropy(logits, targets):
@@ -37,16 +39,14 @@ def split_head(model: nn.Module):
 
     The head is the output layer (lm_head) or the tied embedding's as_linear. Only for model
     types known to have no extra step between the two (no logit soft-capping or scaling)."""
-    args = getattr(model, "args", None)
-    if type(model).__module__ not in PLAIN_HEAD_MODULES or args is None:
+    if type(model).__module__ not in PLAIN_HEAD_MODULES:
         return None
-    if getattr(args, "tie_word_embeddings", False):
-        head = model.model.embed_tokens.as_linear
-        head_module = model.model.embed_tokens
-    elif "lm_head" in model:
+    # each of these modules applies lm_head where it has one, else the tied embedding (gemma3_text
+    # decides when its weights load, not from its args)
+    if "lm_head" in model:
         head, head_module = model.lm_head, model.lm_head
     else:
-        return None
+        head, head_module = model.model.embed_tokens.as_linear, model.model.embed_tokens
     from mlx.utils import tree_flatten
 
     if tree_flatten(head_module.trainable_parameters()):

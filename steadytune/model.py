@@ -19,11 +19,6 @@ from mlx.utils import tree_flatten
 from .config import DEFAULT_MODEL, LoraConfig, ModelConfig
 from .errors import UserError
 
-# Linear layers of attention and MLP in the llama/mistral/qwen/phi families, as mlx-lm names them.
-ATTN_MLP_KEYS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-
-
 @dataclass
 class LoadedModel:
     model: nn.Module
@@ -147,18 +142,24 @@ def load_base(mcfg: ModelConfig, source: tuple[str, str] | None = None, tokenize
             check_folder(Path(src))
         model, tokenizer, config = _load_mlx_lm(src, tokenizer if kind == "folder" else None)
     _check_float_weights(model, src)
+    check_vocabulary(model, tokenizer, src)
     _cast_floats(model, dtype)
     quantized = any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules())
     if not quantized and mcfg.quantize != "none":
         bits = int(mcfg.quantize)
-        # Quantize every linear layer whose input size the group divides; the embedding stays
-        # full precision unless it is tied to the output layer (then it is the output layer).
         nn.quantize(model, group_size=mcfg.group_size, bits=bits,
-                    class_predicate=lambda _, m: isinstance(m, nn.Linear)
-                    and m.weight.shape[-1] % mcfg.group_size == 0)
+                    class_predicate=lambda _, m: quantized_on_load(m, mcfg.group_size))
     model.freeze()
     mx.eval(model.parameters())
     return LoadedModel(model, tokenizer, config, src, kind)
+
+
+def quantized_on_load(m: nn.Module, group_size: int) -> bool:
+    """Whether load_base quantizes layer `m` of a float base: every layer mlx-lm can quantize
+    (linear layers, a MoE block's stacked experts, MLA's per-head projections) whose input width
+    the group divides; embeddings stay full precision. The memory planner asks the same."""
+    return (hasattr(m, "to_quantized") and not isinstance(m, nn.Embedding)
+            and "weight" in m and m.weight.shape[-1] % group_size == 0)
 
 
 def _load_mlx_lm(src: str, tokenizer=None):
@@ -226,7 +227,7 @@ def source_tokenizer(name: str, source: tuple[str, str] | None = None):
             src = snapshot_download(src, allow_patterns=HUB_TOKENIZER_FILES)
         except Exception as e:  # noqa: BLE001  (huggingface_hub and requests raise many types)
             raise (hub_error(src, e) or _load_error(src, e)) from None
-    return load_tokenizer(src)
+    return load_tokenizer(src, config_eos=True)  # the end-of-turn ids load_base gives: the same token ids
 
 
 def load_tokenizer(src: str, config_eos: bool = False):
@@ -254,6 +255,23 @@ def _load_error(src: str, e: Exception) -> UserError:
                      "check that the folder is a complete HF/MLX model")
 
 
+def check_vocabulary(model: nn.Module, tokenizer, src: str) -> None:
+    """Every token id the tokenizer can produce has a row in the embedding table: an id past it
+    reads out of bounds (a segfault in MLX, garbage in the compiled CPU decoder)."""
+    rows = [(name, m.weight.shape[0]) for name, m in model.named_modules()
+            if isinstance(m, (nn.Embedding, nn.QuantizedEmbedding))]
+    inner = getattr(tokenizer, "_tokenizer", tokenizer)
+    if not rows or not hasattr(inner, "get_vocab"):
+        return
+    name, n = min(rows, key=lambda r: r[1])
+    if len(inner) <= n:  # the usual case, cheap: ids run 0 .. len - 1
+        return
+    top = max(inner.get_vocab().values(), default=-1)
+    if top >= n:
+        raise UserError(f"{src}: the tokenizer has token ids up to {top}, but the embedding table ({name}) has "
+                        f"only {n} rows; use the tokenizer files that came with these weights")
+
+
 def _check_float_weights(model: nn.Module, src: str) -> None:
     """Weights of unquantized layers must be floating point (an int32 matrix would crash quantization
     or train nonsense); packed weights of quantized layers are integers by design."""
@@ -270,19 +288,166 @@ def _cast_floats(model: nn.Module, dtype) -> None:
     model.apply(lambda x: x.astype(dtype) if mx.issubdtype(x.dtype, mx.floating) else x)
 
 
+# What mlx-lm's LoRA converts (mlx_lm.tuner.utils.linear_to_lora_layers): linear layers, quantized
+# or not, and the stacked expert layers of a MoE block (LoRASwitchLinear); a module of mlx-lm's with
+# its own `to_lora` converts itself. Embeddings inside a block are converted too, as mlx-lm does.
+def _lora_kinds():
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+
+    return (nn.Linear, nn.QuantizedLinear, SwitchLinear, QuantizedSwitchLinear,
+            nn.Embedding, nn.QuantizedEmbedding)
+
+
+# Linear layers whose weight an mlx-lm model reads and rewrites itself (clips, casts) besides calling
+# the layer: behind an adapter the model finds no `weight` and fails (mlx_lm.lora's default adapts
+# them and fails so), and an adapter's update would be bypassed. Parent class -> layer names.
+WEIGHT_READ = {"Gemma3nAltUp": ("prediction_coefs", "correction_coefs")}
+
+
+def _adaptable(m: nn.Module) -> bool:
+    return hasattr(m, "to_lora") or isinstance(m, _lora_kinds())
+
+
+@dataclass(frozen=True)
+class LoraTarget:
+    """One layer that gets an adapter: its block (index in model.layers), its name inside the block
+    (the key in adapter_config.json) and its logical shape; `experts` > 0 for a stacked expert layer,
+    which gets one adapter per expert."""
+    block: int
+    key: str
+    d_in: int
+    d_out: int
+    experts: int = 0
+
+    def parameters(self, rank: int) -> int:
+        """LoRA A (d_in x rank) and B (rank x d_out), once per expert: what mlx-lm creates."""
+        return rank * (self.d_in + self.d_out) * max(1, self.experts)
+
+
+def _shape(m: nn.Module) -> tuple[int, int, int]:
+    """(d_in, d_out, experts) of an adaptable layer, quantized or not (packed words unpacked)."""
+    if hasattr(m, "num_experts"):
+        return m.input_dims, m.output_dims, m.num_experts
+    rows, cols = m.weight.shape[-2:]
+    bits = getattr(m, "bits", None)
+    cols = cols * 32 // bits if bits and m.weight.dtype == mx.uint32 else cols
+    if isinstance(m, (nn.Embedding, nn.QuantizedEmbedding)):  # (vocabulary, dims): the vocabulary is the input
+        return rows, cols, 0
+    return cols, rows, 0
+
+
+def _routers(block: nn.Module, layers: dict) -> set[str]:
+    """Names of a MoE block's routers: a linear layer called gate or router (or inside a module
+    called router) with one output per expert of a stacked expert layer in the same block. mlx-lm's
+    default adapts them; steadytune keeps them frozen unless named, so adapters do not move which
+    experts a token goes to."""
+    experts = {m.num_experts for m in layers.values() if hasattr(m, "num_experts")}
+    names = set()
+    for name, m in layers.items():
+        routerish = name.rsplit(".", 1)[-1] in ("gate", "router") or ".router." in f".{name}."
+        if experts and routerish and not hasattr(m, "num_experts") and _shape(m)[1] in experts:
+            names.add(name)
+    return names
+
+
+def _block_layers(block: nn.Module) -> dict[str, nn.Module]:
+    """The adaptable layers of one block by name, without those of WEIGHT_READ and the layers
+    inside a module that converts itself (`to_lora`), as in mlx-lm."""
+    modules = dict(block.named_modules())
+    own = [f"{name}." for name, m in modules.items() if hasattr(m, "to_lora")]
+    found = {}
+    for name, m in modules.items():
+        parent, _, last = name.rpartition(".")
+        if last in WEIGHT_READ.get(type(modules.get(parent, block)).__name__, ()) or name.startswith(tuple(own)):
+            continue
+        if _adaptable(m):
+            found[name] = m
+    return found
+
+
+def adapted_blocks(model: nn.Module, lcfg: LoraConfig) -> int:
+    """How many of the last blocks get adapters (lora.num_layers checked against the model)."""
+    if not isinstance(getattr(model, "layers", None), (list, tuple)):
+        raise UserError(f"{type(model).__module__}: this model has no list of blocks (model.layers) "
+                        "for LoRA to adapt; mlx-lm's LoRA cannot adapt it either")
+    n_layers = len(model.layers)
+    num = n_layers if lcfg.num_layers == -1 else lcfg.num_layers
+    if num > n_layers:
+        raise UserError(f"lora.num_layers is {num} but the model has {n_layers} blocks; "
+                        f"use -1 (all) or at most {n_layers}")
+    return num
+
+
+def lora_targets(model: nn.Module, lcfg: LoraConfig) -> list[LoraTarget]:
+    """Every layer that gets an adapter, found in the model itself: in each of the last
+    lora.num_layers blocks, the layers whose names are the keys (see lora_keys). The one answer
+    apply_lora converts and the memory planner counts (on the model's skeleton)."""
+    keys = lora_keys(model, lcfg)
+    first = len(model.layers) - adapted_blocks(model, lcfg)
+    targets = []
+    for i in range(first, len(model.layers)):
+        layers = _block_layers(model.layers[i])
+        # a key naming something else in an adapted block would make mlx-lm's converter fail there
+        for name, m in model.layers[i].named_modules():
+            if name in keys and name not in layers:
+                why = ("the model reads its weight directly, so an adapter would break it" if _adaptable(m)
+                       else "not a linear layer; name the linear layers inside it")
+                raise UserError(f"lora.target_modules: {name} is a {type(m).__name__} in block {i}: {why}")
+        targets += [LoraTarget(i, name, *_shape(m)) for name, m in layers.items() if name in keys]
+    unused = [k for k in keys if k not in {t.key for t in targets}]
+    if unused:  # named, but only in blocks outside the adapted ones: nothing would be adapted there
+        raise UserError(f"lora.target_modules: {', '.join(unused)} is in none of the last "
+                        f"{len(model.layers) - first} blocks that lora.num_layers adapts; raise "
+                        "lora.num_layers (-1: all) or name layers of those blocks")
+    return targets
+
+
 def lora_keys(model: nn.Module, lcfg: LoraConfig) -> list[str]:
-    """Module names inside a block that get adapters; validated against the model."""
-    block = model.layers[0]
-    present = {name for name, m in block.named_modules()
-               if isinstance(m, (nn.Linear, nn.QuantizedLinear))}
-    if lcfg.target_modules:
-        missing = [k for k in lcfg.target_modules if k not in present]
-        if missing:
-            raise UserError(f"lora.target_modules: {', '.join(missing)} not found in the model's blocks; "
-                            f"available: {', '.join(sorted(present))}")
-        return list(lcfg.target_modules)
-    keys = [k for k in ATTN_MLP_KEYS if k in present]
-    return keys or sorted(present)
+    """Names inside a block (mlx-lm's adapter_config 'keys') of the layers that get adapters.
+
+    Default: every linear layer of every adapted block (attention, MLP, experts, fused and low-rank
+    projections, linear-attention, SSM and conv-block projections: what mlx_lm.lora adapts by
+    default), except MoE routers. lora.target_modules: any module name of any block; a linear
+    layer is taken as named (a router too), any other module stands for the linear layers inside it
+    (routers excepted)."""
+    blocks = [_block_layers(b) for b in model.layers]
+    routers = set().union(*(_routers(b, layers) for b, layers in zip(model.layers, blocks)))
+    if not lcfg.target_modules:
+        adapted = blocks[len(blocks) - adapted_blocks(model, lcfg):]
+        return sorted({k for layers in adapted for k in layers} - routers)
+    layer_names = set().union(*blocks)
+    modules = {name for b in model.layers for name, _ in b.named_modules() if name}
+    keys, missing = [], []
+    for t in lcfg.target_modules:
+        if t in layer_names:
+            keys.append(t)
+        elif t in modules:
+            inside = sorted(k for k in layer_names - routers if k.startswith(f"{t}."))
+            keys += inside if inside else [t]  # none inside: lora_targets says what it is
+        else:
+            missing.append(t)
+    if missing:
+        import difflib
+
+        hints = [f"{t} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(
+            t, sorted(layer_names | modules), n=1, cutoff=0.6)) else t for t in missing]
+        raise UserError(f"lora.target_modules: {', '.join(hints)} not found in the model's blocks; "
+                        f"linear layers: {', '.join(sorted(layer_names))}")
+    return list(dict.fromkeys(keys))
+
+
+def lora_parameter_count(targets: list[LoraTarget], rank: int) -> int:
+    """Trainable parameters the adapters of `targets` hold."""
+    return sum(t.parameters(rank) for t in targets)
+
+
+def model_skeleton(config: dict) -> nn.Module:
+    """mlx-lm's model for a config.json, without weights (its arrays are lazy and never computed),
+    unquantized: enough to find the layers LoRA adapts and their shapes before anything loads."""
+    from mlx_lm.utils import _get_classes
+
+    model_class, args_class = _get_classes(config)
+    return model_class(args_class.from_dict(config))
 
 
 def lora_parameters(lcfg: LoraConfig, keys: list[str]) -> dict:
@@ -291,18 +456,15 @@ def lora_parameters(lcfg: LoraConfig, keys: list[str]) -> dict:
 
 
 def apply_lora(model: nn.Module, lcfg: LoraConfig, seed: int) -> dict:
-    """Add LoRA layers with mlx-lm's own classes (so adapters load in mlx-lm unchanged).
+    """Add LoRA layers with mlx-lm's own converter and classes (so adapters load in mlx-lm
+    unchanged) on the layers lora_targets finds.
 
     Returns the adapter config mlx-lm expects in adapter_config.json.
     """
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
-    n_layers = len(model.layers)
-    num = n_layers if lcfg.num_layers == -1 else lcfg.num_layers
-    if num > n_layers:
-        raise UserError(f"lora.num_layers is {num} but the model has {n_layers} blocks; "
-                        f"use -1 (all) or at most {n_layers}")
-    keys = lora_keys(model, lcfg)
+    num = adapted_blocks(model, lcfg)
+    keys = list(dict.fromkeys(t.key for t in lora_targets(model, lcfg)))
     params = lora_parameters(lcfg, keys)
     mx.random.seed(seed)  # LoRA A init draws from MLX's generator: seed it for reproducible runs
     linear_to_lora_layers(model, num, params)

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import find_files, hold_out, keep_first, read_splits, tokenize, val_subset
+from .data import find_files, hold_out, keep_first, read_splits, tokenize, use_chat_template, val_subset
 from .errors import UserError
-from .formats import Example, _has_lone_surrogate, _read_lines, _short, raise_problems, read_bytes
+from .formats import Example, _check_str, _has_lone_surrogate, _read_lines, _short, raise_problems, read_bytes
 
 
 PAIR_FORMATS = {"sharegpt": "conversations", "trl": "prompt"}
@@ -130,6 +130,7 @@ def parse_pair(rec, kind: str, where: str, problems: list) -> Pair | None:
         chosen = _sharegpt_turn(rec["chosen"], "chosen", where, problems)
         rejected = _sharegpt_turn(rec["rejected"], "rejected", where, problems)
         chosen, rejected = (None if x is None else [x] for x in (chosen, rejected))
+        _check_str(rec, "system", where, problems, required=False)  # as the SFT reader checks it
         system = rec.get("system")  # LLaMA-Factory's optional system column
         if prompt and isinstance(system, str) and system.strip() and prompt[0]["role"] != "system":
             prompt = [{"role": "system", "content": system}] + prompt
@@ -147,6 +148,33 @@ def parse_pair(rec, kind: str, where: str, problems: list) -> Pair | None:
                         "is not text; fix or remove the escape")
         return None
     return Pair(where, prompt, chosen, rejected)
+
+
+def is_pair_file(path: str | Path, raw: bytes | None = None) -> bool:
+    """Whether a data file holds preference pairs (its first record is one): check-data reads it
+    as pairs, and reports pair problems, not SFT ones."""
+    try:
+        for _, rec in _read_lines(Path(path), read_bytes(Path(path)) if raw is None else raw):
+            return detect_pair_format(rec) is not None
+    except UserError:
+        return False
+    return False
+
+
+def check_pair_files(files: dict, pairs_read: dict, tokenizer, max_seq_length: int) -> list[str]:
+    """check-data's report of pair files ({split: file}, {split: read_pairs(file)}): per split, the
+    pairs and their token lengths; a UserError lists every problem as `file:line`, as `train` would."""
+    lines = []
+    for split, f in files.items():
+        pairs = pairs_read[split]
+        full = tokenize_pairs(pairs, tokenizer, 10**9)
+        tokenize_pairs(pairs, tokenizer, max_seq_length)  # refuses what train would refuse
+        lens = full.lengths(packed=False)
+        p = np.percentile(lens, [50, 90, 100]).astype(int)
+        lines += [f"{split}: {f}", f"  pairs: {len(pairs)}  format: preference pairs",
+                  f"  tokens per pair (the longer side): p50 {p[0]}  p90 {p[1]}  max {p[2]}",
+                  f"  longer than max_seq_length {max_seq_length}: {int((lens > max_seq_length).sum())}"]
+    return lines
 
 
 def detect_pair_format(rec) -> str | None:
@@ -249,6 +277,11 @@ class TokenizedPairs:
         s = self.seq_lengths().reshape(-1, 2)
         return s.sum(1) - 1 if (self.packed if packed is None else packed) else s.max(1)
 
+    def step_lengths(self) -> np.ndarray:
+        """The lengths the epoch's steps are planned from (batching.plan_epoch): the same packed or
+        not, so packing never changes which pairs a step trains on."""
+        return self.lengths(packed=False)
+
     @property
     def ids(self) -> list:
         """One entry per pair (its chosen side): len() and truth like data.Tokenized.ids."""
@@ -269,7 +302,7 @@ def tokenize_pair(pair: Pair, tokenizer, max_seq_length: int, overlong: str = "t
     k = sum(m["role"] == "assistant" for m in pair.prompt)
     out, cut = [], 0
     for side in (pair.chosen, pair.rejected):
-        ids, mask = tokenize(Example(pair.where, "chat", messages=pair.prompt + side), tokenizer)
+        ids, mask = tokenize(Example(pair.where, _kind(pair.prompt, side), messages=pair.prompt + side), tokenizer)
         mask = answer_mask(mask, k)
         ids, mask, t = truncate_answer(ids, mask, max_seq_length, pair.where)
         if t and overlong == "error":
@@ -284,6 +317,13 @@ def tokenize_pair(pair: Pair, tokenizer, max_seq_length: int, overlong: str = "t
     return (*out, cut)
 
 
+def _kind(prompt: list, answer: list) -> str:
+    """A pair side as data.tokenize formats it: one user turn answered once is a prompt/completion
+    record (plain text on a model without a chat template, as SFT trains it), anything else chat."""
+    one = len(prompt) == 1 and len(answer) == 1 and prompt[0]["role"] == "user" and answer[0]["role"] == "assistant"
+    return "completion" if one else "chat"
+
+
 def tokenize_pairs(pairs: list[Pair], tokenizer, max_seq_length: int, overlong: str = "truncate") -> TokenizedPairs:
     out = TokenizedPairs([], [])
     problems = []
@@ -292,6 +332,10 @@ def tokenize_pairs(pairs: list[Pair], tokenizer, max_seq_length: int, overlong: 
             c, cm, r, rm, cut = tokenize_pair(p, tokenizer, max_seq_length, overlong)
         except UserError as e:
             problems.append(str(e))
+            continue
+        if c == r:  # the answers differ only past the cut: a pair that teaches nothing (loss log 2)
+            problems.append(f"{p.where}: chosen and rejected are identical once cut to max_seq_length "
+                            f"{max_seq_length}; raise --max-seq-length, or remove the pair")
             continue
         out.seqs += [c, r]
         out.masks += [cm, rm]
@@ -311,6 +355,7 @@ def tokenize_pair_splits(cfg, splits: PairSplits, tokenizer):
     if tokenizer is None:
         return None
     d = cfg.data
+    use_chat_template(tokenizer, d)
     train = tokenize_pairs(splits.train, tokenizer, d.max_seq_length, d.overlong)
     train.packed = cfg.training.pack
     valid = val_subset(splits.valid, d.val_max_examples, cfg.training.seed)

@@ -32,6 +32,7 @@ peaks (docs/plan-memory.md lists the results and explains each constant below).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -39,7 +40,7 @@ import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from .batching import pack_width, padded_width
+from .batching import pack_layout, padded_width, row_target
 from .errors import UserError
 
 GB = 1e9
@@ -77,8 +78,15 @@ UNFUSED_ATTENTION_ARRAYS = 4
 # compute=dequant: the output layer's weight, dequantized for the forward matmul and again for the
 # backward one, is alive around the loss (a block's weights are small next to its activations).
 DEQUANT_HEAD_COPIES = 1.75
+# The chunked loss on the CPU: chunks of float32 logits alive at once, n + CHUNKS_AHEAD_CPU for a
+# step of n chunks, at most CHUNKS_ALIVE_CPU (measured: _loss_bytes)
+CHUNKS_AHEAD_CPU = 3
+CHUNKS_ALIVE_CPU = 13
 
-# LoRA target -> (input, output) dimension names and the input it adapts (shared inputs are kept once).
+# The linear layers of a llama-style block -> (input, output) dimension names and the input it reads
+# (shared inputs are kept once): the base weights of a config-only Arch, and the adapters of a Run
+# built without the model's config (a synthetic shape). A run of a real model plans the adapters
+# model.lora_targets finds in the model's skeleton (Run.lora).
 MODULES = {
     "self_attn.q_proj": ("hidden", "q", "attn_in"),
     "self_attn.k_proj": ("hidden", "kv", "attn_in"),
@@ -117,6 +125,11 @@ class Arch:
 
 def arch_from_config(config: dict) -> Arch:
     c = dict(config.get("text_config") or {}, **{k: v for k, v in config.items() if k != "text_config"})
+    inter = c.get("intermediate_size")
+    if isinstance(inter, list) and inter and all(isinstance(n, int) for n in inter):
+        # one MLP width per layer (gemma3n): the widest, so no layer is planned smaller than it is
+        # (the released models give every layer the same width)
+        c["intermediate_size"] = max(inter)
     missing = [k for k in ("hidden_size", "num_hidden_layers", "intermediate_size",
                            "num_attention_heads", "vocab_size") if not isinstance(c.get(k), int)]
     if missing:
@@ -225,6 +238,15 @@ class Run:
     # keeps that copy; steadytune's MixedLoRALinear computes them in the input's dtype (False).
     # True describes mlx-lm's trainer and steadytune before MixedLoRALinear.
     lora_input_f32: bool = False
+    # The adapted layers (model.LoraTarget, every adapted block) as model.lora_targets finds them
+    # in the model's skeleton, and the experts each token is routed to (for the expert layers'
+    # saved inputs); empty: `keys` of MODULES in each adapted block (a synthetic llama shape).
+    lora: tuple = ()
+    experts_per_token: int = 1
+    # Every weight of the model's skeleton as (path, elements, input width, kind): "layer" (one
+    # load_base quantizes: model.quantized_on_load), "embedding", or "float" (norms, biases, ...);
+    # empty: the llama-style block of MODULES (a synthetic shape).
+    weights: tuple = ()
 
     @property
     def tokens(self) -> int:
@@ -263,7 +285,7 @@ def estimate(arch: Arch, run: Run) -> Breakdown:
     b = DTYPE_BYTES[run.dtype]
     n = _adapted_layers(arch, run)
     tokens = run.tokens
-    lora = F32 * n * sum(run.rank * sum(arch.shape(k)) for k in run.keys)
+    lora = F32 * lora_parameter_count(arch, run)
     # AdamW's moments; the gradients appear as the backward pass frees activations, so they are
     # not part of the peak, but accumulated gradients (from earlier micro-batches) are
     optimizer = 2 * lora + (lora if run.accumulation > 1 else 0)
@@ -308,7 +330,7 @@ def estimate(arch: Arch, run: Run) -> Breakdown:
         # block first, and each block's LoRA inputs go with its backward pass (16 blocks of hidden
         # 256, 4 x 256 tokens: 96.7 MB flat, 165.5 MB array by array; docs/plan-memory.md). On
         # CUDA the checkpointed runs with the flat update were fitted with this moment in place.
-        lora_in = sum(_lora_inputs(arch, run).values()) * b
+        lora_in = _lora_widths(arch, run)[0] * b
         moments.append(moment(n * max(arch.hidden * b, lora_in) * tokens, _kept_logits(arch, run),
                               saved + work, saved + work))
     return max(moments, key=lambda m: m.peak)
@@ -318,9 +340,32 @@ def _adapted_layers(arch: Arch, run: Run) -> int:
     return arch.layers if run.lora_layers in (-1, None) else min(run.lora_layers, arch.layers)
 
 
-def _lora_inputs(arch: Arch, run: Run) -> dict:
-    """Distinct inputs of the adapted layers of a block (q, k and v share one) -> their width."""
-    return {MODULES[k][2]: arch.dims[MODULES[k][0]] for k in run.keys}
+def lora_parameter_count(arch: Arch, run: Run) -> int:
+    """Trainable parameters of the adapters: exactly what apply_lora creates (Run.lora), or for a
+    synthetic Run, `keys` of MODULES in each adapted block."""
+    if run.lora:
+        from .model import lora_parameter_count as count
+
+        return count(run.lora, run.rank)
+    return _adapted_layers(arch, run) * sum(run.rank * sum(arch.shape(k)) for k in run.keys)
+
+
+def _lora_widths(arch: Arch, run: Run) -> tuple[float, float]:
+    """(inputs, rank columns) per token that one adapted block's LoRA layers keep for the backward
+    pass: the width of each distinct input (q, k and v read one; layers of one module reading
+    inputs of one width are taken to share it) and the rank-sized product x @ A of each layer. An
+    expert layer's adapters see each token once per expert it is routed to. Averaged over the
+    adapted blocks (hybrid models mix block kinds)."""
+    if not run.lora:
+        return sum({MODULES[k][2]: arch.dims[MODULES[k][0]] for k in run.keys}.values()), \
+            run.rank * len(run.keys)
+    inputs, columns = {}, 0
+    for t in run.lora:
+        copies = run.experts_per_token if t.experts else 1
+        inputs[(t.block, t.key.rpartition(".")[0], t.d_in, copies)] = t.d_in * copies
+        columns += run.rank * copies
+    blocks = len({t.block for t in run.lora})
+    return sum(inputs.values()) / blocks, columns / blocks
 
 
 def attention_kind(arch: Arch, run: Run) -> str:
@@ -357,7 +402,7 @@ def block_bytes(arch: Arch, run: Run) -> tuple[float, float]:
     cpu = run.device == "cpu"
     norms = 2 * d["hidden"] * (F32 if cpu else b)
     lb = F32 if run.lora_input_f32 else b
-    lora = lb * (sum(_lora_inputs(arch, run).values()) + run.rank * len(run.keys))
+    lora = lb * sum(_lora_widths(arch, run))
     kind = attention_kind(arch, run)
     attn = d["q"] * b + 2 * d["kv"] * b
     work = 0.0
@@ -403,15 +448,29 @@ def _loss_bytes(arch: Arch, run: Run) -> float:
     b = DTYPE_BYTES[run.dtype]
     tokens = min(run.tokens, run.loss_chunk) if run.loss_chunk else run.tokens
     total = arch.hidden * (F32 if run.device == "cpu" else b) * run.tokens
+    if run.device == "cpu" and run.loss_chunk:
+        # Not one chunk's arrays at a time: on the CPU several chunks' float32 logits and softmax
+        # gradients are alive at once (the chain of chunks orders their results, and MLX still
+        # allocates ahead of it). Measured with mx.get_peak_memory around real steps, a step of n
+        # chunks holds about n + 3 chunks' logits, at most 13 (262k vocabulary, 128-token chunks:
+        # 3 chunks 6, 6 chunks 7.3, 9 chunks 8, 12 and 24 chunks 13; tests/test_token_ids.py)
+        chunks = -(-run.tokens // run.loss_chunk)
+        return total + min(chunks + CHUNKS_AHEAD_CPU, CHUNKS_ALIVE_CPU) * F32 * arch.vocab * tokens + \
+            _dequant_head(arch, run)
     if run.device == "cpu":
         per_vocab = LOSS_ARRAYS["cpu"] * F32 + (2 * b if b != F32 else 0)
     else:
         per_vocab = LOSS_ARRAYS[run.device] * b
     total += per_vocab * arch.vocab * tokens
+    return total + _dequant_head(arch, run)
+
+
+def _dequant_head(arch: Arch, run: Run) -> float:
+    """With compute=dequant, the output layer's weight dequantized for its matmul."""
     head = "model.embed_tokens" if arch.tied else "lm_head"
     if run.compute == "dequant" and _quantized(arch, run, head, arch.hidden):
-        total += DEQUANT_HEAD_COPIES * arch.vocab * arch.hidden * b
-    return total
+        return DEQUANT_HEAD_COPIES * arch.vocab * arch.hidden * DTYPE_BYTES[run.dtype]
+    return 0.0
 
 
 def _kept_logits(arch: Arch, run: Run) -> float:
@@ -426,6 +485,8 @@ def base_weight_bytes(arch: Arch, run: Run) -> float:
     float base is quantized on load (every linear layer whose input size the group divides; the
     embedding, tied output layer or not, stays float); a stored-quantized base is kept as stored."""
     b = DTYPE_BYTES[run.dtype]
+    if run.weights:
+        return sum(_tensor_bytes(arch, run, *w) for w in run.weights)
     total = (2 * arch.layers + 1) * arch.hidden * b          # RMSNorm weights
     names = [(f"model.layers.{i}.{k}", arch.shape(k)) for i in range(arch.layers) for k in MODULES]
     names.append(("model.embed_tokens", (arch.hidden, arch.vocab)))
@@ -436,6 +497,26 @@ def base_weight_bytes(arch: Arch, run: Run) -> float:
         n = d_in * d_out
         total += n * q[0] / 8 + 2 * n / q[1] * b if q else n * b
     return total
+
+
+def _tensor_bytes(arch: Arch, run: Run, path: str, n: int, d_in: int, kind: str) -> float:
+    """Bytes of one weight of the skeleton (Run.weights) as the trainer holds it: a stored-quantized
+    layer or embedding as its config says (where the group divides its input, as mlx-lm quantized
+    it), a float base's layers quantized on load (model.quantized_on_load), the rest in the
+    compute dtype."""
+    b = DTYPE_BYTES[run.dtype]
+    q = arch.quantization
+    if kind != "float" and q is not None:
+        v = q.get(path[:-len(".weight")], q)
+        bits_group = (v["bits"], v["group_size"]) if v and d_in % v["group_size"] == 0 else None
+    elif kind == "layer" and run.bits and d_in % run.group_size == 0:
+        bits_group = run.bits, run.group_size
+    else:
+        bits_group = None
+    if not bits_group:
+        return n * b
+    bits, group = bits_group
+    return n * bits / 8 + 2 * n / group * b
 
 
 def _quantized(arch: Arch, run: Run, path: str, d_in: int) -> tuple[int, int] | None:
@@ -520,8 +601,11 @@ class Plan:
         }
 
 
-def run_from_config(cfg, arch: Arch, lengths=None, device: str | None = None) -> tuple[Run, dict | None]:
+def run_from_config(cfg, arch: Arch, lengths=None, device: str | None = None,
+                    model_config: dict | None = None) -> tuple[Run, dict | None]:
     """The Run of the largest micro-batch `cfg` will train on, and the data statistics used.
+    With `model_config` the adapters and weights are the model's (from_skeleton); without, the
+    llama-style `keys` of MODULES (a synthetic shape).
 
     By example count (batch_size): batch_size rows as wide as the longest example. By token budget
     (batch_tokens): batch_tokens tokens, and for what depends on the width (attention's
@@ -529,7 +613,6 @@ def run_from_config(cfg, arch: Arch, lengths=None, device: str | None = None) ->
     import mlx.core as mx
 
     from .backend import device_kind
-    from .loss import ce_chunk          # the trainer's rules, from where the trainer uses them
     from .qlora import resolve_mode
     from .step import fuses_update
 
@@ -543,23 +626,103 @@ def run_from_config(cfg, arch: Arch, lengths=None, device: str | None = None) ->
         longest = min(lengths[-1], cfg.data.max_seq_length)
         stats = {"examples": len(lengths), "longest": lengths[-1], "mean": round(sum(lengths) / len(lengths), 1),
                  "p95": lengths[int(0.95 * (len(lengths) - 1))]}
-    keys = tuple(cfg.lora.target_modules) or tuple(MODULES)
-    unknown = [k for k in keys if k not in MODULES]
-    if unknown:
-        raise UserError(f"lora.target_modules: the planner knows {', '.join(MODULES)}; "
-                        f"{', '.join(unknown)} is not one of them")
-    # packed rows are as wide as the longest example, rounded as batching.pack_width rounds it
-    seq = pack_width([longest]) if t.pack else padded_width(longest, device)
-    run = Run(batch=t.batch_size, seq=seq, checkpoint=t.grad_checkpoint, packed=t.pack,
-              rank=cfg.lora.rank, keys=keys, lora_layers=cfg.lora.num_layers,
+    if model_config is not None:
+        skeleton = from_skeleton(model_config, cfg.lora)
+        keys = tuple(dict.fromkeys(t.key for t in skeleton["lora"]))
+    else:
+        skeleton, keys = {}, tuple(cfg.lora.target_modules) or tuple(MODULES)
+        unknown = [k for k in keys if k not in MODULES]
+        if unknown:
+            raise UserError(f"lora.target_modules: the planner knows {', '.join(MODULES)}; "
+                            f"{', '.join(unknown)} is not one of them")
+    batch, seq = t.batch_size, padded_width(longest, device)
+    if t.pack:  # the largest call: the batch's longest examples, laid out as the step lays them out
+        rows, seq = packed_call(lengths or [], longest, t.batch_size, t.batch_tokens, device)
+        batch = len(rows)
+    run = Run(batch=batch, seq=seq, checkpoint=t.grad_checkpoint, packed=t.pack,
+              rank=cfg.lora.rank, keys=keys, lora_layers=cfg.lora.num_layers, **skeleton,
               bits=None if m.quantize == "none" else int(m.quantize), group_size=m.group_size,
               dtype=dtype, compute=resolve_mode(m.compute, device), device=device,
               accumulation=t.grad_accumulation,
-              loss_chunk=ce_chunk(arch.vocab, t.chunked_ce),
+              loss_chunk=_loss_chunk(arch, model_config, t.chunked_ce),
               fused_update=fuses_update(world))
-    if getattr(t, "batch_tokens", None):
+    if getattr(t, "batch_tokens", None) and not t.pack:
         run = _at_budget(run, t.batch_tokens)
     return run, stats
+
+
+def _loss_chunk(arch: Arch, model_config: dict | None, setting: str) -> int:
+    """The trainer's loss chunk (loss.loss_chunk) for this model: asked of mlx-lm's model built
+    from the config without weights, frozen as the trainer's base is; a synthetic shape (no
+    config) is taken as splittable."""
+    from .loss import ce_chunk, loss_chunk
+
+    if not model_config:
+        return ce_chunk(arch.vocab, setting)
+    from .model import model_skeleton
+
+    try:
+        skeleton = model_skeleton(model_config)
+    except Exception:  # noqa: BLE001  (from_skeleton reports a config mlx-lm cannot build)
+        return ce_chunk(arch.vocab, setting)
+    skeleton.freeze()
+    return loss_chunk(skeleton, setting)
+
+
+def packed_call(lengths, longest: int, batch_size: int, batch_tokens: int | None, device: str):
+    """(rows, width) of the largest packed call: batching.pack_layout of the `batch_size` longest
+    examples (every example `longest` tokens when the lengths are not known), or under a token
+    budget of as many of the longest as the budget holds."""
+    lengths = sorted((min(int(x), longest) for x in lengths), reverse=True) or [longest] * batch_size
+    if batch_tokens:
+        take, used = [], 0
+        for n in lengths:
+            if take and used + n - 1 > batch_tokens:
+                break
+            take.append(n)
+            used += n - 1
+    else:
+        take = lengths[:batch_size]
+    return pack_layout(take, row_target(device), device)
+
+
+def from_skeleton(model_config: dict, lcfg) -> dict:
+    """Run's fields that come from the model itself, found in mlx-lm's model built from the config
+    without weights (model.model_skeleton): the layers apply_lora will adapt (model.lora_targets),
+    the experts each token is routed to, and every weight (Run.weights). Remembered per config and
+    LoRA setting: the planner's searches ask again for each batch size they try."""
+    return _from_skeleton(json.dumps(model_config, sort_keys=True), tuple(lcfg.target_modules), lcfg.num_layers)
+
+
+@functools.lru_cache(maxsize=8)
+def _from_skeleton(config_json: str, target_modules: tuple, num_layers: int) -> dict:
+    from .config import LoraConfig
+    from .model import lora_targets, model_skeleton, quantized_on_load
+
+    model_config = json.loads(config_json)
+    lcfg = LoraConfig(target_modules=list(target_modules), num_layers=num_layers)
+    try:
+        skeleton = model_skeleton(model_config)
+    except Exception as e:  # noqa: BLE001  (mlx-lm's model classes raise many types on a bad config)
+        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"model config: mlx-lm cannot build model type {model_config.get('model_type')!r} "
+                        f"from it ({type(e).__name__}: {first}); check the model's config.json") from None
+    c = dict(model_config.get("text_config") or {}, **model_config)
+    per_token = next((c[k] for k in ("num_experts_per_tok", "moe_topk", "top_k")
+                      if isinstance(c.get(k), int)), 1)
+    weights = []
+    for path, m in skeleton.named_modules():
+        own = {k: v for k, v in m.parameters().items() if not isinstance(v, (dict, list))}
+        for name, w in own.items():
+            full = f"{path}.{name}" if path else name
+            kind = "float"
+            if name == "weight" and quantized_on_load(m, 1):
+                kind = "layer"
+            elif name == "weight" and hasattr(m, "to_quantized"):
+                kind = "embedding"
+            weights.append((full, w.size, w.shape[-1], kind))
+    return {"lora": tuple(lora_targets(skeleton, lcfg)), "experts_per_token": per_token,
+            "weights": tuple(weights)}
 
 
 def _at_budget(run: Run, budget: int, **change) -> Run:
@@ -578,9 +741,10 @@ def make_plan(cfg, model_cfg: dict | None = None, lengths=None, device: str | No
               memory_gb: float | None = None) -> Plan:
     from .model import gguf_requant
 
-    arch = arch_from_config(model_cfg if model_cfg is not None
-                            else read_model_config(cfg.model.path, requant=gguf_requant(cfg.model)))
-    run, stats = run_from_config(cfg, arch, lengths, device)
+    if model_cfg is None:
+        model_cfg = read_model_config(cfg.model.path, requant=gguf_requant(cfg.model))
+    arch = arch_from_config(model_cfg)
+    run, stats = run_from_config(cfg, arch, lengths, device, model_cfg)
     if memory_gb:
         available, source = memory_gb * GB, "--memory-gb"
     else:
@@ -708,7 +872,8 @@ def _fitting_length(plan: Plan) -> int:
     return 32 * _largest(ok, 4096)  # max_seq_length 128k
 
 
-def check_fits(cfg, model_config: dict | None = None, data_stats=None, source=None) -> Plan | None:
+def check_fits(cfg, model_config: dict | None = None, data_stats=None, source=None,
+               quiet: bool = False) -> Plan | None:
     """The plan of `cfg`; raises UserError with the recommendation when it is predicted not to fit,
     unless training.force.
 
@@ -717,7 +882,8 @@ def check_fits(cfg, model_config: dict | None = None, data_stats=None, source=No
     model's tokenizer; where that cannot be done without the weights, every micro-batch is
     assumed to be max_seq_length long). Returns None, with a note, for a Hub model that is not
     downloaded yet (its config is not here to plan with). source: model.resolve_source's answer
-    for cfg.model.path, where the caller has it."""
+    for cfg.model.path, where the caller has it. quiet: return a plan that does not fit instead of
+    raising."""
     if model_config is None:
         try:
             from .model import gguf_requant
@@ -731,7 +897,7 @@ def check_fits(cfg, model_config: dict | None = None, data_stats=None, source=No
     if data_stats is None:
         data_stats = data_lengths(cfg)
     plan = make_plan(cfg, model_config, data_stats)
-    if plan.fits or cfg.training.force:
+    if plan.fits or cfg.training.force or quiet:
         return plan
     raise UserError(f"memory: this run is predicted to need {plan.breakdown.required / GB:.1f} GB but "
                     f"{plan.available / GB:.1f} GB is available ({plan.memory_source}); "

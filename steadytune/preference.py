@@ -188,7 +188,7 @@ def preference_scores(policy: np.ndarray, ref: np.ndarray | None, answer_tokens:
 
 class PairStep:
     """step.Step for preference pairs: the same call, `step(micro_batches, lr, index) ->
-    StepResult`, over micro-batches of pair indexes (or packed rows of them). Each micro-batch is
+    StepResult`, over micro-batches of pair indexes (packed into rows or not). Each micro-batch is
     one forward pass over both sides of its pairs; its summed pair losses are divided by the pairs
     of the whole accumulation group (and of all processes), so micro-batches add up to one big
     batch, weighted by pairs. StepResult.tokens is that pair count. The clipped update with its
@@ -199,7 +199,7 @@ class PairStep:
     or None (ORPO)."""
 
     def __init__(self, model, optimizer, pairs: TokenizedPairs, ref, *, method: str, beta: float,
-                 seed: int = 0, max_grad_norm=None, pack_width: int = 0, mask_dtype=mx.float32,
+                 seed: int = 0, max_grad_norm=None, pack_target: int = 0, mask_dtype=mx.float32,
                  flat: bool = True, rank: int = 0, world: int = 1, nan_at=frozenset()):
         from functools import partial
 
@@ -213,7 +213,10 @@ class PairStep:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         self.model, self.optimizer, self.examples = model, optimizer, pairs
         self.ref = np.zeros((len(pairs), 2), np.float32) if ref is None else np.asarray(ref, np.float32)
-        self.seed, self.pack_width, self.rank, self.world = seed, pack_width, rank, world
+        from .backend import device_kind
+
+        self.seed, self.pack_target, self.rank, self.world = seed, pack_target, rank, world
+        self.device = device_kind()
         self.max_norm = mx.array(max_grad_norm or float("inf"), dtype=mx.float32)
         self.nan_at = frozenset(nan_at)
         self.state = [model.state, optimizer.state, mx.random.state]
@@ -237,23 +240,29 @@ class PairStep:
     def begin(self, micro_batches, index: int = 0):
         """The loss scale (1 / pairs of the whole group) and that pair count; reseeds MLX's
         generator from (seed, index) as step.Step does (dropout masks independent of history)."""
-        from .batching import examples_of
         from .step import begin_step
 
-        pairs = sum(len(examples_of(mb)) for mb in micro_batches)
+        pairs = sum(len(mb) for mb in micro_batches)
         return begin_step(self.model, pairs, index, self.seed, self.nan_at), pairs
 
     def batches(self, micro_batches) -> list:
-        """This process's share of each micro-batch as (arrays, reference rows, non-padding tokens)."""
-        from .batching import examples_of, shard
+        """This process's share of each micro-batch as (arrays, reference rows, non-padding tokens);
+        packed, the pairs are laid out in rows by batching.pack_layout (both sides of a pair in
+        one row)."""
+        from .batching import pack_layout, shard
 
         out = []
         for mb in micro_batches:
             mb = shard(mb, self.rank, self.world) if self.world > 1 else mb
             if not mb:
                 continue
-            idx = examples_of(mb)
-            arrays = pair_batch(self.examples, mb, self.pack_width or None)
+            width = None
+            if self.pack_target:
+                lengths = self.examples.lengths(packed=True)
+                rows, width = pack_layout([lengths[i] for i in mb], self.pack_target, self.device)
+                mb = [[mb[j] for j in row] for row in rows]
+            idx = [i for row in mb for i in row] if width else mb
+            arrays = pair_batch(self.examples, mb, width)
             real = sum(len(self.examples.seqs[s]) - 1 for i in idx for s in (2 * i, 2 * i + 1))
             out.append((tuple(None if a is None else mx.array(a) for a in arrays),
                         mx.array(self.ref[idx]), real))
@@ -331,7 +340,7 @@ def make_pair_step(run) -> PairStep:
         ref = reference_logps(run.model, run.train_set, t.batch_size)
         val_ref = reference_logps(run.model, run.val_set, t.batch_size) if len(run.val_set) else None
     step = PairStep(run.model, run.optimizer, run.train_set, ref, method=t.method, beta=t.beta,
-                    seed=t.seed, max_grad_norm=t.max_grad_norm, pack_width=run.pack_width,
+                    seed=t.seed, max_grad_norm=t.max_grad_norm, pack_target=run.pack_target,
                     mask_dtype=run.mask_dtype, rank=run.rank, world=run.world, nan_at=faults.nan_steps())
     step.val_ref = val_ref
     return step

@@ -245,7 +245,10 @@ class Metrics:
 
     def __init__(self, path: Path, sinks=("jsonl",), config: dict | None = None):
         self.path = Path(path)
-        self.f = open(self.path, "a", encoding="utf-8")
+        try:
+            self.f = open(self.path, "a", encoding="utf-8")
+        except OSError as e:
+            raise _unwritable(self.path, e) from None
         self.remote = []
         for name in sinks:
             if name in OPTIONAL_SINKS:
@@ -273,15 +276,32 @@ class Metrics:
             self.tb.close()
 
 
+def _unwritable(path: Path, e: OSError) -> UserError:
+    what = "is a folder, not a file" if path.is_dir() else f"cannot be read and rewritten ({e.strerror or e})"
+    return UserError(f"{path}: the run's metrics log {what}; make it a writable file (or move it away "
+                     "to start a new log), then run again")
+
+
 def truncate_metrics(path: Path, last_step: int) -> None:
     """Keep only records with step <= last_step (atomically), dropping a torn last line."""
     path = Path(path)
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return
-    keep = [json.dumps(rec) for rec in read_metrics(path) if rec.get("step", 0) <= last_step]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
-    os.replace(tmp, path)
+    tmp, made = path.with_name(f".{path.name}.tmp-{os.getpid()}"), False
+    try:
+        if not path.is_file():
+            raise IsADirectoryError(21, "not a file", str(path))
+        keep = [json.dumps(rec) for rec in read_metrics(path) if rec.get("step", 0) <= last_step]
+        with open(tmp, "x", encoding="utf-8") as f:
+            made = True
+            f.write("".join(k + "\n" for k in keep))
+        os.replace(tmp, path)
+        with open(path, "a", encoding="utf-8"):
+            pass  # the file the run appends to: refused now, not after the first step
+    except OSError as e:
+        if made and tmp.is_file():
+            tmp.unlink()
+        raise _unwritable(path, e) from None
 
 
 def read_metrics(path: Path) -> list[dict]:

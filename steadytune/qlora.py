@@ -33,7 +33,7 @@ from functools import lru_cache
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.tuner.lora import LoRALinear
+from mlx_lm.tuner.lora import LoRALinear, LoRASwitchLinear
 
 MODES = ("auto", "dequant", "native")
 
@@ -258,6 +258,24 @@ class MixedLoRALinear(LoRALinear):
         return y + (self.scale * z).astype(x.dtype)
 
 
+class MixedLoRASwitchLinear(LoRASwitchLinear):
+    """mlx-lm's LoRASwitchLinear (one adapter per expert of a MoE layer) with the adapter matmuls
+    in the input's dtype, for the reason MixedLoRALinear gives. The base experts stay as mlx-lm
+    holds them (quantized: gather_qmm on the packed weights) and each token meets only the
+    adapters of the experts it is routed to: `gather_mm` with the router's indices, as in
+    mlx-lm, so the adapters' work grows with the experts per token, not the experts. MLX's CPU
+    gather_mm multiplies float32 only: there the adapters stay float32, as in mlx-lm."""
+
+    def __call__(self, x, indices, sorted_indices=False):
+        y = self.linear(x, indices, sorted_indices=sorted_indices)
+        dtype = mx.float32 if mx.default_device() == mx.cpu else x.dtype
+        a = self.lora_a.astype(dtype).swapaxes(-1, -2)
+        b = self.lora_b.astype(dtype).swapaxes(-1, -2)
+        z = mx.gather_mm(self.dropout(x), a, rhs_indices=indices, sorted_indices=sorted_indices)
+        z = mx.gather_mm(z, b, rhs_indices=indices, sorted_indices=sorted_indices)
+        return y + (self.scale * z).astype(x.dtype)
+
+
 def checkpoint_blocks(model: nn.Module) -> None:
     """Gradient checkpointing per transformer block: the block's activations are recomputed in
     the backward pass. Done by giving each block instance a subclass whose __call__ is
@@ -428,6 +446,8 @@ def apply_compute(model: nn.Module, mode: str = "auto", kernel: str | None = Non
         if type(m) is LoRALinear:  # same parameters and names: adapter files are unchanged
             m.__class__ = MixedLoRALinear
             m.fused = fused_lora
+        if type(m) is LoRASwitchLinear:
+            m.__class__ = MixedLoRASwitchLinear
         if fused_swiglu and type(m).__name__ == "MLP" and (mlp := _recomputing_mlp_class(type(m))):
             m.__class__ = mlp
         pair = _CLASSES.get(type(m))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +21,9 @@ MUST_MATCH = {
     "training": ["batch_size", "batch_tokens", "pack", "grad_accumulation", "seed"],
     "model": ["quantize", "group_size", "dtype"],
 }
+# The objective: a checkpoint and best/ are judged by its loss, so none of it may change on resume.
+# beta and the reference mean nothing to sft, so they are compared for preference runs only.
+OBJECTIVE = {"sft": ["method"], "dpo": ["method", "beta", "reference"], "orpo": ["method", "beta"]}
 
 
 def new_run_dir(root: str | Path = "runs") -> Path:
@@ -78,11 +82,21 @@ _SPECIAL_KEYS = ("added_tokens_decoder", "additional_special_tokens")
 
 
 def cache_dir() -> Path:
-    """Where steadytune keeps the weight-hash cache: $STEADYTUNE_CACHE_DIR, else
-    $XDG_CACHE_HOME/steadytune, else ~/.cache/steadytune."""
-    if os.environ.get("STEADYTUNE_CACHE_DIR"):
-        return Path(os.environ["STEADYTUNE_CACHE_DIR"])
+    """steadytune's one cache folder (weight hashes, the CPU decoder library): $STEADYTUNE_CACHE_DIR,
+    else $XDG_CACHE_HOME/steadytune, else ~/.cache/steadytune. The older name STEADYTUNE_CACHE is
+    still read, with a note saying to rename it."""
+    old = os.environ.get("STEADYTUNE_CACHE")
+    if old and old not in _noted:
+        _noted.add(old)
+        print("note: STEADYTUNE_CACHE is deprecated; name the cache folder with STEADYTUNE_CACHE_DIR"
+              + (" (set too: it wins)" if os.environ.get("STEADYTUNE_CACHE_DIR") else ""), file=sys.stderr)
+    chosen = os.environ.get("STEADYTUNE_CACHE_DIR") or old
+    if chosen:
+        return Path(chosen)
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "steadytune"
+
+
+_noted: set[str] = set()  # deprecated values already noted once
 
 
 def file_sha256(path: Path) -> str:
@@ -164,7 +178,8 @@ def model_changes(old, new: dict) -> list[str]:
 
 
 def compare_for_resume(saved: dict, cfg: Config, fingerprints: dict, adapter_config: dict, where) -> None:
-    """Refuse a resume whose model, data, LoRA shape or batching differ; log safe changes."""
+    """Refuse a resume whose model, data, LoRA shape, batching or objective (method, beta,
+    reference) differ; log safe changes."""
     old = saved.get("config", {})
     new = cfg.to_dict()
     problems = []
@@ -179,6 +194,11 @@ def compare_for_resume(saved: dict, cfg: Config, fingerprints: dict, adapter_con
             a, b = old.get(sec, {}).get(k, defaults[sec][k]), new[sec][k]
             if a != b:
                 problems.append(f"  {sec}.{k}: {a!r} in the checkpoint, {b!r} now")
+    method = old.get("training", {}).get("method", defaults["training"]["method"])
+    for k in OBJECTIVE.get(method, OBJECTIVE["dpo"]):
+        a, b = old.get("training", {}).get(k, defaults["training"][k]), new["training"][k]
+        if a != b:
+            problems.append(f"  training.{k}: {a!r} in the checkpoint, {b!r} now (the objective would change)")
     if saved.get("adapter_config", {}).get("lora_parameters", {}).get("keys") != \
             adapter_config["lora_parameters"]["keys"]:
         problems.append("  the adapted layers differ")

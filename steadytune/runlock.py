@@ -1,22 +1,29 @@
 """One process per run folder, and a run that never overwrites what the user put there.
 
-    check_new(run_dir)          before a new run's setup: refuses a folder in use or holding a run
+    check_new(run_dir)          before a new run's setup: locks the folder (claim), then refuses
+                                one holding a run; the lock is kept for the rest of setup
     claim(run_dir)              locks the folder (creating it), then finishes or removes the
                                 leftovers of interrupted writes (checkpoint.recover)
+    release(run_dir)            drops the lock; a folder claim created and nothing else filled is
+                                removed again (a failed start leaves no empty folder)
     start(cfg, run_dir, ...)    at the end of setup: claim, set an earlier attempt's metrics aside,
                                 write the resolved config
 
-The lock is `RUN/.steadytune.lock`, held with flock(2) for the life of the process and holding its
-pid: the kernel drops it when the process dies however it dies (SIGKILL, power loss), so a stale
-lock is simply taken over. Where flock is not supported (some network filesystems) the pid in the
+The lock is `RUN/.steadytune.lock`, held with flock(2) from before the first check that relies on
+it until the process ends (or `release`), and holding the pid: the kernel drops it when the process
+dies however it dies (SIGKILL, power loss), so a stale lock is simply taken over. Taking it is one
+atomic step (flock on the opened file; a lock file unlinked meanwhile by a releasing process is
+noticed and opened again). Where flock is not supported (some network filesystems) the pid in the
 file decides: a live process other than this one holds the folder.
 """
 
 from __future__ import annotations
 
+import atexit
 import errno
 import fcntl
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -29,6 +36,8 @@ LOCK = ".steadytune.lock"
 CONFIG_HEADER = "# written by steadytune: this run's resolved configuration (edits here are not read back)\n"
 OWN_CONFIG = "steadytune-config.yaml"  # where it goes when the user's config.yaml is in the run folder
 _held: dict[Path, int] = {}  # run folder -> descriptor of its lock file, held by this process
+_created: set[Path] = set()  # run folders claim created (removed by release while they hold only the lock)
+_made: set[Path] = set()  # run folders whose lock file claim created (removed by release)
 
 
 def _rank() -> int:
@@ -97,37 +106,112 @@ def claim(run_dir: Path) -> None:
     key = run_dir.resolve()
     if key in _held or _rank() != 0:
         return
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        raise UserError(f"{e.filename or run_dir}: cannot write in the run folder ({e.strerror}); fix its "
-                        "permissions or pass another --out") from None
-    pid = _try_lock(fd)
-    if pid is not None:
-        os.close(fd)
-        _refuse(run_dir, pid)
+    fd = _lock(run_dir, key)
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     _held[key] = fd
-    for note in ckpt.recover(run_dir):
+    atexit.unregister(_release_all)  # registered once, however many folders are claimed
+    atexit.register(_release_all)
+    try:
+        notes = ckpt.recover(run_dir)
+    except BaseException:
+        release(run_dir)
+        raise
+    for note in notes:
         print(note)
 
 
-def release(run_dir: Path) -> None:
-    """Drop this process's lock on run_dir (the file stays: removing it would race a waiter)."""
-    fd = _held.pop(Path(run_dir).resolve(), None)
-    if fd is not None:
+def _lock(run_dir: Path, key: Path) -> int:
+    """The descriptor of run_dir's lock file, locked by this process (or a UserError naming the
+    holder). A lock file that a releasing process unlinked between our open and our flock is not
+    the folder's lock any more: open it again."""
+    for _ in range(100):
+        try:
+            if not run_dir.is_dir():
+                run_dir.mkdir(parents=True)
+                _created.add(key)
+            fd, made = _open(run_dir / LOCK)
+        except FileExistsError:
+            if run_dir.is_dir():
+                continue  # made by a process racing us: its lock decides
+            raise UserError(f"{run_dir}: exists and is not a folder; pass another --out") from None
+        except OSError as e:
+            raise UserError(f"{e.filename or run_dir}: cannot write in the run folder ({e.strerror}); fix its "
+                            "permissions or pass another --out") from None
+        pid = _try_lock(fd)
+        if pid is not None:
+            os.close(fd)
+            _created.discard(key)
+            _refuse(run_dir, pid)
+        if made:
+            _made.add(key)
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(run_dir / LOCK, follow_symlinks=False))
+        except OSError:
+            same = False
+        if same:
+            return fd
         os.close(fd)
+    raise UserError(f"{run_dir}: its lock file keeps changing; another process is starting and stopping "
+                    "in this run folder: pass another --out")
+
+
+def _open(path: Path) -> tuple[int, bool]:
+    """(descriptor, whether this call created the file): create-exclusive first, so that a lock
+    file steadytune made can be told from one that was there."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), True
+    except FileExistsError:
+        return os.open(path, os.O_RDWR | os.O_NOFOLLOW), False
+
+
+def release(run_dir: Path) -> None:
+    """Drop this process's lock on run_dir, leaving the folder as claim found it: the lock file
+    is removed if claim created it, and the folder too if claim created it and it holds nothing
+    else. Removed while still locked, so a process that opened the file meanwhile notices that
+    it is no longer the folder's lock (see _lock)."""
+    key = Path(run_dir).resolve()
+    fd = _held.pop(key, None)
+    if fd is None:
+        return
+    try:
+        if key in _made:
+            os.unlink(key / LOCK)
+        if key in _created and not any(key.iterdir()):
+            key.rmdir()
+    except OSError:
+        pass  # filled meanwhile, or not ours to remove: kept
+    _made.discard(key)
+    _created.discard(key)
+    os.close(fd)
+
+
+@contextmanager
+def released_on_error():
+    """Around a run's setup: on any failure, the locks taken inside are released (and a folder
+    they created, still empty, removed), so a failed start in a notebook does not hold the folder."""
+    before = set(_held)
+    try:
+        yield
+    except BaseException:
+        for key in set(_held) - before:
+            release(key)
+        raise
+
+
+def _release_all() -> None:
+    """At exit (a failed setup included): every lock this process holds, released."""
+    for key in list(_held):
+        release(key)
 
 
 def check_new(run_dir: Path) -> None:
-    """A new run may start in run_dir: no other process uses it, and it holds no run."""
+    """A new run may start in run_dir: lock it first (rank 0; the lock is kept), then refuse a
+    folder holding a run. Checked under the lock, so two starts on one folder cannot both pass."""
     run_dir = Path(run_dir)
-    pid = holder(run_dir) if _rank() == 0 else None  # other ranks: rank 0's own lock, maybe taken already
-    if pid is not None:
-        _refuse(run_dir, pid)
+    claim(run_dir)  # other ranks: rank 0 holds the lock
     if (run_dir / "checkpoints").exists() or (run_dir / "adapters").exists():
+        release(run_dir)
         raise UserError(f"{run_dir}: already holds a run; continue it with --resume, or pass "
                         "another --out (nothing was changed)")
 

@@ -9,30 +9,36 @@ Security: the server binds to loopback unless told otherwise, and refuses a non-
 without an API key. With a key set, every request must carry `Authorization: Bearer KEY` (401
 otherwise). Requests from web pages of other origins are refused (a page you visit could otherwise
 use a loopback server), and so are image inputs: mlx-lm would download their URLs from the server.
+
+Robustness: no one client may take the server down or hold it. Every request field is checked
+against the model before generation (serve_request.py: 400 naming the field); a failure inside
+generation answers 500 and the generation loop restarts (Generator); slow and numerous clients
+are bounded by the connection layer (serve_http.py: deadlines, caps, a head reader for all).
 """
 
 from __future__ import annotations
 
 import argparse
 import hmac
+import io
 import ipaddress
 import json
 import os
 import socket
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from functools import partial
 
 from .errors import UserError
+from .serve_http import (CLIENT_TIMEOUT_S, HEAD_TIMEOUT_S, MAX_BODY_BYTES, REQUEST_TIMEOUT_S,
+                         DeadlineReader, connection_cap, heads_cap, server_class)
+from .serve_request import ModelLimits, RequestError, check_request, parse_body, temperature_problem
 
 API_KEY_ENV = "STEADYTUNE_API_KEY"
-MAX_BODY_BYTES = 4 << 20  # a chat request is text; anything bigger is a mistake or an attack
 CONCURRENCY = 32  # requests answered at once by default: mlx-lm's decode batch (decode_concurrency)
-# Connections the OS queues before accept(): more than the documented concurrency, so that a burst
-# of clients waits for a thread (and gets an answer or a 503) instead of a connection reset.
-LISTEN_BACKLOG = 256
-CLIENT_TIMEOUT_S = 30  # a client silent this long mid-request is dropped (it would hold a thread)
+SLOT_WAIT_S = 0.05  # how long a request waits for one of the `concurrency` slots before its 503
 
 
 # --- chat ----------------------------------------------------------------------------------------
@@ -143,12 +149,56 @@ def server_args(max_tokens: int = 512, temperature: float = 0.0, allowed_origins
         kv_group_size=64, quantized_kv_start=DEFAULT_QUANTIZED_KV_START)
 
 
-def _generator_class():
-    from queue import Empty
+class GenerationFailed(BaseException):
+    """Generation failed for one request. A BaseException, so that it passes mlx-lm's handler
+    (which answers any Exception from the generator with a 404) up to ours, which answers 500."""
 
+
+def _generator_class():
+    import logging
+    from queue import Empty
+    from weakref import WeakSet
+
+    from mlx_lm.models.cache import LRUPromptCache
     from mlx_lm.server import ResponseGenerator
 
     class Generator(ResponseGenerator):
+        """mlx-lm's generation thread, restarted when a request breaks it. mlx-lm's loop ends for
+        good on an exception, and every later request was answered "generation thread died"
+        while the process stayed up (so no supervisor restarted it)."""
+
+        def __init__(self, model_provider, prompt_cache):
+            self.taken = WeakSet()  # the response queues of the requests the loop has taken
+            super().__init__(model_provider, prompt_cache)  # starts the thread
+
+        def _next_request(self, timeout=None):
+            request = super()._next_request(timeout)
+            if request is not None:
+                self.taken.add(request[0])
+            return request
+
+        def _run_generate(self):
+            while True:
+                try:
+                    self._generate()
+                    return
+                except Exception as e:
+                    if self._stop:
+                        return
+                    logging.exception("generation failed; its requests get 500, the loop restarts")
+                    # The loop's requests (the batch, those waiting for it) die with it: tell each.
+                    for queue in list(self.taken):
+                        queue.put(RuntimeError(f"generation failed ({type(e).__name__}: {e})"))
+                    self.taken = WeakSet()
+                    # caches the failed step may have half-written
+                    self.prompt_cache = LRUPromptCache(self.prompt_cache.max_size)
+
+        def generate(self, request, generation_args, progress_callback=None):
+            try:
+                return super().generate(request, generation_args, progress_callback)
+            except Exception as e:
+                raise GenerationFailed(str(e)) from e
+
         def _await_response(self, response_queue):
             # mlx-lm polls every second for a stopped generator; a request thread that waits that
             # long holds up shutdown (server_close joins it).
@@ -200,26 +250,45 @@ class ServeState:
     concurrency: int
     slots: threading.BoundedSemaphore  # the requests in flight
     tokenizer: object
-    context: int                       # the model's context, in tokens
+    limits: ModelLimits                # what a request's fields are checked against
     max_token_chars: int
     generator: object = None           # set once the socket is bound (a failed bind starts no thread)
 
 
+ROUTES = {"/v1/chat/completions": "chat", "/chat/completions": "chat", "/v1/completions": "text"}
+
+
 class _Guarded:
-    """mlx-lm's handler behind an API key, an origin check, a validated body length, a prompt
-    length limit and a bound on the requests in flight. A mixin, put before mlx-lm's APIHandler
-    by _handler_class: mlx-lm is imported only when a server starts."""
+    """mlx-lm's handler behind deadlines, an API key, an origin check, a validated body, checked
+    request fields, a prompt length limit and a bound on the requests in flight; a failure in
+    generation answers 500. A mixin, put before mlx-lm's APIHandler by _handler_class: mlx-lm is
+    imported only when a server starts."""
 
     timeout = CLIENT_TIMEOUT_S  # socket timeout: a stalled client cannot hold its thread forever
 
     def __init__(self, state: ServeState, request, client_address, server):
         # set before the base class's __init__, which handles the request
-        self.state = state
+        self.state, self.answered = state, False
         super().__init__(state.generator, request, client_address, server)
 
-    def _refuse(self, code: int, message: str, headers: dict | None = None) -> None:
+    def setup(self):
+        super().setup()
+        self.rfile.close()  # the plain socket file: reads go through the deadline instead
+        # the head has arrived (the server's Heads read it); the body gets REQUEST_TIMEOUT_S
+        self.reader = DeadlineReader(self.connection, self.server.take_head(self.connection),
+                                     time.monotonic() + REQUEST_TIMEOUT_S)
+        self.rfile = io.BufferedReader(self.reader)
+
+    def end_headers(self):
+        self.answered = True  # a status line has gone out: a later failure cannot change it
+        super().end_headers()
+
+    def _refuse(self, code: int, message: str, headers: dict | None = None, param: str | None = None):
         # The connection closes after a refusal: an unread body must not be parsed as a request.
+        # It closes through the Closer, which reads what is still coming: a body in flight would
+        # otherwise reset the connection, and the client could lose this answer.
         self.close_connection = True
+        self.server.linger(self.connection)
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
         self.send_header("Connection", "close")
@@ -228,7 +297,10 @@ class _Guarded:
         for k, v in (headers or {}).items():
             self.send_header(k, v)
         self.end_headers()
-        self.wfile.write(json.dumps({"error": {"message": message, "code": code}}).encode())
+        error = {"message": message, "code": code}
+        if param:
+            error["param"] = param
+        self.wfile.write(json.dumps({"error": error}).encode())
 
     def _admitted(self) -> bool:
         origin = self.headers.get("Origin")
@@ -245,23 +317,32 @@ class _Guarded:
     def do_POST(self):
         if not self._admitted():
             return
-        size = self._body_length()
-        if size is None:
+        kind = ROUTES.get(self.path)
+        if kind is None:
+            self._refuse(404, f"no endpoint {self.path[:80]!r}: POST /v1/chat/completions or /v1/completions")
             return
-        if not self.state.slots.acquire(blocking=False):
-            self.rfile.read(size)  # bounded by now; read so that closing does not reset the client
+        size = self._body_length()
+        raw = None if size is None else self._read_body(size)
+        if raw is None:
+            return
+        # A short wait: a client that has just been answered sends its next request while the
+        # thread that answered it is still releasing its slot.
+        if not self.state.slots.acquire(timeout=SLOT_WAIT_S):
             self._refuse(503, f"busy: {self.state.concurrency} requests are being answered; "
                          "retry shortly", {"Retry-After": "1"})
             return
         try:
-            super().do_POST()  # reads exactly `size` bytes: the length is validated
+            self._answer(raw, kind == "chat")
+        except OSError:  # the client went away (or stopped reading): nobody to answer
+            self.close_connection = True
+        except (GenerationFailed, Exception) as e:
+            self._failed(e)
         finally:
             self.state.slots.release()
 
     def _body_length(self) -> int | None:
         """The body's length from a validated Content-Length, or None after refusing the request
-        without reading its body: mlx-lm reads `int(Content-Length)` bytes, and read(-1) reads
-        until the client stops sending."""
+        without reading its body (read(-1) would read until the client stops sending)."""
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             self._refuse(411, "chunked bodies are not accepted; send Content-Length")
             return None
@@ -279,8 +360,41 @@ class _Guarded:
             return None
         return size
 
+    def _read_body(self, size: int) -> bytes | None:
+        """The body, read within REQUEST_TIMEOUT_S of its head; None after a refusal (too slow)
+        or when the client went away."""
+        try:
+            raw = self.rfile.read(size)
+        except TimeoutError:
+            self._refuse(408, f"the request did not arrive within {REQUEST_TIMEOUT_S} s")
+            return None
+        if len(raw) < size:  # the client hung up
+            self.close_connection = True
+            return None
+        self._read_done()
+        return raw
+
+    def _read_done(self):
+        self.reader.deadline = None
+        self.connection.settimeout(CLIENT_TIMEOUT_S)  # writes: an idle timeout is enough
+
+    def _answer(self, raw: bytes, chat: bool) -> None:
+        try:
+            params = check_request(parse_body(raw), chat, self.state.limits)
+        except RequestError as e:
+            self._refuse(400, str(e), param=e.field)
+            return
+        stop_words = params.pop("stop_words")
+        # what mlx-lm's handle_chat_completions / handle_text_completions read, already checked
+        self.body = {k: params.pop(k) for k in ("messages", "prompt", "tools", "role_mapping")}
+        for name, value in params.items():  # the attributes mlx-lm's handle_completion reads
+            setattr(self, name, value)
+        request = self.handle_chat_completions() if chat else self.handle_text_completions()
+        self.handle_completion(request, stop_words)
+
     def do_GET(self):
         if self._admitted():
+            self._read_done()
             super().do_GET()
 
     def do_OPTIONS(self):
@@ -290,29 +404,34 @@ class _Guarded:
         else:
             self._refuse(403, "preflight from an origin that is not allowed")
 
-    def validate_model_parameters(self):
-        super().validate_model_parameters()
-        limit = self.response_generator.cli_args.max_tokens
-        self.max_tokens = min(self.max_tokens, limit)  # the server's cap, whatever is asked
-
-    def handle_chat_completions(self):
-        from mlx_lm.server import _image_parts
-
-        if any(_image_parts(self.body.get("messages") or [])):
-            raise ValueError("this model reads text only; remove the image parts")
-        return super().handle_chat_completions()
-
     def handle_completion(self, request, stop_words):
         # Here, not in the generation thread: a prompt over the context would otherwise be
         # prefilled there in full while every other request waits.
         s = self.state
-        tokens, exact = prompt_tokens(s.tokenizer, request, s.context, s.max_token_chars)
-        if tokens >= s.context:
-            self._refuse(413, f"the prompt is {'' if exact else 'over '}{tokens} tokens; this "
-                         f"model's context is {s.context} tokens: shorten the prompt or the conversation")
+        try:
+            tokens, exact = prompt_tokens(s.tokenizer, request, s.limits.context, s.max_token_chars,
+                                          self.chat_template_kwargs)
+        except RequestError as e:
+            self._refuse(400, str(e), param=e.field)
             return
-        self.max_tokens = min(self.max_tokens, s.context - tokens)  # the answer fits the context too
+        if tokens >= s.limits.context:
+            self._refuse(413, f"the prompt is {'' if exact else 'over '}{tokens} tokens; this model's "
+                         f"context is {s.limits.context} tokens: shorten the prompt or the conversation")
+            return
+        self.max_tokens = min(self.max_tokens, s.limits.context - tokens)  # the answer fits too
         super().handle_completion(request, stop_words)
+
+    def _failed(self, error: BaseException) -> None:
+        """A request whose generation failed gets 500; the server goes on with the next one."""
+        self.log_error("generation failed: %s", error)
+        message = f"generation failed ({error}); the server is still up: retry or change the request"
+        if not self.answered:
+            self._headers_buffer = []  # http.server's unsent header lines: the 200 mlx-lm began
+            self._refuse(500, message)
+            return
+        self.close_connection = True  # a stream: its 200 has gone out; end it with an error event
+        event = json.dumps({"error": {"message": message, "code": 500}})
+        self.wfile.write(f"data: {event}\n\n".encode())
 
     def handle_models_request(self):
         self._set_completion_headers(200)
@@ -335,22 +454,26 @@ def _handler_class():
     return Handler
 
 
-def prompt_tokens(tokenizer, request, context: int, max_token_chars: int) -> tuple[int, bool]:
-    """(number of prompt tokens, exact?) of an mlx-lm CompletionRequest. A text longer than
-    `context * max_token_chars` characters has more than `context` tokens (no token is longer than
-    the longest one in the vocabulary), so a huge prompt is refused without tokenizing it."""
+def prompt_tokens(tokenizer, request, context: int, max_token_chars: int,
+                  template_kwargs: dict | None = None) -> tuple[int, bool]:
+    """(number of prompt tokens, exact?) of an mlx-lm CompletionRequest whose messages are checked
+    (serve_request.check_request). A text longer than `context * max_token_chars` characters has
+    more than `context` tokens (no token is longer than the longest one in the vocabulary), so a
+    huge prompt is refused without tokenizing it. A chat template that fails on the messages is
+    the request's error (400), found here rather than in the generation thread."""
     chat = request.request_type == "chat"
-    text = (" ".join(str(m.get("content") or "") for m in request.messages if isinstance(m, dict))
-            if chat else str(request.prompt))
+    text = " ".join(m["content"] for m in request.messages) if chat else request.prompt
     if len(text) > context * max_token_chars:
         return len(text) // max_token_chars, False
+    if not (chat and getattr(tokenizer, "chat_template", None)):
+        return len(tokenizer.encode(text)), True
     try:
-        if chat and getattr(tokenizer, "chat_template", None):
-            return len(tokenizer.apply_chat_template(request.messages, tools=request.tools,
-                                                     add_generation_prompt=True, tokenize=True)), True
-        return len(tokenizer.encode(text)), True
-    except Exception:  # content mlx-lm converts first (lists of parts): count the text alone
-        return len(tokenizer.encode(text)), True
+        return len(tokenizer.apply_chat_template(request.messages, tools=request.tools,
+                                                 add_generation_prompt=True, tokenize=True,
+                                                 **(template_kwargs or {}))), True
+    except Exception as e:
+        raise RequestError("messages", f"the model's chat template cannot render them "
+                           f"({type(e).__name__}: {str(e)[:200]})") from None
 
 
 def max_token_chars(tokenizer) -> int:
@@ -360,6 +483,19 @@ def max_token_chars(tokenizer) -> int:
         return max(1, max(len(t) for t in tokenizer.get_vocab()))
     except (AttributeError, TypeError, ValueError):
         return 64
+
+
+def vocabulary_size(loaded) -> int:
+    """The token ids a request may name (top_k, logit_bias): those the model scores (its config's
+    vocab_size, the rows of its output) and the tokenizer can decode, whichever is fewer."""
+    sizes = [int(loaded.config["vocab_size"])] if loaded.config.get("vocab_size") else []
+    try:
+        sizes.append(len(loaded.tokenizer.get_vocab()))
+    except (AttributeError, TypeError):
+        pass
+    if not sizes:
+        raise UserError("the model names no vocabulary size (vocab_size in its config.json)")
+    return min(sizes)
 
 
 class Server:
@@ -399,8 +535,6 @@ class Server:
 
 
 def _await_os_exit(native_ids, timeout: float = 2.0) -> None:
-    import time
-
     if not os.path.isdir("/proc/self/task"):  # not Linux: no way to look; a short grace period
         time.sleep(0.1)
         return
@@ -409,39 +543,15 @@ def _await_os_exit(native_ids, timeout: float = 2.0) -> None:
         time.sleep(0.002)
 
 
-def _server_class(family: int):
-    from http.server import ThreadingHTTPServer
-
-    class HTTPServer(ThreadingHTTPServer):
-        address_family = family
-        daemon_threads, block_on_close = False, True  # server_close() joins the request threads
-        request_queue_size = LISTEN_BACKLOG
-
-        def process_request_thread(self, request, client_address):
-            self.thread_ids.add(threading.get_native_id())
-            self.clients.add(request)
-            try:
-                super().process_request_thread(request, client_address)
-            finally:
-                self.clients.discard(request)
-
-        def hang_up(self) -> None:
-            """Shut the sockets of the requests still open (reads return, writes fail)."""
-            for sock in list(self.clients):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    return HTTPServer
-
-
 def start_server(loaded, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
                  max_tokens: int = 512, temperature: float = 0.0, allowed_origins=(),
                  model_name: str = "steadytune", verbose: bool = False,
-                 concurrency: int = CONCURRENCY) -> Server:
+                 concurrency: int = CONCURRENCY, connections: int | None = None,
+                 heads: int | None = None, head_timeout: float = HEAD_TIMEOUT_S) -> Server:
     """Serve `loaded` (a LoadedModel) on host:port from a background thread; at most
-    `concurrency` requests are answered at once, more get 503 with Retry-After."""
+    `concurrency` requests are answered at once, more get 503 with Retry-After. At most
+    `connections` requests have a thread (default connection_cap), at most `heads` connections
+    (default heads_cap) are still sending their head, each for at most `head_timeout` seconds."""
     from mlx_lm.models.cache import LRUPromptCache
 
     import mlx.core as mx
@@ -449,19 +559,23 @@ def start_server(loaded, host: str = "127.0.0.1", port: int = 8080, api_key: str
     check_exposure(host, api_key)
     if concurrency < 1:
         raise UserError(f"--concurrency must be at least 1 (got {concurrency})")
+    if problem := temperature_problem(temperature):
+        raise UserError(f"--temperature {problem}")
     # Arrays still lazy here (adapters just loaded) would be computed on this thread's stream,
     # which the generation thread cannot use (MLX streams are per thread): compute them now.
     mx.eval(loaded.model.parameters())
     family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+    limits = ModelLimits(vocabulary_size(loaded), context_length(loaded), max_tokens, temperature)
     state = ServeState(api_key or None, set(allowed_origins), model_name, verbose, concurrency,
-                       threading.BoundedSemaphore(concurrency), loaded.tokenizer,
-                       context_length(loaded), max_token_chars(loaded.tokenizer))
+                       threading.BoundedSemaphore(concurrency), loaded.tokenizer, limits,
+                       max_token_chars(loaded.tokenizer))
     try:
-        httpd = _server_class(family)((host, port), partial(_handler_class(), state))
+        httpd = server_class(family)((host, port), partial(_handler_class(), state),
+                                      connections or connection_cap(concurrency), head_timeout,
+                                      heads or heads_cap())
     except OSError as e:
         raise UserError(f"--host {host} --port {port}: cannot listen there ({e.strerror}); pick "
                         "another --port (0 = any free one)") from None
-    httpd.thread_ids, httpd.clients = set(), set()
     cli_args = server_args(max_tokens, temperature, allowed_origins, concurrency)
     provider = _provider_class()(cli_args, loaded)
     state.generator = _generator_class()(provider, LRUPromptCache(cli_args.prompt_cache_size))

@@ -27,9 +27,9 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from . import faults, runlock
-from .batching import merge_group, pack_width, packed_rows
+from .batching import merge_group, row_target
 from .config import Config
-from .data import Splits, Tokenized, check_template, load_splits, tokenize_all
+from .data import Splits, Tokenized, check_template, load_splits, tokenize_all, use_chat_template
 from .data import val_subset as data_val_subset
 from .errors import UserError
 from .pairs import load_pair_splits, tokenize_pair_splits
@@ -82,7 +82,7 @@ class Run:
     loaded: object                     # model.LoadedModel: model, tokenizer, config, source, kind
     adapter_config: dict
     compute: dict                      # qlora.apply_compute's result, plus ce_chunk
-    pack_width: int                    # 0 unless training.pack
+    pack_target: int                   # positions per packed row (batching.pack_layout); 0: not packed
     mask_dtype: object                 # the packed attention mask's dtype (packing.prepare)
     optimizer: optim.Optimizer
     fingerprints: dict
@@ -98,6 +98,11 @@ class Run:
 
 
 def setup(cfg: Config, rank: int = 0, world: int = 1) -> Run:
+    with runlock.released_on_error():  # a failed start holds no lock and leaves no empty run folder
+        return _setup(cfg, rank, world)
+
+
+def _setup(cfg: Config, rank: int, world: int) -> Run:
     from .model import apply_lora, check_source, load_base, resolve_source, source_tokenizer
 
     t, timings = cfg.training, {}
@@ -121,17 +126,18 @@ def setup(cfg: Config, rank: int = 0, world: int = 1) -> Run:
 
     tic = time.perf_counter()
     loaded = load_base(cfg.model, source, checked)  # a folder's tokenizer is not loaded again
+    use_chat_template(loaded.tokenizer, cfg.data)  # --chat-template: on the tokenizer the run answers with too
     if sets is None or _eos(tokenizer) != _eos(loaded.tokenizer):  # the end-of-turn tokens decide the ids
         sets = tokenize_splits(cfg, splits, loaded.tokenizer)
     train_set, val_set = sets
     adapter_config = apply_lora(loaded.model, cfg.lora, t.seed)
     adapter_config["base_model"] = loaded.source
-    compute, mask_dtype = apply_compute_options(loaded.model, cfg)
+    compute, mask_dtype, pack_target = apply_compute_options(loaded.model, cfg)
     optimizer = optim.AdamW(learning_rate=t.learning_rate, weight_decay=t.weight_decay)
     optimizer.init(loaded.model.trainable_parameters())
     timings["load_s"] = time.perf_counter() - tic
     run = Run(cfg, run_dir, resume_from, splits, train_set, val_set, loaded, adapter_config, compute,
-              packed_width(cfg, train_set, val_set), mask_dtype, optimizer,
+              pack_target, mask_dtype, optimizer,
               {"data": splits.fingerprint,  # hashed as the files were read: each read once
                "model": model_fingerprint(loaded.source, loaded.kind)},
               TrainState(), rank, world, timings, merge)
@@ -150,18 +156,9 @@ def make_step(run: Run, optimizer=None) -> Step:
     if t.method != "sft":  # preference pairs (DPO, ORPO): the same interface
         return make_pair_step(run)
     return Step(run.model, run.optimizer, run.train_set, seed=t.seed, max_grad_norm=t.max_grad_norm,
-                pack_width=run.pack_width, rows=packed_rows(t.batch_size, t.batch_tokens, run.pack_width or 1),
-                merge=run.merge,
+                pack_target=run.pack_target, merge=run.merge,
                 ce_chunk=run.compute["ce_chunk"], mask_dtype=run.mask_dtype,
                 rank=run.rank, world=run.world, nan_at=faults.nan_steps())
-
-
-def packed_width(cfg: Config, train_set: Tokenized, val_set: Tokenized) -> int:
-    """Row width of packed micro-batches (0 unless training.pack): wide enough for the longest
-    training *or* validation example, so validation runs in the training step's shape."""
-    if not cfg.training.pack:
-        return 0
-    return pack_width(np.concatenate([train_set.lengths(), val_set.lengths()]))
 
 
 def tokenize_splits(cfg: Config, splits: Splits, tokenizer) -> tuple[Tokenized, Tokenized] | None:
@@ -193,19 +190,20 @@ def run_folder(cfg: Config, world: int = 1) -> tuple[Path, Path | None]:
     if resume:
         run_dir = Path(out) if out else newest_run()
         if run_dir.is_dir():
-            runlock.claim(run_dir)  # one process per run folder; repairs interrupted writes
+            runlock.claim(run_dir)  # one process per run folder, from here on; repairs interrupted writes
         last, incomplete = ckpt.latest(run_dir)
         for p in incomplete:
             print(f"note: {p} is incomplete (interrupted while writing) and is skipped")
         if last is None:
+            runlock.release(run_dir)
             raise UserError(f"{run_dir}: no complete checkpoint to resume from; start a new run "
                             "without --resume")
         return run_dir, last
     if not out and world > 1:
         raise UserError("distributed training needs --out RUN_FOLDER (the same for every process)")
     run_dir = Path(out) if out else new_run_dir()
-    runlock.check_new(run_dir)  # not in use, holds no run
-    return run_dir, None  # created by runlock.start at the end of setup: a failed start leaves no empty folder
+    runlock.check_new(run_dir)  # locked (kept until the process ends), then: holds no run
+    return run_dir, None  # a failed start releases it, removing a folder it created (runlock.release)
 
 
 def newest_run() -> Path:
@@ -224,21 +222,23 @@ def check_memory(cfg: Config, source, lengths: list) -> int:
     from .plan import check_fits
 
     plan = check_fits(plan_config(cfg), data_stats=lengths, source=source)
-    merge = merged_calls(cfg, plan)
+    merge = merged_calls(cfg, plan, lambda c: check_fits(plan_config(c), data_stats=lengths, source=source,
+                                                         quiet=True))
     if merge > 1:  # plan what actually runs: the merged calls
         plan = check_fits(plan_config(merged_config(cfg, merge)), data_stats=lengths, source=source)
     limit_cache(plan)  # MLX's buffer cache kept within the plan's headroom
     return merge
 
 
-def merged_calls(cfg: Config, plan) -> int:
-    """Micro-batches of a step run as one call (training.merge_micro_batches): packed rows only,
-    as many as the plan says fit; 1 without a plan (nothing known, nothing risked)."""
+def merged_calls(cfg: Config, plan, plan_of) -> int:
+    """Micro-batches of a step run as one call (training.merge_micro_batches): packed runs only
+    (padded rows of different widths cannot share a call), as many as the memory plan of the
+    merged call (`plan_of(config)`) says fit; 1 without a plan (nothing known, nothing risked)."""
     t = cfg.training
     if not t.pack or t.grad_accumulation == 1 or t.merge_micro_batches == "off" or plan is None \
             or t.method != "sft":
         return 1
-    return merge_group(t.grad_accumulation, plan.run.batch, plan.largest_batch)
+    return merge_group(t.grad_accumulation, lambda g: (p := plan_of(merged_config(cfg, g))) is not None and p.fits)
 
 
 def merged_config(cfg: Config, merge: int) -> Config:
@@ -250,23 +250,32 @@ def merged_config(cfg: Config, merge: int) -> Config:
     return dataclasses.replace(cfg, training=training)
 
 
-def apply_compute_options(model: nn.Module, cfg: Config, **compute_args) -> tuple[dict, object]:
+def apply_compute_options(model: nn.Module, cfg: Config, **compute_args) -> tuple[dict, object, int]:
     """QLoRA compute mode, loss chunking, packing's mask dtype and gradient checkpointing, as the
     trainer runs them; compute_args go to qlora.apply_compute (a bench's kernel or A/B options).
-    Returns (compute dict with "ce_chunk", packed mask dtype)."""
+    Returns (compute dict with "ce_chunk", packed mask dtype, positions per packed row or 0 when
+    the model trains unpacked)."""
     from .loss import loss_chunk
     from .qlora import apply_compute, checkpoint_blocks
 
     compute = apply_compute(model, cfg.model.compute, **compute_args)
     compute["ce_chunk"] = loss_chunk(model, cfg.training.chunked_ce)
-    mask_dtype = mx.float32
+    mask_dtype, pack_target = mx.float32, 0
     if cfg.training.pack:
-        from .packing import prepare
+        from .backend import device_kind
+        from .batching import width_bucket
+        from .packing import prepare, why_not_packable
 
-        mask_dtype = prepare(model)
+        device = device_kind()
+        widest = width_bucket(max(row_target(device), cfg.data.max_seq_length), device)  # no row is wider
+        why = why_not_packable(model, widest)
+        if why:  # packing is a layout: the same examples train unpacked, only slower
+            print(f"note: training unpacked (one example a row): {why}")
+        else:
+            mask_dtype, pack_target = prepare(model), row_target(device)
     if cfg.training.grad_checkpoint:
         checkpoint_blocks(model)
-    return compute, mask_dtype
+    return compute, mask_dtype, pack_target
 
 
 def restore(run: Run, path: Path) -> None:

@@ -24,8 +24,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from .batching import (examples_of, fill_rows, merge_micro_batches, pack_batch, packed_eval_batches, pad_batch,
-                       shard)
+from .batching import merge_micro_batches, pack_batch, pack_layout, pad_batch, shard
 from .loss import loss_fn
 
 
@@ -54,24 +53,25 @@ class Step:
     """One optimizer step over micro-batches of `examples` (a data.Tokenized: ids and masks).
 
     seed: dropout masks are drawn from (seed, step index), so a resumed run draws the same ones.
-    max_grad_norm: clip the gradient norm (None: no clipping). pack_width: > 0 packs each
-    micro-batch's rows (lists of examples) into rows this wide; rows: a packed micro-batch with fewer
-    rows gets empty ones up to this many (one compiled shape); merge: packed micro-batches run this
-    many at a time as one call (setup.merged_calls: the same gradients in fewer, larger calls). ce_chunk, mask_dtype: the loss's
-    options (loss.loss_chunk, packing.prepare). flat: the update on one concatenated vector
+    max_grad_norm: clip the gradient norm (None: no clipping). pack_target: > 0 packs each call's
+    examples into rows of about this many positions (batching.pack_layout: a layout only, the
+    examples are the micro-batches' either way); 0 pads one example a row. merge: micro-batches
+    run this many at a time as one call (setup.merged_calls: the same gradients in fewer, larger
+    calls). ce_chunk, mask_dtype: the loss's options (loss.loss_chunk, packing.prepare). flat: the update on one concatenated vector
     (flat_update) instead of array by array. rank, world: this process's share of each micro-batch
     and the all-reduce of the gradients. nan_at: step numbers (1-based) whose loss scale is made
     NaN: a test fault (faults.nan_steps)."""
 
     def __init__(self, model: nn.Module, optimizer, examples, *, seed: int = 0,
-                 max_grad_norm: float | None = None, pack_width: int = 0, rows: int = 0, merge: int = 1,
+                 max_grad_norm: float | None = None, pack_target: int = 0, merge: int = 1,
                  ce_chunk: int = 0,
                  mask_dtype=mx.float32, flat: bool = True, rank: int = 0, world: int = 1,
                  nan_at=frozenset()):
         self.model, self.optimizer, self.examples = model, optimizer, examples
-        self.seed, self.pack_width, self.rank, self.world = seed, pack_width, rank, world
-        self.merge = merge if pack_width else 1
-        self.rows = -(-rows * self.merge // world)  # packed rows of this process's share of a call
+        from .backend import device_kind
+
+        self.seed, self.pack_target, self.rank, self.world = seed, pack_target, rank, world
+        self.merge, self.device = merge, device_kind()
         self.max_norm = mx.array(max_grad_norm or float("inf"), dtype=mx.float32)
         self.nan_at = frozenset(nan_at)
         self.shapes = {"train": set(), "val": set()}  # distinct input shapes: each compiles once
@@ -87,29 +87,32 @@ class Step:
         """The loss scale (1 / target tokens of the whole group) and that token count; reseeds
         MLX's generator from (seed, index): dropout then does not depend on what ran before."""
         masks = self.examples.masks
-        group_tokens = sum(int(sum(masks[i][1:])) for mb in micro_batches for i in examples_of(mb))
+        group_tokens = sum(int(sum(masks[i][1:])) for mb in micro_batches for i in mb)
         return begin_step(self.model, group_tokens, index, self.seed, self.nan_at), group_tokens
 
     def batches(self, micro_batches) -> list[Batch]:
-        """This process's share of each micro-batch, padded (or packed) into arrays."""
-        ids, masks = self.examples.ids, self.examples.masks
+        """This process's share of each call (merged micro-batches), padded or packed into arrays."""
         out = []
         for mb in merge_micro_batches(micro_batches, self.merge):
             mb = shard(mb, self.rank, self.world) if self.world > 1 else mb
-            if not mb:  # this rank's share of a short last micro-batch is empty
-                continue
-            real = sum(len(ids[i]) - 1 for i in examples_of(mb))
-            if self.pack_width:
-                mb = fill_rows(mb, self.rows)  # the short last micro-batch keeps the shape
-                inputs, targets, mask, seg = pack_batch([[ids[i] for i in row] for row in mb],
-                                                        [[masks[i] for i in row] for row in mb],
-                                                        self.pack_width)
-                out.append(Batch(mx.array(inputs), mx.array(targets), mx.array(mask), mx.array(seg), real))
-            else:
-                inputs, targets, mask = pad_batch([ids[i] for i in mb], [masks[i] for i in mb])
-                out.append(Batch(mx.array(inputs), mx.array(targets), mx.array(mask), None, real))
-            self.shapes["train"].add(inputs.shape)
+            if mb:  # this rank's share of a short last micro-batch may be empty
+                out.append(self.arrays(mb, "train"))
         return out
+
+    def arrays(self, examples: list[int], kind: str, data=None) -> Batch:
+        """One call's arrays: the examples packed into rows (pack_layout) or one a row, padded."""
+        data = data or self.examples
+        ids, masks = [data.ids[i] for i in examples], [data.masks[i] for i in examples]
+        real = sum(len(x) - 1 for x in ids)
+        if self.pack_target:
+            rows, width = pack_layout([len(x) for x in ids], self.pack_target, self.device)
+            inputs, targets, mask, seg = pack_batch([[ids[j] for j in row] for row in rows],
+                                                    [[masks[j] for j in row] for row in rows], width)
+            seg = mx.array(seg)
+        else:
+            (inputs, targets, mask), seg = pad_batch(ids, masks), None
+        self.shapes[kind].add(inputs.shape)
+        return Batch(mx.array(inputs), mx.array(targets), mx.array(mask), seg, real)
 
     # --- gradients and update --------------------------------------------------------------------
 
@@ -146,31 +149,19 @@ class Step:
         return norm
 
     def validation_loss(self, examples, batch_size: int) -> float:
-        """Token-weighted mean loss over `examples` (a data.Tokenized). Packed runs pack them into
-        micro-batches of the training shape (no new compiled shape); otherwise batches of
-        `batch_size` sorted by length (little padding). With several processes each evaluates
-        every world-th micro-batch and the sums are added."""
-        ids, masks = examples.ids, examples.masks
-        if self.pack_width:
-            groups = packed_eval_batches([len(x) for x in ids], self.pack_width, self.rows)
-        else:
-            order = np.argsort([len(x) for x in ids], kind="stable").tolist()
-            groups = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        """Token-weighted mean loss over `examples` (a data.Tokenized), in calls of `batch_size`
+        examples sorted by length (little padding), laid out as training lays out its calls.
+        With several processes each evaluates every world-th call and the sums are added."""
+        order = np.argsort([len(x) for x in examples.ids], kind="stable").tolist()
+        groups = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
         self.model.eval()
         total, count = mx.array(0.0), 0
         for b, mb in enumerate(groups):
             if b % self.world != self.rank:
                 continue
-            if self.pack_width:
-                mb = fill_rows(mb, self.rows)
-                inputs, targets, mask, seg = pack_batch([[ids[i] for i in row] for row in mb],
-                                                        [[masks[i] for i in row] for row in mb], self.pack_width)
-                seg = mx.array(seg)
-            else:
-                (inputs, targets, mask), seg = pad_batch([ids[i] for i in mb], [masks[i] for i in mb]), None
-            self.shapes["val"].add(inputs.shape)
-            total = total + self.eval_loss(mx.array(inputs), mx.array(targets), mx.array(mask), seg)
-            count += int(mask.sum())
+            batch = self.arrays(mb, "val", examples)
+            total = total + self.eval_loss(batch.inputs, batch.targets, batch.mask, batch.segments)
+            count += sum(int(sum(examples.masks[i][1:])) for i in mb)
             mx.eval(total)
         self.model.train()
         if self.world > 1:

@@ -25,7 +25,7 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from . import faults
-from .batching import lr_at, packed_padding_fraction, padding_fraction, plan_epoch, planned_total
+from .batching import layout_padding, lr_at, merge_micro_batches, padding_fraction, plan_epoch, planned_total
 from .config import Config, apply_overrides, load_yaml
 from .errors import UserError
 from .progress import Metrics, Progress
@@ -133,13 +133,14 @@ class Trainer:
         little between epochs: the windows differ)."""
         t = self.cfg.training
         return t.max_steps or planned_total(lambda e: len(self.epoch_plan(e)), t.epochs,
-                                            fixed=not (t.batch_tokens or t.pack))  # a huge --epochs: lazy
+                                            fixed=not t.batch_tokens)  # a huge --epochs: lazy
 
     def epoch_plan(self, epoch: int) -> list:
-        """The optimizer steps of `epoch` (a pure function of data lengths, settings and seed)."""
+        """The optimizer steps of `epoch` (a pure function of data lengths, settings and seed; the
+        same packed or not)."""
         t = self.cfg.training
-        return plan_epoch(self.run.train_set.lengths(), t.batch_size, t.batch_tokens, t.grad_accumulation,
-                          t.seed, epoch, self.cfg.data.group_by_length, t.pack, self.run.pack_width)
+        return plan_epoch(self.run.train_set.step_lengths(), t.batch_size, t.batch_tokens, t.grad_accumulation,
+                          t.seed, epoch, self.cfg.data.group_by_length)
 
     def schedule(self, total: int):
         """(micro-batches, learning rate, steps of its epoch) of each step from the state's
@@ -251,7 +252,7 @@ class Trainer:
             val, rewards = self.step.evaluate(self.run.val_set, self.step.val_ref, self.cfg.training.batch_size)
             self.val_rewards = {f"val_{k}": v for k, v in rewards.items()}
             return val
-        return self.step.validation_loss(self.run.val_set, self.cfg.training.batch_size)
+        return self.step.validation_loss(self.run.val_set, self.cfg.training.batch_size * self.run.merge)
 
     def _state_json(self) -> dict:
         t, run = self.cfg.training, self.run
@@ -294,19 +295,22 @@ class Trainer:
         blas = fast_blas() or ("none: CPU matmuls use the slow reference BLAS; install libopenblas0-pthread"
                                if device_kind() == "cpu" else "n/a")
         plan = self.epoch_plan(0)
-        if t.pack:
-            pad = packed_padding_fraction([mb for step in plan for mb in step], lens, run.pack_width)
+        if run.pack_target:
+            calls = [call for step in plan for call in merge_micro_batches(step, run.merge)]
+            pad = layout_padding(calls, lens, run.pack_target, device_kind())
         else:
             pad = padding_fraction([[int(lens[i]) for i in mb] for step in plan for mb in step])
+        per_step = len(run.train_set.ids) / max(1, len(plan))
         for line in notes + [
             f"run folder: {run.run_dir}",
             f"model: {run.loaded.source} ({device_kind()}, fast BLAS: {blas})",
             describe_parameters(run.model),
             f"train: {len(run.train_set.ids)} examples, {int(run.train_set.target_tokens().sum())} target "
-            f"tokens per epoch, {len(plan)} steps per epoch, {total} steps in all; "
-            + (f"packed rows of {run.pack_width} positions, " if t.pack else "") + f"padding {pad:.1%}",
+            f"tokens per epoch, {len(plan)} steps per epoch of "
+            + (f"{per_step:.1f} examples on average" if t.batch_tokens else
+               f"{t.batch_size * t.grad_accumulation} examples") + f", {total} steps in all; padding {pad:.1%}",
             f"valid: {len(run.val_set.ids)} examples",
-            batches_line(t, run.pack_width, run.merge),
+            batches_line(t, run.pack_target, run.merge),
         ]:
             self.bar.write(line)
 
@@ -334,19 +338,18 @@ def _raise_if_out_of_resources(e: BaseException, cfg: Config, run_dir: Path, ste
                         f"disk space or fix permissions; {kept}") from None
 
 
-def batches_line(t, width: int, merge: int) -> str:
+def batches_line(t, pack_target: int, merge: int) -> str:
     """What --batch-size and --grad-accumulation mean in this run, in one line."""
-    if not width:
-        what = (f"micro-batches of up to {t.batch_tokens} padded tokens" if t.batch_tokens
-                else f"micro-batches of {t.batch_size} examples")
-        return f"batches: {what}, {t.grad_accumulation} per optimizer step"
-    from .batching import packed_rows
-
-    rows = packed_rows(t.batch_size, t.batch_tokens, width)
-    line = (f"batches: each micro-batch is {rows} row{'s' * (rows != 1)} of {width} positions packed with whole examples "
-            f"({rows * width} tokens), {t.grad_accumulation} per optimizer step")
+    what = (f"micro-batches of up to {t.batch_tokens} padded tokens (a varying number of examples)"
+            if t.batch_tokens else f"micro-batches of {t.batch_size} example{'s' * (t.batch_size != 1)}")
+    line = f"batches: {what}, {t.grad_accumulation} per optimizer step"
+    if pack_target:
+        line += (f"; each call's examples packed into rows of up to {pack_target} positions (wider for a "
+                 "longer example), attention inside each example")
+    else:
+        line += "; one example a row, padded"
     if merge > 1:
-        line += f", run {merge} at a time as one call (they fit in memory; --merge-micro-batches off to stop)"
+        line += f"; {merge} micro-batches run as one call (they fit in memory; --merge-micro-batches off to stop)"
     return line
 
 

@@ -137,7 +137,7 @@ def test_what_it_does_not_cover_is_refused_with_the_reason():
 def test_no_compiler_means_mlx_answers(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_decode, "_LIB", None)
     monkeypatch.setattr(cpu_decode, "_LIB_ERROR", None)
-    monkeypatch.setenv("STEADYTUNE_CACHE", str(tmp_path))  # nothing built there yet
+    monkeypatch.setenv("STEADYTUNE_CACHE_DIR", str(tmp_path))  # nothing built there yet
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     with pytest.raises(cpu_decode.Unsupported, match="could not build"):
         cpu_decode.library()
@@ -156,3 +156,61 @@ def test_a_server_answering_several_at_once_keeps_the_batched_path():
     assert not isinstance(model, cpu_decode.CpuDecoder) and "--concurrency 1" in mode
     model, mode = answering_model(tiny(), batched=False)
     assert isinstance(model, cpu_decode.CpuDecoder)
+
+
+def _fresh(monkeypatch, cache):
+    monkeypatch.setattr(cpu_decode, "_LIB", None)
+    monkeypatch.setattr(cpu_decode, "_LIB_ERROR", None)
+    monkeypatch.setenv("STEADYTUNE_CACHE_DIR", str(cache))
+
+
+def _replace(path, data: bytes):
+    """A new file under the old name: the old one may be mapped into this process (the library
+    loaded), and changing those pages in place would kill it."""
+    path.unlink()
+    path.write_bytes(data)
+
+
+def test_cached_library_is_verified_rebuilt_when_damaged_and_refused_in_a_folder_others_can_write(
+        monkeypatch, tmp_path):
+    """Built with CC="gcc -O2" (split as a shell would), in a folder created 0700 whatever the
+    umask; a library whose bytes differ from the hash recorded at build (one flipped byte: same
+    size, still a valid ELF header) is rebuilt; a folder others can write is refused; a "compiler"
+    that writes nothing is named."""
+    import hashlib
+
+    cache = tmp_path / "cache"
+    _fresh(monkeypatch, cache)
+    monkeypatch.setenv("CC", f"{shutil.which('gcc') or shutil.which('cc') or shutil.which('clang')} -O2")
+    old = os.umask(0)
+    try:
+        cpu_decode.library()
+    finally:
+        os.umask(old)
+    assert cache.stat().st_mode & 0o777 == 0o700
+    (lib,) = cache.glob("cpu_decode-*.so")
+    assert lib.stat().st_mode & 0o022 == 0
+    good = lib.read_bytes()
+    record = cache / (lib.name + ".sha256")
+    assert record.read_text() == hashlib.sha256(good).hexdigest()
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0xFF
+    _replace(lib, bytes(flipped))
+    _fresh(monkeypatch, cache)
+    cpu_decode.library()  # rebuilt, not loaded as it was
+    assert hashlib.sha256(lib.read_bytes()).hexdigest() == record.read_text() != hashlib.sha256(flipped).hexdigest()
+    cache.chmod(0o777)
+    _fresh(monkeypatch, cache)
+    with pytest.raises(cpu_decode.Unsupported, match=f"{cache} is writable by other users or not yours.*chmod 700"):
+        cpu_decode.library()
+    _fresh(monkeypatch, tmp_path / "b")
+    monkeypatch.setenv("CC", "/bin/true")
+    with pytest.raises(cpu_decode.Unsupported, match="CC=/bin/true exited 0 but wrote no library; set CC to a C "
+                                                     "compiler such as gcc or clang"):
+        cpu_decode.library()
+
+
+def test_token_ids_past_the_embedding_table_are_refused_not_read():
+    dec = cpu_decode.CpuDecoder(tiny())
+    with pytest.raises(ValueError, match=r"token id 96 is outside the model's embedding table \(ids 0 to 95\)"):
+        dec(mx.array([[5, 96]]))

@@ -386,7 +386,7 @@ def test_check_data_without_model_says_which_tokenizer(tmp_path, monkeypatch, ca
     monkeypatch.setattr(steadytune.model, "_load_mlx_lm", no_weights)
     data = write_jsonl(tmp_path / "train.jsonl", [SYSTEM_CHAT] * 2)
     args = argparse.Namespace(path=str(data), model=None, max_seq_length=2048, train_on_prompt=False,
-                              system_fold="auto")
+                              system_fold="auto", chat_template=None)
     assert check_data_command(args) == 0
     out = capsys.readouterr().out
     assert "tokenizer: smollm2-135m (tokenizer and chat template only, no weights loaded; the default" in out

@@ -65,11 +65,15 @@ def test_distributed_run_resumes_exactly_after_sigkill(runs):
 
 
 def test_packed_rows_split_between_two_processes_match_one(runs):
-    """--pack: each process takes its share of a micro-batch's rows (batching.shard); the losses
-    and adapters agree with one process training the same rows."""
+    """--pack: each process takes its share of a micro-batch's examples (batching.shard) and packs
+    them; the losses and adapters agree with one process training the same examples. Two
+    processes lay the examples out in other rows than one, so an example can sit at another row
+    offset: the same terms up to float32 reassociation and RoPE-angle rounding at those offsets
+    (1e-5 on the losses, 1e-4 on the adapters after the run's updates, as test_fast_default's
+    merged vs separate calls)."""
     model, data, root, _, _ = runs
     single, double = root / "packed-single", root / "packed-double"
-    packed = ["--pack", "true", "--batch-size", "2", "--grad-accumulation", "1"]  # 2 rows a step
+    packed = ["--pack", "true", "--batch-size", "2", "--grad-accumulation", "1"]  # 2 examples a step
     assert run_cli(*_args(model, data, single, *packed)).returncode == 0
     r = run_cli(*_args(model, data, double, *packed, "--nproc", "2"))
     assert r.returncode == 0, r.stderr + r.stdout
@@ -79,4 +83,4 @@ def test_packed_rows_split_between_two_processes_match_one(runs):
         assert abs(x - y) / abs(x) < 1e-5
     wa, wb = _adapters(single), _adapters(double)
     diff = np.sqrt(sum(np.sum((wa[k] - wb[k]) ** 2) for k in wa))
-    assert diff / np.sqrt(sum(np.sum(wa[k] ** 2) for k in wa)) < 1e-5
+    assert diff / np.sqrt(sum(np.sum(wa[k] ** 2) for k in wa)) < 1e-4

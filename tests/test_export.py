@@ -263,7 +263,7 @@ def test_gguf_export_refuses_other_tokenizers_in_one_line_naming_them(what, toke
     hf = PreTrainedTokenizerFast(tokenizer_object=tok)
     loaded = SimpleNamespace(kind="folder", source="/models/m", tokenizer=hf)
     with pytest.raises(UserError) as e:
-        list(_tokenizer_fields(loaded, {"vocab_size": 2}))
+        list(_tokenizer_fields(loaded, {"vocab_size": 2, "model_type": "llama"}))
     assert str(e.value) == (f"--format gguf: /models/m/tokenizer.json: this tokenizer ({what}) is not one "
                             "steadytune writes to GGUF (byte-level BPE and SentencePiece-style BPE are); use "
-                            "--format hf and llama.cpp's convert_hf_to_gguf.py")
+                            "--format hf and llama.cpp's convert_hf_to_gguf.py, or --format mlx")

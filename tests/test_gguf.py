@@ -940,8 +940,9 @@ def test_per_layer_metadata_that_does_not_vary_reads_as_one_value():
 
     meta = {"general.architecture": "llama", "llama.block_count": 2, "llama.embedding_length": 64,
             "llama.feed_forward_length": 128, "llama.attention.head_count": 4}
-    same = GGUFHeader(3, {**meta, "llama.attention.head_count_kv": [2, 2]})
+    tensors = {"token_embd.weight": ("F32", (10, 64)), **{f"blk.{i}.attn_norm.weight": ("F32", (64,)) for i in (0, 1)}}
+    same = GGUFHeader(3, {**meta, "llama.attention.head_count_kv": [2, 2]}, tensors)
     assert gguf_config(same, "same.gguf")["num_key_value_heads"] == 2
     with pytest.raises(UserError, match=r"^varies\.gguf: metadata key llama\.attention\.head_count_kv varies per "
                                         r"layer"):
-        gguf_config(GGUFHeader(3, {**meta, "llama.attention.head_count_kv": [2, 4]}), "varies.gguf")
+        gguf_config(GGUFHeader(3, {**meta, "llama.attention.head_count_kv": [2, 4]}, tensors), "varies.gguf")

@@ -15,7 +15,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from steadytune import plan
-from steadytune.batching import pack_width
+from steadytune.batching import pack_layout
 from steadytune.cli import main
 from steadytune.config import Config, LoraConfig
 from steadytune.errors import UserError
@@ -87,6 +87,13 @@ def test_a_stored_quantized_base_is_counted_as_stored():
     embedding = 256_000 + 2 * (256_000 // 32) * 4
     float_embedding = plan.base_weight_bytes(plan.arch_from_config(ARCH), run)
     assert plan.base_weight_bytes(arch, run) == float_embedding - 1000 * 256 * 4 + embedding
+
+
+def test_per_layer_mlp_widths_are_planned_at_the_widest():
+    # gemma3n's config gives one intermediate_size per layer (under text_config)
+    text = dict(ARCH, intermediate_size=[96, 128, 64])
+    arch = plan.arch_from_config({"model_type": "gemma3n", "text_config": text})
+    assert arch.inter == 128
 
 
 def test_gguf_tensor_types_become_mlx_lm_quantization():
@@ -294,9 +301,15 @@ def test_plan_command_prints_json_with_the_verdict(tiny_model, tmp_path, capsys)
     args = ["plan", "--model", str(tiny_model), "--data", str(data), "--batch-size", "2", "--json"]
     assert main(args + ["--memory-gb", "4"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["fits"] is True and out["available_gb"] == 4.0 and out["batch_size"] == 2
+    assert out["fits"] is True and out["available_gb"] == 4.0
     assert out["predicted_peak_gb"] > out["breakdown_gb"]["base_weights"] > 0
-    assert out["seq_width"] == pack_width([out["data"]["longest"]])  # packed rows: the default
+    # packed (the default): the call of the 2 longest examples, laid out as the trainer lays it out
+    cfg = Config()
+    cfg.model.path, cfg.data.path = str(tiny_model), str(data)
+    lengths = sorted(plan.data_lengths(cfg))
+    assert lengths[-1] == out["data"]["longest"]
+    rows, width = pack_layout(lengths[-2:], 512)
+    assert (out["batch_size"], out["seq_width"]) == (len(rows), width)
     assert main(args + ["--memory-gb", "0.001"]) == 1
     assert json.loads(capsys.readouterr().out)["fits"] is False
 
@@ -341,14 +354,15 @@ def test_cpu_checkpointed_prediction_is_within_15_percent_of_a_measured_training
     t.batch_size, t.grad_checkpoint, t.max_steps, t.eval_every, t.save_every = 4, True, 2, 0, 0
     cfg = cfg.validate()
     p = plan.make_plan(cfg, lengths=plan.data_lengths(cfg), device="cpu")
-    assert (p.run.batch, p.run.seq, p.run.packed, p.run.checkpoint, p.run.fused_update) == (4, 256, True, True, True)
+    # 4 examples of 255 positions: 1,020 > 512, two rows of 512 (the CPU's row target)
+    assert (p.run.batch, p.run.seq, p.run.packed, p.run.checkpoint, p.run.fused_update) == (2, 512, True, True, True)
     mx.synchronize()
     mx.reset_peak_memory()
     run(cfg)
     measured, predicted = mx.get_peak_memory(), p.breakdown.peak
     # With the trainer's flat update the CPU computes the gradients block by block: the peak is
     # the planner's block-by-block moment, each block's input (16 x 256 float32s a token x 1024
-    # tokens = 16.8 MB, plus the 1 MB packed mask) and the block being differentiated with MLX's
+    # tokens = 16.8 MB, plus the 2 MB packed mask) and the block being differentiated with MLX's
     # run-ahead (77 MB of the 107 MB predicted; measured on this shape: 96.7 MB, +11%). The
     # tolerance is the planner's (docs/plan-memory.md: 15%): the run-ahead (IN_FLIGHT_BLOCKS,
     # measured on other shapes) is the least exact term. Counting the array-by-array update's
@@ -376,15 +390,17 @@ def test_advice_for_an_out_of_memory_message_names_flags(monkeypatch):
     assert text.startswith("try: --batch-size") and "--grad-accumulation" in text
 
 
-def test_packed_rows_are_planned_at_the_pack_width_with_their_mask():
-    """--pack: rows as wide as batching.pack_width makes them, batch_tokens // width of them, and one
+def test_packed_calls_are_planned_as_laid_out_with_their_mask():
+    """--pack: the largest call is the batch's longest examples laid out by batching.pack_layout
+    (here 4 examples: 299 + 129 + 39 + 19 = 486 positions in one row of 512 on the CPU), planned with one
     (rows, width, width) attention mask more than the same rows padded."""
-    from steadytune.batching import pack_width
-
     arch = plan.arch_from_config(ARCH)
     cfg = Config()
-    cfg.training.batch_tokens, cfg.training.pack = 2048, True
-    run, _ = plan.run_from_config(cfg, arch, [40, 300, 130], device="cpu")
-    assert (run.seq, run.batch, run.packed) == (pack_width([300]), 2048 // 384, True) == (384, 5, True)
+    cfg.training.pack = True
+    run, _ = plan.run_from_config(cfg, arch, [40, 300, 130, 20, 10], device="cpu")
+    assert (run.seq, run.batch, run.packed) == (pack_layout([300, 130, 40, 20], 512)[1], 1, True) == (512, 1, True)
     extra = plan.estimate(arch, run).activations - plan.estimate(arch, replace(run, packed=False)).activations
-    assert extra == 5 * 384 * 384 * 4  # float32 on the CPU
+    assert extra == 512 * 512 * 4  # float32 on the CPU
+    cfg.training.batch_tokens = 2048  # a token budget: as many of the longest as it holds
+    run, _ = plan.run_from_config(cfg, arch, [40, 300, 130, 20, 10], device="cpu")
+    assert (run.seq, run.batch) == (pack_layout([300, 130, 40, 20, 10], 512)[1], 1)

@@ -319,9 +319,13 @@ def _edit_json(path, **changes):
     path.write_text(json.dumps(d))
 
 
-def _add_token(folder):
+def _swap_tokens(folder):
+    """Two tokens trade ids: the vocabulary changes, its size does not (a token past the embedding
+    table is refused at load, before any resume check)."""
     tok = json.loads((folder / "tokenizer.json").read_text())
-    tok["model"]["vocab"]["zzqq"] = max(tok["model"]["vocab"].values()) + 1
+    vocab = tok["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[-2:]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
     (folder / "tokenizer.json").write_text(json.dumps(tok))
 
 
@@ -330,7 +334,7 @@ MODEL_CHANGES = {
                                           chat_template=json.loads((f / "tokenizer_config.json").read_text())
                                           ["chat_template"].replace("<|im_start|>", "<|im_start|> ")),
     "special tokens": lambda f: _edit_json(f / "tokenizer_config.json", eos_token="<|endoftext|>"),
-    "tokenizer vocabulary": _add_token,
+    "tokenizer vocabulary": _swap_tokens,
     "weights": lambda f: _flip_byte(f / "model.safetensors", 0.6),
     "generation config": lambda f: (f / "generation_config.json").write_text('{"eos_token_id": 0}'),
 }

@@ -135,7 +135,7 @@ def test_server_caps_max_tokens_and_lists_one_model(server):
 def test_refuses_images_other_origins_and_huge_bodies(server):
     image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/x.png"}}]}]
     status, body = status_of(lambda: post(server.url, {"messages": image}))
-    assert status == 400 and "text only" in body["error"]
+    assert status == 400 and "text only" in body["error"]["message"]
     status, body = status_of(lambda: post(server.url, {"messages": HELLO}, {"Origin": "http://evil.example"}))
     assert status == 403
     import http.client
@@ -269,7 +269,7 @@ def test_prompt_over_the_context_gets_413_naming_the_limit(server):
 def open_long_stream(url, tuned, headers=None):
     """A streamed request that keeps generating (its end-of-sequence token suppressed); returns the
     response after its first token has arrived."""
-    eos = {str(i): -1000.0 for i in tuned.tokenizer.eos_token_ids}
+    eos = {str(i): -100.0 for i in tuned.tokenizer.eos_token_ids}  # the most a bias may be
     r = post(url, {"messages": HELLO, "max_tokens": 400, "stream": True, "logit_bias": eos}, headers)
     for _ in range(100):  # keep-alive comments may come first
         line = r.readline()

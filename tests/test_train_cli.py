@@ -35,10 +35,10 @@ def test_run_folder_has_config_metrics_adapters(run):
     train = [x for x in recs if x["event"] == "train"]
     val = [x for x in recs if x["event"] == "val"]
     assert train and all(TRAIN_KEYS <= set(x) for x in train)
-    # 19 train examples (1 held out), packed (the default) into rows as wide as the longest example,
-    # 4 rows a micro-batch -> 2 steps per epoch, 6 in all, logged every 2 and validated every 4 and at the end
-    assert [x["step"] for x in train] == [2, 4, 6]
-    assert [x["step"] for x in val] == [4, 6]
+    # 19 train examples (1 held out), 4 a step packed or not -> 5 steps per epoch (the last of 3),
+    # 15 in all, logged every 2 and at the end, validated every 4 and at the end
+    assert [x["step"] for x in train] == [2, 4, 6, 8, 10, 12, 14, 15]
+    assert [x["step"] for x in val] == [4, 8, 12, 15]
     assert train[-1]["loss"] < train[0]["loss"]
     assert "held out 1 of 20" in r.stderr
     ac = json.loads((out / "adapters" / "adapter_config.json").read_text())
@@ -59,7 +59,7 @@ def test_metrics_start_with_a_startup_record_of_where_the_time_went(run):
 
 def test_progress_to_a_file_has_no_carriage_returns(run):
     _, _, r = run
-    assert "\r" not in r.stderr and "step 6/6" in r.stderr
+    assert "\r" not in r.stderr and "step 15/15" in r.stderr
 
 
 def test_adapters_load_in_mlx_lm_and_change_its_output(run):
@@ -77,9 +77,11 @@ def test_generate_command_answers_with_adapters(run):
     model_dir, out, _ = run
     r = run_cli("generate", "--adapter", out, "--prompt", "select the name", "--max-tokens", "5")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip()
+    assert "with the adapters" in r.stderr  # the run's adapters are applied
     base = run_cli("generate", "--model", model_dir, "--prompt", "select the name", "--max-tokens", "5")
-    assert base.returncode == 0 and base.stdout != r.stdout
+    # 15 steps at lr 1e-2 on short answers: the tuned model may end its turn at once (an empty
+    # answer); the base model does not, so the answers differ either way
+    assert base.returncode == 0 and base.stdout.strip() and base.stdout != r.stdout
 
 
 def test_check_data_prints_statistics(run, tmp_path):

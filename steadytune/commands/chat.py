@@ -6,6 +6,7 @@ import sys
 
 from ..errors import UserError
 from ..serve import chat_loop
+from ..serve_request import temperature_problem
 
 
 def add_model_arguments(p) -> None:
@@ -39,7 +40,8 @@ def command(args) -> int:
 
 
 def check_sampling(args) -> None:
+    """The sampling flags of chat, generate and serve, by the rule serve applies to requests."""
     if args.max_tokens < 1:
         raise UserError(f"--max-tokens must be at least 1 (got {args.max_tokens})")
-    if args.temperature < 0:
-        raise UserError(f"--temperature must be 0 or more (got {args.temperature})")
+    if problem := temperature_problem(args.temperature):
+        raise UserError(f"--temperature {problem}")

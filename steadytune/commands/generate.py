@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
+from .chat import check_sampling
 
 
 def add_arguments(p) -> None:
@@ -38,8 +39,7 @@ def load_messages(path: str) -> list[dict]:
 def command(args) -> int:
     from ..generation import generate, load_tuned, to_messages
 
-    if args.max_tokens < 1:
-        raise UserError(f"--max-tokens must be at least 1 (got {args.max_tokens})")
+    check_sampling(args)
     msgs = load_messages(args.messages) if args.messages else to_messages(args.prompt, args.system)
     loaded = load_tuned(args.adapter, args.model, inference=True)
     if getattr(loaded.tokenizer, "chat_template", None):  # a failing template: a UserError, not a traceback

@@ -23,8 +23,9 @@ def command(args) -> int:
     cfg = from_args(args)
     lengths = data_lengths(cfg)
     plan = make_plan(cfg, lengths=lengths, device=args.plan_device, memory_gb=args.plan_memory_gb)
-    merge = merged_calls(cfg, plan)
-    if merge > 1:  # plan what `train` runs: the step's packed micro-batches as one call
+    merge = merged_calls(cfg, plan, lambda c: make_plan(c, lengths=lengths, device=args.plan_device,
+                                                        memory_gb=args.plan_memory_gb))
+    if merge > 1:  # plan what `train` runs: the step's micro-batches packed as one call
         plan = make_plan(merged_config(cfg, merge), lengths=lengths, device=args.plan_device,
                          memory_gb=args.plan_memory_gb)
     if args.json:

@@ -41,6 +41,7 @@ def command(args) -> int:
     check_exposure(args.host, api_key)  # before the model loads: a refusal costs nothing
     origins = [o.strip() for o in args.allowed_origins.split(",") if o.strip()]
     loaded = load_tuned(args.run, args.model, inference=True, batched=args.concurrency > 1)
+    more_open_files()
     name = args.model_name or Path(args.run).resolve().name
     server = start_server(loaded, args.host, args.port, api_key, args.max_tokens, args.temperature,
                           origins, name, verbose=True, concurrency=args.concurrency)
@@ -50,6 +51,22 @@ def command(args) -> int:
     signal.signal(signal.SIGINT, _exit_now)
     server.wait()
     return 0
+
+
+def more_open_files(most: int = 4096) -> None:
+    """Raise this process's soft limit on open files toward its hard one (up to `most`): each
+    client still sending its request head holds a socket, and the server takes up to a quarter of
+    the limit for them (serve_http.heads_cap). A soft limit of 1,024, common on Linux, would leave
+    room for 256."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = most if hard == resource.RLIM_INFINITY else min(most, hard)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError):  # not allowed here: the server works within the limit it has
+            pass
 
 
 def _exit_now(signum, frame):

@@ -1,0 +1,304 @@
+"""Quantized GGUF export against llama.cpp's own quantizer, measured in a real llama.cpp.
+
+    .venv/bin/python bench/gguf_quant.py RUN --llama-venv VENV [--work DIR] [--types q8_0,q4_k_m]
+    .venv/bin/python bench/gguf_quant.py --golden --llama-venv VENV   # rewrite the test's golden bytes
+
+VENV is a Python environment with llama.cpp's C API (`bash ../shared/tools/llama-cpp-ref.sh VENV`
+builds one: the prebuilt llama-cpp-py-sync wheel and a glibc shim; a bench dependency only).
+
+For each type, `steadytune export RUN --format gguf --quant TYPE` (ours) and llama.cpp's
+`llama_model_quantize` of our float16 export (theirs) are both run by llama.cpp on held-out text:
+KL divergence of each position's next-token distribution from the float16 export's, and how often
+the most likely token is the same; file sizes side by side. Then the greedy answers of the Q8_0
+exports to the demo prompts against the float16 export's, and the LoRA GGUF (`--format gguf-lora`)
+loaded by llama.cpp on the run's base (the run exported with zeroed adapters) against the fused
+export. The llama.cpp half runs in VENV (this file again, with --llama-side); a table is printed
+and the numbers written to WORK/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TYPES = ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")
+FTYPE = {"q8_0": 7, "q6_k": 18, "q5_k_m": 17, "q4_k_m": 15, "q4_0": 2}  # LLAMA_FTYPE_MOSTLY_*
+GGML_TYPE = {"Q4_0": 2, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
+
+
+# --------------------------------------------------------------------------- steadytune side
+
+def held_out_texts(n_sql: int = 24) -> list[str]:
+    """Text no run here trained on (shared/data, SOURCES.md): wikisql's valid split and the preference
+    set's valid questions with their chosen answers, cut to a few hundred characters each."""
+    data = ROOT.parent / "shared" / "data"
+    sql = [json.loads(line)["text"] for line in (data / "wikisql" / "valid.jsonl").read_text().splitlines()]
+    pairs = json.loads((data / "dpo_en_demo" / "valid.json").read_text())
+    chat = [p["conversations"][-1]["value"] + "\n" + p["chosen"]["value"] for p in pairs]
+    return [t[:600] for t in sql[:n_sql] + chat]
+
+
+def demo_prompts(run: Path) -> list[str]:
+    """The demo's held-out questions with its system prompt, in the model's chat template."""
+    from steadytune.generation import load_tuned
+
+    prompts = json.loads((ROOT / "steadytune" / "data" / "chatbot" / "prompts.json").read_text())
+    tok = load_tuned(run, inference=True).tokenizer
+    return [tok.apply_chat_template([{"role": "system", "content": prompts["system"]},
+                                     {"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+            for q in prompts["held_out"]]
+
+
+def zeroed_run(run: Path, work: Path) -> Path:
+    """A copy of RUN whose adapters change nothing (lora_b = 0): its export is the base the
+    adapters were trained on, as llama.cpp would load it under the LoRA GGUF."""
+    import mlx.core as mx
+
+    copy = work / "run-zeroed"
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints", "export-*", "bench-*"))
+    path = copy / "adapters" / "adapters.safetensors"
+    weights = mx.load(str(path))
+    mx.save_safetensors(str(path), {k: mx.zeros_like(v) if k.endswith("lora_b") else v for k, v in weights.items()})
+    return copy
+
+
+def export_all(run: Path, work: Path, types) -> dict:
+    from steadytune.export import export
+
+    seconds = {}
+    for quant in ("f16", *types):
+        out = work / f"ours-{quant}"
+        shutil.rmtree(out, ignore_errors=True)
+        t0 = time.perf_counter()
+        export(run, "gguf", out, quant=quant)
+        seconds[quant] = time.perf_counter() - t0
+    for fmt, source, out in (("gguf-lora", run, work / "lora"), ("gguf", zeroed_run(run, work), work / "base")):
+        shutil.rmtree(out, ignore_errors=True)
+        export(source, fmt, out)
+    return seconds
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("run", nargs="?", help="a run folder of steadytune train")
+    p.add_argument("--llama-venv", required=True, help="a venv made by shared/tools/llama-cpp-ref.sh")
+    p.add_argument("--work", default=None, help="folder for the exports (default: RUN/bench-gguf-quant)")
+    p.add_argument("--types", default=",".join(TYPES))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--golden", action="store_true", help="write tests/data/ggml_quants_llama_cpp.npz")
+    p.add_argument("--reuse", action="store_true", help="measure the exports already in --work again")
+    p.add_argument("--llama-side", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.llama_side:
+        return llama_side(Path(args.llama_side))
+    python = str(Path(args.llama_venv) / "bin" / "python")
+    if args.golden:
+        return golden(python)
+    run = Path(args.run)
+    work = Path(args.work) if args.work else run / "bench-gguf-quant"
+    work.mkdir(parents=True, exist_ok=True)
+    types = [t for t in args.types.split(",") if t]
+    if not args.reuse:
+        seconds = export_all(run, work, types)
+        job = {"types": types, "texts": held_out_texts(), "prompts": demo_prompts(run), "threads": args.threads,
+               "export_seconds": seconds}
+        (work / "job.json").write_text(json.dumps(job))
+    subprocess.run([python, __file__, "--llama-venv", args.llama_venv, "--llama-side", str(work)], check=True)
+    results = json.loads((work / "results.json").read_text())
+    for t, row in results["types"].items():
+        row.update(same_tensors(work / f"ours-{t}" / "model.gguf", work / f"llama-{t}.gguf"))
+    (work / "results.json").write_text(json.dumps(results, indent=1))
+    report(results, run)
+
+
+def same_tensors(ours: Path, theirs: Path) -> dict:
+    """How many of llama.cpp's tensors ours has with the same type, and with the same bytes."""
+    import gguf
+    import numpy as np
+
+    mine = {t.name: t for t in gguf.GGUFReader(str(ours)).tensors}
+    other = gguf.GGUFReader(str(theirs)).tensors
+    types = sum(mine[t.name].tensor_type == t.tensor_type for t in other)
+    data = sum(np.array_equal(np.asarray(mine[t.name].data).view(np.uint8), np.asarray(t.data).view(np.uint8))
+               for t in other)
+    return {"same_types": f"{types}/{len(other)}", "same_bytes": f"{data}/{len(other)}"}
+
+
+def report(r: dict, run: Path) -> None:
+    print(f"\n{run}: {r['positions']} positions of held-out text, llama.cpp {r['llama_cpp']}")
+    print("| type | KL ours | KL llama.cpp | top-1 ours | top-1 llama.cpp | MB ours | MB llama.cpp "
+          "| tensors: same type / same bytes | export s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for t, m in r["types"].items():
+        print(f"| {t} | {m['kl_ours']:.5f} | {m['kl_llama']:.5f} | {m['top1_ours']:.4f} | {m['top1_llama']:.4f} | "
+              f"{m['mb_ours']:.2f} | {m['mb_llama']:.2f} | {m['same_types']} / {m['same_bytes']} | {m['export_s']:.1f} |")
+    g = r["greedy"]
+    print(f"greedy answers, Q8_0 export vs float16 export: {g['q8_0_same']}/{g['n']} prompts token for token "
+          f"(llama.cpp's Q8_0: {g['q8_0_llama_same']}/{g['n']}), {g['tokens']} tokens each")
+    lo = r["lora"]
+    print(f"LoRA GGUF on the base in llama.cpp vs the fused float16 export: KL {lo['kl']:.2e}, "
+          f"top-1 {lo['top1']:.4f}, greedy {lo['greedy_same']}/{g['n']}; base alone: KL {lo['kl_base']:.3f}")
+
+
+def golden(python: str) -> None:
+    """Bytes of llama.cpp's ggml_quantize_chunk for tests/test_export_quant.py's awkward weights."""
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_export_quant import GOLDEN, awkward_weights
+
+    x = awkward_weights(32, 512, seed=1)
+    tmp = GOLDEN.with_suffix(".input.npy")
+    np.save(tmp, x)
+    try:
+        out = subprocess.run([python, "-c", _GOLDEN_CODE, str(tmp)], check=True, capture_output=True)
+        blocks = {k: np.frombuffer(bytes.fromhex(v), np.uint8).reshape(32, -1)
+                  for k, v in json.loads(out.stdout).items()}
+    finally:
+        tmp.unlink()
+    np.savez_compressed(GOLDEN, x=x, **blocks)
+    print(f"wrote {GOLDEN}: {', '.join(blocks)}")
+
+
+_GOLDEN_CODE = f"""
+import ctypes, json, os, sys, numpy as np, llama_cpp_py_sync
+lib = ctypes.CDLL(os.path.join(os.path.dirname(llama_cpp_py_sync.__file__), "libggml-base.so.0"))
+lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+lib.ggml_row_size.restype = ctypes.c_size_t
+x = np.ascontiguousarray(np.load(sys.argv[1]), dtype=np.float32)
+out = {{}}
+for name, t in {GGML_TYPE!r}.items():
+    buf = np.zeros(x.shape[0] * lib.ggml_row_size(t, ctypes.c_int64(x.shape[1])), np.uint8)
+    lib.ggml_quantize_chunk(t, x.ctypes.data_as(ctypes.c_void_p), buf.ctypes.data_as(ctypes.c_void_p),
+                            ctypes.c_int64(0), ctypes.c_int64(x.shape[0]), ctypes.c_int64(x.shape[1]), None)
+    out[name] = buf.tobytes().hex()
+print(json.dumps(out))
+"""
+
+
+# --------------------------------------------------------------------------- llama.cpp side (in VENV)
+
+class Runner:
+    """One llama.cpp model (optionally with a LoRA adapter): every position's logits, greedy answers."""
+
+    def __init__(self, path: Path, threads: int, lora: Path | None = None):
+        from llama_cpp_py_sync import Llama
+
+        self.llm = Llama(str(path), n_ctx=512, n_batch=512, n_threads=threads, verbose=False)
+        self.lib, self.ffi = self.llm._lib, self.llm._ffi
+        self.n_vocab = self.llm.n_vocab
+        if lora is not None:
+            adapter = self.lib.llama_adapter_lora_init(self.llm._model, str(lora).encode())
+            assert adapter != self.ffi.NULL, f"llama.cpp did not load {lora}"
+            adapters = self.ffi.new("struct llama_adapter_lora *[1]", [adapter])
+            assert self.lib.llama_set_adapters_lora(self.llm._ctx, adapters, 1, self.ffi.new("float[1]", [1.0])) == 0
+
+    def logits(self, ids: list[int]):
+        import numpy as np
+
+        self.llm._clear_context_state()
+        batch = self.lib.llama_batch_init(len(ids), 0, 1)
+        try:
+            batch.n_tokens = len(ids)
+            for i, t in enumerate(ids):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = t, i, 1, 1
+                batch.seq_id[i][0] = 0
+            assert self.lib.llama_decode(self.llm._ctx, batch) == 0
+            rows = [np.frombuffer(self.ffi.buffer(self.lib.llama_get_logits_ith(self.llm._ctx, i), 4 * self.n_vocab),
+                                  dtype=np.float32).copy() for i in range(len(ids))]
+        finally:
+            self.lib.llama_batch_free(batch)
+        return np.stack(rows)
+
+    def greedy(self, ids: list[int], n: int) -> list[int]:
+        """Up to n tokens, each the most likely, stopping at an end-of-generation token (KV cache)."""
+        import numpy as np
+
+        self.llm._clear_context_state()
+        n_past, out, feed = 0, [], ids
+        for _ in range(n):
+            n_past = self.llm._eval_tokens(feed, n_past)
+            row = self.ffi.buffer(self.lib.llama_get_logits_ith(self.llm._ctx, -1), 4 * self.n_vocab)
+            nxt = int(np.frombuffer(row, dtype=np.float32).argmax())
+            out.append(nxt)
+            if self.lib.llama_vocab_is_eog(self.llm._vocab, nxt):
+                break
+            feed = [nxt]
+        return out
+
+
+def _log_softmax(x):
+    import numpy as np
+
+    x = x.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def compare(ref_logits: list, runner: Runner, seqs: list) -> tuple[float, float]:
+    """Mean KL(reference || model) over all positions, and the share of positions with the same argmax."""
+    import numpy as np
+
+    kls, same = [], []
+    for ref, ids in zip(ref_logits, seqs):
+        got = runner.logits(ids)
+        lp, lq = _log_softmax(ref), _log_softmax(got)
+        kls.append((np.exp(lp) * (lp - lq)).sum(axis=-1))
+        same.append(ref.argmax(axis=-1) == got.argmax(axis=-1))
+    return float(np.concatenate(kls).mean()), float(np.concatenate(same).mean())
+
+
+def llama_side(work: Path) -> None:
+    import llama_cpp_py_sync
+
+    job = json.loads((work / "job.json").read_text())
+    threads = job["threads"]
+    f16 = work / "ours-f16" / "model.gguf"
+    ref = Runner(f16, threads)
+    seqs = [ref.llm.tokenize(t, add_special=True)[:128] for t in job["texts"]]
+    ref_logits = [ref.logits(ids) for ids in seqs]
+    prompts = [ref.llm.tokenize(p, add_special=True, parse_special=True) for p in job["prompts"]]
+    n_new = 48
+    ref_answers = [ref.greedy(ids, n_new) for ids in prompts]
+    lib, ffi = ref.lib, ref.ffi
+    results = {"positions": sum(map(len, seqs)), "types": {}, "llama_cpp": llama_cpp_py_sync.__version__}
+    answers = {}
+    for t in job["types"]:
+        theirs = work / f"llama-{t}.gguf"
+        params = lib.llama_model_quantize_default_params()
+        params.ftype, params.nthread = FTYPE[t], threads
+        pp = ffi.new("llama_model_quantize_params *", params)
+        assert lib.llama_model_quantize(str(f16).encode(), str(theirs).encode(), pp) == 0
+        ours = work / f"ours-{t}" / "model.gguf"
+        row = {"export_s": job["export_seconds"][t]}
+        for who, path in (("ours", ours), ("llama", theirs)):
+            runner = Runner(path, threads)
+            row[f"kl_{who}"], row[f"top1_{who}"] = compare(ref_logits, runner, seqs)
+            row[f"mb_{who}"] = path.stat().st_size / 1e6
+            if t == "q8_0":
+                answers[who] = [runner.greedy(ids, n_new) for ids in prompts]
+            del runner
+        results["types"][t] = row
+        print(t, row, flush=True)
+    results["greedy"] = {"n": len(prompts), "tokens": n_new,
+                         "q8_0_same": sum(a == b for a, b in zip(answers.get("ours", []), ref_answers)),
+                         "q8_0_llama_same": sum(a == b for a, b in zip(answers.get("llama", []), ref_answers))}
+    base = work / "base" / "model.gguf"
+    tuned = Runner(base, threads, lora=work / "lora" / "adapter.gguf")
+    kl, top1 = compare(ref_logits, tuned, seqs)
+    greedy_same = sum(tuned.greedy(ids, n_new) == a for ids, a in zip(prompts, ref_answers))
+    del tuned
+    kl_base, _ = compare(ref_logits, Runner(base, threads), seqs)
+    results["lora"] = {"kl": kl, "top1": top1, "greedy_same": greedy_same, "kl_base": kl_base}
+    (work / "results.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
