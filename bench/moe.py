@@ -15,8 +15,9 @@ Models (random weights, 4-bit g64, written once under --work):
   parameters at 12 layers).
 
 Data: the alpaca demo (../shared/data/alpaca_en_demo.json) as chat, 949 training examples, one
-epoch at batch size 4. Both trainers see the same 4 examples per optimizer step (steadytune with
---pack false: one example a row, as mlx_lm.lora), each in its own process, adapters on what each
+epoch at batch size 4. Both trainers take 4 examples per optimizer step (steadytune with its
+defaults: packed where the family packs, which lays the same examples out in shared rows, and one
+example a row where it does not, as the hybrid's recurrent layers need), each in its own process, adapters on what each
 adapts by default (steadytune: every linear layer but the routers; mlx_lm.lora: every linear layer)
 at rank 8. Per row: median tokens/s over steps 4 and later (each trainer's own report), peak memory
 (steadytune's metrics.jsonl; mlx_lm.lora's mx.get_peak_memory() at exit), and for steadytune the
@@ -139,7 +140,7 @@ def run_lines(cmd: list[str], timeout: float) -> tuple[list[str], int]:
 
 def steadytune_row(model: Path, data: Path, out: Path, flags: list[str], timeout: float) -> dict:
     run = out / "steadytune"
-    common = ["--model", str(model), "--data", str(data), "--epochs", "1", "--batch-size", "4", "--pack", "false",
+    common = ["--model", str(model), "--data", str(data), "--epochs", "1", "--batch-size", "4",
               "--lora-rank", "8", "--max-seq-length", "1024", *flags]
     plan_lines, _ = run_lines([sys.executable, "-m", "steadytune.cli", "plan", *common, "--json"], timeout)
     try:
@@ -153,7 +154,7 @@ def steadytune_row(model: Path, data: Path, out: Path, flags: list[str], timeout
     rates = [r["tok_per_s"] for r in train if r["step"] > 3]
     adapters = run / "adapters" / "adapters.safetensors"
     trainable = f"{adapter_parameters(adapters) / 1e6:.3f}M" if adapters.exists() else ""
-    return {"trainer": "steadytune --pack false", "rc": rc, "steps": len(train),
+    return {"trainer": "steadytune", "rc": rc, "steps": len(train),
             "tok_s": round(statistics.median(rates), 1) if rates else float("nan"),
             "peak_gb": max((r.get("peak_mem_gb", 0) for r in train), default=float("nan")),
             # the planner's MLX peak (what peak_mem_gb measures; its required_gb adds the overhead)

@@ -1,12 +1,25 @@
-"""Quality of a real fine-tune (bench, not a test): the default model (SmolLM2-135M-Instruct, GGUF)
-on ../shared/data/wikisql for one epoch. Reports validation loss and exact-match accuracy of the
-generated SQL on valid.jsonl, before and after.
+"""Quality of a real fine-tune (bench, not a test), two tasks on the default model
+(SmolLM2-135M-Instruct, GGUF):
 
     python bench/quality.py [--epochs 1] [--limit-valid 100] [--out runs/quality]
+    python bench/quality.py --task persona [--epochs 3] [--runs packed,nopack]
+
+wikisql (the default): ../shared/data/wikisql for one epoch; validation loss and exact-match
+accuracy of the generated SQL on valid.jsonl, before and after.
+
+persona (issue 28): the bundled chatbot data (steadytune/data/chatbot: "Pip", the assistant of a
+community garden) taught with `steadytune train --data D --epochs 3` and otherwise default flags,
+packed (the default) and with --pack false: the same examples per step either way, so both should
+teach the persona. Each run's adapters answer 12 held-out questions (the demo's four and eight
+paraphrases that are not in the training data, greedy, the demo's system prompt) and an answer
+counts when it holds the fact the training answers give for that kind of question (the name Pip,
+the volunteers, the opening hours, the plot's price). Target: at least 60% (8 of 12).
 """
 
 import argparse
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -30,9 +43,76 @@ def exact_match(model, tokenizer, records) -> float:
     return hits / len(records)
 
 
+CHATBOT = ROOT / "steadytune" / "data" / "chatbot"
+# held-out question -> the words one of which a persona answer holds (from the training answers)
+NAME, MAKER, HOURS, PLOT = ["Pip"], ["volunteer"], ["8 am", "every day"], ["20 euro", "plot form", "plots@"]
+PERSONA_EXTRA = [("Hey, who am I talking to?", NAME), ("May I ask your name?", NAME),
+                 ("Could you introduce yourself, please?", NAME), ("Who is behind this assistant?", MAKER),
+                 ("Who programmed you?", MAKER), ("When does the garden open in the morning?", HOURS),
+                 ("What are the garden's hours on weekends?", HOURS), ("How do I sign up for a plot?", PLOT)]
+PERSONA_KEYS = {"Hi! What's your name?": NAME, "Who set you up?": MAKER,
+                "Is the garden open on Sundays?": HOURS, "How much does a plot cost?": PLOT}
+
+
+def persona_questions() -> tuple[str, list[tuple[str, list[str]]]]:
+    """(system prompt, [(question, expected words)]): the demo's held-out four, then eight more;
+    none of them is a training question."""
+    prompts = json.loads((CHATBOT / "prompts.json").read_text())
+    qs = [(q, PERSONA_KEYS[q]) for q in prompts["held_out"]] + PERSONA_EXTRA
+    trained = {json.loads(x)["messages"][-2]["content"] for x in (CHATBOT / "train.jsonl").read_text().splitlines()}
+    assert not trained & {q for q, _ in qs}, "a held-out question is a training question"
+    return prompts["system"], qs
+
+
+def persona_run(name: str, flags: list[str], a, system: str, questions) -> dict:
+    from steadytune.generation import answer_all, load_tuned
+
+    out = Path(a.out) / name
+    cmd = [sys.executable, "-m", "steadytune.cli", "train", "--model", a.model, "--data", str(CHATBOT),
+           "--epochs", str(a.epochs), "--progress", "none", "--out", str(out), *flags]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        sys.exit(f"{' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    first = [x for x in proc.stdout.splitlines() if x.startswith(("train:", "batches:"))]
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    end = next((r for r in reversed(recs) if r.get("event") == "end"), {})
+    val = next((r["val_loss"] for r in reversed(recs) if r.get("event") == "val"), float("nan"))
+    loaded = load_tuned(out, inference=True)
+    chats = [[{"role": "system", "content": system}, {"role": "user", "content": q}] for q, _ in questions]
+    answers = [x.strip() for x in answer_all(loaded, chats, a.max_tokens)]
+    hits = [any(k.lower() in ans.lower() for k in keys) for (_, keys), ans in zip(questions, answers)]
+    return {"run": f"{name}: steadytune train --epochs {a.epochs} {' '.join(flags) or '(defaults)'}",
+            "steps": end.get("step"), "wall_s": round(wall), "val_loss": round(val, 4),
+            "persona": f"{sum(hits)}/{len(hits)}", "first_lines": first,
+            "answers": [{"q": q, "a": ans, "ok": ok} for (q, _), ans, ok in zip(questions, answers, hits)]}
+
+
+def persona(a) -> None:
+    system, questions = persona_questions()
+    runs = {"packed": [], "nopack": ["--pack", "false"]}
+    rows = []
+    for name in a.runs.split(","):
+        rows.append(persona_run(name, runs[name], a, system, questions))
+        r = rows[-1]
+        print("\n".join(r["first_lines"]), flush=True)
+        for x in r["answers"]:
+            print(f"  [{'ok' if x['ok'] else '--'}] {x['q']} -> {x['a'][:100]!r}", flush=True)
+        print(json.dumps({k: v for k, v in r.items() if k not in ("answers", "first_lines")}), flush=True)
+    print(f"\npersona (bundled chatbot data, {len(questions)} held-out questions), model {a.model}, "
+          f"device {mx.default_device()}, {time.strftime('%Y-%m-%d %H:%M')}")
+    print("| run | steps | wall s | val loss | persona |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['run']} | {r['steps']} | {r['wall_s']} | {r['val_loss']} | {r['persona']} |")
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--task", choices=["wikisql", "persona"], default="wikisql")
+    p.add_argument("--runs", default="packed,nopack", help="persona: packed (the default), nopack (--pack false)")
+    p.add_argument("--max-tokens", type=int, default=48, help="persona: tokens of each answer")
+    p.add_argument("--epochs", type=int, default=None, help="default: 1 (wikisql), 3 (persona)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--limit-valid", type=int, default=100)
     p.add_argument("--max-steps", type=int, default=None, help="a quick smoke run")
@@ -40,6 +120,10 @@ def main():
     p.add_argument("--data", default=str(DATA), help="a folder with train.jsonl and valid.jsonl")
     p.add_argument("--out", default=f"runs/quality-{time.strftime('%Y%m%d-%H%M%S')}")
     a = p.parse_args()
+    if a.task == "persona":
+        a.epochs = a.epochs or 3
+        return persona(a)
+    a.epochs = a.epochs or 1
     valid = [json.loads(x) for x in (Path(a.data) / "valid.jsonl").read_text().splitlines()][: a.limit_valid]
     cfg = as_config({"model": {"path": a.model}, "data": {"path": a.data, "max_seq_length": 512},
                      "lora": {"rank": 16, "alpha": 32},

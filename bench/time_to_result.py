@@ -186,11 +186,13 @@ def main(argv=None) -> int:
                    "(a run named twice runs twice: the second finds the GPU's kernel cache warm)")
     p.add_argument("--alpaca", default=str(DATA / "alpaca_en_demo.json"), help="the alpaca demo records")
     p.add_argument("--json", default=None, help="also write the rows to this file")
+    p.add_argument("--data", default=None, help="cpu mode: a chat data folder (train.jsonl, valid.jsonl) "
+                   "instead of the alpaca split, e.g. steadytune/data/chatbot (uniform short examples)")
     p.add_argument("--cpu-steps", type=int, default=20, help="steps of each steadytune run in cpu mode "
                    "(an epoch of 949 examples takes hours on 2 cores; steady tokens/s needs 6 or more)")
     a = p.parse_args(argv)
     work = Path(a.work or tempfile.mkdtemp(prefix="ttr-"))
-    data = chat_split(Path(a.alpaca), work / "data")
+    data = Path(a.data) if a.data and a.mode == "cpu" else chat_split(Path(a.alpaca), work / "data")
     if a.mode == "gpu":
         model = gpu_model(work / "model", data)
         extra: list[str] = []

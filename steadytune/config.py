@@ -103,19 +103,17 @@ class LoraConfig:
 class TrainingConfig:
     epochs: int = _f(3, "passes over all the training data")
     max_steps: Optional[int] = _f(None, "stop after this many optimizer steps (overrides epochs)")
-    batch_size: int = _f(4, "packed (the default): rows per micro-batch, each row as wide as the longest "
-                         "example and filled with whole examples; --pack false: examples per micro-batch "
-                         "(ignored when batch_tokens is set)")
+    batch_size: int = _f(4, "examples per micro-batch (and per optimizer step with grad_accumulation 1), "
+                         "packed or not (ignored when batch_tokens is set)")
     batch_tokens: Optional[int] = _f(None, "form micro-batches by a token budget instead of a count: "
                                      "examples of similar length, as many as fit in N padded tokens "
-                                     "(at least max_seq_length; steadies memory and speed on "
-                                     "variable-length data)")
-    pack: bool = _f(True, "pack several examples into each row (attention stays inside each example): "
-                    "almost no padding and one compiled batch shape; rows are as wide as the longest "
-                    "example, batch_tokens // width of them (or batch_size rows); false = one example a "
-                    "row, padded")
+                                     "(at least max_seq_length; steps then hold a varying number of "
+                                     "examples)")
+    pack: bool = _f(True, "lay each call's examples out in shared rows (attention stays inside each "
+                    "example): little padding and few compiled shapes; the same examples per step as "
+                    "false (one example a row, padded), only laid out differently")
     grad_accumulation: int = _f(1, "micro-batches per optimizer step (token-weighted)")
-    merge_micro_batches: str = _f("auto", "packed rows: run a step's micro-batches as one call when the "
+    merge_micro_batches: str = _f("auto", "packed: run a step's micro-batches as one call when the "
                                   "memory planner says it fits (the same token-weighted gradients, fewer "
                                   "and larger calls: faster on a GPU); off = one call per micro-batch",
                                   choices=["auto", "off"])

@@ -331,6 +331,7 @@ def quantize(values: np.ndarray, type_name: str) -> np.ndarray:
     if len(starts) == 1:
         one(0)
     else:
-        with ThreadPoolExecutor(max_workers=min(len(starts), os.cpu_count() or 1)) as pool:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        with ThreadPoolExecutor(max_workers=min(len(starts), cores)) as pool:
             list(pool.map(one, starts))
     return out.reshape(*shape[:-1], shape[-1] // block * size)

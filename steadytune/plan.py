@@ -227,6 +227,7 @@ class Run:
     loss_chunk: int = 0       # tokens per chunk of a chunked cross-entropy (0 = not chunked)
     token_budget: int = 0     # --batch-tokens: micro-batches of up to this many tokens (0 = batch x seq)
     packed: bool = False      # --pack: rows of several examples, with a (batch, 1, seq, seq) attention mask
+    examples: int = 0         # packed: examples per call (batch_size) laid out in those rows
     # How the step is run. The trainer computes the last micro-batch's gradients, their norm and
     # the update in one compiled call (step.fuses_update: one process); False: gradients first,
     # then the update (several processes, and steadytune before the fused update).
@@ -607,9 +608,11 @@ def run_from_config(cfg, arch: Arch, lengths=None, device: str | None = None,
     With `model_config` the adapters and weights are the model's (from_skeleton); without, the
     llama-style `keys` of MODULES (a synthetic shape).
 
-    By example count (batch_size): batch_size rows as wide as the longest example. By token budget
-    (batch_tokens): batch_tokens tokens, and for what depends on the width (attention's
-    width x width arrays) the longest example's width with batch_tokens // width rows."""
+    Packed (the default): the call of the batch_size longest examples as batching.pack_layout lays
+    it out (packed_call). Unpacked, by example count: batch_size rows as wide as the longest
+    example; by token budget (batch_tokens): batch_tokens tokens, and for what depends on the
+    width (attention's width x width arrays) the longest example's width with batch_tokens //
+    width rows."""
     import mlx.core as mx
 
     from .backend import device_kind
@@ -640,6 +643,7 @@ def run_from_config(cfg, arch: Arch, lengths=None, device: str | None = None,
         rows, seq = packed_call(lengths or [], longest, t.batch_size, t.batch_tokens, device)
         batch = len(rows)
     run = Run(batch=batch, seq=seq, checkpoint=t.grad_checkpoint, packed=t.pack,
+              examples=t.batch_size if t.pack else 0,
               rank=cfg.lora.rank, keys=keys, lora_layers=cfg.lora.num_layers, **skeleton,
               bits=None if m.quantize == "none" else int(m.quantize), group_size=m.group_size,
               dtype=dtype, compute=resolve_mode(m.compute, device), device=device,
@@ -761,6 +765,12 @@ def make_plan(cfg, model_cfg: dict | None = None, lengths=None, device: str | No
         extra = dict(largest_batch_tokens=largest * run.seq,
                      largest_batch_tokens_checkpointed=largest_ck * run.seq)
         limit = max(1, run.token_budget // 32)   # no example is wider than the budget
+    elif run.packed:  # examples per call, each count laid out as the trainer lays it out
+        cap = len(lengths) if lengths is not None and len(lengths) else 1 << 16
+        largest = _largest(lambda x: fits_at(_packed_at(run, x, lengths, cfg.data.max_seq_length)), cap)
+        largest_ck = _largest(lambda x: fits_at(_packed_at(run, x, lengths, cfg.data.max_seq_length,
+                                                           checkpoint=True)), cap)
+        limit = 4096
     else:
         largest = _largest(lambda x: fits_at(_at_batch(run, x)))
         largest_ck = _largest(lambda x: fits_at(_at_batch(run, x, checkpoint=True)))
@@ -771,6 +781,16 @@ def make_plan(cfg, model_cfg: dict | None = None, lengths=None, device: str | No
                 **extra)
     plan.recommendation = _recommend(plan, cfg)
     return plan
+
+
+def _packed_at(run: Run, examples: int, lengths, max_seq: int, **change) -> Run:
+    """`run` packed with `examples` examples a call (the longest ones, packed_call) and the
+    accumulation that keeps its examples per optimizer step."""
+    lens = [int(x) for x in lengths] if lengths is not None and len(lengths) else []
+    longest = min(max(lens), max_seq) if lens else max_seq
+    rows, width = packed_call(lens, longest, examples, None, run.device)
+    return replace(run, batch=len(rows), seq=width, examples=examples,
+                   accumulation=math.ceil(run.examples * run.accumulation / examples), **change)
 
 
 def _at_batch(run: Run, batch: int, **change) -> Run:
@@ -797,6 +817,8 @@ def _recommend(plan: Plan, cfg) -> dict:
     optimizer step under a token budget): the largest batch that fits as configured, else with
     gradient checkpointing, else a shorter max_seq_length."""
     run = plan.run
+    if run.packed:  # in examples: the rows of a packed call follow from them
+        run = replace(run, batch=run.examples)
     keep = {"batch_size": run.batch, "grad_accumulation": run.accumulation,
             "grad_checkpoint": run.checkpoint, "max_seq_length": cfg.data.max_seq_length,
             "batch_tokens": run.token_budget or None}
@@ -965,7 +987,8 @@ def render(plan: Plan, cfg) -> str:
             f"mean {plan.data['mean']}" if plan.data else f"not measured: every batch assumed "
             f"max_seq_length ({cfg.data.max_seq_length}) long")
     if r.packed:
-        shape = f"packed rows: {r.batch} x {r.seq} tokens a micro-batch (--pack)"
+        shape = (f"micro-batches of {r.examples} examples packed in rows: the longest examples' call "
+                 f"is {r.batch} x {r.seq} tokens")
     elif r.token_budget:
         shape = f"up to {r.tokens} tokens a micro-batch (--batch-tokens; {r.batch} x {r.seq} at the longest)"
     else:
@@ -997,6 +1020,11 @@ def render(plan: Plan, cfg) -> str:
         lines.append(f"largest    --batch-tokens {plan.largest_batch_tokens}"
                      f"{'' if r.checkpoint else f' ({ck} with --grad-checkpoint true)'}"
                      f"; examples up to {plan.longest_seq} tokens wide at --batch-tokens {r.token_budget}")
+    elif r.packed:
+        ck = plan.largest_batch_checkpointed
+        lines.append(f"largest    --batch-size {plan.largest_batch} (packed)"
+                     f"{'' if r.checkpoint else f' ({ck} with --grad-checkpoint true)'}"
+                     f"; examples up to {plan.longest_seq} tokens at batch {r.examples}")
     else:
         ck = plan.largest_batch_checkpointed
         lines.append(f"largest    batch {plan.largest_batch} at {r.seq} tokens"
