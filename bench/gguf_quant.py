@@ -138,7 +138,8 @@ def report(r: dict, run: Path) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for t, m in r["types"].items():
         print(f"| {t} | {m['kl_ours']:.5f} | {m['kl_llama']:.5f} | {m['top1_ours']:.4f} | {m['top1_llama']:.4f} | "
-              f"{m['mb_ours']:.2f} | {m['mb_llama']:.2f} | {m['same_types']} / {m['same_bytes']} | {m['export_s']:.1f} |")
+              f"{m['mb_ours']:.2f} | {m['mb_llama']:.2f} | {m['same_types']} / {m['same_bytes']} | "
+              f"{m['export_s']:.1f} |")
     g = r["greedy"]
     print(f"greedy answers, Q8_0 export vs float16 export: {g['q8_0_same']}/{g['n']} prompts token for token "
           f"(llama.cpp's Q8_0: {g['q8_0_llama_same']}/{g['n']}), {g['tokens']} tokens each")
@@ -280,13 +281,16 @@ def llama_side(work: Path) -> None:
         row = {"export_s": job["export_seconds"][t]}
         for who, path in (("ours", ours), ("llama", theirs)):
             runner = Runner(path, threads)
-            row[f"kl_{who}"], row[f"top1_{who}"] = compare(ref_logits, runner, seqs)
+            if t not in job.get("greedy_only", ()):  # --reuse of a run cut short: only what is missing
+                row[f"kl_{who}"], row[f"top1_{who}"] = compare(ref_logits, runner, seqs)
             row[f"mb_{who}"] = path.stat().st_size / 1e6
             if t == "q8_0":
                 answers[who] = [runner.greedy(ids, n_new) for ids in prompts]
             del runner
         results["types"][t] = row
         print(t, row, flush=True)
+        (work / "results.json").write_text(json.dumps(results, indent=1))
+    print("greedy", [a == b for a, b in zip(answers.get("ours", []), ref_answers)], flush=True)
     results["greedy"] = {"n": len(prompts), "tokens": n_new,
                          "q8_0_same": sum(a == b for a, b in zip(answers.get("ours", []), ref_answers)),
                          "q8_0_llama_same": sum(a == b for a, b in zip(answers.get("llama", []), ref_answers))}
@@ -297,6 +301,7 @@ def llama_side(work: Path) -> None:
     del tuned
     kl_base, _ = compare(ref_logits, Runner(base, threads), seqs)
     results["lora"] = {"kl": kl, "top1": top1, "greedy_same": greedy_same, "kl_base": kl_base}
+    print("lora", results["lora"], flush=True)
     (work / "results.json").write_text(json.dumps(results, indent=1))
 
 

@@ -14,7 +14,13 @@ both trainers compute in float32 on the CPU); the data is the alpaca demo as sin
   mlx_lm.lora               --mask-prompt, constant lr, Adam, no clipping (the anchor)
   steadytune matched        --pack false --lr-schedule constant --max-grad-norm null --weight-decay 0
   steadytune matched packed the same, packed (the default layout)
+  steadytune matched --group-by-length false   the same with random batch compositions
   steadytune default        packed, cosine, AdamW wd 0.01, clip 1.0
+
+Batches differ: mlx-lm 0.32's iterate_batches means to sort by length, but CacheDataset.itemlen
+is len() of the raw record (1 for {"messages": ...}), so its batches are runs of 4 consecutive
+examples of the (shuffled) file, in a shuffled order: random compositions. steadytune groups by
+length by default (batching.epoch_steps: sorted inside windows of 32 micro-batches).
 
 Each adapter set is scored on the validation conversations with three loss masks, from one forward
 pass per example over its ids followed by one padding token (id 0), as mlx-lm's batches have it:
@@ -169,7 +175,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-seq-length", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", default="mlx,matched,matched_packed,default",
-                   help="comma-separated runs: mlx, matched, matched_packed, default, matched_seed1")
+                   help="comma-separated runs: mlx, matched, matched_packed, matched_nogroup, default, "
+                   "matched_seed1")
     p.add_argument("--work", default="/tmp/steadytune-parity")
     p.add_argument("--score", nargs="+", metavar="PATH", help="MODEL DATA ADAPTERS...: only score")
     a = p.parse_args(argv)
@@ -189,6 +196,9 @@ def main(argv=None) -> int:
             "matched_seed1": ("steadytune matched --pack false, seed+1",
                               lambda o: train_steadytune(model, data, o, a,
                                                          [*matched, "--pack", "false", "--seed", str(a.seed + 1)])),
+            "matched_nogroup": ("steadytune matched --pack false --group-by-length false",
+                                lambda o: train_steadytune(model, data, o, a, [*matched, "--pack", "false",
+                                                                               "--group-by-length", "false"])),
             "default": ("steadytune default (cosine, wd 0.01, clip 1.0, packed)",
                         lambda o: train_steadytune(model, data, o, a, []))}
     val = [json.loads(x) for x in (data / "valid.jsonl").read_text().splitlines()]

@@ -75,7 +75,7 @@ def persona_run(name: str, flags: list[str], a, system: str, questions) -> dict:
     wall = time.perf_counter() - t0
     if proc.returncode:
         sys.exit(f"{' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    first = [x for x in proc.stdout.splitlines() if x.startswith(("train:", "batches:"))]
+    first = [x for x in (proc.stdout + proc.stderr).splitlines() if x.startswith(("train:", "batches:"))]
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     end = next((r for r in reversed(recs) if r.get("event") == "end"), {})
     val = next((r["val_loss"] for r in reversed(recs) if r.get("event") == "val"), float("nan"))

@@ -87,7 +87,7 @@ def run_bench(cfg, steps: int = BENCH_STEPS) -> dict:
         "device_name": info.get("device_name") or info.get("architecture") or platform.processor() or "?",
         "fast_blas": bool(fast_blas()) if device_kind() == "cpu" else None,
         "model": cfg.model.path, "dtype": plan.run.dtype, "compute": plan.run.compute,
-        "batch_size": plan.run.batch, "seq_width": plan.run.seq, "steps": result.step,
+        "batch_size": plan.run.examples or plan.run.batch, "seq_width": plan.run.seq, "steps": result.step,
         "seconds": round(seconds, 1),
         "tokens_per_s": round(speeds[len(speeds) // 2], 1) if speeds else None,
         "final_loss": round(result.final_train_loss, 4) if result.final_train_loss is not None else None,
@@ -105,7 +105,7 @@ def bench_lines(r: dict) -> list[str]:
     return [
         f"device     {r['device']} ({r['device_name']}), {r['os']} {r['machine']}{blas}",
         f"versions   steadytune {r['steadytune']}, mlx {r['mlx']}, mlx-lm {r['mlx_lm']}, Python {r['python']}",
-        f"run        {r['model']}: {r['steps']} steps, batch {r['batch_size']} x {r['seq_width']}, "
+        f"run        {r['model']}: {r['steps']} steps of {r['batch_size']} examples ({r['seq_width']} positions a row), "
         f"{r['dtype']}, {r['compute']}, {r['seconds']:.0f} s with set-up, final loss {r['final_loss']}",
         f"speed      {r['tokens_per_s']:,.0f} tokens/s (median step after the first)",
         f"memory     peak {r['peak_gb']:.3f} GB, planner predicted {r['predicted_peak_gb']:.3f} GB "

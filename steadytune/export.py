@@ -608,7 +608,8 @@ _OLLAMA_TEMPLATES = {
                '{{ .Content }}<|im_end|>\n{{ end }}{{- end }}<|im_start|>assistant\n'),
     "llama3": ("<|start_header_id|>system<|end_header_id|>\n\n{s}<|eot_id|><|start_header_id|>user"
                "<|end_header_id|>\n\n{u}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
-               "<|start_header_id|>user<|end_header_id|>\n\n{u}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+               "<|start_header_id|>user<|end_header_id|>\n\n{u}<|eot_id|>"
+               "<|start_header_id|>assistant<|end_header_id|>\n\n",
                '{{- if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>{{ end }}'
                '{{- range .Messages }}{{- if ne .Role "system" }}<|start_header_id|>{{ .Role }}'
                '<|end_header_id|>\n\n{{ .Content }}<|eot_id|>{{ end }}{{- end }}'
@@ -616,7 +617,8 @@ _OLLAMA_TEMPLATES = {
     # Mistral v0.3 / Nemo: the system text goes into the last user turn, as Ollama's mistral template does
     "mistral": ("[INST] {s}\n\n{u}[/INST]", "[INST] {u}[/INST]",
                 '{{- range $i, $_ := .Messages }}{{- if eq .Role "user" }}'
-                '{{- if and (eq (len (slice $.Messages $i)) 1) $.System }}[INST] {{ $.System }}\n\n{{ .Content }}[/INST]'
+                '{{- if and (eq (len (slice $.Messages $i)) 1) $.System }}'
+                '[INST] {{ $.System }}\n\n{{ .Content }}[/INST]'
                 '{{- else }}[INST] {{ .Content }}[/INST]{{- end }}'
                 '{{- else if eq .Role "assistant" }}{{ .Content }}</s>{{- end }}{{- end }}'),
     # Gemma 2/3: no system turn; Gemma 3 puts the system text before the first user message

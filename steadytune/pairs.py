@@ -155,7 +155,8 @@ def is_pair_file(path: str | Path, raw: bytes | None = None) -> bool:
     as pairs, and reports pair problems, not SFT ones."""
     try:
         for _, rec in _read_lines(Path(path), read_bytes(Path(path)) if raw is None else raw):
-            return detect_pair_format(rec) is not None
+            # "prompt" and "conversations" also start SFT records: a pair has answers to compare
+            return detect_pair_format(rec) is not None and ("chosen" in rec or "rejected" in rec)
     except UserError:
         return False
     return False

@@ -630,7 +630,10 @@ def run_from_config(cfg, arch: Arch, lengths=None, device: str | None = None,
         stats = {"examples": len(lengths), "longest": lengths[-1], "mean": round(sum(lengths) / len(lengths), 1),
                  "p95": lengths[int(0.95 * (len(lengths) - 1))]}
     if model_config is not None:
-        skeleton = from_skeleton(model_config, cfg.lora)
+        try:
+            skeleton = from_skeleton(model_config, cfg.lora)
+        except UserError as e:  # name the model the config came from
+            raise UserError(f"{cfg.model.path}: {e}") from None
         keys = tuple(dict.fromkeys(t.key for t in skeleton["lora"]))
     else:
         skeleton, keys = {}, tuple(cfg.lora.target_modules) or tuple(MODULES)
@@ -709,7 +712,7 @@ def _from_skeleton(config_json: str, target_modules: tuple, num_layers: int) -> 
         skeleton = model_skeleton(model_config)
     except Exception as e:  # noqa: BLE001  (mlx-lm's model classes raise many types on a bad config)
         first = (str(e).splitlines() or [type(e).__name__])[0][:200]
-        raise UserError(f"model config: mlx-lm cannot build model type {model_config.get('model_type')!r} "
+        raise UserError(f"its config: mlx-lm cannot build model type {model_config.get('model_type')!r} "
                         f"from it ({type(e).__name__}: {first}); check the model's config.json") from None
     c = dict(model_config.get("text_config") or {}, **model_config)
     per_token = next((c[k] for k in ("num_experts_per_tok", "moe_topk", "top_k")

@@ -211,3 +211,40 @@ def yaml_model_path(run) -> str:
     import yaml
 
     return yaml.safe_load((Path(run) / "config.yaml").read_text())["model"]["path"]
+
+
+GEMMA3_LIKE = ("{% if messages[0]['role'] == 'system' %}{% set first = messages[0]['content'] + '\n\n' %}"
+               "{% set msgs = messages[1:] %}{% else %}{% set first = '' %}{% set msgs = messages %}{% endif %}"
+               "{% for m in msgs %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else 'user' }}\n"
+               "{{ (first if loop.first else '') + m['content'] }}<end_of_turn>\n{% endfor %}"
+               "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+GEMMA2_LIKE = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not "
+               "supported') }}{% endif %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else 'user' }}\n"
+               "{{ m['content'] }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n"
+               "{% endif %}")
+MISTRAL_LIKE = ("{% for m in messages %}{% if m['role'] == 'user' %}[INST] {% if loop.last and messages[0]['role'] "
+                "== 'system' %}{{ messages[0]['content'] }}\n\n{% endif %}{{ m['content'] }}[/INST]"
+                "{% elif m['role'] == 'assistant' %}{{ m['content'] }}</s>{% endif %}{% endfor %}")
+OTHER = "{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}### assistant:"
+
+
+@pytest.mark.parametrize("template, go_start, system_line", [
+    (GEMMA3_LIKE, '{{- $system := "" }}', 'SYSTEM """be kind"""'),
+    (GEMMA2_LIKE, '{{- $system := "" }}', "# no SYSTEM: this model's chat template has no system turn"),
+    (MISTRAL_LIKE, '{{- range $i, $_ := .Messages }}{{- if eq .Role "user" }}', 'SYSTEM """be kind"""'),
+    (OTHER, None, 'SYSTEM """be kind"""'),
+])
+def test_modelfile_translates_the_chat_templates_ollama_can_express(run, template, go_start, system_line):
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+    from transformers import AutoTokenizer
+
+    from steadytune.export import modelfile
+
+    tok = AutoTokenizer.from_pretrained(yaml_model_path(run))
+    tok.chat_template = template
+    lines = modelfile(TokenizerWrapper(tok), "./model.gguf", system="be kind").splitlines()
+    if go_start:
+        assert lines[1].startswith(f'TEMPLATE """{go_start}')
+    else:
+        assert lines[1].startswith("# no TEMPLATE: the chat template is not ChatML, Llama 3, Mistral or Gemma")
+    assert any(line.startswith(system_line) for line in lines), lines

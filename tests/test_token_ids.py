@@ -351,14 +351,14 @@ def test_check_data_shows_the_first_example_with_its_bos(kinds, tmp_path, capsys
     assert main(["check-data", str(text), "--model", str(folder)]) == 0
     out = capsys.readouterr().out
     assert "first example, 5 tokens (id:text, [in the loss]): 2:<bos> 11:[What] 12:[is] 13:[it?] 1:[<eos>]" in out
-    chat = write_jsonl(tmp_path / "chat.jsonl", [RECORDS["sharegpt"]] * 2)
+    chat = write_jsonl(tmp_path / "chat.jsonl", [RECORDS["sharegpt"]] * 2)  # SFT records, not pairs
     assert main(["check-data", str(chat), "--model", str(folder)]) == 2
     assert "--chat-template FILE" in capsys.readouterr().err
     (tmp_path / "gemma.jinja").write_text(GEMMA3)
     assert main(["check-data", str(chat), "--model", str(folder), "--chat-template", str(tmp_path / "gemma.jinja")]) == 0
     out = capsys.readouterr().out  # <end_of_turn> ends the answer: an end-of-turn id of the model's config
-    assert out.endswith("2:<bos> 4:<start_of_turn> 15:user 6:hi 5:<end_of_turn> 4:<start_of_turn> 16:model "
-                        "7:[yes] 5:[<end_of_turn>]\nok\n")
+    assert "2:<bos> 4:<start_of_turn> 15:user 6:hi 5:<end_of_turn> 4:<start_of_turn> 16:model 7:[yes] " \
+           "5:[<end_of_turn>]\n" in out
 
 
 # --- the planner and a large vocabulary ---------------------------------------------------------
