@@ -68,8 +68,9 @@ class DataConfig:
                                "and skip validation)")
     val_max_examples: Optional[int] = _f(None, "validate on a fixed, deterministic subset of this "
                                          "many examples (default: all)")
-    group_by_length: bool = _f(True, "batch examples of similar length together (less padding); "
-                               "the order of batches is still shuffled each epoch")
+    group_by_length: bool = _f(False, "batch examples of similar length together (less padding with "
+                               "--pack false, but steps of alike examples learn less per step: "
+                               "bench/RESULTS.md, issue 28); the order of batches is still shuffled")
     max_examples: Optional[int] = _f(None, "train on the first N training examples after a seeded "
                                      "shuffle (a quick trial run; validation is unchanged; null = all)")
     system_fold: str = _f("auto", "a system turn on a chat template without a system role: fold it "

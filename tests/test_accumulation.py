@@ -175,7 +175,8 @@ def test_epoch_steps_and_every_example_trained(tiny_model, tmp_path, budget):
     from steadytune.batching import epoch_steps
 
     lengths = t.run.train_set.lengths()
-    expected = [[i for mb in st for i in mb] for e in range(2) for st in epoch_steps(lengths, 2, 2, 0, e)]
+    expected = [[i for mb in st for i in mb] for e in range(2)
+                for st in epoch_steps(lengths, 2, 2, 0, e, t.cfg.data.group_by_length)]
     assert seen == expected and seen[:3] != seen[3:]
 
 

@@ -40,14 +40,14 @@ def command(args) -> int:
     for q, a in zip(held_out, before):
         print(f"Q: {q}\nA: {a}\n", flush=True)
     t0 = time.time()
-    result = run({"data": {"path": str(DATA), "max_seq_length": 384},
+    result = run({"data": {"path": str(DATA), "max_seq_length": 384, "group_by_length": True},
                   # the last 16 of 30 blocks (mlx-lm's default): the backward pass stops there, 16%
                   # less wall on 2 cores. One epoch of 17 steps of 8 at lr 1e-3 keeps the demo near
                   # 2 minutes on 2 cores, with a margin for a busy machine (bench/RESULTS.md)
                   "lora": {"rank": 16, "alpha": 32, "num_layers": 16},
-                  # pack False: the chatbot examples are all 50-88 tokens, so a packed row (as wide as
-                  # the longest) holds one example and 29% padding; one example a row pads 7%, 25%
-                  # faster on a 2-core CPU (51 vs 68 tok/s, bench/RESULTS.md)
+                  # pack False with examples of similar length a step: the chatbot examples are all
+                  # 50-88 tokens, so one example a row pads 7% and a packed row's attention spans 8
+                  # examples (0.77-0.88x the speed on a 2-core CPU, bench/RESULTS.md, issue 28)
                   "training": {"epochs": args.epochs, "max_steps": args.max_steps, "batch_size": 8,
                                "pack": False, "learning_rate": 1e-3, "warmup_steps": 2, "eval_every": 20,
                                "log_every": 2, "save_every": 50},
