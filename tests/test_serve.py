@@ -266,11 +266,28 @@ def test_prompt_over_the_context_gets_413_naming_the_limit(server):
     assert status == 200
 
 
+@pytest.fixture(scope="module")
+def long_tuned(tmp_path_factory):
+    """A tuned tiny model with an 8k context: its long answers take seconds (the 512-token
+    context of `tiny_model` ends an answer in well under a second, too soon to test what happens
+    while one is being written)."""
+    import steadytune
+    from conftest import build_model, chat_records, write_jsonl
+
+    d = tmp_path_factory.mktemp("serve-long")
+    model = build_model(d / "model", max_position_embeddings=8192)
+    write_jsonl(d / "train.jsonl", chat_records(8))
+    run = steadytune.train({"model": {"path": str(model)}, "data": {"path": str(d), "valid_fraction": 0},
+                            "training": {"max_steps": 1, "batch_size": 4, "eval_every": 0},
+                            "output": {"dir": str(d / "run"), "progress": "none"}}).run_dir
+    return load_tuned(run)
+
+
 def open_long_stream(url, tuned, headers=None):
-    """A streamed request that keeps generating (its end-of-sequence token suppressed); returns the
-    response after its first token has arrived."""
+    """A streamed request that keeps generating (its end-of-sequence token suppressed) for up to
+    4,000 tokens; returns the response after its first token has arrived."""
     eos = {str(i): -100.0 for i in tuned.tokenizer.eos_token_ids}  # the most a bias may be
-    r = post(url, {"messages": HELLO, "max_tokens": 400, "stream": True, "logit_bias": eos}, headers)
+    r = post(url, {"messages": HELLO, "max_tokens": 4000, "stream": True, "logit_bias": eos}, headers)
     for _ in range(100):  # keep-alive comments may come first
         line = r.readline()
         if line.startswith(b"data: {"):
@@ -280,14 +297,14 @@ def open_long_stream(url, tuned, headers=None):
 
 
 @pytest.fixture
-def long_server(tuned):
-    srv = start_server(tuned, "127.0.0.1", 0, max_tokens=400, concurrency=2)
+def long_server(long_tuned):
+    srv = start_server(long_tuned, "127.0.0.1", 0, max_tokens=4000, concurrency=2)
     yield srv
     srv.shutdown()
 
 
-def test_other_clients_are_answered_while_one_long_answer_generates(long_server, tuned):
-    stream = open_long_stream(long_server.url, tuned)  # 400 tokens to go
+def test_other_clients_are_answered_while_one_long_answer_generates(long_server, long_tuned):
+    stream = open_long_stream(long_server.url, long_tuned)  # 4,000 tokens to go
     try:
         status, body = status_of(lambda: post(long_server.url, {"messages": HELLO, "max_tokens": 2}))
         assert status == 200 and body["usage"]["completion_tokens"] <= 2
@@ -297,8 +314,8 @@ def test_other_clients_are_answered_while_one_long_answer_generates(long_server,
         stream.close()
 
 
-def test_requests_beyond_the_concurrency_get_503_with_retry_after(long_server, tuned):
-    streams = [open_long_stream(long_server.url, tuned) for _ in range(2)]  # both slots busy
+def test_requests_beyond_the_concurrency_get_503_with_retry_after(long_server, long_tuned):
+    streams = [open_long_stream(long_server.url, long_tuned) for _ in range(2)]  # both slots busy
     try:
         post(long_server.url, {"messages": HELLO, "max_tokens": 2})
         raise AssertionError("a third request was admitted")
