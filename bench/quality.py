@@ -7,6 +7,13 @@
 wikisql (the default): ../shared/data/wikisql for one epoch; validation loss and exact-match
 accuracy of the generated SQL on valid.jsonl, before and after.
 
+arithmetic (issue 32, GRPO): generated arithmetic prompts (steadytune.grpo_data: 400 train, 40
+held out) trained with `--method grpo --reward answer,format`; the greedy answers to the held-out
+prompts are scored before training and at every validation: the format reward (one
+<answer>...</answer>) and the accuracy (the answer reward) should rise.
+
+    python bench/quality.py --task arithmetic [--max-steps 40] [--group-size 4] [--batch-size 4]
+
 persona (issue 28): the bundled chatbot data (steadytune/data/chatbot: "Pip", the assistant of a
 community garden) taught with `steadytune train --data D --epochs 3` and otherwise default flags,
 packed (the default) and with --pack false: the same examples per step either way, so both should
@@ -107,9 +114,48 @@ def persona(a) -> None:
         print(f"| {r['run']} | {r['steps']} | {r['wall_s']} | {r['val_loss']} | {r['persona']} |")
 
 
+def arithmetic(a) -> None:
+    """GRPO on generated arithmetic: held-out format reward and accuracy before and during."""
+    from steadytune.grpo_data import write_arithmetic
+
+    data = write_arithmetic(Path(a.out) / "data", 400, 40, seed=0)
+    cfg = as_config({"model": {"path": a.model}, "data": {"path": str(data), "max_seq_length": 512},
+                     "lora": {"rank": 16, "alpha": 32},
+                     "training": {"method": "grpo", "max_steps": a.max_steps or 40, "batch_size": a.batch_size,
+                                  "learning_rate": a.learning_rate, "beta": a.beta, "eval_every": a.eval_every,
+                                  "log_every": 5, "save_every": 1000},
+                     "grpo": {"reward": ["answer", "format"], "group_size": a.group_size,
+                              "max_new_tokens": a.max_new_tokens, "temperature": 1.0},
+                     "output": {"dir": str(Path(a.out) / "run"), "progress": "lines"}})
+    t = Trainer(cfg)
+    t.prepare()
+    _, before = t.evaluate()
+    t0 = time.time()
+    result = t.fit()
+    minutes = (time.time() - t0) / 60
+    vals = [{"step": 0, **before}] + [r for r in result.history if r.get("event") == "val"]
+    train = [r for r in result.history if r.get("event") == "train"]
+    print(f"\narithmetic GRPO, {a.model}, {result.step} steps of {a.batch_size} prompts x {a.group_size} "
+          f"completions (<= {a.max_new_tokens} tokens), lr {a.learning_rate}, beta {a.beta}, {minutes:.1f} min, "
+          f"device {mx.default_device()}, {time.strftime('%Y-%m-%d %H:%M')}")
+    print("| step | held-out format | held-out accuracy |\n|---|---|---|")
+    for v in vals:
+        print(f"| {v['step']} | {v['val_reward_format']:.3f} | {v['val_reward_answer']:.3f} |")
+    print("| step | sampled reward | format | answer | completion tokens | completions/s |\n|---|---|---|---|---|---|")
+    for r in train:
+        print(f"| {r['step']} | {r['reward']:.3f} | {r['reward_format']:.3f} | {r['reward_answer']:.3f} | "
+              f"{r['completion_len']:.1f} | {r.get('completions_per_s')} |")
+    print(json.dumps({"vals": vals, "minutes": minutes, "steps": result.step}))
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--task", choices=["wikisql", "persona"], default="wikisql")
+    p.add_argument("--task", choices=["wikisql", "persona", "arithmetic"], default="wikisql")
+    p.add_argument("--group-size", type=int, default=4, help="arithmetic: completions per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="arithmetic: longest completion")
+    p.add_argument("--learning-rate", type=float, default=5e-4, help="arithmetic")
+    p.add_argument("--beta", type=float, default=0.04, help="arithmetic: KL weight")
+    p.add_argument("--eval-every", type=int, default=10, help="arithmetic")
     p.add_argument("--runs", default="packed,nopack", help="persona: packed (the default), nopack (--pack false)")
     p.add_argument("--max-tokens", type=int, default=48, help="persona: tokens of each answer")
     p.add_argument("--epochs", type=int, default=None, help="default: 1 (wikisql), 3 (persona)")
@@ -120,6 +166,8 @@ def main():
     p.add_argument("--data", default=str(DATA), help="a folder with train.jsonl and valid.jsonl")
     p.add_argument("--out", default=f"runs/quality-{time.strftime('%Y%m%d-%H%M%S')}")
     a = p.parse_args()
+    if a.task == "arithmetic":
+        return arithmetic(a)
     if a.task == "persona":
         a.epochs = a.epochs or 3
         return persona(a)
@@ -133,7 +181,7 @@ def main():
     t = Trainer(cfg)
     run = t.prepare()
     tok = run.loaded.tokenizer
-    before_loss = t.evaluate()
+    before_loss, _ = t.evaluate()
     before_em = exact_match(run.model, tok, valid)
     t0 = time.time()
     result = t.fit()

@@ -268,7 +268,7 @@ def interleaved(size, weights, batch, seq, ckpt, steps, variants, pipelined=0) -
 def pipelined_rate(step, micro, steps) -> dict:
     """Steps of the Step's fused compiled call queued back to back (mx.async_eval, one wait at
     the end), against its host time: how long queuing one step keeps Python and MLX busy."""
-    scale, _ = step.begin([micro])
+    scale, _ = step.begin_group([micro])
     b = step.batches([micro])[0]
     lr, max_norm = mx.array(LR, dtype=mx.float32), mx.array(1.0, dtype=mx.float32)
     mx.synchronize()

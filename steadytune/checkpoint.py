@@ -43,7 +43,7 @@ MARKER = "COMPLETE"
 OURS = ".steadytune-folder.json"  # in every folder atomic_folder writes: steadytune may remove its copies
 PREFIX = "step-"
 # Counters of state.json the trainer restores; each must be a whole number >= 0.
-STATE_COUNTERS = ("step", "epoch", "pos", "bad_evals", "nonfinite")
+STATE_COUNTERS = ("step", "epoch", "pos", "bad_evals", "nonfinite")  # resume.TrainState's counters
 _TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)(-\d+)?$")
 _sound: set[Path] = set()  # folders this process wrote and hashed from disk: known sound
 
@@ -229,8 +229,8 @@ def save_final_adapters(run_dir: Path, model, adapter_config: dict) -> Path:
 def save(run_dir: Path, step: int, model, optimizer, adapter_config: dict, state: dict,
          name: str | None = None) -> Path:
     """Write checkpoint `step` (into checkpoints/NAME, default step-0000123).
-    `state` is JSON-able (step, epoch, position, hashes, ...). Non-finite weights are refused."""
-    state = dict(state, step=step, random_state=[np.asarray(s).tolist() for s in mx.random.state])
+    `state` is JSON-able (resume.snapshot). Non-finite weights are refused."""
+    state = dict(state, step=step)
     weights = dict(tree_flatten(model.trainable_parameters()))
     opt = dict(tree_flatten(optimizer.state))
     folder = Path(run_dir) / "checkpoints" / (name or f"{PREFIX}{step:07d}")

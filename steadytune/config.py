@@ -47,7 +47,7 @@ class ModelConfig:
     quantize: str = _f("4", "base weights: 4 or 8 bits (QLoRA; a quantized model is used as is), "
                        "or none (plain LoRA)", choices=["4", "8", "none"])
     group_size: int = _f(64, "quantization group size when the base is quantized on load",
-                         choices=[32, 64, 128])
+                         flag="--quant-group-size", choices=[32, 64, 128])
     dtype: str = _f("auto", "compute dtype; auto = float32 on the CPU (half precision falls off the "
                     "BLAS path there), bfloat16 on a GPU (float16 for GGUF bases, whose scales are float16)",
                     flag="--dtype", choices=["auto", "float32", "bfloat16", "float16"])
@@ -135,12 +135,49 @@ class TrainingConfig:
     patience: Optional[int] = _f(None, "early stopping: stop after N validations without improvement")
     resume: bool = _f(False, "continue from the newest complete checkpoint in the run folder")
     force: bool = _f(False, "train even if the memory planner predicts the run does not fit")
-    method: str = _f("sft", "sft (supervised), or preference tuning on chosen/rejected pairs: dpo or "
-                     "orpo (docs/preference.md)", choices=["sft", "dpo", "orpo"])
+    method: str = _f("sft", "sft (supervised), preference tuning on chosen/rejected pairs: dpo or "
+                     "orpo (docs/preference.md), or grpo: reinforcement from rewards of sampled answers "
+                     "(docs/grpo.md)", choices=["sft", "dpo", "orpo", "grpo"])
     beta: float = _f(0.1, "dpo: the KL strength beta (higher = stay closer to the reference); orpo: "
-                     "lambda, the weight of the odds-ratio term")
+                     "lambda, the weight of the odds-ratio term; grpo: the weight of the KL to the base "
+                     "model (0 = none, and no reference pass)")
     reference: str = _f("base", "dpo's reference model: base = the base model with the adapters "
                         "switched off (no second copy of the weights)", choices=["base"])
+
+
+@dataclass
+class GrpoConfig:
+    reward: list = _f([], "grpo: rewards, comma-separated: answer (the final answer equals the record's "
+                      "\"answer\"), format (one <answer>...</answer>), or FILE.py:FUNCTION called with "
+                      "(prompt, completion, record) -> float; their sum is the reward")
+    group_size: int = _f(4, "grpo: completions sampled per prompt (advantages are relative within a group)")
+    max_new_tokens: int = _f(128, "grpo: longest completion in tokens")
+    temperature: float = _f(1.0, "grpo: sampling temperature of the completions")
+    loss: str = _f("grpo", "grpo: how tokens weigh in the loss: grpo (mean per completion), dr_grpo (sum "
+                   "over max_new_tokens, advantages not divided by the std), dapo (every token of the "
+                   "step alike)", flag="--grpo-loss", choices=["grpo", "dr_grpo", "dapo"])
+    epsilon: float = _f(0.2, "grpo: clip the probability ratio below 1 - epsilon")
+    epsilon_high: Optional[float] = _f(None, "grpo: clip the ratio above 1 + epsilon_high (DAPO's clip-higher; "
+                                       "null = epsilon)")
+
+    def problems(self, t: "TrainingConfig") -> list[str]:
+        """What a GRPO run cannot have (checked with method grpo only)."""
+        p = []
+        if self.group_size < 2:
+            p.append(f"grpo.group_size must be at least 2: advantages compare completions of a prompt "
+                     f"(got {self.group_size})")
+        if self.max_new_tokens < 1:
+            p.append(f"grpo.max_new_tokens must be at least 1 (got {self.max_new_tokens})")
+        if not 0 <= self.temperature < math.inf:
+            p.append(f"grpo.temperature must be 0 or more and finite (got {self.temperature})")
+        for name, v in (("epsilon", self.epsilon), ("epsilon_high", self.epsilon_high)):
+            if v is not None and not 0 < v < math.inf:
+                p.append(f"grpo.{name} must be positive and finite (got {v})")
+        if not self.reward:
+            p.append("grpo.reward: --method grpo needs rewards: --reward answer,format (or FILE.py:FUNCTION)")
+        if t.batch_tokens:
+            p.append("training.batch_tokens is not used by grpo: steps hold batch_size prompts; drop it")
+        return p
 
 
 @dataclass
@@ -158,6 +195,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def to_dict(self) -> dict:
@@ -188,8 +226,14 @@ class Config:
         if t.batch_tokens is not None and t.batch_tokens < d.max_seq_length:
             p.append(f"training.batch_tokens must be at least data.max_seq_length ({d.max_seq_length}) so "
                      f"the longest example fits in one micro-batch (got {t.batch_tokens})")
-        if not 0 < t.beta < math.inf:
-            p.append(f"training.beta must be positive and finite (got {t.beta})")
+        if not (0 <= t.beta if t.method == "grpo" else 0 < t.beta) or not t.beta < math.inf:
+            p.append(f"training.beta must be {'0 or more' if t.method == 'grpo' else 'positive'} and finite "
+                     f"(got {t.beta})")
+        if t.method == "grpo":
+            p += self.grpo.problems(t)
+        elif self.grpo.group_size != GrpoConfig.group_size:
+            p.append(f"grpo.group_size (--group-size) is GRPO's completions per prompt and needs --method grpo; "
+                     f"the quantization group size is --quant-group-size (got {self.grpo.group_size})")
         if t.patience is not None and t.patience < 1:
             p.append(f"training.patience must be at least 1 or null (got {t.patience})")
         if not 0 <= lo.dropout < 1:
@@ -208,7 +252,7 @@ class Config:
             if x not in ("jsonl", "tensorboard", "wandb", "mlflow"):
                 p.append(f"output.log_to: unknown sink {excerpt(x)}; use jsonl, tensorboard, wandb and/or mlflow")
         p += range_problems(self, p)
-        for section in (self.model, self.data, self.lora, self.training, self.output):
+        for section in (getattr(self, name) for name in SECTIONS):
             for f in fields(section):
                 ch = f.metadata.get("choices")
                 if ch and getattr(section, f.name) not in ch:
@@ -219,12 +263,11 @@ class Config:
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "lora": LoraConfig,
-            "training": TrainingConfig, "output": OutputConfig}
+            "training": TrainingConfig, "grpo": GrpoConfig, "output": OutputConfig}
 
 
 def _section_name(section) -> str:
-    return {ModelConfig: "model", DataConfig: "data", LoraConfig: "lora",
-            TrainingConfig: "training", OutputConfig: "output"}[type(section)]
+    return {cls: name for name, cls in SECTIONS.items()}[type(section)]
 
 
 def excerpt(value, limit: int = 80) -> str:
@@ -257,7 +300,7 @@ def range_problems(cfg: "Config", reported: list[str]) -> list[str]:
     if t.epochs > MAX_EPOCHS:
         p.append(f"training.epochs must be at most {MAX_EPOCHS} (got {excerpt(t.epochs)}); set "
                  "max_steps to train longer")
-    for section in (cfg.model, cfg.data, cfg.lora, cfg.training, cfg.output):
+    for section in (getattr(cfg, name) for name in SECTIONS):
         for f in fields(section):
             name, v = f"{_section_name(section)}.{f.name}", getattr(section, f.name)
             if isinstance(v, bool) or said(name) or name == "training.seed":

@@ -56,9 +56,15 @@ def keep_first(splits, max_examples: int, seed: int) -> int:
     return n
 
 
+BUNDLED = ("chatbot", "arithmetic")  # data sets in the package: steadytune/data/NAME
+
+
 def find_files(path: str | Path) -> dict[str, Path]:
-    """split -> file for a data argument (a file = train only; a folder = train/valid/test)."""
+    """split -> file for a data argument (a file = train only; a folder = train/valid/test; the
+    name of a bundled set, where no such file or folder is here)."""
     p = Path(path)
+    if str(path) in BUNDLED and not p.exists():
+        p = Path(__file__).parent / "data" / str(path)
     if p.is_file():
         return {"train": p}
     if p.is_dir() and p.suffix in (".jsonl", ".json"):
@@ -437,6 +443,9 @@ class Tokenized:
     ids: list[list[int]]
     masks: list[list[bool]]
     truncated: int = 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
 
     def lengths(self) -> np.ndarray:
         return np.array([len(x) for x in self.ids], dtype=np.int64)

@@ -9,10 +9,12 @@ cost against llama.cpp's own quantizer). Formats:
 - mlx:  an mlx-lm folder (model.safetensors, config.json, tokenizer), for `mlx_lm.generate`.
 - hf:   a Hugging Face folder (HF tensor names, config.json, generation_config.json, tokenizer),
         for transformers, vLLM, or llama.cpp's convert_hf_to_gguf.py.
-- gguf: model.gguf (the architecture llama.cpp names the family by: llama, qwen2, qwen3, gemma2,
-        gemma3, phi3; F16/BF16/F32; its tensor names and transforms: q/k rows in llama.cpp's order
-        for llama, gemma's norms stored as 1 + w; tokenizer and chat template metadata) and an Ollama
-        Modelfile next to it: `ollama create NAME -f Modelfile`. `--quant q8_0|q6_k|q5_k_m|q4_k_m|q4_0`
+- gguf: model.gguf (the architecture llama.cpp names the family by, gguf_arch.EXPORTS: llama,
+        qwen2, qwen3, qwen3moe, gemma2, gemma3, phi3, olmo2, smollm3, mistral3, gpt-oss, deepseek2,
+        glm4moe, lfm2, lfm2moe; F16/BF16/F32; its tensor names and transforms: q/k rows in llama.cpp's
+        order where its RoPE rotates adjacent pairs, gemma's norms stored as 1 + w, experts stacked;
+        tokenizer and chat template metadata) and an Ollama Modelfile next to it:
+        `ollama create NAME -f Modelfile`. `--quant q8_0|q6_k|q5_k_m|q4_k_m|q4_0`
         quantizes it as llama.cpp's llama-quantize would (gguf_quantize.py: the same blocks, the same
         per-tensor types) from the fused float weights.
 - ollama: the same, q4_k_m unless --quant says otherwise, for `ollama create`.
@@ -30,15 +32,17 @@ import shutil
 from pathlib import Path
 
 from .errors import UserError
+from .gguf_arch import EXPORTS, gguf_hparams, rope_scaling_problem, text_config
 
 FORMATS = ("mlx", "hf", "gguf", "ollama", "gguf-lora")
 GGUF_FORMATS = ("gguf", "ollama")  # fused, written by write_gguf (with --quant)
 DTYPES = ("float16", "bfloat16", "float32")
 # model types whose mlx-lm parameter names are the HF names (mlx-lm's sanitize only drops buffers)
 HF_NAMED = ("llama", "mistral", "qwen2", "qwen3")
-# mlx-lm model type -> the GGUF architecture written (llama.cpp reads Mistral 7B as "llama")
-GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
-             "gemma3_text": "gemma3", "phi3": "phi3"}
+# mlx-lm model type -> the GGUF architecture written (gguf_arch.EXPORTS: one table per type)
+GGUF_ARCH = {model_type: spec.arch for model_type, spec in EXPORTS.items()}
+# model types whose adapters are written as a LoRA GGUF: dense blocks of 2-D matrices
+LORA_GGUF = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
 
 
 def export(run, fmt: str, out=None, model: str | None = None, dtype: str = "float16",
@@ -69,9 +73,7 @@ def export(run, fmt: str, out=None, model: str | None = None, dtype: str = "floa
     if fmt == "hf" and model_type not in HF_NAMED:
         raise UserError(f"--format hf: model type {model_type!r} is not written as an HF folder by steadytune "
                         f"({', '.join(HF_NAMED)} are); {instead(model_type, fmt)}")
-    if fmt in GGUF_FORMATS and model_type not in GGUF_ARCH:
-        raise UserError(f"--format {fmt}: model type {model_type!r} is not written to GGUF by steadytune "
-                        f"({', '.join(GGUF_ARCH)} are); {instead(model_type, fmt)}")
+    refuse_gguf(fmt, config)
     refuse_nonfinite(loaded.model, "float32", f"{adapter_dir(run)} with its base")
     if fmt != "gguf-lora":  # the LoRA GGUF holds the adapters themselves, unfused
         reference = answers(loaded)  # base + adapters, float32: what the export must still answer
@@ -133,11 +135,38 @@ def answers(loaded):
     import mlx.core as mx
     import numpy as np
 
-    out = []
-    for text in CHECK_PROMPTS:
-        ids = [i for i in loaded.tokenizer.encode(text) if 0 <= i < _vocab_rows(loaded.model)][:32] or [0]
-        out.append(np.array(loaded.model(mx.array([ids]))[0].astype(mx.float32)))
-    return out
+    model = loaded.model
+    dtype = _cpu_gather_dtype(model)
+    if dtype is not None:  # run the float16 / bfloat16 values exactly, in float32; cast back after
+        model.apply(lambda x: x.astype(mx.float32) if x.dtype == dtype else x)
+    try:
+        out = []
+        for text in CHECK_PROMPTS:
+            ids = [i for i in loaded.tokenizer.encode(text) if 0 <= i < _vocab_rows(model)][:32] or [0]
+            out.append(np.array(model(mx.array([ids]))[0].astype(mx.float32)))
+        return out
+    finally:
+        if dtype is not None:
+            model.apply(lambda x: x.astype(dtype) if x.dtype == mx.float32 else x)
+
+
+def _cpu_gather_dtype(model):
+    """The 16-bit dtype of a model with experts on the CPU, whose gather_mm (MLX) computes float32
+    only; None where the model runs as it is. Its answers are then the same weights computed in
+    float32, so a float16 overflow of the activations would go unseen there (a GPU sees it)."""
+    import mlx.core as mx
+    from mlx_lm.models.switch_layers import SwitchLinear
+
+    if mx.default_device() != mx.cpu or not any(isinstance(m, SwitchLinear) for _, m in model.named_modules()):
+        return None
+    return next((v.dtype for _, v in _floats(model) if v.dtype != mx.float32), None)
+
+
+def _floats(model):
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    return [(k, v) for k, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)]
 
 
 def _vocab_rows(model) -> int:
@@ -194,6 +223,43 @@ def fused_problem(loaded, reference) -> str | None:
     if bad:
         return f"{bad[0]} holds NaN or inf ({len(bad)} tensors in all)"
     return answer_problem(reference, answers(loaded))
+
+
+# Model types llama.cpp has an architecture for that steadytune does not write yet, and what in them is
+# not mapped: the refusal says so rather than "not supported".
+NOT_YET = {"qwen3_next": ("qwen3next", "Gated DeltaNet layers"), "qwen3_5": ("qwen35", "Gated DeltaNet layers"),
+           "qwen3_5_moe": ("qwen35moe", "Gated DeltaNet layers"), "gemma3n": ("gemma3n", "AltUp and per-layer inputs"),
+           "gemma4_text": ("gemma4", "per-layer inputs and shared KV layers"),
+           "phimoe": ("phimoe", "experts"), "olmo3": ("olmo2", "sliding-window layers"),
+           "granite": ("granite", "multipliers"), "granitemoehybrid": ("granitehybrid", "Mamba-2 layers"),
+           "nemotron_h": ("nemotron_h", "Mamba-2 layers"), "falcon_h1": ("falcon-h1", "parallel Mamba-2 heads"),
+           "llama4": ("llama4", "chunked attention and experts"),
+           "mistral4": ("mistral4", "multi-head latent attention with Llama 4 scaling")}
+
+
+def refuse_gguf(fmt: str, config: dict) -> None:
+    """One line saying why this model is not written as `fmt` (gguf, ollama, gguf-lora), before anything
+    is fused or written: its type has no table in gguf_arch.EXPORTS, or its settings are outside what
+    llama.cpp's architecture computes (Export.refuse)."""
+    model_type = config.get("model_type")
+    if fmt in GGUF_FORMATS:
+        spec = EXPORTS.get(model_type)
+        if spec is None:
+            arch, part = NOT_YET.get(model_type, (None, None))
+            why = (f"llama.cpp reads it as {arch}, but steadytune does not write its {part} in that layout yet"
+                   if arch else "llama.cpp has no architecture steadytune writes it as")
+            raise UserError(f"--format {fmt}: model type {model_type!r} is not written to GGUF: {why}; "
+                            f"{instead(model_type, fmt)}")
+        c = text_config(config)
+        why = (spec.refuse(c) if spec.refuse else None) or rope_scaling_problem(c, spec.arch)
+        if why:
+            raise UserError(f"--format {fmt}: this {model_type} model is not written as llama.cpp's {spec.arch}: "
+                            f"{why}; {instead(model_type, fmt)}")
+    if fmt == "gguf-lora" and model_type not in LORA_GGUF:
+        other = ("use --format gguf (the adapters fused into the model)" if model_type in EXPORTS
+                 else instead(model_type, fmt))
+        raise UserError(f"--format gguf-lora: model type {model_type!r} is not written as a LoRA GGUF (steadytune "
+                        f"writes them for {', '.join(LORA_GGUF)}); {other}")
 
 
 def instead(model_type: str | None, refused: str) -> str:
@@ -303,18 +369,20 @@ def write_gguf(out: Path, loaded, config: dict, quant: str = "f16", system: str 
     import gguf
     import numpy as np
 
-    from .gguf_quantize import quantize, tensor_type
+    from .gguf_quantize import quantize, tensor_types
 
+    tensors = list(_gguf_tensors(loaded.model, config))
+    hparams = gguf_hparams(config, {name: array.shape for name, array, _ in tensors})
     path = out / "model.gguf"
-    writer = gguf.GGUFWriter(str(path), GGUF_ARCH[config["model_type"]])
-    _add_hyperparameters(writer, config, quant)
+    writer = gguf.GGUFWriter(str(path), EXPORTS[config["model_type"]].arch)
+    _add_hyperparameters(writer, config, hparams, quant)
     for key, value, vtype in _tokenizer_fields(loaded, config):
         writer.add_key_value(key, value, vtype)
-    tensors = list(_gguf_tensors(loaded.model, config))
-    tied = "output.weight" not in {name for name, _, _ in tensors}
+    types = (tensor_types([(name, array.shape) for name, array, _ in tensors], quant, hparams["block_count"],
+                          hparams.get("expert_count", 0)) if quant != "f16" else {})
     for name, array, raw_dtype in tensors:
-        # F32/F16 from tensor_type (norms; a row no block divides) keep the export's float dtype
-        gtype = tensor_type(name, array.shape, quant, config["num_hidden_layers"], tied) if quant != "f16" else None
+        # F32/F16 from tensor_types (norms, routers; a row no block divides) keep the export's float dtype
+        gtype = types.get(name)
         if gtype not in (None, "F32", "F16"):
             if raw_dtype == gguf.GGMLQuantizationType.BF16:  # raw bfloat16 words -> float32
                 array = (array.astype(np.uint32) << 16).view(np.float32)
@@ -327,34 +395,17 @@ def write_gguf(out: Path, loaded, config: dict, quant: str = "f16", system: str 
     (out / "Modelfile").write_text(modelfile(loaded.tokenizer, "./model.gguf", system))
 
 
-def _add_hyperparameters(w, config: dict, quant: str = "f16") -> None:
+def _add_hyperparameters(w, config: dict, hparams: dict, quant: str = "f16") -> None:
+    """The architecture's metadata (gguf_arch.gguf_hparams: GGUFWriter.add_<key> -> value), RoPE
+    scaling, the file type."""
     import gguf
 
     from .gguf_arch import add_rope_scaling
 
-    heads = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
     w.add_name(str(config.get("_name_or_path", "steadytune export")).split("/")[-1])
-    w.add_context_length(config.get("max_position_embeddings") or 4096)
-    w.add_embedding_length(config["hidden_size"])
-    w.add_block_count(config["num_hidden_layers"])
-    w.add_feed_forward_length(config["intermediate_size"])
-    w.add_head_count(heads)
-    w.add_head_count_kv(config.get("num_key_value_heads") or heads)
-    w.add_rope_dimension_count(int(head_dim * config.get("partial_rotary_factor", 1.0)))
-    if head_dim != config["hidden_size"] // heads:
-        w.add_key_length(head_dim)
-        w.add_value_length(head_dim)
-    w.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-5))
-    w.add_rope_freq_base(config.get("rope_theta", 10000.0))
-    w.add_vocab_size(config["vocab_size"])
-    for key, add in (("attn_logit_softcapping", w.add_attn_logit_softcapping),
-                     ("final_logit_softcapping", w.add_final_logit_softcapping)):
-        if config.get(key):
-            add(config[key])
-    if config.get("sliding_window"):
-        w.add_sliding_window(config["sliding_window"])
-    add_rope_scaling(w, config)  # linear as metadata, llama3 / longrope as llama.cpp's factor tensors
+    for key, value in hparams.items():
+        getattr(w, f"add_{key}")(value)
+    add_rope_scaling(w, text_config(config))  # linear / yarn as metadata, llama3 / longrope as factor tensors
     dtype = config.get("torch_dtype")
     if quant != "f16":
         from .gguf_quantize import FILE_TYPES
@@ -367,37 +418,38 @@ def _add_hyperparameters(w, config: dict, quant: str = "f16") -> None:
 
 
 def _gguf_tensors(model, config: dict):
-    """(GGUF name, numpy array, raw GGML type or None) for every weight, transformed as llama.cpp's
-    converter does: q/k rows in llama.cpp's order (llama), 1 + w for norms (gemma)."""
+    """(GGUF name, numpy array, raw GGML type or None) for every weight, named and laid out as
+    llama.cpp's converter writes them (gguf_arch.EXPORTS): q/k rows in llama.cpp's order where its
+    RoPE rotates adjacent pairs, 1 + w for gemma's norms, short-convolution taps as a matrix."""
     import gguf
     import mlx.core as mx
     import numpy as np
     from mlx.utils import tree_flatten
 
-    from .gguf import ARCHS, TOP_NAMES, permute_rows
+    from .gguf_arch import ALWAYS_F32, TRANSFORMS, gguf_tensor_name, permute_rows
 
-    spec = ARCHS[GGUF_ARCH[config["model_type"]]]
-    top = {v: k for k, v in TOP_NAMES.items()}
-    block = {v: k for k, v in spec.blocks.items()}
-    heads = {"attn_q": config["num_attention_heads"],
-             "attn_k": config.get("num_key_value_heads") or config["num_attention_heads"]}
+    spec = EXPORTS[config["model_type"]]
+    c = text_config(config)
+    heads = {"attn_q": c["num_attention_heads"], "attn_k": c.get("num_key_value_heads") or c["num_attention_heads"]}
     for name, value in tree_flatten(model.parameters()):
-        stem, _, suffix = name.rpartition(".")
-        if stem.startswith("model.layers."):
-            _, _, i, rest = stem.split(".", 3)
-            short = block[rest]
-            gname = f"blk.{i}.{short}.{suffix}"
-        else:
-            if stem == "lm_head" and config.get("tie_word_embeddings"):
-                continue
-            short = top[stem]
-            gname = f"{short}.{suffix}"
-        if spec.permuted_qk and short in heads:
+        if not name.startswith(spec.prefix):
+            raise UserError(f"--format gguf: {name} is not part of the text model llama.cpp's {spec.arch} "
+                            "reads, so nothing was written; use --format mlx")
+        name = name[len(spec.prefix):]
+        if name == "lm_head.weight" and c.get("tie_word_embeddings"):
+            continue
+        gname, kind = gguf_tensor_name(spec, name)
+        if spec.permuted_qk and kind in heads:
             # llama.cpp rotates adjacent pairs, so each head's rows go back to its interleaved order
-            value = mx.take(value, permute_rows(value.shape[0], heads[short]), axis=0)
+            value = mx.take(value, permute_rows(value.shape[0], heads[kind]), axis=0)
         if spec.norm_offset and gname.endswith("norm.weight"):
             value = value.astype(mx.float32) + spec.norm_offset
-        if value.ndim == 1 or value.dtype == mx.float32:  # norms stay F32, as llama.cpp writes them
+        if kind in TRANSFORMS:
+            value = TRANSFORMS[kind](value)
+        # F32 as the converter writes them: 1-D tensors, norms, biases, routers, convolution taps
+        f32 = (value.ndim == 1 or gname.endswith("_norm.weight") or not gname.endswith(".weight")
+               or kind in ALWAYS_F32)
+        if f32 or value.dtype == mx.float32:
             yield gname, np.array(value.astype(mx.float32)), None
         elif value.dtype == mx.bfloat16:  # numpy has no bfloat16: hand over the raw 16-bit words
             yield gname, np.array(value.view(mx.uint16)), gguf.GGMLQuantizationType.BF16
@@ -423,7 +475,7 @@ def _tokenizer_fields(loaded, config: dict):
     spec = json.loads(tok.backend_tokenizer.to_str())
     model, pre = spec.get("model", {}), _pre_name(spec.get("pre_tokenizer"))
     vocab = tok.get_vocab()
-    tokens = [f"[PAD{i}]" for i in range(max(config["vocab_size"], len(vocab)))]
+    tokens = [f"[PAD{i}]" for i in range(max(text_config(config)["vocab_size"], len(vocab)))]
     for t, i in vocab.items():
         tokens[i] = t
     added = {a["content"]: a for a in spec.get("added_tokens", [])}

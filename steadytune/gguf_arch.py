@@ -6,12 +6,15 @@ mlx-lm's model builds the same frequencies from, not weights, so a fused export 
 model describes them as the original config did; `add_rope_scaling` writes them back.
 
 gguf.py reads the file (header, tensors, tokenizer) and builds the model from what this module says.
+For writing (`export --format gguf`), EXPORTS holds one table per mlx-lm model type: llama.cpp's
+architecture, tensor names and layouts, and the metadata its loader reads (gguf_hparams).
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .errors import UserError
@@ -420,32 +423,377 @@ def longrope_attn_factor(context: int, original: int) -> float:
 
 # --------------------------------------------------------------------------- writing
 
+def rope_scaling(config: dict) -> dict | None:
+    """A text config's RoPE scaling (rope_scaling, or rope_parameters where mlx-lm reads it there, as
+    ministral3 does), None for plain RoPE."""
+    scaling = config.get("rope_scaling") or config.get("rope_parameters")
+    kind = scaling and scaling.get("type", scaling.get("rope_type"))
+    return None if not scaling or kind in (None, "default") else scaling
+
+
+# Architectures whose YaRN llama.cpp computes as mlx-lm's YarnRoPE does (bench/gguf_families.py checks
+# each), and how the converter writes mscale_all_dim for it (rope.scaling.yarn_log_multiplier).
+# llama.cpp assumes mscale = 1 (deepseek2: mscale = mscale_all_dim); only mistral3 reads beta_fast /
+# beta_slow, the others use 32 and 1.
+YARN_LOG_MUL = {"mistral3": 1.0, "deepseek2": 0.1, "gpt-oss": None}
+
+
+def rope_scaling_problem(config: dict, arch: str) -> str | None:
+    """Why a text config's RoPE scaling is not written for llama.cpp's `arch` (None: it is)."""
+    scaling = rope_scaling(config)
+    if scaling is None:
+        return None
+    kind = scaling.get("type", scaling.get("rope_type"))
+    if kind == "linear" or (kind == "llama3" and arch == "llama") or (kind in ("longrope", "su") and arch == "phi3"):
+        return None
+    if kind != "yarn" or arch not in YARN_LOG_MUL:
+        return (f"its RoPE scaling {kind!r} is not written for llama.cpp's {arch} (steadytune writes linear; "
+                f"llama3 for llama; longrope for phi3; yarn for {', '.join(YARN_LOG_MUL)})")
+    a, b = scaling.get("mscale", 1.0), scaling.get("mscale_all_dim", 0.0)
+    fits = {"deepseek2": bool(b) and a == b, "mistral3": a == 1.0, "gpt-oss": a == 1.0 and not b}[arch]
+    if arch != "mistral3" and (scaling.get("beta_fast", 32), scaling.get("beta_slow", 1)) != (32, 1):
+        fits = False
+    if not fits:
+        return (f"its YaRN settings (mscale {a}, mscale_all_dim {b}, beta_fast {scaling.get('beta_fast', 32)}, "
+                f"beta_slow {scaling.get('beta_slow', 1)}) scale attention otherwise than llama.cpp's {arch}")
+    return None
+
+
 def add_rope_scaling(writer, config: dict) -> None:
-    """Write an mlx-lm config's rope_scaling to a GGUFWriter as llama.cpp's converter does (linear as
-    metadata, llama3 as rope_freqs, phi3 longrope as rope_factors_long/short plus the original context
-    and attention factor), so that gguf_config reads the same rope_scaling back."""
+    """Write a text config's RoPE scaling to a GGUFWriter as llama.cpp's converter does (linear and
+    yarn as metadata, llama3 as rope_freqs, phi3 longrope as rope_factors_long/short plus the original
+    context and attention factor), so that gguf_config reads the same rope_scaling back."""
     import gguf
     import numpy as np
 
-    scaling = config.get("rope_scaling")
-    kind = scaling and scaling.get("type", scaling.get("rope_type"))
-    if not scaling or kind == "default":
+    scaling = rope_scaling(config)
+    if scaling is None:
         return
+    problem = rope_scaling_problem(config, writer.arch)
+    if problem:
+        from .export import instead
+
+        raise UserError(f"--format gguf: {problem}; {instead(config.get('model_type'), 'gguf')}")
+    kind = scaling.get("type", scaling.get("rope_type"))
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     if kind == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(scaling["factor"])
-    elif kind == "llama3" and writer.arch == "llama":
+    elif kind == "llama3":
         factors = llama3_factors(scaling, config.get("rope_theta", 10000.0), head_dim)
         writer.add_tensor(ROPE_FREQS, factors.astype(np.float32))
-    elif kind in ("longrope", "su") and writer.arch == "phi3":
+    elif kind == "yarn":  # mlx-lm's YarnRoPE defaults: original context 4096, beta_fast 32, beta_slow 1
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(scaling["factor"])
+        writer.add_rope_scaling_orig_ctx_len(scaling.get("original_max_position_embeddings", 4096))
+        writer.add_rope_scaling_yarn_beta_fast(scaling.get("beta_fast", 32.0))
+        writer.add_rope_scaling_yarn_beta_slow(scaling.get("beta_slow", 1.0))
+        if YARN_LOG_MUL[writer.arch] and scaling.get("mscale_all_dim"):
+            writer.add_rope_scaling_yarn_log_mul(YARN_LOG_MUL[writer.arch] * scaling["mscale_all_dim"])
+    else:  # phi3 longrope
         original = config.get("original_max_position_embeddings", 4096)
         writer.add_rope_scaling_orig_ctx_len(original)
         writer.add_rope_scaling_attn_factors(longrope_attn_factor(config["max_position_embeddings"], original))
         for name, key in zip(LONGROPE, ("long_factor", "short_factor")):
             writer.add_tensor(name, np.array(scaling[key], np.float32))
-    else:
-        from .export import instead
 
-        raise UserError(f"--format gguf: RoPE scaling {scaling} is not written by steadytune; "
-                        f"{instead(config.get('model_type'), 'gguf')}")
+
+# --------------------------------------------------------------------------- writing: one table per model type
+# What `export --format gguf` writes for each mlx-lm model type: the file llama.cpp's
+# convert_hf_to_gguf.py makes of the same model (architecture, tensor names and layouts, metadata),
+# which llama.cpp's loader reads. A block table maps GGUF names inside blk.N to mlx-lm modules inside
+# model.layers.N; the parameter's ".weight" or ".bias" follows the module. Experts are written as
+# mlx-lm holds them, stacked (experts, out, in): llama.cpp's ffn_*_exps, which the converter stacks
+# from HF's per-expert matrices.
+
+_EXPERTS = {"ffn_gate_inp": "mlp.gate", "ffn_gate_exps": "mlp.switch_mlp.gate_proj",
+            "ffn_up_exps": "mlp.switch_mlp.up_proj", "ffn_down_exps": "mlp.switch_mlp.down_proj"}
+_SHARED_EXPERTS = {"ffn_gate_shexp": "mlp.shared_experts.gate_proj", "ffn_up_shexp": "mlp.shared_experts.up_proj",
+                   "ffn_down_shexp": "mlp.shared_experts.down_proj"}
+_ROUTER_BIAS = {"mlp.gate.e_score_correction_bias": "exp_probs_b.bias"}  # DeepSeek V3 / GLM-4.5 routing bias
+# Multi-head latent attention as llama.cpp runs it (MQA over the compressed KV): HF's kv_b_proj split
+# per head into k_b (transposed) and v_b, which is exactly mlx-lm's embed_q and unembed_out.
+_MLA = {"attn_q": "self_attn.q_proj", "attn_q_a": "self_attn.q_a_proj", "attn_q_a_norm": "self_attn.q_a_layernorm",
+        "attn_q_b": "self_attn.q_b_proj", "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa",
+        "attn_kv_a_norm": "self_attn.kv_a_layernorm", "attn_k_b": "self_attn.embed_q",
+        "attn_v_b": "self_attn.unembed_out", "attn_output": "self_attn.o_proj"}
+_POST_NORMS = {"post_attention_norm": "post_attention_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}
+_PRE_FFN_AS_POST_ATTN = {"attn_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm"}
+_LFM2_BLOCK = {"attn_norm": "operator_norm", "ffn_norm": "ffn_norm", "ffn_gate": "feed_forward.w1",
+               "ffn_up": "feed_forward.w3", "ffn_down": "feed_forward.w2", "attn_q": "self_attn.q_proj",
+               "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.out_proj",
+               "attn_q_norm": "self_attn.q_layernorm", "attn_k_norm": "self_attn.k_layernorm",
+               "shortconv.conv": "conv.conv", "shortconv.in_proj": "conv.in_proj",
+               "shortconv.out_proj": "conv.out_proj"}
+_LFM2_TOP = (("token_embd", "model.embed_tokens"), ("token_embd_norm", "model.embedding_norm"), ("output", "lm_head"))
+# Written F32 whatever the export's dtype, as the converter writes them (and llama-quantize leaves them):
+# routers and short-convolution taps; also every 1-D tensor, norm and bias.
+ALWAYS_F32 = ("ffn_gate_inp", "shortconv.conv")
+
+
+@dataclass(frozen=True)
+class Export:
+    """How one mlx-lm model type is written as a GGUF file llama.cpp reads."""
+    arch: str                  # general.architecture: llama.cpp's name for the family
+    blocks: dict               # GGUF name inside blk.N -> mlx-lm module inside model.layers.N
+    params: tuple = ()         # (mlx-lm parameter inside a block, GGUF name): parameters not named weight/bias
+    permuted_qk: bool = False  # q/k rows interleaved for llama.cpp's adjacent-pair RoPE (LlamaModel.permute)
+    norm_offset: float = 0.0   # gemma: the converter stores 1 + w for every RMSNorm weight
+    top: tuple = tuple(TOP_NAMES.items())  # (GGUF name, mlx-lm module) outside the blocks
+    prefix: str = ""           # where mlx-lm keeps the text model's parameters (mistral3: language_model.)
+    hparams: Callable[[dict, dict], dict] | None = None  # (text config, {GGUF name: shape}) -> own metadata
+    refuse: Callable[[dict], str | None] | None = None  # text config -> why llama.cpp computes otherwise
+
+
+def text_config(config: dict) -> dict:
+    """The text model's settings as mlx-lm's model runs them: text_config lifted to the top (as the
+    converter reads it), then every setting the config leaves out at mlx-lm's default (ModelArgs),
+    which the model computes with (glm4_moe_lite's routed_scaling_factor is 1.8 when not given)."""
+    import importlib
+
+    c = {**config, **(config.get("text_config") or {})}
+    try:
+        args = importlib.import_module(f"mlx_lm.models.{c['model_type']}").ModelArgs.from_dict(c)
+    except (ImportError, KeyError, TypeError, ValueError):
+        return c  # not an mlx-lm text model type: the config as it is
+    return {**c, **{k: v for k, v in vars(args).items() if v is not None}}
+
+
+def _rope_theta(c: dict) -> float:
+    return float(c.get("rope_theta") or (c.get("rope_parameters") or {}).get("rope_theta") or 10000.0)
+
+
+def _qwen3moe(c: dict, shapes: dict) -> dict:
+    return {"expert_feed_forward_length": c["moe_intermediate_size"]}
+
+
+def _qwen3moe_refuse(c: dict) -> str | None:
+    """llama.cpp's qwen3moe has experts in every block and always renormalizes the top-k weights."""
+    dense = [i for i in range(c["num_hidden_layers"])
+             if i in (c.get("mlp_only_layers") or []) or (i + 1) % c.get("decoder_sparse_step", 1)]
+    if dense:
+        return (f"blocks {dense} have a dense MLP (mlp_only_layers / decoder_sparse_step), where llama.cpp's "
+                "qwen3moe has experts in every block")
+    if not c.get("norm_topk_prob"):
+        return "norm_topk_prob is false, where llama.cpp's qwen3moe always renormalizes the top-k expert weights"
+    return None
+
+
+def _smollm3_refuse(c: dict) -> str | None:
+    """llama.cpp's smollm3 leaves RoPE out of every 4th layer (n_no_rope_layer_step = 4), nothing else."""
+    n = c["num_hidden_layers"]
+    rope = c.get("no_rope_layers") or [int((i + 1) % c.get("no_rope_layer_interval", 4) != 0) for i in range(n)]
+    if list(rope) != [int((i + 1) % 4 != 0) for i in range(n)]:
+        nope = [i for i, r in enumerate(rope) if not r]
+        return (f"its layers without RoPE are {nope}, where llama.cpp's smollm3 leaves RoPE out of every 4th "
+                "layer (3, 7, 11, ...) only")
+    return None
+
+
+def _mistral3(c: dict, shapes: dict) -> dict:
+    """Llama 4's attention temperature: queries scaled by 1 + beta * log(1 + floor(pos / original)),
+    original = rope.scaling.original_context_length (llama.cpp: n_attn_temp_floor_scale)."""
+    rope = c.get("rope_parameters") or {}
+    out = {}
+    if rope.get("llama_4_scaling_beta"):
+        out["attn_temperature_scale"] = rope["llama_4_scaling_beta"]
+        if rope_scaling(c) is None:  # with YaRN, add_rope_scaling writes the same key
+            out["rope_scaling_orig_ctx_len"] = rope["original_max_position_embeddings"]
+    return out
+
+
+def _gpt_oss(c: dict, shapes: dict) -> dict:
+    return {"sliding_window": c["sliding_window"], "expert_feed_forward_length": c["intermediate_size"]}
+
+
+def _gpt_oss_refuse(c: dict) -> str | None:
+    """llama.cpp's gpt-oss puts the sliding window on the even layers (load_swa_pattern(ml, 2))."""
+    n = c["num_hidden_layers"]
+    kinds = c.get("layer_types") or ["sliding_attention", "full_attention"] * (n // 2)
+    if list(kinds) != ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]:
+        return (f"its layer_types {kinds} are not sliding and full attention alternating from a sliding first "
+                "layer, the only layout llama.cpp's gpt-oss has")
+    return None
+
+
+def _deepseek2(c: dict, shapes: dict) -> dict:
+    """MLA written as llama.cpp runs it: MQA (one KV head) over the compressed KV of width
+    kv_lora_rank + qk_rope_head_dim, decompressed per head by k_b / v_b."""
+    import gguf
+
+    kv, rope = c["kv_lora_rank"], c["qk_rope_head_dim"]
+    out = {"head_count_kv": 1, "key_length": kv + rope, "value_length": kv,
+           "key_length_mla": c["qk_nope_head_dim"] + rope, "value_length_mla": c["v_head_dim"],
+           "rope_dimension_count": rope, "q_lora_rank": c["q_lora_rank"], "kv_lora_rank": kv,
+           "leading_dense_block_count": c.get("first_k_dense_replace", 0),
+           "expert_feed_forward_length": c["moe_intermediate_size"], "expert_count": c["n_routed_experts"],
+           "expert_shared_count": c.get("n_shared_experts") or 0,
+           "expert_weights_scale": c.get("routed_scaling_factor", 1.0),
+           "expert_gating_func": gguf.ExpertGatingFuncType.SIGMOID,  # mlx-lm's deepseek_v3 routes by sigmoid
+           "expert_group_count": c.get("n_group", 1), "expert_group_used_count": c.get("topk_group", 1),
+           "layer_norm_rms_eps": c.get("rms_norm_eps", 1e-6)}
+    if c.get("norm_topk_prob", True):
+        out["expert_weights_norm"] = True
+    return out
+
+
+def _mla_refuse(c: dict) -> str | None:
+    if not c.get("q_lora_rank"):
+        return ("it has no q_lora_rank (queries without the low-rank projection), which llama.cpp's deepseek2 "
+                "reads only at DeepSeek-V2-Lite's layer counts")
+    if c.get("moe_layer_freq", 1) != 1:
+        return (f"its experts are only in the layers moe_layer_freq ({c['moe_layer_freq']}) divides, where "
+                "llama.cpp's deepseek2 has them in every layer after the first dense ones")
+    return None
+
+
+def _deepseek2_refuse(c: dict) -> str | None:
+    if c.get("rms_norm_eps", 1e-6) != 1e-6:
+        return (f"rms_norm_eps is {c['rms_norm_eps']}, where mlx-lm's deepseek_v3 normalizes the compressed "
+                "q and kv with 1e-6 and llama.cpp with rms_norm_eps")
+    return _mla_refuse(c)
+
+
+def _glm4moe(c: dict, shapes: dict) -> dict:
+    import gguf
+
+    head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    out = {"rope_dimension_count": int(head_dim * c.get("partial_rotary_factor", 0.5)),
+           "expert_count": c["n_routed_experts"], "expert_feed_forward_length": c["moe_intermediate_size"],
+           "expert_shared_count": c.get("n_shared_experts") or 0,
+           "leading_dense_block_count": c.get("first_k_dense_replace", 0),
+           "expert_gating_func": gguf.ExpertGatingFuncType.SIGMOID,
+           "expert_weights_scale": c.get("routed_scaling_factor", 1.0),
+           "expert_weights_norm": bool(c.get("norm_topk_prob"))}
+    return out
+
+
+def _lfm2(c: dict, shapes: dict) -> dict:
+    """Convolution blocks have no attention: head_count_kv 0 there (how llama.cpp tells the kinds apart)."""
+    n, kv = c["num_hidden_layers"], c.get("num_key_value_heads") or c["num_attention_heads"]
+    dense = shapes.get("blk.0.ffn_gate.weight")  # mlx-lm's own width (lfm2 may adjust block_ff_dim)
+    return {"head_count_kv": [kv if f"blk.{i}.attn_q.weight" in shapes else 0 for i in range(n)],
+            "feed_forward_length": dense[0] if dense else c["intermediate_size"],
+            "shortconv_l_cache": c["conv_L_cache"], "layer_norm_rms_eps": c["norm_eps"]}
+
+
+def _lfm2_refuse(c: dict) -> str | None:
+    if c.get("conv_bias"):
+        return "its short convolutions have biases (conv_bias), which llama.cpp's lfm2 has no place for"
+    return None
+
+
+def _lfm2moe(c: dict, shapes: dict) -> dict:
+    import gguf
+
+    return {**_lfm2(c, shapes), "expert_feed_forward_length": c["moe_intermediate_size"],
+            "leading_dense_block_count": c["num_dense_layers"],
+            "expert_gating_func": gguf.ExpertGatingFuncType.SIGMOID}
+
+
+def _lfm2moe_refuse(c: dict) -> str | None:
+    """llama.cpp's lfm2moe routes by sigmoid + expert bias and renormalizes, with no scale."""
+    if not c.get("use_expert_bias") or not c.get("norm_topk_prob") or c.get("routed_scaling_factor", 1.0) != 1.0:
+        return (f"its routing (use_expert_bias {c.get('use_expert_bias')}, norm_topk_prob {c.get('norm_topk_prob')}, "
+                f"routed_scaling_factor {c.get('routed_scaling_factor', 1.0)}) is not llama.cpp's lfm2moe routing "
+                "(expert bias, renormalized, unscaled)")
+    return _lfm2_refuse(c)
+
+
+def _conv_taps(value):
+    """mlx-lm's depthwise Conv1d weight (channels, taps, 1) -> llama.cpp's shortconv.conv (channels, taps)."""
+    return value.reshape(value.shape[:2])
+
+
+TRANSFORMS = {"shortconv.conv": _conv_taps}  # GGUF name inside a block -> what the tensor goes through
+
+EXPORTS = {
+    "llama": Export("llama", BLOCK_NAMES, permuted_qk=True),
+    "mistral": Export("llama", BLOCK_NAMES, permuted_qk=True),  # llama.cpp reads Mistral 7B as llama
+    "qwen2": Export("qwen2", BLOCK_NAMES),
+    "qwen3": Export("qwen3", {**BLOCK_NAMES, **_QK_NORM}),
+    "qwen3_moe": Export("qwen3moe", {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+                                     **_ATTN, **_QK_NORM, **_EXPERTS}, hparams=_qwen3moe, refuse=_qwen3moe_refuse),
+    "gemma2": Export("gemma2", _GEMMA_BLOCK, norm_offset=1.0),
+    "gemma3_text": Export("gemma3", {**_GEMMA_BLOCK, **_QK_NORM}, norm_offset=1.0),
+    "phi3": Export("phi3", _PHI3_BLOCK),
+    "olmo2": Export("olmo2", {**_ATTN, **_QK_NORM, **_POST_NORMS, **_MLP}),
+    "smollm3": Export("smollm3", BLOCK_NAMES, permuted_qk=True, refuse=_smollm3_refuse),
+    "ministral3": Export("mistral3", BLOCK_NAMES, permuted_qk=True, hparams=_mistral3),
+    "mistral3": Export("mistral3", BLOCK_NAMES, permuted_qk=True, hparams=_mistral3, prefix="language_model."),
+    "gpt_oss": Export("gpt-oss", {**_PRE_FFN_AS_POST_ATTN, **_ATTN, "ffn_gate_inp": "mlp.router",
+                                  "ffn_gate_exps": "mlp.experts.gate_proj", "ffn_up_exps": "mlp.experts.up_proj",
+                                  "ffn_down_exps": "mlp.experts.down_proj"},
+                      params=(("self_attn.sinks", "attn_sinks.weight"),), hparams=_gpt_oss, refuse=_gpt_oss_refuse),
+    "deepseek_v3": Export("deepseek2", {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+                                        **_MLA, **_MLP, **_EXPERTS, **_SHARED_EXPERTS},
+                          params=tuple(_ROUTER_BIAS.items()), hparams=_deepseek2, refuse=_deepseek2_refuse),
+    # GLM-4.7-Flash: DeepSeek's MLA and routing (its MLA norms use rms_norm_eps, as llama.cpp's do)
+    "glm4_moe_lite": Export("deepseek2", {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+                                          **_MLA, **_MLP, **_EXPERTS, **_SHARED_EXPERTS},
+                            params=tuple(_ROUTER_BIAS.items()), hparams=_deepseek2, refuse=_mla_refuse),
+    "mixtral": Export("llama", {**BLOCK_NAMES, "ffn_gate_inp": "block_sparse_moe.gate",
+                                "ffn_gate_exps": "block_sparse_moe.switch_mlp.gate_proj",
+                                "ffn_up_exps": "block_sparse_moe.switch_mlp.up_proj",
+                                "ffn_down_exps": "block_sparse_moe.switch_mlp.down_proj"}, permuted_qk=True),
+    "glm4_moe": Export("glm4moe", {**_PRE_FFN_AS_POST_ATTN, **_ATTN, **_QK_NORM, **_MLP, **_EXPERTS,
+                                   **_SHARED_EXPERTS}, params=tuple(_ROUTER_BIAS.items()), hparams=_glm4moe),
+    "lfm2": Export("lfm2", _LFM2_BLOCK, top=_LFM2_TOP, hparams=_lfm2, refuse=_lfm2_refuse),
+    "lfm2_moe": Export("lfm2moe", {**{k: v for k, v in _LFM2_BLOCK.items() if not v.startswith("feed_forward.")},
+                                   "ffn_gate": "feed_forward.gate_proj", "ffn_up": "feed_forward.up_proj",
+                                   "ffn_down": "feed_forward.down_proj", "ffn_gate_inp": "feed_forward.gate",
+                                   "ffn_gate_exps": "feed_forward.switch_mlp.gate_proj",
+                                   "ffn_up_exps": "feed_forward.switch_mlp.up_proj",
+                                   "ffn_down_exps": "feed_forward.switch_mlp.down_proj"},
+                       params=(("feed_forward.expert_bias", "exp_probs_b.bias"),), top=_LFM2_TOP,
+                       hparams=_lfm2moe, refuse=_lfm2moe_refuse),
+}
+
+
+def gguf_tensor_name(spec: Export, name: str) -> tuple[str, str]:
+    """(GGUF name, its kind: the GGUF name inside the block or at the top) of an mlx-lm parameter;
+    a UserError naming it when llama.cpp's architecture has no place for it."""
+    match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
+    if match:
+        block, rest = match.groups()
+        exact = dict(spec.params).get(rest)
+        if exact:
+            return f"blk.{block}.{exact}", exact.rpartition(".")[0]
+        module, _, suffix = rest.rpartition(".")
+        kind = {v: k for k, v in spec.blocks.items()}.get(module)
+        if kind:
+            return f"blk.{block}.{kind}.{suffix}", kind
+    else:
+        module, _, suffix = name.rpartition(".")
+        kind = {v: k for k, v in spec.top}.get(module)
+        if kind:
+            return f"{kind}.{suffix}", kind
+    raise UserError(f"--format gguf: {spec.prefix}{name} has no place in llama.cpp's {spec.arch} "
+                    "architecture, so nothing was written; use --format mlx")
+
+
+def gguf_hparams(config: dict, shapes: dict) -> dict:
+    """The metadata written for a model (GGUFWriter.add_<key> -> value): what convert_hf_to_gguf.py's
+    TextModel writes for every family, then the architecture's own keys (Export.hparams)."""
+    c = text_config(config)
+    spec = EXPORTS[config["model_type"]]
+    heads = c["num_attention_heads"]
+    head_dim = c.get("head_dim") or c["hidden_size"] // heads
+    out = {"context_length": c.get("max_position_embeddings") or 4096, "embedding_length": c["hidden_size"],
+           "block_count": c["num_hidden_layers"],
+           "feed_forward_length": c.get("intermediate_size") or c.get("block_ff_dim"),
+           "head_count": heads, "head_count_kv": c.get("num_key_value_heads") or heads,
+           "rope_dimension_count": int(head_dim * c.get("partial_rotary_factor", 1.0))}
+    if head_dim != c["hidden_size"] // heads:
+        out.update(key_length=head_dim, value_length=head_dim)
+    out.update(layer_norm_rms_eps=c.get("rms_norm_eps", 1e-5), rope_freq_base=_rope_theta(c),
+               vocab_size=c["vocab_size"])
+    experts = c.get("num_experts") or c.get("num_local_experts") or c.get("n_routed_experts")
+    if experts:
+        out.update(expert_count=experts, expert_used_count=c["num_experts_per_tok"])
+    for key in ("attn_logit_softcapping", "final_logit_softcapping", "sliding_window"):
+        if c.get(key):
+            out[key] = c[key]
+    if spec.hparams:
+        out.update(spec.hparams(c, shapes))
+    return out

@@ -46,31 +46,57 @@ def _more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
-def tensor_type(name: str, shape: tuple[int, ...], quant: str, n_layer: int, tied: bool) -> str:
+# Never quantized by llama-quantize (tensor_allows_quantization): expert routers and the small
+# convolution taps; they keep the type the converter gave them (F32).
+KEEP = ("ffn_gate_inp.weight", "ssm_conv1d", "shortconv.conv.weight")
+_V_LIKE = ("attn_v.weight", "attn_qkv.weight", "attn_kv_b.weight")  # llama.cpp's category_is_attn_v
+
+
+def tensor_type(name: str, shape: tuple[int, ...], quant: str, n_layer: int, tied: bool,
+                v_index: tuple[int, int] | None = None, n_expert: int = 0) -> str:
     """The GGML type llama.cpp's `llama_model_quantize` gives tensor `name` (GGUF name, numpy shape
-    (rows, cols)) in a file of type `quant`, for a model of `n_layer` blocks: norms and other 1-D
-    tensors stay F32; output.weight (and token_embd.weight when tied to it) gets Q6_K, or Q8_0
-    where its rows are not a multiple of 256; _M puts Q6_K on attn_v / ffn_down of the layers
-    `_more_bits` picks; a type whose block does not divide the row falls back (FALLBACK)."""
+    (..., rows, cols)) in a file of type `quant`, for a model of `n_layer` blocks: norms, routers and
+    other 1-D tensors stay F32; output.weight (and token_embd.weight when tied to it) gets Q6_K, or
+    Q8_0 where its rows are not a multiple of 256; _M puts Q6_K on attn_v / ffn_down of the layers
+    `_more_bits` picks (attn_v counted among the attn_v tensors, `v_index` = (this one, how many),
+    as llama.cpp counts them: the layer index where every block has one); a model of 8 experts gets
+    Q8_0 on attn_v / attn_k; a type whose block does not divide the row falls back (FALLBACK)."""
     default = FILE_TYPES[quant][2]
-    if len(shape) < 2 or not name.endswith("weight") or "_norm.weight" in name:
+    if len(shape) < 2 or not name.endswith("weight") or "_norm.weight" in name or any(k in name for k in KEEP):
         return "F32"
     if default == "F16":
         return "F16"
     cols = shape[-1]
-    kind = next((k for k in ("attn_v.weight", "attn_qkv.weight", "ffn_down") if k in name), None)
+    kind = next((k for k in (*_V_LIKE, "ffn_down") if k in name), None)
     layer = int(name.split(".")[1]) if name.startswith("blk.") else 0
+    i, n = v_index if v_index and kind in _V_LIKE else (layer, n_layer)
     wanted = default
     if name == "output.weight" or (tied and name == "token_embd.weight"):
         # the block of the file's default type decides, then the fallback below may apply again
         wanted = "Q8_0" if cols % BLOCK[default][0] or default == "Q8_0" else "Q6_K"
-    elif quant in ("q4_k_m", "q5_k_m") and kind is not None and _more_bits(layer, n_layer):
+    elif n_expert == 8 and ("attn_v.weight" in name or "attn_k.weight" in name):
+        wanted = "Q8_0"  # llama.cpp: "for the 8-expert model, bumping this to Q8_0 trades just ~128MB"
+    elif n_expert == 8 and quant == "q4_k_m" and "attn_output.weight" in name:
+        wanted = "Q5_K"
+    elif quant in ("q4_k_m", "q5_k_m") and kind is not None and _more_bits(i, n):
         wanted = "Q6_K"
     if cols % BLOCK[wanted][0]:
         wanted = FALLBACK.get(wanted, "F16")
         if wanted == "F16" or cols % BLOCK[wanted][0]:
             return "F16"  # not even a multiple of 32: llama.cpp keeps such a matrix in F16
     return wanted
+
+
+def tensor_types(tensors: list[tuple[str, tuple]], quant: str, n_layer: int, n_expert: int = 0) -> dict[str, str]:
+    """tensor_type of every (GGUF name, shape) of a file, in file order, with what llama.cpp counts
+    over the whole model: whether output.weight is there (else token_embd is tied to it), the
+    attn_v-like tensors (a hybrid model has them in its attention blocks only), the expert count."""
+    names = [name for name, _ in tensors]
+    tied = "output.weight" not in names
+    v_like = [name for name in names if any(k in name for k in _V_LIKE)]
+    return {name: tensor_type(name, shape, quant, n_layer, tied,
+                              (v_like.index(name), len(v_like)) if name in v_like else None, n_expert)
+            for name, shape in tensors}
 
 
 # --------------------------------------------------------------------------- rounding as C does it

@@ -15,6 +15,7 @@ import mlx.core as mx
 import numpy as np
 
 from .pairs import TokenizedPairs
+from .step import StepBase
 # the pair readers and tokenizers, importable from here as before the split
 from .pairs import (Pair, PairSplits, answer_mask, load_pair_splits, read_pairs, tokenize_pair,  # noqa: F401
                     tokenize_pair_splits, tokenize_pairs)
@@ -186,7 +187,7 @@ def preference_scores(policy: np.ndarray, ref: np.ndarray | None, answer_tokens:
 # --- the optimizer step on pairs -------------------------------------------------------------
 
 
-class PairStep:
+class PairStep(StepBase):
     """step.Step for preference pairs: the same call, `step(micro_batches, lr, index) ->
     StepResult`, over micro-batches of pair indexes (packed into rows or not). Each micro-batch is
     one forward pass over both sides of its pairs; its summed pair losses are divided by the pairs
@@ -206,21 +207,12 @@ class PairStep:
         import mlx.nn as nn
         from mlx.utils import tree_map
 
-        from .loss import loss_fn
-        from .step import compile_step
-
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        self.model, self.optimizer, self.examples = model, optimizer, pairs
+        super().__init__(model, optimizer, pairs, seed=seed, max_grad_norm=max_grad_norm, flat=flat,
+                         rank=rank, world=world, nan_at=nan_at)
         self.ref = np.zeros((len(pairs), 2), np.float32) if ref is None else np.asarray(ref, np.float32)
-        from .backend import device_kind
-
-        self.seed, self.pack_target, self.rank, self.world = seed, pack_target, rank, world
-        self.device = device_kind()
-        self.max_norm = mx.array(max_grad_norm or float("inf"), dtype=mx.float32)
-        self.nan_at = frozenset(nan_at)
-        self.state = [model.state, optimizer.state, mx.random.state]
-        self.update = compile_step(model, optimizer, self.state, loss_fn, flat)[2]
+        self.pack_target = pack_target
         self._stats, self._pairs = np.zeros(4), 0
         loss = partial(pair_loss, method=method, beta=beta, mask_dtype=mask_dtype)
         lvg = nn.value_and_grad(model, loss)
@@ -237,13 +229,6 @@ class PairStep:
 
         self.grad, self.eval_loss = grad, eval_loss
 
-    def begin(self, micro_batches, index: int = 0):
-        """The loss scale (1 / pairs of the whole group) and that pair count; reseeds MLX's
-        generator from (seed, index) as step.Step does (dropout masks independent of history)."""
-        from .step import begin_step
-
-        pairs = sum(len(mb) for mb in micro_batches)
-        return begin_step(self.model, pairs, index, self.seed, self.nan_at), pairs
 
     def batches(self, micro_batches) -> list:
         """This process's share of each micro-batch as (arrays, reference rows, non-padding tokens);
@@ -271,30 +256,19 @@ class PairStep:
     def gradients(self, micro_batches, index: int = 0):
         """(gradients, summed loss, summed statistics, group pairs, non-padding tokens) of one
         step, summed over micro-batches and processes; nothing is updated."""
-        from mlx.utils import tree_map
-
-        from .step import all_sum_tree
-
-        scale, pairs = self.begin(micro_batches, index)
+        pairs = sum(len(mb) for mb in micro_batches)  # weighted by pairs: 1 / pairs of the whole group
+        scale = self.begin(pairs, index)
         acc, total, stats, real = None, mx.array(0.0), mx.zeros(4), 0
         for batch, ref, n in self.batches(micro_batches):
             t, st, acc = self.grad(batch, ref, scale, acc)
             total, stats, real = total + t, stats + st, real + n
             mx.eval(acc, total, stats)
-        if self.world > 1:
-            if acc is None:
-                acc = tree_map(mx.zeros_like, self.model.trainable_parameters())
-            acc = all_sum_tree(acc)
-            total, stats = mx.distributed.all_sum(total), mx.distributed.all_sum(stats)
+        acc, total, stats = self.all_reduce(acc, total, stats)
         return acc, total, stats, pairs, real
 
     def __call__(self, micro_batches, lr: float, index: int = 0):
-        from .step import StepResult
-
         acc, total, stats, pairs, real = self.gradients(micro_batches, index)
-        norm = self.update(acc, total, mx.array(lr, dtype=mx.float32), self.max_norm)
-        mx.eval(self.state, total, norm, stats)
-        result = StepResult(total.item() / pairs, pairs, real, norm.item())
+        result = self.finish(acc, total, lr, pairs, real, stats)
         if result.finite:
             self._stats += np.array(stats, dtype=np.float64)
             self._pairs += pairs
@@ -323,41 +297,3 @@ class PairStep:
         if self.world > 1:
             total, stats = mx.distributed.all_sum(total), mx.distributed.all_sum(stats)
         return total.item() / len(pairs), pair_records(np.array(stats), len(pairs))
-
-
-# --- what the run's setup calls (setup.py) ---------------------------------------------------
-
-
-def make_pair_step(run) -> PairStep:
-    """The run's PairStep. DPO's reference log-probabilities of the train and validation pairs
-    are computed here, once, with the adapters switched off: in a fixed layout, so a resumed run
-    computes the same bits."""
-    from . import faults
-
-    t = run.cfg.training
-    ref = val_ref = None
-    if t.method == "dpo":
-        ref = reference_logps(run.model, run.train_set, t.batch_size)
-        val_ref = reference_logps(run.model, run.val_set, t.batch_size) if len(run.val_set) else None
-    step = PairStep(run.model, run.optimizer, run.train_set, ref, method=t.method, beta=t.beta,
-                    seed=t.seed, max_grad_norm=t.max_grad_norm, pack_target=run.pack_target,
-                    mask_dtype=run.mask_dtype, rank=run.rank, world=run.world, nan_at=faults.nan_steps())
-    step.val_ref = val_ref
-    return step
-
-
-def plan_config(cfg):
-    """The configuration the memory planner (plan.py) predicts a pair run's step with: `cfg`
-    itself for SFT; for pairs, twice the rows (a micro-batch of B pairs is 2B sequences; packed,
-    lengths() already counts both sides) and no chunked output layer (pair log-probabilities
-    need every sequence's logits: sequence_logps)."""
-    import copy
-
-    if cfg.training.method == "sft":
-        return cfg
-    c = copy.deepcopy(cfg)
-    if not c.training.pack:
-        c.training.batch_size *= 2
-        c.training.batch_tokens = c.training.batch_tokens and c.training.batch_tokens * 2
-    c.training.chunked_ce = "off"
-    return c

@@ -79,13 +79,15 @@ class Progress:
             except ImportError:  # tqdm.notebook without ipywidgets
                 self.bar = tqdm(total=total, initial=initial, unit="step", file=self.stream)
 
-    def update(self, step: int, epoch: float, loss: float, tok_per_s: float, peak_gb: float) -> None:
+    def update(self, step: int, epoch: float, loss: float, tok_per_s: float, peak_gb: float,
+               extra: dict | None = None) -> None:
+        """`extra`: the objective's own fields (step.progress(): GRPO's reward), shown after the loss."""
         self.n = step
         now = self.clock()
         if self._steady is None and step - self._n0 >= WARMUP_STEPS:
             self._steady = (now, step)
         eta = steady_eta(*self._steady, now, step, self.total) if self._steady else None
-        fields = {"epoch": f"{epoch:.2f}", "loss": f"{loss:.4f}", "tok/s": f"{tok_per_s:,.0f}",
+        fields = {"epoch": f"{epoch:.2f}", "loss": f"{loss:.4f}", **(extra or {}), "tok/s": f"{tok_per_s:,.0f}",
                   "peak": f"{peak_gb:.2f}GB"}
         if self.bar is not None:
             self.bar.set_postfix(fields, refresh=False)

@@ -26,6 +26,8 @@ COLORS = {"train_loss": "#1f77b4", "val_loss": "#ff7f0e", "lr": "#2ca02c", "tok_
 # Preference runs (--method dpo|orpo) also log rewards; their panel is drawn only when they are there.
 REWARD_COLORS = {"reward_accuracy": "#8c564b", "val_reward_accuracy": "#e377c2",
                  "reward_margin": "#17becf", "val_reward_margin": "#bcbd22"}
+# GRPO runs (--method grpo) log their sampled answers' rewards; drawn only when they are there.
+GRPO_COLORS = {"reward": "#8c564b", "val_reward": "#e377c2", "zero_std_groups": "#7f7f7f"}
 # panel file name -> (title, y label, curves as (metric key, label))
 PANELS = {
     "loss": ("Loss", "cross-entropy per target token",
@@ -36,7 +38,11 @@ PANELS = {
     "rewards": ("Preference rewards", "accuracy (share) / mean margin",
                 [("reward_accuracy", "train accuracy"), ("val_reward_accuracy", "validation accuracy"),
                  ("reward_margin", "train margin"), ("val_reward_margin", "validation margin")]),
+    "grpo": ("GRPO rewards", "mean reward / share of groups",
+             [("reward", "sampled (train)"), ("val_reward", "greedy (validation)"),
+              ("zero_std_groups", "groups with equal rewards")]),
 }
+OPTIONAL = {"rewards": REWARD_COLORS, "grpo": GRPO_COLORS}  # panels drawn only for the runs that log them
 
 
 @dataclass
@@ -64,16 +70,17 @@ def load_series(run_dir: str | Path) -> Series:
     """Read metrics.jsonl; a torn last line (a run killed mid-write) is skipped, and a step
     logged twice keeps its last value."""
     path = metrics_path(run_dir)
-    by_key: dict[str, dict[int, float]] = {k: {} for k in {**COLORS, **REWARD_COLORS}}
+    by_key: dict[str, dict[int, float]] = {k: {} for k in {**COLORS, **REWARD_COLORS, **GRPO_COLORS}}
     for rec in read_metrics(path):
         if not isinstance(rec.get("step"), int):
             continue
         if rec.get("event") == "train":
-            for key in ("lr", "tok_per_s", "peak_mem_gb", "reward_accuracy", "reward_margin"):
+            for key in ("lr", "tok_per_s", "peak_mem_gb", "reward_accuracy", "reward_margin", "reward",
+                        "zero_std_groups"):
                 _put(by_key[key], rec, key, key)
             _put(by_key["train_loss"], rec, "loss", "train_loss")
         elif rec.get("event") == "val":
-            for key in ("val_loss", "val_reward_accuracy", "val_reward_margin"):
+            for key in ("val_loss", "val_reward_accuracy", "val_reward_margin", "val_reward"):
                 _put(by_key[key], rec, key, key)
     if not by_key["train_loss"] and not by_key["val_loss"]:
         raise UserError(f"{path}: no train or val records yet; wait for the first logged step "
@@ -96,7 +103,7 @@ def _draw_panel(ax, series: Series, name: str) -> None:
             continue
         # A single point would be an invisible line: mark points when there are few.
         marker = "o" if len(steps) <= 20 else None
-        ax.plot(steps, values, color={**COLORS, **REWARD_COLORS}[key], label=label, marker=marker, markersize=4,
+        ax.plot(steps, values, color={**COLORS, **REWARD_COLORS, **GRPO_COLORS}[key], label=label, marker=marker, markersize=4,
                 linewidth=1.8, gid=key)
         drawn += 1
     from matplotlib.ticker import MaxNLocator
@@ -128,7 +135,7 @@ def plot_run(run_dir: str | Path, path: str | Path | None = None):
     series = load_series(run_dir)
     fig = _new_figure((11, 7.5))
     axes = fig.subplots(2, 2)
-    for ax, name in zip(axes.flat, PANELS):
+    for ax, name in zip(axes.flat, [n for n in PANELS if n not in OPTIONAL]):
         _draw_panel(ax, series, name)
     fig.suptitle(f"run {Path(run_dir).resolve().name}")
     if path is not None:
@@ -201,8 +208,8 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
     out.mkdir(parents=True, exist_ok=True)
     images = {}
     for name in PANELS:
-        if name == "rewards" and not any(series.get(k)[0] for k in REWARD_COLORS):
-            continue  # not a preference run
+        if name in OPTIONAL and not any(series.get(k)[0] for k in OPTIONAL[name]):
+            continue  # not a preference (GRPO) run
         plot_panel(run_dir, name, out / f"{name}.png", series=series)
         images[name] = out / f"{name}.png"
     if plot_memory_trace(run_dir, out / "resident.png") is not None:  # only runs that log it (bench/soak.py)

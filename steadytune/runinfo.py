@@ -21,9 +21,6 @@ MUST_MATCH = {
     "training": ["batch_size", "batch_tokens", "pack", "grad_accumulation", "seed"],
     "model": ["quantize", "group_size", "dtype"],
 }
-# The objective: a checkpoint and best/ are judged by its loss, so none of it may change on resume.
-# beta and the reference mean nothing to sft, so they are compared for preference runs only.
-OBJECTIVE = {"sft": ["method"], "dpo": ["method", "beta", "reference"], "orpo": ["method", "beta"]}
 
 
 def new_run_dir(root: str | Path = "runs") -> Path:
@@ -179,7 +176,9 @@ def model_changes(old, new: dict) -> list[str]:
 
 def compare_for_resume(saved: dict, cfg: Config, fingerprints: dict, adapter_config: dict, where) -> None:
     """Refuse a resume whose model, data, LoRA shape, batching or objective (method, beta,
-    reference) differ; log safe changes."""
+    reference, GRPO's sampling and rewards) differ; log safe changes."""
+    from .objectives import objective_of
+
     old = saved.get("config", {})
     new = cfg.to_dict()
     problems = []
@@ -194,11 +193,14 @@ def compare_for_resume(saved: dict, cfg: Config, fingerprints: dict, adapter_con
             a, b = old.get(sec, {}).get(k, defaults[sec][k]), new[sec][k]
             if a != b:
                 problems.append(f"  {sec}.{k}: {a!r} in the checkpoint, {b!r} now")
+    # The objective: a checkpoint and best/ are judged by it, so none of it may change on resume
+    # (objectives.Objective.resume_keys: beta means nothing to sft, so it is compared where it counts).
     method = old.get("training", {}).get("method", defaults["training"]["method"])
-    for k in OBJECTIVE.get(method, OBJECTIVE["dpo"]):
-        a, b = old.get("training", {}).get(k, defaults["training"][k]), new["training"][k]
-        if a != b:
-            problems.append(f"  training.{k}: {a!r} in the checkpoint, {b!r} now (the objective would change)")
+    for sec, keys in objective_of(method).resume_keys.items():
+        for k in keys:
+            a, b = old.get(sec, {}).get(k, defaults[sec][k]), new[sec][k]
+            if a != b:
+                problems.append(f"  {sec}.{k}: {a!r} in the checkpoint, {b!r} now (the objective would change)")
     if saved.get("adapter_config", {}).get("lora_parameters", {}).get("keys") != \
             adapter_config["lora_parameters"]["keys"]:
         problems.append("  the adapted layers differ")

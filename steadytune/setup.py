@@ -17,56 +17,22 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-import numpy as np
 
 from . import checkpoint as ckpt
-from . import faults, runlock
+from . import runlock
 from .batching import merge_group, row_target
 from .config import Config
-from .data import Splits, Tokenized, check_template, load_splits, tokenize_all, use_chat_template
-from .data import val_subset as data_val_subset
+from .data import Splits, use_chat_template
 from .errors import UserError
-from .pairs import load_pair_splits, tokenize_pair_splits
-from .preference import make_pair_step, plan_config
-from .progress import check_sinks, truncate_metrics
-from .runinfo import compare_for_resume, model_fingerprint, new_run_dir
-from .step import Step
-
-
-@dataclass
-class TrainState:
-    """Where a run is; saved in every checkpoint's state.json and restored on resume."""
-
-    step: int = 0                      # optimizer steps done
-    epoch: int = 0
-    pos: int = 0                       # steps done in this epoch
-    best_val_loss: float | None = None
-    bad_evals: int = 0                 # validations since the best one (early stopping)
-    nonfinite: int = 0                 # non-finite steps in a row
-
-    @classmethod
-    def from_saved(cls, saved: dict) -> "TrainState":
-        return cls(**{k: saved[k] for k in cls.__dataclass_fields__})
-
-    def advance(self, epoch_steps: int) -> None:
-        """One step done, in an epoch of `epoch_steps` steps; the next epoch has a new order."""
-        self.step, self.pos = self.step + 1, self.pos + 1
-        if self.pos == epoch_steps:
-            self.epoch, self.pos = self.epoch + 1, 0
-
-    def track_best(self, val: float) -> bool:
-        """Note a validation loss; True when it is the best so far."""
-        if self.best_val_loss is None or val < self.best_val_loss:
-            self.best_val_loss, self.bad_evals = val, 0
-            return True
-        self.bad_evals += 1
-        return False
+from .objectives import Objective, objective_of
+from .progress import check_sinks
+from .resume import TrainState, restore
+from .runinfo import model_fingerprint, new_run_dir
 
 
 @dataclass
@@ -74,11 +40,12 @@ class Run:
     """What `setup` built: a plain object, read by the loop (trainer.py) and by `make_step`."""
 
     cfg: Config
+    objective: Objective               # objectives.py: what the method supplies (data, step, validation)
     run_dir: Path
     resume_from: Path | None
     splits: Splits
-    train_set: Tokenized
-    val_set: Tokenized
+    train_set: object                  # the objective's tokenized data (data.Tokenized, pairs, prompts)
+    val_set: object
     loaded: object                     # model.LoadedModel: model, tokenizer, config, source, kind
     adapter_config: dict
     compute: dict                      # qlora.apply_compute's result, plus ce_chunk
@@ -111,32 +78,32 @@ def _setup(cfg: Config, rank: int, world: int) -> Run:
         raise UserError("no training data: pass --data FILE_OR_FOLDER (JSONL with chat, "
                         "prompt/completion, text or alpaca records)")
     check_sinks(cfg.output.log_to)  # a missing wandb/mlflow package: said now, not after the model loads
-    splits = (load_splits if t.method == "sft" else load_pair_splits)(
-        cfg.data.path, cfg.data.valid_fraction, t.seed, cfg.data.max_examples)
+    objective = objective_of(t.method)
+    splits = objective.read(cfg)
     source = resolve_source(cfg.model.path)
     checked = check_source(*source)  # before the planner reads the model's files; a folder's tokenizer
     run_dir, resume_from = run_folder(cfg, world)
     tokenizer = checked if checked is not None else source_tokenizer(cfg.model.path, source)
-    sets = tokenize_splits(cfg, splits, tokenizer)
+    sets = objective.tokenize(cfg, splits, tokenizer)
     timings["data_s"] = time.perf_counter() - tic
 
     tic = time.perf_counter()
-    merge = check_memory(cfg, source, sets[0].lengths().tolist() if sets else [])
+    merge = objective.check_memory(cfg, source, objective.plan_lengths(cfg, sets[0]) if sets else [])
     timings["plan_s"] = time.perf_counter() - tic
 
     tic = time.perf_counter()
     loaded = load_base(cfg.model, source, checked)  # a folder's tokenizer is not loaded again
     use_chat_template(loaded.tokenizer, cfg.data)  # --chat-template: on the tokenizer the run answers with too
     if sets is None or _eos(tokenizer) != _eos(loaded.tokenizer):  # the end-of-turn tokens decide the ids
-        sets = tokenize_splits(cfg, splits, loaded.tokenizer)
+        sets = objective.tokenize(cfg, splits, loaded.tokenizer)
     train_set, val_set = sets
     adapter_config = apply_lora(loaded.model, cfg.lora, t.seed)
     adapter_config["base_model"] = loaded.source
-    compute, mask_dtype, pack_target = apply_compute_options(loaded.model, cfg)
+    compute, mask_dtype, pack_target = apply_compute_options(loaded.model, cfg, objective)
     optimizer = optim.AdamW(learning_rate=t.learning_rate, weight_decay=t.weight_decay)
     optimizer.init(loaded.model.trainable_parameters())
     timings["load_s"] = time.perf_counter() - tic
-    run = Run(cfg, run_dir, resume_from, splits, train_set, val_set, loaded, adapter_config, compute,
+    run = Run(cfg, objective, run_dir, resume_from, splits, train_set, val_set, loaded, adapter_config, compute,
               pack_target, mask_dtype, optimizer,
               {"data": splits.fingerprint,  # hashed as the files were read: each read once
                "model": model_fingerprint(loaded.source, loaded.kind)},
@@ -148,40 +115,17 @@ def _setup(cfg: Config, rank: int, world: int) -> Run:
     return run
 
 
-def make_step(run: Run, optimizer=None) -> Step:
-    """The run's Step (with `optimizer` instead of the run's, if given)."""
-    t = run.cfg.training
+def make_step(run: Run, optimizer=None):
+    """The run's step (objectives.py), with `optimizer` instead of the run's, if given."""
     if optimizer is not None:
         run.optimizer = optimizer
-    if t.method != "sft":  # preference pairs (DPO, ORPO): the same interface
-        return make_pair_step(run)
-    return Step(run.model, run.optimizer, run.train_set, seed=t.seed, max_grad_norm=t.max_grad_norm,
-                pack_target=run.pack_target, merge=run.merge,
-                ce_chunk=run.compute["ce_chunk"], mask_dtype=run.mask_dtype,
-                rank=run.rank, world=run.world, nan_at=faults.nan_steps())
-
-
-def tokenize_splits(cfg: Config, splits: Splits, tokenizer) -> tuple[Tokenized, Tokenized] | None:
-    """(train, validation) token ids and loss masks; None without a tokenizer."""
-    if cfg.training.method != "sft":
-        return tokenize_pair_splits(cfg, splits, tokenizer)
-    if tokenizer is None:
-        return None
-    splits.notes += check_template(splits, tokenizer, cfg.data)  # system turns folded; one file:line per template failure
-    tok = partial(tokenize_all, tokenizer=tokenizer, max_seq_length=cfg.data.max_seq_length,
-                  overlong=cfg.data.overlong, train_on_prompt=cfg.data.train_on_prompt)
-    return tok(splits.train), tok(val_subset(cfg, splits.valid))
+    return run.objective.make_step(run)
 
 
 def _eos(tokenizer) -> set:
     """End-of-sequence ids: mlx-lm's loader adds those of the model's config (and
     generation_config.json) to the tokenizer's own."""
     return set(getattr(tokenizer, "eos_token_ids", None) or []) | {getattr(tokenizer, "eos_token_id", None)}
-
-
-def val_subset(cfg: Config, valid: list) -> list:
-    """A seeded `val_max_examples` of the validation examples, in their order (all if fewer)."""
-    return data_val_subset(valid, cfg.data.val_max_examples, cfg.training.seed)
 
 
 def run_folder(cfg: Config, world: int = 1) -> tuple[Path, Path | None]:
@@ -214,13 +158,14 @@ def newest_run() -> Path:
     return runs[-1]
 
 
-def check_memory(cfg: Config, source, lengths: list) -> int:
+def check_memory(cfg: Config, source, lengths: list, objective: Objective | None = None) -> int:
     """Refuse a configuration the planner predicts will not fit (unless --force), planned with the
     resolved model source and the training examples' token lengths ([]: not known yet). Returns
     how many micro-batches of a step run as one call (merged_calls)."""
     from .backend import limit_cache
     from .plan import check_fits
 
+    plan_config = (objective or objective_of(cfg.training.method)).plan_config
     plan = check_fits(plan_config(cfg), data_stats=lengths, source=source)
     merge = merged_calls(cfg, plan, lambda c: check_fits(plan_config(c), data_stats=lengths, source=source,
                                                          quiet=True))
@@ -236,7 +181,7 @@ def merged_calls(cfg: Config, plan, plan_of) -> int:
     merged call (`plan_of(config)`) says fit; 1 without a plan (nothing known, nothing risked)."""
     t = cfg.training
     if not t.pack or t.grad_accumulation == 1 or t.merge_micro_batches == "off" or plan is None \
-            or t.method != "sft":
+            or not objective_of(t.method).merges:
         return 1
     return merge_group(t.grad_accumulation, lambda g: (p := plan_of(merged_config(cfg, g))) is not None and p.fits)
 
@@ -250,7 +195,8 @@ def merged_config(cfg: Config, merge: int) -> Config:
     return dataclasses.replace(cfg, training=training)
 
 
-def apply_compute_options(model: nn.Module, cfg: Config, **compute_args) -> tuple[dict, object, int]:
+def apply_compute_options(model: nn.Module, cfg: Config, objective: Objective | None = None,
+                          **compute_args) -> tuple[dict, object, int]:
     """QLoRA compute mode, loss chunking, packing's mask dtype and gradient checkpointing, as the
     trainer runs them; compute_args go to qlora.apply_compute (a bench's kernel or A/B options).
     Returns (compute dict with "ce_chunk", packed mask dtype, positions per packed row or 0 when
@@ -261,7 +207,7 @@ def apply_compute_options(model: nn.Module, cfg: Config, **compute_args) -> tupl
     compute = apply_compute(model, cfg.model.compute, **compute_args)
     compute["ce_chunk"] = loss_chunk(model, cfg.training.chunked_ce)
     mask_dtype, pack_target = mx.float32, 0
-    if cfg.training.pack:
+    if cfg.training.pack and (objective or objective_of(cfg.training.method)).packs:
         from .backend import device_kind
         from .batching import width_bucket
         from .packing import prepare, why_not_packable
@@ -276,14 +222,3 @@ def apply_compute_options(model: nn.Module, cfg: Config, **compute_args) -> tupl
     if cfg.training.grad_checkpoint:
         checkpoint_blocks(model)
     return compute, mask_dtype, pack_target
-
-
-def restore(run: Run, path: Path) -> None:
-    same_run = partial(compare_for_resume, cfg=run.cfg, fingerprints=run.fingerprints,
-                       adapter_config=run.adapter_config)  # checked before the tensors
-    saved, path = ckpt.load_good(path, run.model, run.optimizer, lambda s, p: same_run(s, where=p))
-    run.optimizer.init(run.model.trainable_parameters())
-    run.state = TrainState.from_saved(saved)
-    if run.rank == 0:
-        truncate_metrics(run.run_dir / "metrics.jsonl", saved["step"])
-    print(f"resuming from {path} (step {saved['step']}, epoch {saved['epoch']})")

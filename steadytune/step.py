@@ -49,7 +49,55 @@ class StepResult(NamedTuple):
         return math.isfinite(self.loss) and math.isfinite(self.norm)
 
 
-class Step:
+class StepBase:
+    """What every objective's step shares (step.Step for SFT, preference.PairStep, grpo.GRPOStep):
+    the model, optimizer and random state its compiled functions read and write; the seeded start
+    of a step (begin_step); the all-reduce of gradients across processes; and the clipped update
+    with its non-finite guard (compile_step's `update`). A subclass adds how its micro-batches
+    become arrays and gradients, and `window()`, its own statistics for metrics.jsonl."""
+
+    def __init__(self, model: nn.Module, optimizer, examples, *, seed: int = 0,
+                 max_grad_norm: float | None = None, flat: bool = True, rank: int = 0, world: int = 1,
+                 nan_at=frozenset()):
+        from .backend import device_kind
+
+        self.model, self.optimizer, self.examples = model, optimizer, examples
+        self.seed, self.rank, self.world, self.device = seed, rank, world, device_kind()
+        self.max_norm = mx.array(max_grad_norm or float("inf"), dtype=mx.float32)
+        self.nan_at = frozenset(nan_at)
+        self.shapes = {"train": set(), "val": set()}  # distinct input shapes: each compiles once
+        self.state = [model.state, optimizer.state, mx.random.state]
+        self.update = compile_step(model, optimizer, self.state, loss_fn, flat)[2]
+
+    def begin(self, count: int, index: int) -> mx.array:
+        """The loss scale 1 / count of a step (begin_step: reseeded, training mode)."""
+        return begin_step(self.model, count, index, self.seed, self.nan_at)
+
+    def all_reduce(self, acc, *sums):
+        """Gradients and sums added over processes (a rank with no rows adds zeros)."""
+        if self.world == 1:
+            return (acc, *sums)
+        if acc is None:
+            acc = tree_map(mx.zeros_like, self.model.trainable_parameters())
+        return (all_sum_tree(acc), *(mx.distributed.all_sum(x) for x in sums))
+
+    def finish(self, acc, total, lr: float, count: int, real: int, *more) -> StepResult:
+        """The clipped update from summed gradients; StepResult with loss total / count."""
+        norm = self.update(acc, total, mx.array(lr, dtype=mx.float32), self.max_norm)
+        mx.eval(self.state, total, norm, *more)
+        return StepResult(total.item() / count, count, real, norm.item())
+
+    def window(self) -> dict:
+        """The objective's own statistics since the last call, as metrics fields: none for SFT
+        (the loop reports the loss)."""
+        return {}
+
+    def progress(self) -> dict:
+        """The objective's own fields of the progress line after each step (text): none for SFT."""
+        return {}
+
+
+class Step(StepBase):
     """One optimizer step over micro-batches of `examples` (a data.Tokenized: ids and masks).
 
     seed: dropout masks are drawn from (seed, step index), so a resumed run draws the same ones.
@@ -67,28 +115,21 @@ class Step:
                  ce_chunk: int = 0,
                  mask_dtype=mx.float32, flat: bool = True, rank: int = 0, world: int = 1,
                  nan_at=frozenset()):
-        self.model, self.optimizer, self.examples = model, optimizer, examples
-        from .backend import device_kind
-
-        self.seed, self.pack_target, self.rank, self.world = seed, pack_target, rank, world
-        self.merge, self.device = merge, device_kind()
-        self.max_norm = mx.array(max_grad_norm or float("inf"), dtype=mx.float32)
-        self.nan_at = frozenset(nan_at)
-        self.shapes = {"train": set(), "val": set()}  # distinct input shapes: each compiles once
-        self.fused = fuses_update(world)
-        self.state = [model.state, optimizer.state, mx.random.state]
+        super().__init__(model, optimizer, examples, seed=seed, max_grad_norm=max_grad_norm, flat=flat,
+                         rank=rank, world=world, nan_at=nan_at)
+        self.pack_target, self.merge, self.fused = pack_target, merge, fuses_update(world)
         loss = partial(loss_fn, chunk=ce_chunk, mask_dtype=mask_dtype)
         self.grad, self.grad_apply, self.update, self.eval_loss = compile_step(
             model, optimizer, self.state, loss, flat)
 
     # --- inputs ----------------------------------------------------------------------------------
 
-    def begin(self, micro_batches, index: int = 0) -> tuple[mx.array, int]:
+    def begin_group(self, micro_batches, index: int = 0) -> tuple[mx.array, int]:
         """The loss scale (1 / target tokens of the whole group) and that token count; reseeds
         MLX's generator from (seed, index): dropout then does not depend on what ran before."""
         masks = self.examples.masks
         group_tokens = sum(int(sum(masks[i][1:])) for mb in micro_batches for i in mb)
-        return begin_step(self.model, group_tokens, index, self.seed, self.nan_at), group_tokens
+        return self.begin(group_tokens, index), group_tokens
 
     def batches(self, micro_batches) -> list[Batch]:
         """This process's share of each call (merged micro-batches), padded or packed into arrays."""
@@ -120,15 +161,12 @@ class Step:
         """Gradients of one step, summed over its micro-batches (and processes), each micro-batch's
         summed loss divided by the target tokens of the whole group. Returns (gradients, summed
         loss, group target tokens, non-padding tokens); nothing is updated."""
-        scale, group_tokens = self.begin(micro_batches, index)
+        scale, group_tokens = self.begin_group(micro_batches, index)
         batches = self.batches(micro_batches)
         acc, total = self._sum_grads(batches, scale)
         real = sum(b.real for b in batches)
-        if self.world > 1:  # the token-weighted rule across ranks: sum, already divided by the global count
-            if acc is None:
-                acc = tree_map(mx.zeros_like, self.model.trainable_parameters())
-            acc = all_sum_tree(acc)
-            total = mx.distributed.all_sum(total)
+        # the token-weighted rule across ranks: sum, already divided by the global count
+        acc, total = self.all_reduce(acc, total)
         return acc, total, group_tokens, real
 
     def _sum_grads(self, batches, scale, acc=None):
@@ -171,18 +209,16 @@ class Step:
 
     def __call__(self, micro_batches, lr: float, index: int = 0) -> StepResult:
         """One optimizer step at learning rate `lr`; `index` is the step's number (0-based)."""
-        lr = mx.array(lr, dtype=mx.float32)
         if not self.fused:
             acc, total, group_tokens, real = self.gradients(micro_batches, index)
-            norm = self.update(acc, total, lr, self.max_norm)
-        else:
-            scale, group_tokens = self.begin(micro_batches, index)
-            batches = self.batches(micro_batches)
-            real = sum(b.real for b in batches)
-            acc, total = self._sum_grads(batches[:-1], scale)
-            last = batches[-1]
-            total, norm = self.grad_apply(last.inputs, last.targets, last.mask, last.segments, scale,
-                                          acc, total, lr, self.max_norm)
+            return self.finish(acc, total, lr, group_tokens, real)
+        scale, group_tokens = self.begin_group(micro_batches, index)
+        batches = self.batches(micro_batches)
+        real = sum(b.real for b in batches)
+        acc, total = self._sum_grads(batches[:-1], scale)
+        last = batches[-1]
+        total, norm = self.grad_apply(last.inputs, last.targets, last.mask, last.segments, scale,
+                                      acc, total, mx.array(lr, dtype=mx.float32), self.max_norm)
         mx.eval(self.state, total, norm)
         return StepResult(total.item() / group_tokens, group_tokens, real, norm.item())
 

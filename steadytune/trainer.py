@@ -17,11 +17,10 @@ import math
 import re
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
-import numpy as np
 
 from . import checkpoint as ckpt
 from . import faults
@@ -29,7 +28,8 @@ from .batching import layout_padding, lr_at, merge_micro_batches, padding_fracti
 from .config import Config, apply_overrides, load_yaml
 from .errors import UserError
 from .progress import Metrics, Progress
-from .setup import Run, TrainState, make_step, setup
+from .resume import TrainState, snapshot
+from .setup import Run, make_step, setup
 from .step import StepResult
 
 
@@ -51,6 +51,7 @@ class TrainResult:
     best_val_loss: float | None
     stopped: str                      # "completed", "max_steps", "early_stopping"
     history: list = field(default_factory=list)
+    final_val: dict = field(default_factory=dict)  # the last validation's records (val_loss; GRPO: val_reward, ...)
 
     def plot(self, path=None):
         """Draw the run's metrics (train/val loss, lr, tokens/s, memory) as a figure."""
@@ -113,10 +114,10 @@ class Trainer:
                     if self.validate_and_checkpoint(total):
                         stopped = "early_stopping"
                         break
-            final_val = self.evaluate() if self.run.val_set.ids else None  # valid_fraction 0: no validation
-            if final_val is not None:
-                self.metrics.log({"event": "val", "step": self.state.step, "val_loss": final_val, "final": True,
-                                  **self.val_rewards})
+            records = {}
+            if len(self.run.val_set):  # valid_fraction 0: no validation
+                _, records = self.evaluate()
+                self.metrics.log({"event": "val", "step": self.state.step, **records, "final": True})
             if shapes := getattr(self.step, "shapes", None):
                 self.metrics.log({"event": "end", "step": self.state.step, "step_shapes": len(shapes["train"]),
                                   "val_shapes": len(shapes["val"])})
@@ -126,7 +127,7 @@ class Trainer:
         finally:
             self.bar.close()
             self.metrics.close()
-        return self._finish(stopped, final_val)
+        return self._finish(stopped, records)
 
     def total_steps(self) -> int:
         """Optimizer steps of the whole run (with a token budget the step count can differ a
@@ -203,13 +204,13 @@ class Trainer:
         epoch_f = s.epoch + s.pos / self.per_epoch
         mean = w["loss"] / w["tokens"] if w["tokens"] else float("nan")
         self.last_loss = mean
-        self.bar.update(s.step, epoch_f, mean, tps, peak)
+        self.bar.update(s.step, epoch_f, mean, tps, peak, self.step.progress())
         if s.step % t.log_every == 0 or s.step == total:
             self.metrics.log({"event": "train", "step": s.step, "epoch": round(epoch_f, 4), "loss": mean,
                               "tokens": w["tokens"], "lr": lr_at(s.step - 1, t.learning_rate,
                                                                  t.warmup_steps, total, t.lr_schedule),
                               "tok_per_s": round(tps, 1), "peak_mem_gb": round(peak, 3),
-                              **(self.step.window() if hasattr(self.step, "window") else {})})  # pairs: rewards
+                              **self.step.window()})  # the objective's own statistics (rewards, ...)
             w.update(loss=0.0, tokens=0, real=0, time=0.0)
         return mean
 
@@ -218,14 +219,15 @@ class Trainer:
         of an epoch, at a new best, on a signal); True when early stopping says to stop."""
         s, t, run = self.state, self.cfg.training, self.run
         improved = False
-        if t.eval_every and s.step % t.eval_every == 0 and s.step < total and run.val_set.ids:
-            val = self.evaluate()
+        if t.eval_every and s.step % t.eval_every == 0 and s.step < total and len(run.val_set):
+            val, records = self.evaluate()
             # Validation's buffers (other shapes than the step's) would stay in MLX's cache beside
             # the step's, and the cache creeps up validation after validation (bench/soak.py);
             # freed here, it holds about one step's worth. Costs one re-allocation per validation.
             mx.clear_cache()
-            self.metrics.log({"event": "val", "step": s.step, "val_loss": val, **self.val_rewards})
-            self.bar.write(f"step {s.step}: val_loss {val:.4f}")
+            self.metrics.log({"event": "val", "step": s.step, **records})
+            first = next(iter(records))
+            self.bar.write(f"step {s.step}: {first} {records[first]:.4f}")
             improved = s.track_best(val)
         due = (t.save_every and s.step % t.save_every == 0) or s.pos == 0 or improved
         if self.world > 1:  # every rank must stop at the same step, whichever got the signal
@@ -234,7 +236,7 @@ class Trainer:
             self.save_checkpoint()
             if improved:
                 ckpt.save(run.run_dir, s.step, run.model, run.optimizer, run.adapter_config,
-                          self._state_json(), name="best")
+                          snapshot(run), name="best")
         if self.stop_signal:
             raise TrainingInterrupted(run.run_dir / "checkpoints" / f"{ckpt.PREFIX}{s.step:07d}")
         faults.crash("step")  # test hook: STEADYTUNE_TEST_CRASH=step:N dies after step N
@@ -243,32 +245,19 @@ class Trainer:
             return True
         return False
 
-    def evaluate(self) -> float:
-        """Token-weighted mean loss over the validation set (sorted by length: little padding;
-        with several processes each evaluates every world-th batch and the sums are added).
-        Preference pairs: the mean pair loss, and the rewards into `val_rewards`."""
-        self.val_rewards = {}
-        if hasattr(self.step, "window"):
-            val, rewards = self.step.evaluate(self.run.val_set, self.step.val_ref, self.cfg.training.batch_size)
-            self.val_rewards = {f"val_{k}": v for k, v in rewards.items()}
-            return val
-        return self.step.validation_loss(self.run.val_set, self.cfg.training.batch_size * self.run.merge)
-
-    def _state_json(self) -> dict:
-        t, run = self.cfg.training, self.run
-        return dict(asdict(run.state), data_generator={"kind": "numpy.default_rng([seed, epoch])",
-                                                       "seed": t.seed, "epoch": run.state.epoch},
-                    config=self.cfg.to_dict(), fingerprints=run.fingerprints,
-                    adapter_config=run.adapter_config)
+    def evaluate(self) -> tuple[float, dict]:
+        """The objective's held-out score (lower is better; SFT: the token-weighted mean loss) and
+        the records of its `val` event (objectives.Objective.validate)."""
+        return self.run.objective.validate(self.step, self.run)
 
     def save_checkpoint(self) -> Path:
         run = self.run
         path = ckpt.save(run.run_dir, run.state.step, run.model, run.optimizer, run.adapter_config,
-                         self._state_json())
+                         snapshot(run))
         ckpt.prune(run.run_dir, self.cfg.output.keep_last, protect={"best"})
         return path
 
-    def _finish(self, stopped: str, final_val: float) -> TrainResult:
+    def _finish(self, stopped: str, final_val: dict) -> TrainResult:
         """The adapters in mlx-lm's format (rank 0) and the result."""
         from .progress import read_metrics
 
@@ -279,14 +268,14 @@ class Trainer:
         shapes = getattr(self.step, "shapes", None)
         if shapes is not None and self.rank == 0:  # each distinct shape compiles once (seconds on a GPU)
             print(f"compiled step shapes: {len(shapes['train'])} training, {len(shapes['val'])} validation")
-        return TrainResult(run.run_dir, s.step, s.epoch, getattr(self, "last_loss", None), final_val,
-                           s.best_val_loss, stopped, read_metrics(run.run_dir / "metrics.jsonl"))
+        return TrainResult(run.run_dir, s.step, s.epoch, getattr(self, "last_loss", None), final_val.get("val_loss"),
+                           s.best_val_loss, stopped, read_metrics(run.run_dir / "metrics.jsonl"), final_val)
 
     def _announce(self, total: int) -> None:
         from .backend import device_kind, fast_blas
         from .model import describe_parameters
 
-        run, t = self.run, self.cfg.training
+        run = self.run
         lens = run.train_set.lengths()
         notes = list(run.splits.notes)
         if run.train_set.truncated:
@@ -300,17 +289,11 @@ class Trainer:
             pad = layout_padding(calls, lens, run.pack_target, device_kind())
         else:
             pad = padding_fraction([[int(lens[i]) for i in mb] for step in plan for mb in step])
-        per_step = len(run.train_set.ids) / max(1, len(plan))
         for line in notes + [
             f"run folder: {run.run_dir}",
             f"model: {run.loaded.source} ({device_kind()}, fast BLAS: {blas})",
             describe_parameters(run.model),
-            f"train: {len(run.train_set.ids)} examples, {int(run.train_set.target_tokens().sum())} target "
-            f"tokens per epoch, {len(plan)} steps per epoch of "
-            + (f"{per_step:.1f} examples on average" if t.batch_tokens else
-               f"{t.batch_size * t.grad_accumulation} examples") + f", {total} steps in all; padding {pad:.1%}",
-            f"valid: {len(run.val_set.ids)} examples",
-            batches_line(t, run.pack_target, run.merge),
+            *run.objective.describe(run, len(plan), total, pad),
         ]:
             self.bar.write(line)
 

@@ -670,7 +670,7 @@ def test_other_k_and_iq_types_are_requantized_to_the_users_bits_with_a_small_err
 
 
 def test_the_planner_sees_the_layers_loading_builds_at_the_users_bits(arch_folder, tmp_path):
-    """`steadytune plan --quantize 8 --group-size 32` on a K-quant file plans the layers as
+    """`steadytune plan --quantize 8 --quant-group-size 32` on a K-quant file plans the layers as
     load_gguf builds them with those settings (model.gguf_requant), not at 4-bit g64."""
     from steadytune.config import ModelConfig
     from steadytune.model import gguf_requant

@@ -96,7 +96,7 @@ sys.stdin.read()
 
 def test_lock_is_taken_before_the_new_run_checks_and_released_when_setup_fails(tiny_model, tmp_path,
                                                                                monkeypatch):
-    from steadytune import runlock, setup as setup_module
+    from steadytune import objectives, runlock
     from steadytune.setup import run_folder, setup
 
     data = make_chat_data(tmp_path / "data", 4)
@@ -114,7 +114,7 @@ def test_lock_is_taken_before_the_new_run_checks_and_released_when_setup_fails(t
     def fail(*a, **k):
         raise UserError("tokenizing failed")
 
-    monkeypatch.setattr(setup_module, "tokenize_splits", fail)
+    monkeypatch.setattr(objectives.Objective, "tokenize", fail)
     fresh = tmp_path / "fresh"
     with pytest.raises(UserError, match="tokenizing failed"):
         setup(_cfg(tiny_model, data, fresh))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 from ..config import add_config_flags, from_args
+from ..objectives import objective_of
 from ..plan import data_lengths, make_plan, render
 from ..setup import merged_calls, merged_config
 
@@ -21,12 +22,14 @@ def add_arguments(parser) -> None:
 
 def command(args) -> int:
     cfg = from_args(args)
-    lengths = data_lengths(cfg)
-    plan = make_plan(cfg, lengths=lengths, device=args.plan_device, memory_gb=args.plan_memory_gb)
-    merge = merged_calls(cfg, plan, lambda c: make_plan(c, lengths=lengths, device=args.plan_device,
+    objective = objective_of(cfg.training.method)  # pairs are two rows each, GRPO rows prompt + completion
+    lengths = data_lengths(cfg) if objective.name == "sft" else objective.data_lengths(cfg)
+    plan_config = objective.plan_config
+    plan = make_plan(plan_config(cfg), lengths=lengths, device=args.plan_device, memory_gb=args.plan_memory_gb)
+    merge = merged_calls(cfg, plan, lambda c: make_plan(plan_config(c), lengths=lengths, device=args.plan_device,
                                                         memory_gb=args.plan_memory_gb))
     if merge > 1:  # plan what `train` runs: the step's micro-batches packed as one call
-        plan = make_plan(merged_config(cfg, merge), lengths=lengths, device=args.plan_device,
+        plan = make_plan(plan_config(merged_config(cfg, merge)), lengths=lengths, device=args.plan_device,
                          memory_gb=args.plan_memory_gb)
     if args.json:
         print(json.dumps(dict(plan.as_json(), merged_calls=merge), indent=2))

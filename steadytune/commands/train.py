@@ -65,6 +65,7 @@ def command(args) -> int:
         return 130
     if os.environ.get("MLX_RANK", "0") != "0":
         return 0
-    val = f"{result.final_val_loss:.4f}" if result.final_val_loss is not None else "n/a"
-    print(f"done: {result.step} steps ({result.stopped}), final val_loss {val}, run folder {result.run_dir}")
+    name, val = next(iter(result.final_val.items()), ("val_loss", None))
+    val = f"{val:.4f}" if val is not None else "n/a"
+    print(f"done: {result.step} steps ({result.stopped}), final {name} {val}, run folder {result.run_dir}")
     return 0

@@ -1,0 +1,198 @@
+"""GGUF export of the model families beyond the dense llama-style ones (gguf_arch.EXPORTS), checked
+without llama.cpp: the tiny random 4-bit model of each family (tests/arch_models.py) with nonzero
+adapters, exported as float16 and as q4_k_m, read back by the gguf package and by steadytune's own
+header reader, holds exactly the tensors (names, shapes, types) and the metadata llama.cpp's loader
+asks of that architecture. The tensor lists (tests/data/gguf_export_tensors.txt) were written by
+bench/gguf_families.py --golden from files a real llama.cpp loaded and answered with like the MLX
+model (max |logit difference| under 0.05, bench/RESULTS.md), and their q4_k_m types are the ones
+llama.cpp's own quantizer gave. Families and settings still not written are refused in one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import steadytune  # noqa: F401  (fast BLAS before mlx)
+
+import gguf
+import numpy as np
+import pytest
+
+import arch_models
+from steadytune.errors import UserError
+from steadytune.export import EXPORTS, export, refuse_gguf
+from steadytune.gguf import check_gguf_header
+from steadytune.gguf_quantize import BLOCK, quantize
+from test_export import make_run
+
+GOLDEN = Path(__file__).parent / "data" / "gguf_export_tensors.txt"
+FAMILIES = ("qwen3_moe", "olmo2", "smollm3", "ministral3", "mistral3", "gpt_oss", "deepseek_v3", "glm4_moe", "lfm2",
+            "glm4_moe_lite", "mixtral", "lfm2_moe")
+# The released models' settings where the tiny model's are refused (as bench/gguf_families.py builds them)
+RELEASED = {"qwen3_moe": {"mlp_only_layers": []}, "deepseek_v3": {"rms_norm_eps": 1e-6}}
+# What llama.cpp's loader reads for each architecture beyond the shapes (a few keys each)
+METADATA = {
+    "qwen3_moe": {"qwen3moe.expert_count": 4, "qwen3moe.expert_used_count": 2,
+                  "qwen3moe.expert_feed_forward_length": 32, "qwen3moe.attention.head_count_kv": 2},
+    "olmo2": {"olmo2.block_count": 2, "olmo2.attention.head_count_kv": 2, "olmo2.rope.dimension_count": 16},
+    "smollm3": {"smollm3.block_count": 4, "smollm3.rope.dimension_count": 16},
+    "ministral3": {"mistral3.attention.temperature_scale": 0.1, "mistral3.rope.scaling.original_context_length": 16384},
+    "mistral3": {"mistral3.attention.temperature_scale": 0.1, "mistral3.rope.scaling.original_context_length": 16384},
+    "gpt_oss": {"gpt-oss.attention.sliding_window": 8, "gpt-oss.expert_count": 4, "gpt-oss.expert_used_count": 2,
+                "gpt-oss.expert_feed_forward_length": 32},
+    "deepseek_v3": {"deepseek2.attention.head_count_kv": 1, "deepseek2.attention.key_length": 40,
+                    "deepseek2.attention.value_length": 32, "deepseek2.attention.key_length_mla": 24,
+                    "deepseek2.attention.value_length_mla": 16, "deepseek2.attention.q_lora_rank": 32,
+                    "deepseek2.attention.kv_lora_rank": 32, "deepseek2.rope.dimension_count": 8,
+                    "deepseek2.leading_dense_block_count": 1, "deepseek2.expert_shared_count": 1,
+                    "deepseek2.expert_gating_func": 2, "deepseek2.expert_weights_norm": True},
+    "glm4_moe": {"glm4moe.rope.dimension_count": 8, "glm4moe.expert_count": 4, "glm4moe.expert_shared_count": 1,
+                 "glm4moe.leading_dense_block_count": 1, "glm4moe.expert_gating_func": 2},
+    "lfm2": {"lfm2.attention.head_count_kv": [0, 2, 0], "lfm2.shortconv.l_cache": 3, "lfm2.feed_forward_length": 128,
+             "lfm2.attention.layer_norm_rms_epsilon": 1e-5},
+    "glm4_moe_lite": {"deepseek2.attention.head_count_kv": 1, "deepseek2.expert_weights_scale": 1.8,
+                      "deepseek2.rope.freq_base": 10000.0, "deepseek2.attention.layer_norm_rms_epsilon": 1e-5},
+    "mixtral": {"llama.expert_count": 4, "llama.expert_used_count": 2, "llama.feed_forward_length": 32},
+    "lfm2_moe": {"lfm2moe.attention.head_count_kv": [0, 2, 0], "lfm2moe.leading_dense_block_count": 1,
+                 "lfm2moe.expert_feed_forward_length": 32, "lfm2moe.expert_gating_func": 2,
+                 "lfm2moe.feed_forward_length": 128},
+}
+
+
+def golden() -> dict[str, tuple[str, list[tuple[str, tuple, str, str]]]]:
+    """family -> (GGUF architecture, [(name, ne, type in f16, type in q4_k_m)])."""
+    out, family = {}, None
+    for line in GOLDEN.read_text().splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        if line.startswith("["):
+            family, arch = line.strip("[]").split()
+            out[family] = (arch, [])
+            continue
+        name, ne, f16, q4 = line.split()
+        out[family][1].append((name, tuple(int(n) for n in ne.split(",")), f16, q4))
+    return out
+
+
+def tiny_run(root: Path, family: str, **overrides) -> Path:
+    """A run of the tiny 4-bit `family` model (with `overrides` to its config) and random adapters."""
+    saved = arch_models._CONFIGS[family]
+    arch_models._CONFIGS[family] = {**saved, **overrides}
+    try:
+        folder = arch_models.build(root / f"{family}-base", family)
+    finally:
+        arch_models._CONFIGS[family] = saved
+    return make_run(root, str(folder), family)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """family -> (float16 model.gguf, q4_k_m model.gguf), made once per family."""
+    root, made = tmp_path_factory.mktemp("families"), {}
+
+    def get(family: str) -> tuple[Path, Path]:
+        if family not in made:
+            run = tiny_run(root, family, **RELEASED.get(family, {}))
+            made[family] = (export(run, "gguf", root / f"{family}-f16") / "model.gguf",
+                            export(run, "gguf", root / f"{family}-q4", quant="q4_k_m") / "model.gguf")
+        return made[family]
+    return get
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gguf_export_holds_the_tensors_and_metadata_llama_cpp_reads(exported, family):
+    arch, want = golden()[family]
+    f16, q4 = exported(family)
+    values = {}
+    for path, column in ((f16, 2), (q4, 3)):
+        reader = gguf.GGUFReader(str(path))
+        assert reader.fields["general.architecture"].contents() == arch == EXPORTS[family].arch
+        got = [(t.name, tuple(int(n) for n in t.shape), t.tensor_type.name) for t in reader.tensors]
+        assert got == [(name, ne, (f16_type, q4_type)[column == 3]) for name, ne, f16_type, q4_type in want]
+        for key, value in METADATA[family].items():
+            field = reader.fields[key].contents()
+            assert (np.isclose(field, value) if isinstance(value, float) else field == value), key
+        header = check_gguf_header(path)  # steadytune's own reader: the same tensors, shapes and types
+        assert header.metadata["general.architecture"] == arch
+        assert {name: (gtype, tuple(reversed(shape))) for name, (gtype, shape) in header.tensors.items()} == \
+            {name: (gtype, ne) for name, ne, gtype in got}
+        if column == 2:
+            values = {t.name: np.asarray(t.data, dtype=np.float32) for t in reader.tensors}
+        else:  # each quantized tensor (experts too) is our quantizer's blocks of the float16 file's values
+            for t in reader.tensors:
+                if t.tensor_type.name in BLOCK:
+                    shape = tuple(int(n) for n in reversed(t.shape))
+                    blocks = quantize(values[t.name].reshape(shape), t.tensor_type.name)
+                    assert np.array_equal(np.asarray(t.data).reshape(-1), blocks.reshape(-1)), t.name
+
+
+@pytest.mark.parametrize("family, overrides, why", [
+    ("qwen3_moe", {}, r"blocks \[0\] have a dense MLP \(mlp_only_layers / decoder_sparse_step\), where "
+                      r"llama\.cpp's qwen3moe has experts in every block"),
+    ("qwen3_moe", {"mlp_only_layers": [], "norm_topk_prob": False}, "norm_topk_prob is false"),
+    ("smollm3", {"no_rope_layer_interval": 2}, r"its layers without RoPE are \[1, 3\], where llama\.cpp's "
+                                               r"smollm3 leaves RoPE out of every 4th layer"),
+    ("gpt_oss", {"layer_types": ["full_attention", "sliding_attention"]},
+     r"its layer_types \['full_attention', 'sliding_attention'\] are not sliding and full attention alternating "
+     r"from a sliding first layer"),
+    ("deepseek_v3", {}, r"rms_norm_eps is 1e-05, where mlx-lm's deepseek_v3 normalizes the compressed q and kv "
+                        r"with 1e-6"),
+    ("lfm2", {"conv_bias": True}, r"its short convolutions have biases \(conv_bias\)"),
+    ("lfm2_moe", {"use_expert_bias": False}, r"its routing \(use_expert_bias False, norm_topk_prob True, "
+                                             r"routed_scaling_factor 1\.0\) is not llama\.cpp's lfm2moe routing"),
+    ("glm4_moe_lite", {"moe_layer_freq": 2}, r"its experts are only in the layers moe_layer_freq \(2\) divides"),
+    ("gpt_oss", {"rope_scaling": {"rope_type": "yarn", "factor": 32.0, "mscale_all_dim": 1.0}},
+     r"its YaRN settings \(mscale 1\.0, mscale_all_dim 1\.0, beta_fast 32, beta_slow 1\) scale attention "
+     r"otherwise than llama\.cpp's gpt-oss"),
+    ("qwen3_moe", {"mlp_only_layers": [], "rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
+     r"its RoPE scaling 'yarn' is not written for llama\.cpp's qwen3moe"),
+])
+def test_settings_llama_cpp_computes_otherwise_are_refused_with_the_reason(family, overrides, why):
+    config = {**arch_models.tiny_config(family), **overrides}
+    with pytest.raises(UserError, match=f"^--format gguf: this {family} model is not written as llama.cpp's "
+                                        f"{EXPORTS[family].arch}: {why}.*; use --format mlx"):
+        refuse_gguf("gguf", config)
+
+
+@pytest.mark.parametrize("family", sorted(set(arch_models.ARCHS) - set(EXPORTS)))
+def test_families_still_not_written_are_refused_naming_llama_cpps_architecture(family):
+    with pytest.raises(UserError) as e:
+        refuse_gguf("ollama", arch_models.tiny_config(family))
+    message = str(e.value)
+    assert message.startswith(f"--format ollama: model type {family!r} is not written to GGUF: llama.cpp reads it as ")
+    assert message.endswith("; use --format mlx (an mlx-lm folder: mlx_lm.generate --model OUT)")
+    assert "\n" not in message
+
+
+def test_cli_refuses_an_unwritten_family_in_one_line_with_exit_2(tmp_path, capsys):
+    from steadytune.cli import main
+
+    run = tiny_run(tmp_path, "qwen3_next")
+    assert main(["export", str(run), "--format", "gguf"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: --format gguf: model type 'qwen3_next' is not written to GGUF: llama.cpp reads it as "
+                   "qwen3next, but steadytune does not write its Gated DeltaNet layers in that layout yet; use "
+                   "--format mlx (an mlx-lm folder: mlx_lm.generate --model OUT)")
+    assert not (run / "export-gguf").exists()
+
+
+def test_lora_gguf_of_a_family_with_experts_names_the_fused_export():
+    with pytest.raises(UserError, match=r"^--format gguf-lora: model type 'qwen3_moe' is not written as a LoRA "
+                                        r"GGUF \(steadytune writes them for llama, .*\); use --format gguf \(the "
+                                        r"adapters fused into the model\)$"):
+        refuse_gguf("gguf-lora", arch_models.tiny_config("qwen3_moe"))
+
+
+def test_quantized_types_count_attn_v_among_attention_layers_and_give_8_experts_q8_0():
+    from steadytune.gguf_quantize import tensor_types
+
+    # a hybrid of 16 blocks with attention in blocks 1, 3, 5: llama.cpp's use_more_bits runs over
+    # those 3 (the last of them gets more bits), not over the block index (which would pick block 1)
+    names = [(f"blk.{i}.attn_v.weight", (256, 256)) for i in (1, 3, 5)]
+    types = tensor_types(names, "q4_k_m", 16)
+    assert [types[name] for name, _ in names] == ["Q4_K", "Q4_K", "Q6_K"]
+    # Mixtral's 8 experts: attn_v and attn_k Q8_0, attn_output Q5_K in q4_k_m
+    dense = [("blk.0.attn_k.weight", (256, 256)), ("blk.0.attn_output.weight", (256, 256))]
+    assert tensor_types(dense, "q4_k_m", 8, n_expert=8) == {"blk.0.attn_k.weight": "Q8_0",
+                                                            "blk.0.attn_output.weight": "Q5_K"}
+    assert tensor_types(dense, "q4_k_m", 8, n_expert=4) == {"blk.0.attn_k.weight": "Q4_K",
+                                                            "blk.0.attn_output.weight": "Q4_K"}
