@@ -42,6 +42,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .data import Tokenized
 from .errors import UserError
 from .formats import _check_messages, _check_str, _has_lone_surrogate, _read_lines, raise_problems
 from .step import StepBase, StepResult
@@ -118,21 +119,11 @@ def load_prompt_splits(path, valid_fraction: float = 0.05, seed: int = 0, max_ex
 
 
 @dataclass
-class PromptSet:
-    """Prompts as token ids (what the model is given to answer: data.prompt_ids) with their records."""
+class PromptSet(Tokenized):
+    """Prompts as token ids (what the model is given to answer: data.prompt_ids) with their
+    records; no masks: what is trained on is sampled."""
 
     prompts: list = field(default_factory=list)
-    ids: list = field(default_factory=list)
-    truncated: int = 0
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def lengths(self) -> np.ndarray:
-        return np.array([len(x) for x in self.ids], dtype=np.int64)
-
-    def step_lengths(self) -> np.ndarray:
-        return self.lengths()
 
     def target_tokens(self) -> np.ndarray:
         return np.zeros(len(self.ids), dtype=np.int64)  # completions are sampled: none known ahead
@@ -143,7 +134,7 @@ def tokenize_prompts(prompts: list[Prompt], tokenizer, max_seq_length: int, max_
     prompt that leaves no room for max_new_tokens within max_seq_length is refused by file:line."""
     from .data import prompt_ids
 
-    out, too_long = PromptSet(), []
+    out, too_long = PromptSet([], []), []
     room = max_seq_length - max_new_tokens
     for p in prompts:
         ids = prompt_ids(tokenizer, p.messages, where=p.where)

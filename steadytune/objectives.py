@@ -30,10 +30,14 @@ class Objective:
     packs = True                         # may lay a call's examples out in shared rows (packing.py)
 
     def read(self, cfg):
+        """The data files' train and validation records, checked (one UserError lists them all)."""
+        d, t = cfg.data, cfg.training
+        return self.loader()(d.path, d.valid_fraction, t.seed, d.max_examples)
+
+    def loader(self):
         from .data import load_splits
 
-        d, t = cfg.data, cfg.training
-        return load_splits(d.path, d.valid_fraction, t.seed, d.max_examples)
+        return load_splits
 
     def tokenize(self, cfg, splits, tokenizer):
         """(train, validation) token ids and loss masks; None without a tokenizer."""
@@ -109,11 +113,10 @@ class Pairs(Objective):
         self.name = name
         self.resume_keys = {"training": ("method", "beta", "reference") if name == "dpo" else ("method", "beta")}
 
-    def read(self, cfg):
+    def loader(self):
         from .pairs import load_pair_splits
 
-        d, t = cfg.data, cfg.training
-        return load_pair_splits(d.path, d.valid_fraction, t.seed, d.max_examples)
+        return load_pair_splits
 
     def tokenize(self, cfg, splits, tokenizer):
         from .pairs import tokenize_pair_splits
@@ -162,11 +165,10 @@ class GRPO(Objective):
                    "grpo": ("reward", "group_size", "max_new_tokens", "temperature", "loss", "epsilon",
                             "epsilon_high")}
 
-    def read(self, cfg):
+    def loader(self):
         from .grpo import load_prompt_splits
 
-        d, t = cfg.data, cfg.training
-        return load_prompt_splits(d.path, d.valid_fraction, t.seed, d.max_examples)
+        return load_prompt_splits
 
     def tokenize(self, cfg, splits, tokenizer):
         from .data import val_subset

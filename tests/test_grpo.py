@@ -352,10 +352,16 @@ def test_the_bundled_arithmetic_set_is_the_generators_output(tmp_path):
     ours = write_arithmetic(tmp_path, 400, 40, seed=0)
     for split in ("train", "valid"):
         assert bundled[split].read_text() == (ours / f"{split}.jsonl").read_text()
-    train = {json.loads(x)["prompt"] for x in bundled["train"].read_text().splitlines()}
+    question = lambda r: r["messages"][-1]["content"]  # noqa: E731
+    train = {question(json.loads(x)) for x in bundled["train"].read_text().splitlines()}
     valid = [json.loads(x) for x in bundled["valid"].read_text().splitlines()]
-    assert len(valid) == 40 and not train & {v["prompt"] for v in valid}  # held out
+    assert len(valid) == 40 and not train & {question(v) for v in valid}  # held out
+    assert all(len(read_prompts(bundled[s])) == n for s, n in (("train", 400), ("valid", 40)))
     for v in valid:  # the answers are right
-        a, op, b = v["prompt"].split("?")[0].split()[2:5]
+        assert v["messages"][:2] == [  # one worked example first
+            {"role": "user", "content": "What is 2 + 3? Work it out, then give the final number inside "
+                                        "<answer></answer>."},
+            {"role": "assistant", "content": "2 + 3 = 5\n<answer>5</answer>"}]
+        a, op, b = question(v).split("?")[0].split()[2:5]
         assert int(v["answer"]) == eval(f"{int(a)} {op} {int(b)}")  # noqa: S307 (digits and + - *)
     assert Path(bundled["train"]).parent.name == "arithmetic"
