@@ -10,10 +10,9 @@ For each type, `steadytune export RUN --format gguf --quant TYPE` (ours) and lla
 `llama_model_quantize` of our float16 export (theirs) are both run by llama.cpp on held-out text:
 KL divergence of each position's next-token distribution from the float16 export's, and how often
 the most likely token is the same; file sizes side by side. Then the greedy answers of the Q8_0
-exports to the demo prompts against the float16 export's, and the LoRA GGUF (`--format gguf-lora`)
-loaded by llama.cpp on the run's base (the run exported with zeroed adapters) against the fused
-export. The llama.cpp half runs in VENV (this file again, with --llama-side); a table is printed
-and the numbers written to WORK/results.json.
+exports to the demo prompts against the float16 export's. (The LoRA GGUF, `--format gguf-lora`, is
+measured by bench/gguf_lora.py.) The llama.cpp half runs in VENV (this file again, with --llama-side);
+a table is printed and the numbers written to WORK/results.json.
 """
 
 from __future__ import annotations
@@ -55,20 +54,6 @@ def demo_prompts(run: Path) -> list[str]:
             for q in prompts["held_out"]]
 
 
-def zeroed_run(run: Path, work: Path) -> Path:
-    """A copy of RUN whose adapters change nothing (lora_b = 0): its export is the base the
-    adapters were trained on, as llama.cpp would load it under the LoRA GGUF."""
-    import mlx.core as mx
-
-    copy = work / "run-zeroed"
-    shutil.rmtree(copy, ignore_errors=True)
-    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints", "export-*", "bench-*"))
-    path = copy / "adapters" / "adapters.safetensors"
-    weights = mx.load(str(path))
-    mx.save_safetensors(str(path), {k: mx.zeros_like(v) if k.endswith("lora_b") else v for k, v in weights.items()})
-    return copy
-
-
 def export_all(run: Path, work: Path, types) -> dict:
     from steadytune.export import export
 
@@ -79,9 +64,6 @@ def export_all(run: Path, work: Path, types) -> dict:
         t0 = time.perf_counter()
         export(run, "gguf", out, quant=quant)
         seconds[quant] = time.perf_counter() - t0
-    for fmt, source, out in (("gguf-lora", run, work / "lora"), ("gguf", zeroed_run(run, work), work / "base")):
-        shutil.rmtree(out, ignore_errors=True)
-        export(source, fmt, out)
     return seconds
 
 
@@ -92,6 +74,8 @@ def main() -> None:
     p.add_argument("--work", default=None, help="folder for the exports (default: RUN/bench-gguf-quant)")
     p.add_argument("--types", default=",".join(TYPES))
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--texts", type=int, default=49, help="held-out texts to measure on, spread over the 49 "
+                   "(fewer for a larger model on a small machine)")
     p.add_argument("--golden", action="store_true", help="write tests/data/ggml_quants_llama_cpp.npz")
     p.add_argument("--reuse", action="store_true", help="measure the exports already in --work again")
     p.add_argument("--llama-side", default=None, help=argparse.SUPPRESS)
@@ -107,7 +91,9 @@ def main() -> None:
     types = [t for t in args.types.split(",") if t]
     if not args.reuse:
         seconds = export_all(run, work, types)
-        job = {"types": types, "texts": held_out_texts(), "prompts": demo_prompts(run), "threads": args.threads,
+        texts = held_out_texts()
+        texts = [texts[i * len(texts) // args.texts] for i in range(min(args.texts, len(texts)))]
+        job = {"types": types, "texts": texts, "prompts": demo_prompts(run), "threads": args.threads,
                "export_seconds": seconds}
         (work / "job.json").write_text(json.dumps(job))
     subprocess.run([python, __file__, "--llama-venv", args.llama_venv, "--llama-side", str(work)], check=True)
@@ -143,9 +129,6 @@ def report(r: dict, run: Path) -> None:
     g = r["greedy"]
     print(f"greedy answers, Q8_0 export vs float16 export: {g['q8_0_same']}/{g['n']} prompts token for token "
           f"(llama.cpp's Q8_0: {g['q8_0_llama_same']}/{g['n']}), {g['tokens']} tokens each")
-    lo = r["lora"]
-    print(f"LoRA GGUF on the base in llama.cpp vs the fused float16 export: KL {lo['kl']:.2e}, "
-          f"top-1 {lo['top1']:.4f}, greedy {lo['greedy_same']}/{g['n']}; base alone: KL {lo['kl_base']:.3f}")
 
 
 def golden(python: str) -> None:
@@ -256,6 +239,19 @@ def compare(ref_logits: list, runner: Runner, seqs: list) -> tuple[float, float]
     return float(np.concatenate(kls).mean()), float(np.concatenate(same).mean())
 
 
+def reference_logits(ref: Runner, seqs: list, path: Path) -> list:
+    """The float16 export's logits of every text, kept in a file (5,296 positions of a 152k vocabulary,
+    Qwen's, are 3.2 GB) and read back a text at a time by compare()."""
+    import numpy as np
+
+    ends = np.cumsum([0] + [len(ids) for ids in seqs])
+    table = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(int(ends[-1]), ref.n_vocab))
+    for ids, i, j in zip(seqs, ends[:-1], ends[1:]):
+        table[i:j] = ref.logits(ids)
+    table.flush()
+    return [table[i:j] for i, j in zip(ends[:-1], ends[1:])]
+
+
 def llama_side(work: Path) -> None:
     import llama_cpp_py_sync
 
@@ -264,7 +260,7 @@ def llama_side(work: Path) -> None:
     f16 = work / "ours-f16" / "model.gguf"
     ref = Runner(f16, threads)
     seqs = [ref.llm.tokenize(t, add_special=True)[:128] for t in job["texts"]]
-    ref_logits = [ref.logits(ids) for ids in seqs]
+    ref_logits = reference_logits(ref, seqs, work / "ref-logits.npy")
     prompts = [ref.llm.tokenize(p, add_special=True, parse_special=True) for p in job["prompts"]]
     n_new = 48
     ref_answers = [ref.greedy(ids, n_new) for ids in prompts]
@@ -294,15 +290,8 @@ def llama_side(work: Path) -> None:
     results["greedy"] = {"n": len(prompts), "tokens": n_new,
                          "q8_0_same": sum(a == b for a, b in zip(answers.get("ours", []), ref_answers)),
                          "q8_0_llama_same": sum(a == b for a, b in zip(answers.get("llama", []), ref_answers))}
-    base = work / "base" / "model.gguf"
-    tuned = Runner(base, threads, lora=work / "lora" / "adapter.gguf")
-    kl, top1 = compare(ref_logits, tuned, seqs)
-    greedy_same = sum(tuned.greedy(ids, n_new) == a for ids, a in zip(prompts, ref_answers))
-    del tuned
-    kl_base, _ = compare(ref_logits, Runner(base, threads), seqs)
-    results["lora"] = {"kl": kl, "top1": top1, "greedy_same": greedy_same, "kl_base": kl_base}
-    print("lora", results["lora"], flush=True)
     (work / "results.json").write_text(json.dumps(results, indent=1))
+    (work / "ref-logits.npy").unlink()  # 1-3 GB, made again by the next measurement
 
 
 if __name__ == "__main__":
