@@ -364,6 +364,8 @@ class GRPOStep(StepBase):
         with rollout_mode(self.model):  # its float32 copy (CPU) is freed before the training pass
             comps = rollout(self.model, [data.ids[i] for i in idx], group, self.s.max_new_tokens, temperature,
                             self.eos, key=(self.seed * 1_000_003 + index) ^ 0x6A09E667)
+        if self.device == "cpu":  # and not kept in MLX's buffer cache either (the process's RSS)
+            mx.clear_cache()
         self.model.train()
         texts = [self.tokenizer_decode(c) for c in comps]
         scores = np.concatenate([score(self.rewards, data.prompts[i].text, texts[k * group:(k + 1) * group],
