@@ -30,6 +30,7 @@ def own_nll(model_path: str, records: list[str]) -> float:
     """Mean NLL per target token through the model the run builds (steadytune.model.load_base,
     mlx-lm's model; its quantized weights dequantized exactly), with mlx-lm's text-dataset ids:
     tokenizer.encode + EOS, cut at 256 tokens."""
+    import steadytune  # noqa: F401  (fast BLAS before mlx: the reference one takes ~30x as long)
     import mlx.core as mx
     import mlx.nn as nn
 

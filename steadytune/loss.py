@@ -35,10 +35,11 @@ def token_cross_entropy(logits, targets):
 
 
 def split_head(model: nn.Module):
-    """(backbone, head) for models computing `head(model.model(inputs))`, else None.
+    """(backbone, head layer, head) for models computing `head(model.model(inputs))`, else None.
 
-    The head is the output layer (lm_head) or the tied embedding's as_linear. Only for model
-    types known to have no extra step between the two (no logit soft-capping or scaling)."""
+    The head is the output layer (lm_head) or the tied embedding's as_linear; the head layer the
+    module holding its weight. Only for model types known to have no extra step between the two
+    (no logit soft-capping or scaling)."""
     if type(model).__module__ not in PLAIN_HEAD_MODULES:
         return None
     # each of these modules applies lm_head where it has one, else the tied embedding (gemma3_text
@@ -51,7 +52,7 @@ def split_head(model: nn.Module):
 
     if tree_flatten(head_module.trainable_parameters()):
         return None  # a trained head must see its parameters as inputs, not captured constants
-    return model.model, head
+    return model.model, head_module, head
 
 
 def ce_chunk_tokens(vocab_size: int, budget_elements: int = 1 << 25) -> int:
@@ -60,20 +61,28 @@ def ce_chunk_tokens(vocab_size: int, budget_elements: int = 1 << 25) -> int:
 
 
 def chunked_cross_entropy(hidden, head, targets, mask, chunk: int):
-    """Summed masked cross-entropy of head(hidden) without all the float32 logits at once.
+    """Summed masked cross-entropy of the output layer on `hidden` without all the float32 logits
+    at once. `head`: the output layer's weight (vocabulary x hidden) as one full-precision matrix
+    (qlora.dense_weight), or a callable computing the logits (the native quantized path).
 
     A custom function: the forward keeps only each chunk's loss; the backward recomputes one
     chunk's logits at a time. Each chunk waits for the previous one (mx.depends): MLX's scheduler
-    would otherwise run independent chunks side by side, all their logits alive at once. So at
-    most one chunk of logits is alive (for a 150k vocabulary and 8k tokens: 0.5 GB of float32
-    logits instead of 4.9 GB, and their softmax gradients likewise). `head` must have no trainable
-    parameters: they would be captured as constants."""
+    would otherwise run independent chunks side by side, all their logits alive at once (for a
+    150k vocabulary and 8k tokens: 4.9 GB of float32 logits, where a chunk has 0.5 GB). Every
+    chunk, forward and backward, multiplies by the same weight matrix: a quantized head is
+    dequantized once per call, not once per chunk and again in each chunk's backward (with a
+    262k x 640 head that was 0.67 GB of float32 per copy, several of them alive: MLX allocates
+    ahead of the chain). Keeping the one copy from the forward to the backward costs little: the
+    loss ends the forward pass and its backward starts the backward pass (a block's weights,
+    used again only at the far end of the step, are dequantized anew: qlora.py). The head must
+    have no trainable parameters: they would be captured as constants."""
     d = hidden.shape[-1]
     h, t, m = hidden.reshape(-1, d), targets.reshape(-1), mask.reshape(-1)
     spans = [(i, min(i + chunk, h.shape[0])) for i in range(0, h.shape[0], chunk)]
+    logits = (lambda x: x @ head.T) if isinstance(head, mx.array) else head
 
     def piece(x, a, b):
-        return (token_cross_entropy(head(x), t[a:b]) * m[a:b]).sum()
+        return (token_cross_entropy(logits(x), t[a:b]) * m[a:b]).sum()
 
     @mx.custom_function
     def f(x):
@@ -115,13 +124,16 @@ def masked_ce_sum(model: nn.Module, inputs, targets, mask, segments=None, chunk:
     `segments`, the rows are packed and attention stays inside each example (packing.py, whose
     mask is built in `mask_dtype`); `chunk` > 0: the output layer in chunks of that many tokens."""
     from .packing import model_inputs
+    from .qlora import dense_weight
 
     parts = split_head(model) if chunk else None
     extra = model_inputs(model, segments, mask_dtype)
     if parts is None:
         return (token_cross_entropy(model(inputs, **extra), targets) * mask).sum()
-    backbone, head = parts
-    return chunked_cross_entropy(backbone(inputs, **extra), head, targets, mask, chunk)
+    backbone, layer, head = parts
+    hidden = backbone(inputs, **extra)
+    weight = dense_weight(layer, hidden)  # once per call, shared by every chunk and the backward
+    return chunked_cross_entropy(hidden, head if weight is None else weight, targets, mask, chunk)
 
 
 def loss_fn(model, inputs, targets, mask, segments, scale, chunk: int = 0, mask_dtype=mx.float32):

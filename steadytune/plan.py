@@ -75,8 +75,9 @@ OVERHEAD = {"cpu": 0.4 * GB, "metal": 0.5 * GB, "cuda": 1.0 * GB}
 # Transient arrays of one block's attention backward when CUDA recomputes attention unfused
 # (sequence width not a multiple of 128): scores, probabilities and their gradients.
 UNFUSED_ATTENTION_ARRAYS = 4
-# compute=dequant: the output layer's weight, dequantized for the forward matmul and again for the
-# backward one, is alive around the loss (a block's weights are small next to its activations).
+# compute=dequant, the loss not chunked: the output layer's weight, dequantized for the forward
+# matmul and again for the backward one, is alive around the loss (a block's weights are small next
+# to its activations). A chunked loss dequantizes it once per call: one copy (_dequant_head).
 DEQUANT_HEAD_COPIES = 1.75
 # The chunked loss on the CPU: chunks of float32 logits alive at once, n + CHUNKS_AHEAD_CPU for a
 # step of n chunks, at most CHUNKS_ALIVE_CPU (measured: _loss_bytes)
@@ -467,10 +468,14 @@ def _loss_bytes(arch: Arch, run: Run) -> float:
 
 
 def _dequant_head(arch: Arch, run: Run) -> float:
-    """With compute=dequant, the output layer's weight dequantized for its matmul."""
+    """With compute=dequant, the output layer's weight dequantized for its matmuls (compute dtype).
+    The chunked loss makes one copy per call, which every chunk's matmul, forward and backward,
+    shares (loss.chunked_cross_entropy, qlora.dense_weight): exactly one. Unchunked, the forward's
+    copy and the backward's own: DEQUANT_HEAD_COPIES, measured."""
     head = "model.embed_tokens" if arch.tied else "lm_head"
     if run.compute == "dequant" and _quantized(arch, run, head, arch.hidden):
-        return DEQUANT_HEAD_COPIES * arch.vocab * arch.hidden * DTYPE_BYTES[run.dtype]
+        copies = 1 if run.loss_chunk else DEQUANT_HEAD_COPIES
+        return copies * arch.vocab * arch.hidden * DTYPE_BYTES[run.dtype]
     return 0.0
 
 

@@ -194,6 +194,25 @@ class DequantEmbedding(nn.QuantizedEmbedding):
                               self.group_size, self.bits, self.mode, self.dequant_kernel)
 
 
+def dense_weight(layer: nn.Module, after: mx.array) -> mx.array | None:
+    """`layer`'s weight (outputs x inputs) as one full-precision matrix that several matmuls share:
+    the chunked loss's output layer, whose every chunk would otherwise dequantize the whole
+    weight in its forward and again in its backward (a 262k x 640 head: 0.67 GB of float32 per
+    copy, several alive at once). A DequantLinear's or DequantEmbedding's weight dequantized once
+    `after` is computed (mx.depends: not earlier, so it is not kept through the forward pass); a
+    float Linear's or Embedding's own weight. None where nothing full-precision is made to share
+    (the native path's quantized_matmul reads the packed words) or the layer adds a bias: the
+    caller calls the layer."""
+    if "bias" in layer:
+        return None
+    if isinstance(layer, (DequantLinear, DequantEmbedding)):
+        deq = _dequantizer(layer.group_size, layer.bits, layer.mode, layer.dequant_kernel)
+        return deq(mx.depends(layer["weight"], after), layer["scales"], layer.get("biases"))
+    if type(layer) in (nn.Linear, nn.Embedding):
+        return layer.weight
+    return None
+
+
 @lru_cache(maxsize=None)
 def _lora_dequant_fn(group_size: int, bits: int, mode: str, has_biases: bool, kernel: str, scale: float):
     """x @ dequantize(w).T + scale * xa @ b as one mx.custom_function (half precision), where

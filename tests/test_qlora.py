@@ -266,6 +266,36 @@ def test_chunked_cross_entropy_matches_the_full_loss_and_gradients():
         assert rel_err(grads[name], g) <= reordered(128, ROUNDINGS_PER_BLOCK), name
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_the_chunked_loss_dequantizes_the_head_once_with_the_same_bits(tie):
+    """Every chunk multiplies by one dequantized copy of the output layer (qlora.dense_weight)
+    instead of dequantizing it per chunk, forward and backward (the layer's own as_linear / call):
+    the same matmuls on the same values, so loss and gradients are bitwise those of the per-chunk
+    path, compiled as the step is or not."""
+    model = tiny(vocab=256, tie=tie)
+    qlora.apply_compute(model, "dequant")
+    inputs, targets, mask = batch(t=40)  # 80 tokens: chunks of 32, 32 and 16
+    backbone, layer, head = loss.split_head(model)
+    assert type(layer) is (qlora.DequantEmbedding if tie else qlora.DequantLinear)
+
+    def per_chunk(x, dense: bool):
+        hidden = backbone(x)
+        w = qlora.dense_weight(layer, hidden) if dense else head
+        return loss.chunked_cross_entropy(hidden, w, targets, mask, 32)
+
+    for compiled in (False, True):
+        out = {}
+        for dense in (False, True):
+            f = nn.value_and_grad(model, partial(per_chunk, dense=dense))
+            if compiled:
+                f = mx.compile(f, inputs=model.state, outputs=model.state)
+            value, grads = f(inputs)
+            mx.eval(value, grads)
+            out[dense] = value.item(), dict(tree_flatten(grads))
+        assert out[True][0] == out[False][0]
+        assert all(mx.array_equal(g, out[False][1][k]).item() for k, g in out[True][1].items())
+
+
 def test_loss_chunking_is_auto_on_for_large_vocabularies_only():
     assert loss.loss_chunk(tiny(vocab=256), "auto") == 0
     big = tiny(vocab=65536, hidden=64, layers=1)
