@@ -88,6 +88,36 @@ GRIDS = {
              compute="dequant", ckpt=True),
     ],
 }
+# Long context (issue 28): one to two examples a step from 512 to 32k positions, checkpointed or
+# not, unpacked (pad_batch rows) and packed (the trainer's default layout, with its block-diagonal
+# mask): `--long`. "lengths" are the examples' token counts (the spec's seq + 1 unless given).
+LONG = {
+    "gpu": [
+        dict(name="7B long 1x512", model=B7, batch=1, seq=512, rank=16),
+        dict(name="7B long 1x2048", model=B7, batch=1, seq=2048, rank=16),
+        dict(name="7B long 1x8192", model=B7, batch=1, seq=8192, rank=16),
+        dict(name="7B long 1x8192 ckpt", model=B7, batch=1, seq=8192, rank=16, ckpt=True),
+        dict(name="7B long 2x4700 packed", model=B7, batch=2, seq=8192, rank=16, pack=True,
+             lengths=[5601, 3800]),
+        dict(name="7B long 2x4700 packed ckpt", model=B7, batch=2, seq=8192, rank=16, pack=True, ckpt=True,
+             lengths=[5601, 3800]),
+        dict(name="7B long 1x16384 ckpt", model=B7, batch=1, seq=16384, rank=16, ckpt=True),
+        dict(name="7B long 1x32768 ckpt", model=B7, batch=1, seq=32768, rank=16, ckpt=True),
+    ],
+    "cpu": [
+        dict(name="small long 1x512", model=SMALL, batch=1, seq=512),
+        dict(name="small long 1x2048", model=SMALL, batch=1, seq=2048),
+        dict(name="small long 1x2048 ckpt", model=SMALL, batch=1, seq=2048, ckpt=True),
+        dict(name="small long 1x8192 ckpt", model=SMALL, batch=1, seq=8192, ckpt=True),
+        dict(name="small long 2x1500 packed", model=SMALL, batch=2, seq=4096, pack=True, lengths=[1801, 1200]),
+        dict(name="small long 2x1500 packed ckpt", model=SMALL, batch=2, seq=4096, pack=True, ckpt=True,
+             lengths=[1801, 1200]),
+    ],
+}
+
+
+def lengths_of(spec: dict) -> list[int]:
+    return spec.get("lengths") or [spec["seq"] + 1] * spec["batch"]
 
 
 def model_config(spec: dict) -> dict:
@@ -112,7 +142,12 @@ def predict(spec: dict, device: str):
 
     s = settings(spec, device)
     arch = plan.arch_from_config(model_config(spec))
-    run = plan.Run(batch=s["batch"], seq=plan.padded_width(s["seq"] + 1, device), checkpoint=s["ckpt"],
+    if spec.get("pack"):  # the rows the trainer lays this call's examples out in
+        layout, width = plan.packed_call(lengths_of(spec), max(lengths_of(spec)), s["batch"], None, device)
+        rows = len(layout)
+    else:
+        rows, width = s["batch"], plan.padded_width(max(lengths_of(spec)), device)
+    run = plan.Run(batch=rows, seq=width, packed=bool(spec.get("pack")), examples=s["batch"], checkpoint=s["ckpt"],
                    rank=s["rank"], keys=tuple(s["keys"]), lora_layers=s["lora_layers"], bits=4, group_size=64,
                    dtype=s["dtype"], compute=s["compute"], device=device,
                    loss_chunk=ce_chunk(arch.vocab, s["chunked_ce"]))
@@ -159,10 +194,11 @@ def make_step(spec: dict, s: dict):
     cfg.validate()
     model = build(spec, s)
     apply_lora(model, cfg.lora, t.seed)
-    compute, mask_dtype, _ = apply_compute_options(model, cfg)
+    compute, mask_dtype, pack_target = apply_compute_options(model, cfg)
     opt = optim.AdamW(learning_rate=t.learning_rate, weight_decay=t.weight_decay)
     opt.init(model.trainable_parameters())
     return Step(model, opt, Tokenized([], []), seed=t.seed, max_grad_norm=t.max_grad_norm,
+                pack_target=pack_target if spec.get("pack") else 0,
                 ce_chunk=compute["ce_chunk"], mask_dtype=mask_dtype)
 
 
@@ -172,7 +208,6 @@ def measure(spec: dict, device: str, steps: int) -> dict:
     import mlx.core as mx
     import numpy as np
 
-    from steadytune.batching import pad_batch
     from steadytune.data import Tokenized
 
     if device == "cpu":
@@ -181,9 +216,9 @@ def measure(spec: dict, device: str, steps: int) -> dict:
     step = make_step(spec, s)
     rng = np.random.default_rng(0)
     vocab = spec["model"]["vocab_size"]
-    ids = rng.integers(0, vocab, (s["batch"], s["seq"] + 1)).tolist()
-    step.examples = Tokenized(ids, [[True] * (s["seq"] + 1) for _ in range(s["batch"])])
-    width = int(pad_batch(ids, step.examples.masks)[0].shape[1])  # as the step pads it
+    ids = [rng.integers(0, vocab, n).tolist() for n in lengths_of(spec)]
+    step.examples = Tokenized(ids, [[True] * len(x) for x in ids])
+    rows, width = step.batches([list(range(s["batch"]))])[0][0].shape  # as the step lays it out
     mx.synchronize()
     base = mx.get_active_memory()
     mx.reset_peak_memory()
@@ -193,7 +228,7 @@ def measure(spec: dict, device: str, steps: int) -> dict:
         loss = step([list(range(s["batch"]))], 1e-5, i).loss
     mx.synchronize()
     return {"peak": mx.get_peak_memory(), "base": base, "seconds": time.perf_counter() - tic,
-            "width": width, "loss": loss}
+            "width": int(width), "rows": int(rows), "loss": loss}
 
 
 def run_one(spec: dict, device: str, steps: int) -> dict:
@@ -251,6 +286,8 @@ def environment() -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--gpu", action="store_true", help="the 7B grid on the GPU (bfloat16)")
+    p.add_argument("--long", action="store_true", help="the long-context grid (512 to 32k positions, "
+                   "packed and not) instead of the usual one")
     p.add_argument("--steps", type=int, default=3, help="optimizer steps per configuration")
     p.add_argument("--only", help="run the configurations whose name contains one of these "
                    "comma-separated strings")
@@ -275,10 +312,11 @@ def main() -> int:
         if sys.platform == "darwin":
             device = "metal"
     wanted = [w.strip() for w in (a.only or "").split(",") if w.strip()]
-    grid = [g for g in GRIDS["gpu" if a.gpu else "cpu"] if not wanted or any(w in g["name"] for w in wanted)]
+    grids = (LONG if a.long else GRIDS)["gpu" if a.gpu else "cpu"]
+    grid = [g for g in grids if not wanted or any(w in g["name"] for w in wanted)]
     if not grid:
         raise SystemExit(f"--only {a.only!r}: no configuration matches; names: "
-                         + ", ".join(g["name"] for g in GRIDS["gpu" if a.gpu else "cpu"]))
+                         + ", ".join(g["name"] for g in grids))
     env = environment()
     print(env, flush=True)
     # The first configuration also compiles MLX's kernels (on a fresh H100: ~2 minutes); later ones
@@ -303,7 +341,7 @@ def main() -> int:
             row["error"] = m["error"]
             print(f"{spec['name']}: FAILED ({m['error'][-300:]})", file=sys.stderr, flush=True)
         else:
-            row.update(tokens=spec["batch"] * m["width"], measured=m["peak"], width=m["width"],
+            row.update(tokens=m.get("rows", spec["batch"]) * m["width"], measured=m["peak"], width=m["width"],
                        error_pct=round(100 * (est.peak / m["peak"] - 1), 2), step_seconds=round(m["seconds"], 2))
             note = "" if m["width"] == width else f" (trainer padded to {m['width']}, planner expected {width})"
             print(f"{spec['name']}: measured {m['peak'] / 1e9:.3f} GB, predicted {est.peak / 1e9:.3f} GB "

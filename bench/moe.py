@@ -231,9 +231,9 @@ def main(argv=None) -> int:
         out = work / f"runs-{kind}-{time.strftime('%H%M%S')}"
         out.mkdir(parents=True)
         ours = steadytune_row(model, data, out, [], a.timeout)
-        print(f"{name}: steadytune {ours['tok_s']} tok/s", flush=True)
+        print(f"{name}: {json.dumps(ours)}", flush=True)
         theirs = mlx_lm_row(model, data, out, a.timeout)
-        print(f"{name}: mlx_lm.lora {theirs['tok_s']} tok/s", flush=True)
+        print(f"{name}: {json.dumps(theirs)}", flush=True)
         if isinstance(ours["tok_s"], float) and isinstance(theirs["tok_s"], float) and theirs["tok_s"] > 0:
             ours["vs_mlx_lm"] = f"{ours['tok_s'] / theirs['tok_s']:.2f}x"
         rows += [dict(ours, model=name), dict(theirs, model=name)]

@@ -140,7 +140,8 @@ def val_subset(valid: list, k: int | None, seed: int) -> list:
 # --- tokenization and loss masks -------------------------------------------------------------
 
 
-def render_chat(tokenizer, messages, tools=None, add_generation_prompt=False, where="chat") -> str:
+def render_chat(tokenizer, messages, tools=None, add_generation_prompt=False, where="chat",
+                template_kwargs: dict | None = None) -> str:
     """The model's chat template applied to `messages`, as text.
 
     The template is code that came with the model. transformers renders it in Jinja's
@@ -149,7 +150,8 @@ def render_chat(tokenizer, messages, tools=None, add_generation_prompt=False, wh
     type error) becomes a UserError naming the record and the model."""
     try:
         return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt)
+                                             add_generation_prompt=add_generation_prompt,
+                                             **(template_kwargs or {}))
     except Exception as e:
         msg = " ".join(str(e).split())[:200] or "no message"
         if type(e).__name__ == "TemplateError":  # the template's raise_exception(): the roles tell why
@@ -237,8 +239,8 @@ def check_template(splits: Splits, tokenizer, data_cfg) -> list[str]:
     return notes
 
 
-def _render(tokenizer, messages, tools, add_generation_prompt, where) -> str:
-    return render_chat(tokenizer, messages, tools, add_generation_prompt, where)
+def _render(tokenizer, messages, tools, add_generation_prompt, where, template_kwargs=None) -> str:
+    return render_chat(tokenizer, messages, tools, add_generation_prompt, where, template_kwargs)
 
 
 # --- token ids: exactly what the model sees ---------------------------------------------------
@@ -304,13 +306,15 @@ def raw_text_ids(tokenizer, text: str) -> list[int]:
     return _encode_many(tokenizer, [_raw_text(tokenizer, text)])[0]
 
 
-def prompt_ids(tokenizer, messages: list[dict], tools=None, where: str = "prompt") -> list[int]:
+def prompt_ids(tokenizer, messages: list[dict], tools=None, where: str = "prompt",
+               template_kwargs: dict | None = None) -> list[int]:
     """The ids a model is given to answer `messages`: the chat template with its generation
     prompt, or, on a model without one, the turns' text joined by newlines as raw text (the BOS
     included), as a base model is trained on `prompt` records. The same ids a training example's
     prompt has (tokenize), and those mlx_lm.generate gives the model."""
     if has_chat_template(tokenizer):
-        return _encode_many(tokenizer, [_templated(_render(tokenizer, messages, tools, True, where))])[0]
+        return _encode_many(tokenizer, [_templated(_render(tokenizer, messages, tools, True, where,
+                                                           template_kwargs))])[0]
     return raw_text_ids(tokenizer, "\n".join(str(m.get("content") or "") for m in messages))
 
 

@@ -40,7 +40,7 @@ import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from .batching import pack_layout, padded_width, row_target
+from .batching import pack_layout, padded_width, row_target, width_bucket
 from .errors import UserError
 
 GB = 1e9
@@ -113,6 +113,10 @@ class Arch:
     vocab: int
     tied: bool
     quantization: dict | None = None  # mlx-lm's "quantization": the base is stored quantized
+    # Elements of one Gated DeltaNet layer's state per token (value heads x value dim x key dim;
+    # Qwen3-Next, Qwen3.5); 0 for a model without such layers. See RECURRENCE_STATES.
+    recurrent_state: int = 0
+    recurrent_layers: int = 0
 
     @property
     def dims(self) -> dict:
@@ -139,7 +143,13 @@ def arch_from_config(config: dict) -> Arch:
                         "vocab_size)")
     heads = c["num_attention_heads"]
     q = c.get("quantization") or c.get("quantization_config")
-    return Arch(hidden=c["hidden_size"], layers=c["num_hidden_layers"], inter=c["intermediate_size"],
+    # Gated DeltaNet layers (qwen3_next, qwen3_5): every layer but each full_attention_interval-th
+    state, linear, every = 0, 0, c.get("full_attention_interval") or 1
+    if isinstance(c.get("linear_num_value_heads"), int) and every > 1:
+        state = c["linear_num_value_heads"] * c.get("linear_value_head_dim", 128) * c.get("linear_key_head_dim", 128)
+        linear = c["num_hidden_layers"] - c["num_hidden_layers"] // every
+    return Arch(recurrent_state=state, recurrent_layers=linear,
+                hidden=c["hidden_size"], layers=c["num_hidden_layers"], inter=c["intermediate_size"],
                 heads=heads, kv_heads=c.get("num_key_value_heads") or heads,
                 head_dim=c.get("head_dim") or c["hidden_size"] // heads, vocab=c["vocab_size"],
                 # mlx-lm's llama ties the output layer to the embedding unless the config says not
@@ -282,6 +292,16 @@ class Breakdown:
         return asdict(self) | {"peak": self.peak, "required": self.required}
 
 
+# The Gated DeltaNet recurrence in training (recurrence.py: mlx-lm's step, in checkpointed chunks)
+# keeps about RECURRENCE_STATES float32 states a token while one layer's backward pass runs, and,
+# without checkpointing, RECURRENCE_KEPT more for each other Gated DeltaNet layer. Fitted on the
+# CPU to `steadytune train` of qwen3_next models (1, 3 and 6 such layers, 4, 6 or 8 value heads of
+# 128 x 128, 2 to 4 rows of 512 to 704 tokens, with and without checkpointing): 13 runs within
+# -6.6%..+5.8% (docs/plan-memory.md). With mlx-lm's own loop it was about 5 times as much.
+RECURRENCE_STATES = 3.0
+RECURRENCE_KEPT = 0.2
+
+
 def estimate(arch: Arch, run: Run) -> Breakdown:
     """The peak of one training step: the largest of the moments below, each the arrays alive then."""
     b = DTYPE_BYTES[run.dtype]
@@ -294,14 +314,18 @@ def estimate(arch: Arch, run: Run) -> Breakdown:
     saved, work = block_bytes(arch, run)
     fixed = dict(base_weights=base_weight_bytes(arch, run), lora_weights=lora, optimizer=optimizer,
                  overhead=OVERHEAD[run.device])
-    # packed rows: one additive attention mask shared by every layer, alive for the whole step
-    mask = run.batch * run.seq * run.seq * (F32 if run.device == "cpu" else b) if run.packed else 0
+    # packed rows: one additive attention mask shared by every layer, alive for the whole step;
+    # and the states of a Gated DeltaNet layer's backward pass, at every moment (one layer at a time)
+    extra = run.batch * run.seq * run.seq * (F32 if run.device == "cpu" else b) if run.packed else 0
+    if arch.recurrent_layers:
+        kept = 0 if run.checkpoint else RECURRENCE_KEPT * (arch.recurrent_layers - 1)
+        extra += (RECURRENCE_STATES + kept) * F32 * arch.recurrent_state * tokens
 
     def moment(activations, logits, block, ahead):
         """`block`: per-token bytes of the block being worked on; `ahead`: per-token bytes of one
         block of the work in flight (see _in_flight)."""
         in_flight, elastic = _in_flight(arch, run, ahead)
-        return Breakdown(activations=activations + mask, logits=logits,
+        return Breakdown(activations=activations + extra, logits=logits,
                          in_flight=block * tokens + in_flight, elastic=elastic, **fixed)
 
     if not run.checkpoint:
@@ -333,8 +357,14 @@ def estimate(arch: Arch, run: Run) -> Breakdown:
         # 256, 4 x 256 tokens: 96.7 MB flat, 165.5 MB array by array; docs/plan-memory.md). On
         # CUDA the checkpointed runs with the flat update were fitted with this moment in place.
         lora_in = _lora_widths(arch, run)[0] * b
-        moments.append(moment(n * max(arch.hidden * b, lora_in) * tokens, _kept_logits(arch, run),
-                              saved + work, saved + work))
+        held = n * max(arch.hidden * b, lora_in) * tokens
+        if run.device == "cuda":
+            # CUDA keeps what the moment describes only as far as it runs ahead: at long context the
+            # LoRA inputs held beyond the blocks' own inputs stop near CUDA_RUN_AHEAD (H100, 7B:
+            # 8,192 to 32,768 positions measured 21.0-38.3 GB where the whole moment is 28.7-76.5;
+            # docs/plan-memory.md). Up to about 4,096 positions the whole moment fits under it.
+            held = min(held, kept + CUDA_RUN_AHEAD)
+        moments.append(moment(held, _kept_logits(arch, run), saved + work, saved + work))
     return max(moments, key=lambda m: m.peak)
 
 
@@ -647,20 +677,36 @@ def run_from_config(cfg, arch: Arch, lengths=None, device: str | None = None,
             raise UserError(f"lora.target_modules: the planner knows {', '.join(MODULES)}; "
                             f"{', '.join(unknown)} is not one of them")
     batch, seq = t.batch_size, padded_width(longest, device)
-    if t.pack:  # the largest call: the batch's longest examples, laid out as the step lays them out
+    # the trainer's test (setup.apply_compute_options), at the widest row it could lay out
+    packs = t.pack and _packable(model_config, width_bucket(max(row_target(device), cfg.data.max_seq_length), device))
+    if packs:  # the largest call: the batch's longest examples, laid out as the step lays them out
         rows, seq = packed_call(lengths or [], longest, t.batch_size, t.batch_tokens, device)
         batch = len(rows)
-    run = Run(batch=batch, seq=seq, checkpoint=t.grad_checkpoint, packed=t.pack,
-              examples=t.batch_size if t.pack else 0,
+    run = Run(batch=batch, seq=seq, checkpoint=t.grad_checkpoint, packed=packs,
+              examples=t.batch_size if packs else 0,
               rank=cfg.lora.rank, keys=keys, lora_layers=cfg.lora.num_layers, **skeleton,
               bits=None if m.quantize == "none" else int(m.quantize), group_size=m.group_size,
               dtype=dtype, compute=resolve_mode(m.compute, device), device=device,
               accumulation=t.grad_accumulation,
               loss_chunk=_loss_chunk(arch, model_config, t.chunked_ce),
               fused_update=fuses_update(world))
-    if getattr(t, "batch_tokens", None) and not t.pack:
+    if getattr(t, "batch_tokens", None) and not packs:
         run = _at_budget(run, t.batch_tokens)
     return run, stats
+
+
+def _packable(model_config: dict | None, width: int) -> bool:
+    """Whether the trainer packs this model's rows (packing.why_not_packable on the model built
+    from its config, nothing computed); a synthetic shape (no config) packs."""
+    if not model_config:
+        return True
+    from .model import model_skeleton
+    from .packing import why_not_packable
+
+    try:
+        return why_not_packable(model_skeleton(model_config), width) is None
+    except Exception:  # noqa: BLE001  (a config mlx-lm cannot build is reported by from_skeleton)
+        return True
 
 
 def _loss_chunk(arch: Arch, model_config: dict | None, setting: str) -> int:

@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 
+from .data import prompt_ids, raw_text_ids
 from .errors import UserError
 from .serve_http import (CLIENT_TIMEOUT_S, HEAD_TIMEOUT_S, MAX_BODY_BYTES, REQUEST_TIMEOUT_S,
                          DeadlineReader, connection_cap, heads_cap, server_class)
@@ -466,14 +467,12 @@ def prompt_tokens(tokenizer, request, context: int, max_token_chars: int,
     if len(text) > context * max_token_chars:
         return len(text) // max_token_chars, False
     if not (chat and getattr(tokenizer, "chat_template", None)):
-        return len(tokenizer.encode(text)), True
+        return len(raw_text_ids(tokenizer, text)), True
     try:
-        return len(tokenizer.apply_chat_template(request.messages, tools=request.tools,
-                                                 add_generation_prompt=True, tokenize=True,
-                                                 **(template_kwargs or {}))), True
-    except Exception as e:
-        raise RequestError("messages", f"the model's chat template cannot render them "
-                           f"({type(e).__name__}: {str(e)[:200]})") from None
+        return len(prompt_ids(tokenizer, request.messages, request.tools, "messages", template_kwargs)), True
+    except UserError as e:
+        reason = str(e).split("failed on this conversation ", 1)[-1].split("; use roles", 1)[0]
+        raise RequestError("messages", f"the model's chat template cannot render them {reason[:220]}") from None
 
 
 def max_token_chars(tokenizer) -> int:

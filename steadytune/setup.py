@@ -203,7 +203,9 @@ def apply_compute_options(model: nn.Module, cfg: Config, objective: Objective | 
     the model trains unpacked)."""
     from .loss import loss_chunk
     from .qlora import apply_compute, checkpoint_blocks
+    from .recurrence import install as chunked_recurrence
 
+    chunked_recurrence()  # Gated DeltaNet layers (Qwen3-Next, Qwen3.5): the same gradients, half the memory
     compute = apply_compute(model, cfg.model.compute, **compute_args)
     compute["ce_chunk"] = loss_chunk(model, cfg.training.chunked_ce)
     mask_dtype, pack_target = mx.float32, 0

@@ -257,6 +257,25 @@ def test_checkpointing_with_the_fused_update_keeps_each_blocks_lora_inputs():
     assert plan.estimate(arch, replace(cuda, flat_update=True)) == plan.estimate(arch, cuda)
 
 
+def test_on_cuda_the_fused_moment_holds_at_most_the_run_ahead_beyond_the_blocks_inputs():
+    """H100, 7B shape, checkpointed (bench/memory.py --gpu --long, docs/plan-memory.md): the whole
+    moment (every block's LoRA inputs, 26,624 values a token) would be 55.8 GB at 32k positions,
+    where 38.3 GB was measured in all; at 4 x 1024 (18.74 GB measured, three steps) it is under the
+    cap and unchanged."""
+    arch = plan.arch_from_config(dict(model_type="llama", hidden_size=4096, num_hidden_layers=32,
+                                      intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                                      vocab_size=32000, tie_word_embeddings=False))
+    keys = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    run = plan.Run(batch=1, seq=32768, checkpoint=True, rank=16, keys=keys, dtype="bfloat16", device="cuda")
+    kept = 32 * 4096 * 2 * 32768
+    assert plan.estimate(arch, run).activations == kept + plan.CUDA_RUN_AHEAD
+    assert plan.estimate(arch, run).peak == pytest.approx(38.316e9, rel=0.15)
+    short = replace(run, batch=4, seq=1024)
+    assert plan.estimate(arch, short).activations == 32 * 26624 * 2 * 4096  # the whole moment
+    assert plan.estimate(arch, short).peak == pytest.approx(18.741e9, rel=0.15)
+
+
 def test_check_fits_refuses_with_a_smaller_batch_that_keeps_the_effective_batch(monkeypatch):
     cfg, lengths = config(batch=8, seq=4096, grad_accumulation=2), [4096] * 4
     need8, need1 = required(cfg, lengths), required(cfg, lengths, batch=1)

@@ -214,6 +214,43 @@ def test_the_prompt_of_a_record_is_what_generate_gives_the_model(kinds, kind, tm
         assert prompt == tok.encode("hi")
 
 
+@pytest.mark.parametrize("kind", ["llama2", "gemma", "gemma-base"])
+def test_serve_counts_the_prompt_ids_that_training_gives_the_model(kinds, kind):
+    """The server's context check counts a request's prompt with the same function (chat and
+    completion), and a template that fails on the request's messages is the request's 400."""
+    from types import SimpleNamespace
+
+    from steadytune.serve import prompt_tokens
+    from steadytune.serve_request import RequestError
+
+    tok = kinds[kind]
+    chat = SimpleNamespace(request_type="chat", messages=[{"role": "user", "content": "hi"}], tools=None)
+    text = SimpleNamespace(request_type="text", prompt="hello world", messages=[], tools=None)
+    assert prompt_tokens(tok, chat, 4096, 16) == (len(prompt_ids(tok, chat.messages)), True)
+    assert prompt_tokens(tok, text, 4096, 16) == (len(tok.encode("hello world")), True)
+
+
+class Refusing:
+    """A tokenizer whose chat template rejects every conversation, as raise_exception() does."""
+    chat_template = "{{ raise_exception('Conversation roles must alternate') }}"
+
+    def apply_chat_template(self, *args, **kwargs):
+        from jinja2.exceptions import TemplateError
+        raise TemplateError("Conversation roles must alternate")
+
+
+def test_serve_answers_a_template_that_rejects_the_messages_with_400():
+    from types import SimpleNamespace
+
+    from steadytune.serve import prompt_tokens
+    from steadytune.serve_request import RequestError
+
+    chat = SimpleNamespace(request_type="chat", messages=[{"role": "user", "content": "hi"}], tools=None)
+    with pytest.raises(RequestError, match=r"chat template cannot render them \(TemplateError: "
+                                           r"Conversation roles must alternate; roles: user\)$"):
+        prompt_tokens(Refusing(), chat, 4096, 16)
+
+
 def test_bpe_without_bos_adds_nothing_but_eos(kinds, tmp_path):
     tok = kinds["bpe"]
     text = "select the name from table"
