@@ -13,9 +13,10 @@ the same token ids), and greedy answers through its KV cache. For scale, both ar
 base + adapters in float32 (what rounding the weights to float16 moves). Then llama.cpp's own
 `llama_model_quantize` of our float16 file is compared with our q4_k_m file tensor by tensor (type
 and bytes), and the tokenizer with the model's: llama.cpp's token ids of the prompts against the HF
-tokenizer's. Variants (`family+variant`) take the released models' RoPE scaling (YaRN) or expert
-count on the tiny model. The llama.cpp half runs in VENV (this file again, with --llama-side); a
-table is printed and the numbers written to WORK/results.json.
+tokenizer's. Variants (`family+variant`) take the released models' RoPE scaling (YaRN), expert
+count, attention without RoPE and a dense MLP (Granite 4.0-H), or Mamba-2 groups (Nemotron-H) on the
+tiny model. The llama.cpp half runs in VENV (this file again, with --llama-side); a table is printed
+and the numbers written to WORK/results.json.
 """
 
 from __future__ import annotations
@@ -29,10 +30,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ("qwen3_moe", "olmo2", "smollm3", "ministral3", "mistral3", "gpt_oss", "deepseek_v3", "glm4_moe", "lfm2",
-            "glm4_moe_lite", "mixtral", "lfm2_moe", "ministral3+yarn", "gpt_oss+yarn", "deepseek_v3+yarn", "mixtral+8x")
+            "glm4_moe_lite", "mixtral", "lfm2_moe", "granitemoehybrid", "nemotron_h",
+            "ministral3+yarn", "gpt_oss+yarn",
+            "deepseek_v3+yarn", "mixtral+8x", "granitemoehybrid+nope", "granitemoehybrid+dense", "nemotron_h+groups")
 # Settings of the released models the tiny ones differ in, where the tiny setting is not exported
 # (it is refused, and tests/test_export_families.py pins that refusal)
-RELEASED = {"qwen3_moe": {"mlp_only_layers": []}, "deepseek_v3": {"rms_norm_eps": 1e-6}}
+RELEASED = {"qwen3_moe": {"mlp_only_layers": []}, "deepseek_v3": {"rms_norm_eps": 1e-6},
+            "granitemoehybrid": {"mamba_n_heads": 8, "mamba_expand": 2},  # Mamba-2 inner size 2 x hidden
+            "nemotron_h": {"hybrid_override_pattern": ["M", "*", "E", "M", "E"]}}  # experts in every MLP layer
 # RoPE scaling as in Ministral 3, gpt-oss and DeepSeek V3 (their config.json), on the tiny models
 YARN = {
     "ministral3": {"rope_parameters": {"rope_type": "yarn", "type": "yarn", "rope_theta": 10000.0, "factor": 16.0,
@@ -65,6 +70,12 @@ def settings(family: str) -> tuple[str, dict]:
         overrides.update(YARN[name])
     elif variant == "8x":  # Mixtral's 8 experts, for which llama-quantize gives attn_v and attn_k Q8_0
         overrides.update(num_local_experts=8)
+    elif variant == "nope":  # Granite 4.0-H's attention without RoPE (position_embedding_type "nope")
+        overrides.update(position_embedding_type="nope")
+    elif variant == "dense":  # granitemoehybrid without experts: a dense MLP in every block
+        overrides.update(num_local_experts=0, num_experts_per_tok=0)
+    elif variant == "groups":  # Mamba-2 with more than one group: the gated norm per group
+        overrides.update(n_groups=2)
     elif variant:
         raise SystemExit(f"unknown variant {variant!r} of {name}")
     return name, overrides
@@ -136,8 +147,10 @@ def same_tensors(ours: Path, theirs: Path) -> str:
     mine = {t.name: t for t in gguf.GGUFReader(str(ours)).tensors}
     other = gguf.GGUFReader(str(theirs)).tensors
     types = sum(mine[t.name].tensor_type == t.tensor_type for t in other)
-    data = sum(np.array_equal(np.asarray(mine[t.name].data).view(np.uint8), np.asarray(t.data).view(np.uint8))
-               for t in other)
+    # flattened: llama-quantize writes a (1, n) tensor such as Mamba-2's one-group ssm_norm with ne [n]
+    # (ggml drops a trailing 1), the converter and steadytune with ne [n, 1]; the same values
+    data = sum(np.array_equal(np.asarray(mine[t.name].data).reshape(-1).view(np.uint8),
+                              np.asarray(t.data).reshape(-1).view(np.uint8)) for t in other)
     return f"{types}/{len(other)} / {data}/{len(other)}"
 
 

@@ -11,8 +11,9 @@ cost against llama.cpp's own quantizer). Formats:
         for transformers, vLLM, or llama.cpp's convert_hf_to_gguf.py.
 - gguf: model.gguf (the architecture llama.cpp names the family by, gguf_arch.EXPORTS: llama,
         qwen2, qwen3, qwen3moe, gemma2, gemma3, phi3, olmo2, smollm3, mistral3, gpt-oss, deepseek2,
-        glm4moe, lfm2, lfm2moe; F16/BF16/F32; its tensor names and transforms: q/k rows in llama.cpp's
-        order where its RoPE rotates adjacent pairs, gemma's norms stored as 1 + w, experts stacked;
+        glm4moe, lfm2, lfm2moe, granitehybrid, nemotron_h_moe; F16/BF16/F32; its tensor names and
+        transforms: q/k rows in llama.cpp's order where its RoPE rotates adjacent pairs, gemma's norms
+        stored as 1 + w, experts stacked, Mamba-2's A as -exp(A_log);
         tokenizer and chat template metadata) and an Ollama Modelfile next to it:
         `ollama create NAME -f Modelfile`. `--quant q8_0|q6_k|q5_k_m|q4_k_m|q4_0`
         quantizes it as llama.cpp's llama-quantize would (gguf_quantize.py: the same blocks, the same
@@ -31,6 +32,7 @@ import json
 import shutil
 from pathlib import Path
 
+from .data import raw_text_ids
 from .errors import UserError
 from .gguf_arch import EXPORTS, gguf_hparams, rope_scaling_problem, text_config
 
@@ -142,7 +144,7 @@ def answers(loaded):
     try:
         out = []
         for text in CHECK_PROMPTS:
-            ids = [i for i in loaded.tokenizer.encode(text) if 0 <= i < _vocab_rows(model)][:32] or [0]
+            ids = [i for i in raw_text_ids(loaded.tokenizer, text) if 0 <= i < _vocab_rows(model)][:32] or [0]
             out.append(np.array(model(mx.array([ids]))[0].astype(mx.float32)))
         return out
     finally:
@@ -231,8 +233,8 @@ NOT_YET = {"qwen3_next": ("qwen3next", "Gated DeltaNet layers"), "qwen3_5": ("qw
            "qwen3_5_moe": ("qwen35moe", "Gated DeltaNet layers"), "gemma3n": ("gemma3n", "AltUp and per-layer inputs"),
            "gemma4_text": ("gemma4", "per-layer inputs and shared KV layers"),
            "phimoe": ("phimoe", "experts"), "olmo3": ("olmo2", "sliding-window layers"),
-           "granite": ("granite", "multipliers"), "granitemoehybrid": ("granitehybrid", "Mamba-2 layers"),
-           "nemotron_h": ("nemotron_h", "Mamba-2 layers"), "falcon_h1": ("falcon-h1", "parallel Mamba-2 heads"),
+           "granite": ("granite", "multipliers"),
+           "falcon_h1": ("falcon-h1", "parallel Mamba-2 heads"),
            "llama4": ("llama4", "chunked attention and experts"),
            "mistral4": ("mistral4", "multi-head latent attention with Llama 4 scaling")}
 
@@ -426,7 +428,7 @@ def _gguf_tensors(model, config: dict):
     import numpy as np
     from mlx.utils import tree_flatten
 
-    from .gguf_arch import ALWAYS_F32, TRANSFORMS, gguf_tensor_name, permute_rows
+    from .gguf_arch import ALWAYS_F32, TRANSFORMS, gguf_tensor_parts, permute_rows
 
     spec = EXPORTS[config["model_type"]]
     c = text_config(config)
@@ -438,23 +440,23 @@ def _gguf_tensors(model, config: dict):
         name = name[len(spec.prefix):]
         if name == "lm_head.weight" and c.get("tie_word_embeddings"):
             continue
-        gname, kind = gguf_tensor_name(spec, name)
-        if spec.permuted_qk and kind in heads:
-            # llama.cpp rotates adjacent pairs, so each head's rows go back to its interleaved order
-            value = mx.take(value, permute_rows(value.shape[0], heads[kind]), axis=0)
-        if spec.norm_offset and gname.endswith("norm.weight"):
-            value = value.astype(mx.float32) + spec.norm_offset
-        if kind in TRANSFORMS:
-            value = TRANSFORMS[kind](value)
-        # F32 as the converter writes them: 1-D tensors, norms, biases, routers, convolution taps
-        f32 = (value.ndim == 1 or gname.endswith("_norm.weight") or not gname.endswith(".weight")
-               or kind in ALWAYS_F32)
-        if f32 or value.dtype == mx.float32:
-            yield gname, np.array(value.astype(mx.float32)), None
-        elif value.dtype == mx.bfloat16:  # numpy has no bfloat16: hand over the raw 16-bit words
-            yield gname, np.array(value.view(mx.uint16)), gguf.GGMLQuantizationType.BF16
-        else:
-            yield gname, np.array(value.astype(mx.float16)), None
+        for gname, kind, value in gguf_tensor_parts(spec, name, value):  # one, or a fused matrix's parts
+            if spec.permuted_qk and kind in heads:
+                # llama.cpp rotates adjacent pairs, so each head's rows go back to its interleaved order
+                value = mx.take(value, permute_rows(value.shape[0], heads[kind]), axis=0)
+            if spec.norm_offset and gname.endswith("norm.weight"):
+                value = value.astype(mx.float32) + spec.norm_offset
+            if kind in TRANSFORMS:
+                value = TRANSFORMS[kind](value, c)
+            # F32 as the converter writes them: 1-D tensors, norms, biases, routers, convolution taps, SSM A/D
+            f32 = (value.ndim == 1 or gname.endswith("_norm.weight") or not gname.endswith(".weight")
+                   or kind in ALWAYS_F32)
+            if f32 or value.dtype == mx.float32:
+                yield gname, np.array(value.astype(mx.float32)), None
+            elif value.dtype == mx.bfloat16:  # numpy has no bfloat16: hand over the raw 16-bit words
+                yield gname, np.array(value.view(mx.uint16)), gguf.GGMLQuantizationType.BF16
+            else:
+                yield gname, np.array(value.astype(mx.float16)), None
 
 
 def _tokenizer_fields(loaded, config: dict):

@@ -525,10 +525,30 @@ _LFM2_BLOCK = {"attn_norm": "operator_norm", "ffn_norm": "ffn_norm", "ffn_gate":
                "attn_q_norm": "self_attn.q_layernorm", "attn_k_norm": "self_attn.k_layernorm",
                "shortconv.conv": "conv.conv", "shortconv.in_proj": "conv.in_proj",
                "shortconv.out_proj": "conv.out_proj"}
+# Granite 4.0-H: Mamba-2 blocks (Mamba2Model's names; A_log written as A = -exp(A_log), dt_bias as
+# ssm_dt.bias), attention blocks, and experts with a shared MLP whose fused gate/up input_linear is split
+_GRANITEHYBRID_BLOCK = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", **_ATTN, **_MLP,
+                        "ssm_in": "mamba.in_proj", "ssm_conv1d": "mamba.conv1d", "ssm_norm": "mamba.norm",
+                        "ssm_out": "mamba.out_proj", "ffn_gate_inp": "block_sparse_moe.router.layer",
+                        "ffn_gate_exps": "block_sparse_moe.switch_mlp.gate_proj",
+                        "ffn_up_exps": "block_sparse_moe.switch_mlp.up_proj",
+                        "ffn_down_exps": "block_sparse_moe.switch_mlp.down_proj",
+                        "ffn_down_shexp": "shared_mlp.output_linear"}
+_GRANITEHYBRID_PARAMS = (("mamba.A_log", "ssm_a"), ("mamba.D", "ssm_d"), ("mamba.dt_bias", "ssm_dt.bias"))
+# Nemotron-H with experts (Nemotron 3 Nano): one mixer per block, under backbone.layers
+_NEMOTRON_H_BLOCK = {"attn_norm": "norm", "attn_q": "mixer.q_proj", "attn_k": "mixer.k_proj", "attn_v": "mixer.v_proj",
+                     "attn_output": "mixer.o_proj", "ssm_in": "mixer.in_proj", "ssm_conv1d": "mixer.conv1d",
+                     "ssm_norm": "mixer.norm", "ssm_out": "mixer.out_proj", "ffn_gate_inp": "mixer.gate",
+                     "ffn_up_exps": "mixer.switch_mlp.fc1", "ffn_down_exps": "mixer.switch_mlp.fc2",
+                     "ffn_up_shexp": "mixer.shared_experts.up_proj",
+                     "ffn_down_shexp": "mixer.shared_experts.down_proj"}
+_NEMOTRON_H_PARAMS = (("mixer.A_log", "ssm_a"), ("mixer.D", "ssm_d"), ("mixer.dt_bias", "ssm_dt.bias"),
+                      ("mixer.gate.e_score_correction_bias", "exp_probs_b.bias"))
+_NEMOTRON_H_TOP = (("token_embd", "backbone.embeddings"), ("output_norm", "backbone.norm_f"), ("output", "lm_head"))
 _LFM2_TOP = (("token_embd", "model.embed_tokens"), ("token_embd_norm", "model.embedding_norm"), ("output", "lm_head"))
 # Written F32 whatever the export's dtype, as the converter writes them (and llama-quantize leaves them):
 # routers and short-convolution taps; also every 1-D tensor, norm and bias.
-ALWAYS_F32 = ("ffn_gate_inp", "shortconv.conv")
+ALWAYS_F32 = ("ffn_gate_inp", "shortconv.conv", "ssm_conv1d")
 
 
 @dataclass(frozen=True)
@@ -543,6 +563,8 @@ class Export:
     prefix: str = ""           # where mlx-lm keeps the text model's parameters (mistral3: language_model.)
     hparams: Callable[[dict, dict], dict] | None = None  # (text config, {GGUF name: shape}) -> own metadata
     refuse: Callable[[dict], str | None] | None = None  # text config -> why llama.cpp computes otherwise
+    splits: dict | None = None  # mlx-lm module inside a block -> GGUF names its rows are split into, in order
+    layers: str = "model.layers"  # where mlx-lm keeps the blocks (nemotron_h: backbone.layers)
 
 
 def text_config(config: dict) -> dict:
@@ -700,12 +722,109 @@ def _lfm2moe_refuse(c: dict) -> str | None:
     return _lfm2_refuse(c)
 
 
-def _conv_taps(value):
-    """mlx-lm's depthwise Conv1d weight (channels, taps, 1) -> llama.cpp's shortconv.conv (channels, taps)."""
+def _granitehybrid(c: dict, shapes: dict) -> dict:
+    """Mamba-2 blocks have no attention: head_count_kv 0 there (how llama.cpp tells the kinds apart);
+    Granite's multipliers; RoPE switched by rope.scaling.finetuned (llama.cpp: rope_finetuned), as
+    mlx-lm applies it unless position_embedding_type is "nope" (the released Granite 4.0-H models)."""
+    heads, hidden = c["num_attention_heads"], c["hidden_size"]
+    kv = c.get("num_key_value_heads") or heads
+    out = {"head_count_kv": [kv if kind == "attention" else 0 for kind in c["layer_types"]],
+           "ssm_conv_kernel": c["mamba_d_conv"], "ssm_state_size": c["mamba_d_state"],
+           "ssm_group_count": c["mamba_n_groups"], "ssm_inner_size": c["mamba_n_heads"] * c["mamba_d_head"],
+           "ssm_time_step_rank": c["mamba_n_heads"], "attention_scale": c["attention_multiplier"],
+           "embedding_scale": c["embedding_multiplier"], "residual_scale": c["residual_multiplier"],
+           "logit_scale": c["logits_scaling"], "rope_dimension_count": hidden // heads}
+    if c.get("head_dim") and c["head_dim"] != hidden // heads:  # mlx-lm's (and HF's) heads are hidden / heads
+        out.update(key_length=hidden // heads, value_length=hidden // heads)
+    if c.get("num_local_experts"):
+        out["expert_shared_feed_forward_length"] = c["shared_intermediate_size"]
+    else:  # dense: the MLP's own width
+        out["feed_forward_length"] = shapes["blk.0.ffn_gate.weight"][0] if "blk.0.ffn_gate.weight" in shapes \
+            else c["intermediate_size"]
+    rope = c.get("position_embedding_type", "rope") != "nope"
+    out["rope_scaling_finetuned"] = rope
+    if not rope:
+        out["context_length"] = 2 ** 20  # as the converter writes it for a model without RoPE
+    return out
+
+
+def _granitehybrid_refuse(c: dict) -> str | None:
+    if c.get("mamba_n_groups", 1) != 1:
+        return (f"its Mamba-2 layers have {c['mamba_n_groups']} groups (mamba_n_groups): mlx-lm normalizes the "
+                "gated output over all channels, llama.cpp's granitehybrid per group")
+    inner = c["mamba_n_heads"] * c["mamba_d_head"]
+    if inner != 2 * c["hidden_size"]:
+        return (f"its Mamba-2 inner size (mamba_n_heads x mamba_d_head = {inner}) is not twice hidden_size "
+                f"({c['hidden_size']}), the only size llama.cpp's granitehybrid loads")
+    if c.get("mamba_proj_bias"):
+        return "its Mamba-2 projections have biases (mamba_proj_bias), which llama.cpp's granitehybrid has no place for"
+    if rope_scaling(c) is not None:
+        return "it has rope_scaling, which mlx-lm's granitemoehybrid ignores and llama.cpp would apply"
+    return None
+
+
+def _nemotron_h_moe(c: dict, shapes: dict) -> dict:
+    """Per block one of Mamba-2 (M), attention (*) or experts (E): llama.cpp tells them apart by
+    head_count_kv (attention only) and feed_forward_length (experts only), as the converter writes them."""
+    pattern, kv = c["hybrid_override_pattern"], c.get("num_key_value_heads") or c["num_attention_heads"]
+    head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    return {"head_count_kv": [kv if kind == "*" else 0 for kind in pattern],
+            "feed_forward_length": [c["moe_intermediate_size"] if kind == "E" else 0 for kind in pattern],
+            "key_length": head_dim, "value_length": head_dim, "layer_norm_eps": c["layer_norm_epsilon"],
+            "layer_norm_rms_eps": c["layer_norm_epsilon"],
+            "ssm_conv_kernel": c["conv_kernel"], "ssm_state_size": c["ssm_state_size"],
+            "ssm_group_count": c["n_groups"], "ssm_inner_size": c["mamba_num_heads"] * c["mamba_head_dim"],
+            "ssm_time_step_rank": c["mamba_num_heads"],
+            "expert_feed_forward_length": c["moe_intermediate_size"],
+            "expert_shared_feed_forward_length": c["moe_shared_expert_intermediate_size"],
+            "expert_shared_count": c["n_shared_experts"], "expert_weights_norm": bool(c.get("norm_topk_prob")),
+            "expert_weights_scale": c.get("routed_scaling_factor") or 1.0, "expert_group_count": c.get("n_group") or 1,
+            "rope_scaling_finetuned": False, "context_length": 2 ** 20}  # no RoPE (the converter's values)
+
+
+def _nemotron_h_refuse(c: dict) -> str | None:
+    pattern = list(c.get("hybrid_override_pattern") or [])
+    if "E" not in pattern:
+        return ("it has no expert layers (Nemotron-H), which llama.cpp reads as nemotron_h; steadytune writes the "
+                "expert models (nemotron_h_moe) only")
+    if "-" in pattern:
+        return (f"its layers {[i for i, k in enumerate(pattern) if k == '-']} are dense MLPs among expert layers, "
+                "where llama.cpp's nemotron_h_moe has experts in every MLP layer")
+    if c.get("n_shared_experts") is None:
+        return "it has no shared expert, which llama.cpp's nemotron_h_moe always adds"
+    if (c.get("n_group") or 1) != 1:
+        return f"it routes by expert groups (n_group {c['n_group']}), which the converter does not write for llama.cpp"
+    if c.get("moe_latent_size"):
+        return "its experts work in a latent space (moe_latent_size), not written yet"
+    if c.get("mamba_proj_bias") or c.get("mlp_bias"):
+        return "its Mamba-2 projections or MLPs have biases, which llama.cpp's nemotron_h_moe has no place for"
+    limit = tuple(c.get("time_step_limit") or (0.0, math.inf))
+    if limit != (0.0, math.inf):
+        return (f"mlx-lm clips its Mamba-2 time step to {list(limit)} (time_step_limit), llama.cpp does not")
+    return None
+
+
+def _conv_taps(value, c: dict):
+    """mlx-lm's depthwise Conv1d weight (channels, taps, 1) -> llama.cpp's shortconv.conv / ssm_conv1d
+    (channels, taps); a bias stays as it is."""
     return value.reshape(value.shape[:2])
 
 
-TRANSFORMS = {"shortconv.conv": _conv_taps}  # GGUF name inside a block -> what the tensor goes through
+def _ssm_a(value, c: dict):
+    """mlx-lm's A_log (heads) -> llama.cpp's ssm_a, A = -exp(A_log) as the converter computes it, (heads, 1)."""
+    import mlx.core as mx
+
+    return -mx.exp(value.astype(mx.float32)).reshape(-1, 1)
+
+
+def _ssm_norm(value, c: dict):
+    """Mamba-2's gated norm weight (channels) -> (groups, channels / groups), as llama.cpp normalizes it."""
+    return value.reshape(c.get("mamba_n_groups") or c.get("n_groups") or 1, -1)
+
+
+# GGUF name inside a block -> what the tensor goes through (value, text config)
+TRANSFORMS = {"shortconv.conv": _conv_taps, "ssm_conv1d": _conv_taps, "ssm_a": _ssm_a,
+              "ssm_d": lambda value, c: value.reshape(-1, 1), "ssm_norm": _ssm_norm}
 
 EXPORTS = {
     "llama": Export("llama", BLOCK_NAMES, permuted_qk=True),
@@ -747,18 +866,24 @@ EXPORTS = {
                                    "ffn_down_exps": "feed_forward.switch_mlp.down_proj"},
                        params=(("feed_forward.expert_bias", "exp_probs_b.bias"),), top=_LFM2_TOP,
                        hparams=_lfm2moe, refuse=_lfm2moe_refuse),
+    "granitemoehybrid": Export("granitehybrid", _GRANITEHYBRID_BLOCK, params=_GRANITEHYBRID_PARAMS,
+                               permuted_qk=True, hparams=_granitehybrid, refuse=_granitehybrid_refuse,
+                               splits={"shared_mlp.input_linear": ("ffn_gate_shexp", "ffn_up_shexp")}),
+    "nemotron_h": Export("nemotron_h_moe", _NEMOTRON_H_BLOCK, params=_NEMOTRON_H_PARAMS, permuted_qk=True,
+                         top=_NEMOTRON_H_TOP, layers="backbone.layers", hparams=_nemotron_h_moe,
+                         refuse=_nemotron_h_refuse),
 }
 
 
 def gguf_tensor_name(spec: Export, name: str) -> tuple[str, str]:
     """(GGUF name, its kind: the GGUF name inside the block or at the top) of an mlx-lm parameter;
     a UserError naming it when llama.cpp's architecture has no place for it."""
-    match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
+    match = re.fullmatch(re.escape(spec.layers) + r"\.(\d+)\.(.+)", name)
     if match:
         block, rest = match.groups()
         exact = dict(spec.params).get(rest)
         if exact:
-            return f"blk.{block}.{exact}", exact.rpartition(".")[0]
+            return f"blk.{block}.{exact}", exact.rpartition(".")[0] or exact
         module, _, suffix = rest.rpartition(".")
         kind = {v: k for k, v in spec.blocks.items()}.get(module)
         if kind:
@@ -770,6 +895,18 @@ def gguf_tensor_name(spec: Export, name: str) -> tuple[str, str]:
             return f"{kind}.{suffix}", kind
     raise UserError(f"--format gguf: {spec.prefix}{name} has no place in llama.cpp's {spec.arch} "
                     "architecture, so nothing was written; use --format mlx")
+
+
+def gguf_tensor_parts(spec: Export, name: str, value) -> list:
+    """[(GGUF name, kind, value)] of an mlx-lm parameter: one tensor, or the equal row blocks of a
+    fused matrix that llama.cpp keeps apart (Export.splits, e.g. Granite's shared gate/up)."""
+    match = re.fullmatch(re.escape(spec.layers) + r"\.(\d+)\.(.+)\.(\w+)", name)
+    if match and match.group(2) in (spec.splits or {}):
+        block, module, suffix = match.groups()
+        kinds = spec.splits[module]
+        rows = value.shape[0] // len(kinds)
+        return [(f"blk.{block}.{kind}.{suffix}", kind, value[i * rows:(i + 1) * rows]) for i, kind in enumerate(kinds)]
+    return [(*gguf_tensor_name(spec, name), value)]
 
 
 def gguf_hparams(config: dict, shapes: dict) -> dict:

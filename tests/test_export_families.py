@@ -26,9 +26,11 @@ from test_export import make_run
 
 GOLDEN = Path(__file__).parent / "data" / "gguf_export_tensors.txt"
 FAMILIES = ("qwen3_moe", "olmo2", "smollm3", "ministral3", "mistral3", "gpt_oss", "deepseek_v3", "glm4_moe", "lfm2",
-            "glm4_moe_lite", "mixtral", "lfm2_moe")
+            "glm4_moe_lite", "mixtral", "lfm2_moe", "granitemoehybrid", "nemotron_h")
 # The released models' settings where the tiny model's are refused (as bench/gguf_families.py builds them)
-RELEASED = {"qwen3_moe": {"mlp_only_layers": []}, "deepseek_v3": {"rms_norm_eps": 1e-6}}
+RELEASED = {"qwen3_moe": {"mlp_only_layers": []}, "deepseek_v3": {"rms_norm_eps": 1e-6},
+            "granitemoehybrid": {"mamba_n_heads": 8, "mamba_expand": 2},
+            "nemotron_h": {"hybrid_override_pattern": ["M", "*", "E", "M", "E"]}}
 # What llama.cpp's loader reads for each architecture beyond the shapes (a few keys each)
 METADATA = {
     "qwen3_moe": {"qwen3moe.expert_count": 4, "qwen3moe.expert_used_count": 2,
@@ -55,6 +57,24 @@ METADATA = {
     "lfm2_moe": {"lfm2moe.attention.head_count_kv": [0, 2, 0], "lfm2moe.leading_dense_block_count": 1,
                  "lfm2moe.expert_feed_forward_length": 32, "lfm2moe.expert_gating_func": 2,
                  "lfm2moe.feed_forward_length": 128},
+    "granitemoehybrid": {"granitehybrid.attention.head_count_kv": [0, 2, 0], "granitehybrid.ssm.conv_kernel": 4,
+                         "granitehybrid.ssm.state_size": 16, "granitehybrid.ssm.group_count": 1,
+                         "granitehybrid.ssm.inner_size": 128, "granitehybrid.ssm.time_step_rank": 8,
+                         "granitehybrid.attention.scale": 0.25, "granitehybrid.embedding_scale": 4.0,
+                         "granitehybrid.residual_scale": 0.5, "granitehybrid.logit_scale": 4.0,
+                         "granitehybrid.expert_count": 4, "granitehybrid.expert_used_count": 2,
+                         "granitehybrid.feed_forward_length": 128,
+                         "granitehybrid.expert_shared_feed_forward_length": 64,
+                         "granitehybrid.rope.scaling.finetuned": True},
+    "nemotron_h": {"nemotron_h_moe.attention.head_count_kv": [0, 2, 0, 0, 0],
+                   "nemotron_h_moe.feed_forward_length": [0, 0, 32, 0, 32], "nemotron_h_moe.attention.key_length": 16,
+                   "nemotron_h_moe.attention.layer_norm_epsilon": 1e-5, "nemotron_h_moe.ssm.conv_kernel": 4,
+                   "nemotron_h_moe.ssm.state_size": 16, "nemotron_h_moe.ssm.group_count": 1,
+                   "nemotron_h_moe.ssm.inner_size": 64, "nemotron_h_moe.ssm.time_step_rank": 4,
+                   "nemotron_h_moe.expert_count": 4, "nemotron_h_moe.expert_used_count": 2,
+                   "nemotron_h_moe.expert_feed_forward_length": 32,
+                   "nemotron_h_moe.expert_shared_feed_forward_length": 64, "nemotron_h_moe.expert_shared_count": 1,
+                   "nemotron_h_moe.expert_weights_norm": True, "nemotron_h_moe.expert_weights_scale": 1.0},
 }
 
 
@@ -140,6 +160,15 @@ def test_gguf_export_holds_the_tensors_and_metadata_llama_cpp_reads(exported, fa
     ("lfm2_moe", {"use_expert_bias": False}, r"its routing \(use_expert_bias False, norm_topk_prob True, "
                                              r"routed_scaling_factor 1\.0\) is not llama\.cpp's lfm2moe routing"),
     ("glm4_moe_lite", {"moe_layer_freq": 2}, r"its experts are only in the layers moe_layer_freq \(2\) divides"),
+    ("granitemoehybrid", {}, r"its Mamba-2 inner size \(mamba_n_heads x mamba_d_head = 64\) is not twice "
+                             r"hidden_size \(64\), the only size llama\.cpp's granitehybrid loads"),
+    ("granitemoehybrid", {"mamba_n_heads": 8, "mamba_n_groups": 2},
+     r"its Mamba-2 layers have 2 groups \(mamba_n_groups\): mlx-lm normalizes the gated output over all channels"),
+    ("nemotron_h", {}, r"its layers \[2\] are dense MLPs among expert layers, where llama\.cpp's nemotron_h_moe "
+                       r"has experts in every MLP layer"),
+    ("nemotron_h", {"hybrid_override_pattern": ["M", "*", "-"]}, r"it has no expert layers \(Nemotron-H\)"),
+    ("nemotron_h", {"hybrid_override_pattern": ["M", "*", "E"], "time_step_limit": [0.001, 100.0]},
+     r"mlx-lm clips its Mamba-2 time step to \[0\.001, 100\.0\] \(time_step_limit\), llama\.cpp does not"),
     ("gpt_oss", {"rope_scaling": {"rope_type": "yarn", "factor": 32.0, "mscale_all_dim": 1.0}},
      r"its YaRN settings \(mscale 1\.0, mscale_all_dim 1\.0, beta_fast 32, beta_slow 1\) scale attention "
      r"otherwise than llama\.cpp's gpt-oss"),
@@ -196,3 +225,14 @@ def test_quantized_types_count_attn_v_among_attention_layers_and_give_8_experts_
                                                             "blk.0.attn_output.weight": "Q5_K"}
     assert tensor_types(dense, "q4_k_m", 8, n_expert=4) == {"blk.0.attn_k.weight": "Q4_K",
                                                             "blk.0.attn_output.weight": "Q4_K"}
+
+
+def test_granite_attention_without_rope_switches_llama_cpps_rope_off():
+    """Granite 4.0-H (position_embedding_type "nope"): llama.cpp's granitehybrid applies RoPE only with
+    rope.scaling.finetuned true; the converter then writes a context of 2**20, as here."""
+    from steadytune.gguf_arch import gguf_hparams
+
+    config = {**arch_models.tiny_config("granitemoehybrid"), **RELEASED["granitemoehybrid"],
+              "position_embedding_type": "nope"}
+    hparams = gguf_hparams(config, {})
+    assert hparams["rope_scaling_finetuned"] is False and hparams["context_length"] == 2 ** 20
