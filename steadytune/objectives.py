@@ -227,7 +227,7 @@ class GRPO(Objective):
 
     def make_step(self, run):
         from . import faults
-        from .grpo import GRPOStep, Settings
+        from .grpo import GRPOStep, Settings, check_rollouts
         from .rewards import load_rewards
 
         t = run.cfg.training
@@ -238,6 +238,7 @@ class GRPO(Objective):
 
             raise UserError("--method grpo trains in one process for now (--nproc 1): its rollouts are not "
                             "sharded across processes yet")
+        check_rollouts(run.model, eos)
         step = GRPOStep(run.model, run.optimizer, run.train_set, load_rewards(run.cfg.grpo.reward),
                         Settings.of(run.cfg, run.merge), eos=eos, tokenizer=tokenizer, seed=t.seed,
                         max_grad_norm=t.max_grad_norm, nan_at=faults.nan_steps())

@@ -298,6 +298,23 @@ def test_a_failing_reward_stops_with_one_line_naming_it_and_the_record(grpo_run,
     assert "train.jsonl:4: reward bad.picky returned None, not a finite number" in r.stderr
 
 
+def test_a_family_mlx_lms_batched_generation_cannot_decode_is_refused_in_one_line(tmp_path):
+    """gemma2's attention in mlx-lm 0.32 broadcasts a batch's mask against its kv heads: 4 rows
+    fail, 2 rows decode with each row's padding on the wrong rows. Refused before the first step."""
+    import arch_models
+
+    model = arch_models.build(tmp_path / "gemma2", "gemma2")
+    f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi", "answer": "1"}] * 4)
+    r = run_cli("train", "--model", model, "--method", "grpo", "--data", f, "--reward", "format",
+                "--group-size", "2", "--batch-size", "2", "--max-new-tokens", "4", "--max-steps", "1",
+                "--out", tmp_path / "run", "--progress", "none")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert ("--method grpo: mlx-lm's batched generation, which the rollouts use, fails on model type gemma2 "
+            "(ValueError: [broadcast_shapes]") in r.stderr
+    assert r.stderr.strip().endswith("train this model with --method sft, dpo or orpo")
+    assert not (tmp_path / "run" / "adapters").exists()
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--method", "sft", "--group-size", "8"], "--group-size) is GRPO's completions per prompt and needs "
                                                "--method grpo; the quantization group size is --quant-group-size"),
