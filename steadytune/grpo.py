@@ -248,20 +248,25 @@ def rollout(model, prompts: list[list[int]], group: int, max_new_tokens: int, te
     return [out[u] for u in uids]
 
 
-def check_rollouts(model, eos: set) -> None:
-    """Refuse, before training, a model mlx-lm's batched generation cannot decode: two prompts of
-    different lengths (so the batch is padded), two greedy completions of one token each. mlx-lm
-    0.32 fails there on gemma2 (its attention broadcasts the batch's mask against its kv heads: a
-    batch of 2 rows even decodes, with each row's padding applied to the wrong rows) and llama4 (its
-    chunked cache has no batching): the error names the model type and the methods that work."""
+def batch_problem(model, eos: set) -> str | None:
+    """None if mlx-lm's batched generation decodes `model`, else why not, in a few words: two
+    prompts of different lengths (so the batch is padded), two greedy completions of one token
+    each. mlx-lm 0.32 fails there on gemma2 (its attention broadcasts the batch's mask against its
+    kv heads: a batch of 2 rows even decodes, with each row's padding applied to the wrong rows)
+    and llama4 (its chunked cache has no batching). Used by GRPO's rollouts and by serve."""
     try:
         rollout(model, [[1, 2, 3], [1, 2, 3, 4, 5]], 2, 1, 0.0, eos, 0)
     except Exception as e:  # noqa: BLE001  (whatever mlx-lm raises, said in one line)
         mt = getattr(getattr(model, "args", None), "model_type", type(model).__module__.rsplit(".", 1)[-1])
-        msg = " ".join(str(e).split())[:160]
-        raise UserError(f"--method grpo: mlx-lm's batched generation, which the rollouts use, fails on model "
-                        f"type {mt} ({type(e).__name__}: {msg}); train this model with --method sft, dpo or "
-                        "orpo") from None
+        return f"mlx-lm's batched generation fails on model type {mt} ({type(e).__name__}: {' '.join(str(e).split())[:160]})"
+    return None
+
+
+def check_rollouts(model, eos: set) -> None:
+    """Refuse, before training, a model whose rollouts mlx-lm cannot decode in a batch."""
+    if problem := batch_problem(model, eos):
+        raise UserError(f"--method grpo: {problem.replace('batched generation', 'batched generation, which the rollouts use,', 1)}; "
+                        "train this model with --method sft, dpo or orpo")
 
 
 # --- advantages, token weights and the loss ----------------------------------------------------

@@ -563,6 +563,13 @@ def start_server(loaded, host: str = "127.0.0.1", port: int = 8080, api_key: str
     # Arrays still lazy here (adapters just loaded) would be computed on this thread's stream,
     # which the generation thread cannot use (MLX streams are per thread): compute them now.
     mx.eval(loaded.model.parameters())
+    if concurrency > 1:
+        from .grpo import batch_problem
+
+        tok = loaded.tokenizer
+        if problem := batch_problem(loaded.model, set(getattr(tok, "eos_token_ids", None) or [tok.eos_token_id])):
+            print(f"note: answering one request at a time (--concurrency 1): {problem}")
+            concurrency = 1
     family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
     limits = ModelLimits(vocabulary_size(loaded), context_length(loaded), max_tokens, temperature)
     state = ServeState(api_key or None, set(allowed_origins), model_name, verbose, concurrency,

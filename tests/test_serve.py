@@ -431,3 +431,19 @@ def test_server_on_the_compiled_decoder_answers_like_generate_with_its_prompt_ca
             assert got == generate(tuned, follow, 8)
     finally:
         srv.shutdown()
+
+
+def test_a_family_mlx_lm_cannot_decode_in_a_batch_is_served_one_request_at_a_time(tmp_path, capsys):
+    """gemma2 in mlx-lm 0.32: a batch of 2 requests would decode with each one's padding on the
+    other's rows, 4 fail. The server answers one at a time and says why; requests are answered."""
+    import arch_models
+
+    loaded = load_tuned(None, model=str(arch_models.build(tmp_path / "gemma2", "gemma2")))
+    srv = start_server(loaded, "127.0.0.1", 0, max_tokens=4)
+    try:
+        assert srv.generator is not None and "answering one request at a time (--concurrency 1): mlx-lm's " \
+            "batched generation fails on model type gemma2" in capsys.readouterr().out
+        body = json.loads(post(srv.url, {"messages": [{"role": "user", "content": "hello"}]}).read())
+        assert body["choices"][0]["message"]["content"] is not None
+    finally:
+        srv.shutdown()
