@@ -231,9 +231,15 @@ def answer_all(loaded: LoadedModel, conversations: list, max_tokens: int = 256) 
 
     from .cpu_decode import CpuDecoder
 
+    from .grpo import batch_problem
+
     prompts = [render_prompt(loaded.tokenizer, to_messages(c)) for c in conversations]
-    if isinstance(loaded.model, CpuDecoder):  # one sequence at a time; each is fast on its own
-        return ["".join(stream_text(loaded.model, loaded.tokenizer, p, max_tokens)) for p in prompts]
+    tok = loaded.tokenizer
+    # one sequence at a time on the compiled decoder (each is fast on its own), and where mlx-lm
+    # cannot decode the model in a batch (gemma2's rows would get each other's padding)
+    if isinstance(loaded.model, CpuDecoder) or len(prompts) == 1 or batch_problem(
+            loaded.model, set(getattr(tok, "eos_token_ids", None) or [tok.eos_token_id])):
+        return ["".join(stream_text(loaded.model, tok, p, max_tokens)) for p in prompts]
     with one_blas_thread():
         return batch_generate(loaded.model, loaded.tokenizer, prompts, max_tokens=max_tokens).texts
 

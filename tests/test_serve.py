@@ -439,6 +439,11 @@ def test_a_family_mlx_lm_cannot_decode_in_a_batch_is_served_one_request_at_a_tim
     import arch_models
 
     loaded = load_tuned(None, model=str(arch_models.build(tmp_path / "gemma2", "gemma2")))
+    # the demo's answer_all takes them one by one too: each answer is the one generate() gives alone
+    from steadytune.generation import answer_all
+
+    chats = [HELLO, [{"role": "user", "content": "Which plots are free this spring, and who do I ask?"}]]
+    assert [a.strip() for a in answer_all(loaded, chats, 8)] == [generate(loaded, c, 8).strip() for c in chats]
     srv = start_server(loaded, "127.0.0.1", 0, max_tokens=4)
     try:
         assert srv.generator is not None and "answering one request at a time (--concurrency 1): mlx-lm's " \
