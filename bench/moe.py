@@ -175,7 +175,11 @@ _MLX_LM = ("import atexit, runpy, sys, mlx.core as mx; "
 
 def mlx_lm_row(model: Path, data: Path, out: Path, timeout: float) -> dict:
     iters = sum(1 for _ in (data / "train.jsonl").open()) // 4
-    lines, rc = run_lines([sys.executable, "-c", _MLX_LM, "--model", str(model), "--train", "--data", str(data),
+    # On the CPU both trainers get OpenBLAS (steadytune loads it on import; MLX's own is the reference
+    # BLAS, about 30x slower), so the comparison is of the trainers, not of the BLAS.
+    prelude = "from steadytune.backend import use_fast_blas; use_fast_blas(); " if os.environ.get(
+        "STEADYTUNE_DEVICE") == "cpu" else ""
+    lines, rc = run_lines([sys.executable, "-c", prelude + _MLX_LM, "--model", str(model), "--train", "--data", str(data),
                            "--batch-size", "4", "--num-layers", "-1", "--iters", str(iters),
                            "--max-seq-length", "1024", "--steps-per-report", "1", "--steps-per-eval", "1000000",
                            "--save-every", "1000000", "--adapter-path", str(out / "mlx_lm"), "--mask-prompt",

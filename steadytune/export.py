@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from .data import raw_text_ids
 from .errors import UserError
@@ -39,8 +41,9 @@ from .gguf_arch import EXPORTS, gguf_hparams, rope_scaling_problem, text_config
 FORMATS = ("mlx", "hf", "gguf", "ollama", "gguf-lora")
 GGUF_FORMATS = ("gguf", "ollama")  # fused, written by write_gguf (with --quant)
 DTYPES = ("float16", "bfloat16", "float32")
-# model types whose mlx-lm parameter names are the HF names (mlx-lm's sanitize only drops buffers)
-HF_NAMED = ("llama", "mistral", "qwen2", "qwen3")
+# model types written as an HF folder (HF_EXPORTS below: the names and layouts HF reads)
+HF_NAMED = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma2", "phi3", "qwen3_moe", "mixtral",
+            "olmo2", "smollm3")
 # mlx-lm model type -> the GGUF architecture written (gguf_arch.EXPORTS: one table per type)
 GGUF_ARCH = {model_type: spec.arch for model_type, spec in EXPORTS.items()}
 # model types whose adapters are written as a LoRA GGUF: dense blocks of 2-D matrices
@@ -329,24 +332,121 @@ def write_mlx(out: Path, loaded, config: dict) -> None:
 
 
 def write_hf(out: Path, loaded, config: dict) -> None:
+    """model.safetensors in HF's names and layouts (HF_EXPORTS: the reverse of mlx-lm's sanitize),
+    config.json with the settings mlx-lm ran (HFSpec.config), generation_config.json, tokenizer."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
+    spec = HF_EXPORTS[config["model_type"]]
     weights = dict(tree_flatten(loaded.model.parameters()))
-    if config.get("tie_word_embeddings"):
-        weights.pop("lm_head.weight", None)
-    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "pt"})
     config = dict(config)
-    config.setdefault("architectures", [_hf_architecture(config["model_type"])])
+    # Tied where the MLX model has no lm_head (gemma2 always ties; gemma3_text when the base had none;
+    # olmo2's mlx-lm default is tied, HF's untied): the config says what the weights are.
+    config["tie_word_embeddings"] = "lm_head.weight" not in weights
+    weights = dict(spec.weights(weights) if spec.weights else weights)
+    if spec.config:
+        config = spec.config(config, loaded.model.args)
+    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "pt"})
+    config["architectures"] = [spec.architecture]
+    # the model's own special ids, null where it has none: left out, transformers fills in its class's
+    # defaults (phi3: pad 32000, smollm3: pad 128004), ids the model may not have at all
+    for key in ("bos_token_id", "pad_token_id"):
+        if key not in config:
+            config[key] = getattr(loaded.tokenizer, key, None)
     (out / "config.json").write_text(json.dumps(dict(sorted(config.items())), indent=2))
     generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
     loaded.tokenizer.save_pretrained(str(out))
 
 
-def _hf_architecture(model_type: str) -> str:
-    return {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-            "qwen3": "Qwen3ForCausalLM"}[model_type]
+# --------------------------------------------------------------------------- HF names per model type
+# What write_hf does per mlx-lm model type: the HF class, the reverse of mlx-lm's sanitize (in each
+# mlx_lm/models/<type>.py) on the parameter names and layouts, and the config keys HF reads
+# differently from mlx-lm (written explicitly, so transformers runs what mlx-lm ran).
+
+@dataclass(frozen=True)
+class HFSpec:
+    architecture: str
+    weights: Callable | None = None  # {mlx name: array} -> {HF name: array}; None: the names are HF's
+    config: Callable | None = None   # (config, mlx-lm ModelArgs) -> HF config
+
+
+def _unstack_experts(names: dict[str, str], block: str):
+    """mlx-lm's `<block>.switch_mlp.<proj>.weight` (experts, out, in), stacked by its sanitize from HF's
+    per-expert matrices, back to `<block>.experts.E.<HF proj>.weight` (out, in), the layout of the
+    released checkpoints (transformers merges them on loading: conversion_mapping.py)."""
+    def weights(params: dict) -> dict:
+        out = {}
+        for name, value in params.items():
+            head, sep, tail = name.partition(f".{block}.switch_mlp.")
+            if not sep:
+                out[name] = value
+                continue
+            proj, leaf = tail.split(".", 1)
+            for e in range(value.shape[0]):
+                out[f"{head}.{block}.experts.{e}.{names[proj]}.{leaf}"] = value[e]
+        return out
+    return weights
+
+
+def _args(*keys: str, **fixed):
+    """Write mlx-lm's value of `keys` (its defaults where the base config left them out, which HF may
+    default otherwise) and `fixed`: what mlx-lm computes whatever the config says (its activation)."""
+    def config(c: dict, args) -> dict:
+        return {**c, **{k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}, **fixed}
+    return config
+
+
+def _gemma3_config(c: dict, args) -> dict:
+    """Gemma 3: sliding layers every layer but each sliding_window_pattern-th (mlx-lm's rule), local RoPE
+    base on those, rope_theta (and rope_scaling, mlx-lm applies it to the global layers only) on the
+    others; no soft-capping (mlx-lm has none; HF's default is none)."""
+    c = _args("head_dim", "query_pre_attn_scalar", "sliding_window", "rope_theta", "rope_local_base_freq",
+              "max_position_embeddings", "rms_norm_eps", hidden_activation="gelu_pytorch_tanh")(c, args)
+    pattern = args.sliding_window_pattern
+    c["layer_types"] = ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                        for i in range(args.num_hidden_layers)]
+    full = {"rope_type": "default", "rope_theta": args.rope_theta}
+    if args.rope_scaling:
+        scaling = dict(args.rope_scaling)
+        kind = scaling.pop("type", None) or scaling.pop("rope_type", "default")  # mlx-lm reads "type" first
+        scaling.pop("rope_type", None)
+        full = {**scaling, "rope_type": kind, "rope_theta": args.rope_theta}
+    c["rope_parameters"] = {"full_attention": full,
+                            "sliding_attention": {"rope_type": "default", "rope_theta": args.rope_local_base_freq}}
+    c.pop("rope_scaling", None)
+    c["final_logit_softcapping"] = c["attn_logit_softcapping"] = None
+    return c
+
+
+HF_EXPORTS = {
+    "llama": HFSpec("LlamaForCausalLM"),
+    "mistral": HFSpec("MistralForCausalLM"),
+    "qwen2": HFSpec("Qwen2ForCausalLM"),
+    "qwen3": HFSpec("Qwen3ForCausalLM"),
+    # mlx-lm's gemma3_text names are HF's; its sanitize only drops lm_head when the base had none
+    "gemma3_text": HFSpec("Gemma3ForCausalLM", config=_gemma3_config),
+    # mlx-lm's gemma2 attends in full on every layer; HF (and the released model) uses a sliding window
+    # on every other layer: the same up to the window (sliding_window, 4096 released)
+    "gemma2": HFSpec("Gemma2ForCausalLM", config=_args("head_dim", "query_pre_attn_scalar", "rope_theta",
+                                                     "attn_logit_softcapping", "final_logit_softcapping",
+                                                     hidden_activation="gelu_pytorch_tanh")),
+    "phi3": HFSpec("Phi3ForCausalLM", config=_args("partial_rotary_factor", "original_max_position_embeddings",
+                                                 "max_position_embeddings", "rope_theta", hidden_act="silu")),
+    "qwen3_moe": HFSpec("Qwen3MoeForCausalLM",
+                        _unstack_experts({"gate_proj": "gate_proj", "up_proj": "up_proj",
+                                          "down_proj": "down_proj"}, "mlp"),
+                        _args("head_dim", "rope_theta", "norm_topk_prob", hidden_act="silu")),
+    "mixtral": HFSpec("MixtralForCausalLM",
+                      _unstack_experts({"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"},
+                                       "block_sparse_moe"), _args("rope_theta", hidden_act="silu")),
+    "olmo2": HFSpec("Olmo2ForCausalLM", config=_args("head_dim", "rope_theta", "attention_bias",
+                                                   hidden_act="silu")),
+    "smollm3": HFSpec("SmolLM3ForCausalLM", config=_args("no_rope_layers", "no_rope_layer_interval",
+                                                       "rope_theta", "attention_bias", "mlp_bias",
+                                                       hidden_act="silu")),
+}
+assert set(HF_NAMED) == set(HF_EXPORTS)
 
 
 # --------------------------------------------------------------------------- gguf + Modelfile

@@ -178,8 +178,8 @@ def test_trains_generates_and_exports_to_mlx(name, data, tmp_path):
 def test_a_refused_export_names_one_that_works_for_the_family():
     from steadytune.export import GGUF_ARCH, HF_NAMED, instead
 
-    # qwen3_next: no HF folder and no GGUF from steadytune; gemma3_text, qwen3_moe: GGUF but no HF folder
-    for model_type, fmt in [("qwen3_next", "hf"), ("qwen3_next", "gguf"), ("gemma3_text", "hf"), ("qwen3_moe", "hf")]:
+    # qwen3_next: no HF folder and no GGUF from steadytune; gpt_oss, lfm2: GGUF but no HF folder
+    for model_type, fmt in [("qwen3_next", "hf"), ("qwen3_next", "gguf"), ("gpt_oss", "hf"), ("lfm2", "hf")]:
         assert model_type not in (HF_NAMED if fmt == "hf" else GGUF_ARCH)
         assert instead(model_type, fmt) == "use --format mlx (an mlx-lm folder: mlx_lm.generate --model OUT)"
     assert "llama" in HF_NAMED

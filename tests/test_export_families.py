@@ -178,7 +178,8 @@ def test_gguf_export_holds_the_tensors_and_metadata_llama_cpp_reads(exported, fa
 def test_settings_llama_cpp_computes_otherwise_are_refused_with_the_reason(family, overrides, why):
     config = {**arch_models.tiny_config(family), **overrides}
     with pytest.raises(UserError, match=f"^--format gguf: this {family} model is not written as llama.cpp's "
-                                        f"{EXPORTS[family].arch}: {why}.*; use --format mlx"):
+                                        f"{EXPORTS[family].arch}: {why}.*; use --format "
+                                        r"(hf and llama\.cpp's convert_hf_to_gguf\.py, or --format )?mlx"):
         refuse_gguf("gguf", config)
 
 
