@@ -4,8 +4,8 @@ transformers' AutoModelForCausalLM in a separate Python that has torch (this pro
 environment does not), and its logits on a few prompts compared with the MLX model's (base +
 adapters, float32).
 
-    python3 -m venv /tmp/tv && /tmp/tv/bin/pip install torch "transformers==5.25.0" safetensors numpy
-    .venv/bin/python bench/hf_export.py --torch-python /tmp/tv/bin/python
+    python3 -m venv TORCHENV && TORCHENV/bin/pip install torch "transformers==5.25.0" safetensors numpy
+    .venv/bin/python bench/hf_export.py --torch-python TORCHENV/bin/python
 
 Prints a table: max |logit difference| and the largest logit, per family; exit status 1 if any
 family is off by more than 1e-3 of its largest logit (float32 on both sides: a wrong layout or
