@@ -123,6 +123,19 @@ def config(batch=4, seq=2048, **training) -> Config:
     return cfg
 
 
+def run_config(model, data, out, data_settings: dict, **training) -> Config:
+    """A validated config for a real short run of `model` on `data` into `out`: no progress line,
+    no evaluation or checkpoints beyond what `training` sets."""
+    cfg = Config()
+    cfg.model.path, cfg.data.path = str(model), str(data)
+    cfg.output.dir, cfg.output.progress = str(out), "none"
+    for k, v in data_settings.items():
+        setattr(cfg.data, k, v)
+    for k, v in dict(dict(eval_every=0, save_every=0), **training).items():
+        setattr(cfg.training, k, v)
+    return cfg.validate()
+
+
 def required(cfg, lengths, **change) -> float:
     arch = plan.arch_from_config(DEEP)
     run, _ = plan.run_from_config(cfg, arch, lengths, device="cpu")
@@ -366,12 +379,8 @@ def test_cpu_checkpointed_prediction_is_within_15_percent_of_a_measured_training
     words = "select the name from table where count is greater than city year team".split()
     data = write_jsonl(tmp_path / "train.jsonl",
                        [{"text": " ".join(words[(i + j) % len(words)] for j in range(300))} for i in range(12)])
-    cfg = Config()
-    cfg.model.path, cfg.data.path, cfg.data.max_seq_length = str(folder), str(data), 256
-    cfg.output.dir, cfg.output.progress = str(tmp_path / "run"), "none"
-    t = cfg.training
-    t.batch_size, t.grad_checkpoint, t.max_steps, t.eval_every, t.save_every = 4, True, 2, 0, 0
-    cfg = cfg.validate()
+    cfg = run_config(folder, data, tmp_path / "run", dict(max_seq_length=256), batch_size=4, grad_checkpoint=True,
+                     max_steps=2)
     p = plan.make_plan(cfg, lengths=plan.data_lengths(cfg), device="cpu")
     # 4 examples of 255 positions: 1,020 > 512, two rows of 512 (the CPU's row target)
     assert (p.run.batch, p.run.seq, p.run.packed, p.run.checkpoint, p.run.fused_update) == (2, 512, True, True, True)
@@ -455,12 +464,7 @@ def test_a_quantized_262k_output_layer_is_dequantized_once_a_step_and_planned_on
     mx.save_safetensors(str(folder / "model.safetensors"), weights)
     (folder / "config.json").write_text(json.dumps(dict(cfg_json, quantization={"group_size": 64, "bits": 4})))
     data = write_jsonl(tmp_path / "train.jsonl", [{"text": "select the name from table"}])
-    cfg = Config()
-    cfg.model.path, cfg.data.path, cfg.data.valid_fraction = str(folder), str(data), 0.0
-    cfg.output.dir, cfg.output.progress = str(tmp_path / "run"), "none"
-    t = cfg.training
-    t.batch_size, t.pack, t.max_steps, t.eval_every, t.save_every = 1, False, 1, 0, 0
-    cfg = cfg.validate()
+    cfg = run_config(folder, data, tmp_path / "run", dict(valid_fraction=0.0), batch_size=1, pack=False, max_steps=1)
     p = plan.make_plan(cfg, lengths=plan.data_lengths(cfg), device="cpu")
     assert (p.run.batch, p.run.seq, p.run.loss_chunk, p.run.compute) == (1, 16, 128, "dequant")
     head = 262144 * 256 * 4
