@@ -15,8 +15,10 @@ base + adapters in float32 (what rounding the weights to float16 moves). Then ll
 and bytes), and the tokenizer with the model's: llama.cpp's token ids of the prompts against the HF
 tokenizer's. Variants (`family+variant`) take the released models' RoPE scaling (YaRN), expert
 count, attention without RoPE and a dense MLP (Granite 4.0-H), or Mamba-2 groups (Nemotron-H) on the
-tiny model. The llama.cpp half runs in VENV (this file again, with --llama-side); a table is printed
-and the numbers written to WORK/results.json.
+tiny model. gemma3n runs in the released models' layout (RELEASED: what llama.cpp's code fixes) with
+some parameters drawn again (RETUNED), and through mlx-lm's prompt cache (KV_SHARED). The llama.cpp
+half runs in VENV (this file again, with --llama-side); a table is printed and the numbers written to
+WORK/results.json.
 """
 
 from __future__ import annotations
@@ -29,15 +31,38 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # arch_models, test_export.make_run
 FAMILIES = ("qwen3_moe", "olmo2", "smollm3", "ministral3", "mistral3", "gpt_oss", "deepseek_v3", "glm4_moe", "lfm2",
             "glm4_moe_lite", "mixtral", "lfm2_moe", "granitemoehybrid", "nemotron_h",
-            "ministral3+yarn", "gpt_oss+yarn",
+            "gemma3n", "olmo3", "granite", "ministral3+yarn", "gpt_oss+yarn",
             "deepseek_v3+yarn", "mixtral+8x", "granitemoehybrid+nope", "granitemoehybrid+dense", "nemotron_h+groups")
 # Settings of the released models the tiny ones differ in, where the tiny setting is not exported
 # (it is refused, and tests/test_export_families.py pins that refusal)
 RELEASED = {"qwen3_moe": {"mlp_only_layers": []}, "deepseek_v3": {"rms_norm_eps": 1e-6},
             "granitemoehybrid": {"mamba_n_heads": 8, "mamba_expand": 2},  # Mamba-2 inner size 2 x hidden
-            "nemotron_h": {"hybrid_override_pattern": ["M", "*", "E", "M", "E"]}}  # experts in every MLP layer
+            "nemotron_h": {"hybrid_override_pattern": ["M", "*", "E", "M", "E"]},  # experts in every MLP layer
+            # what llama.cpp's gemma3n fixes in code (gguf_arch.GEMMA3N_FIXED, _gemma3n_refuse): 20 layers
+            # with their own KV and 2 sharing it, every 5th global, sparsity in the first 10; 1024 wide,
+            # since llama.cpp's sparsity cutoff takes the sample std (n - 1) where mlx-lm and HF take the
+            # population std: 1 / (2 x width) apart, 128 wide that moves these logits by up to 0.4
+            "gemma3n": {"text_config": {
+                "num_hidden_layers": 22, "num_kv_shared_layers": 2, "laurel_rank": 64,
+                "hidden_size_per_layer_input": 256,
+                "layer_types": ["full_attention" if (i + 1) % 5 == 0 else "sliding_attention" for i in range(22)],
+                "activation_sparsity_pattern": [0.95] * 10 + [0.0] * 12, "intermediate_size": [1024] * 22}}}
+# Parameters of a random model drawn again, closer to a trained model's, (name suffix, scale of a normal
+# draw). gemma3n: correct_output_scale, which mlx-lm starts at zero, gates the whole per-layer input
+# path; AltUp coefficients drawn as nn.Linear draws them multiply the four streams by up to ~9 in each
+# of 22 layers; q/k norms of 1 (attention scale 1, no 1/sqrt(head_dim)) make every softmax nearly
+# one-hot, and post-norms of 1 let each block swamp the stream: drawn as they are, a model whose logits
+# float16 rounding of the weights moves by up to 3 (and llama.cpp's own rounding, from a float32 file,
+# by up to 0.5); drawn so, by 0.005
+RETUNED = {"gemma3n": ((".altup.correct_output_scale", 1.0), (".altup.prediction_coefs.weight", 0.05),
+                       (".altup.correction_coefs.weight", 0.05), (".self_attn.q_norm.weight", 0.3),
+                       (".self_attn.k_norm.weight", 0.3), (".post_attention_layernorm.weight", 0.3),
+                       (".post_feedforward_layernorm.weight", 0.3), (".laurel.post_laurel_norm.weight", 0.3),
+                       (".post_per_layer_input_norm.weight", 0.3))}
+KV_SHARED = ("gemma3n",)
 # RoPE scaling as in Ministral 3, gpt-oss and DeepSeek V3 (their config.json), on the tiny models
 YARN = {
     "ministral3": {"rope_parameters": {"rope_type": "yarn", "type": "yarn", "rope_theta": 10000.0, "factor": 16.0,
@@ -66,6 +91,10 @@ def settings(family: str) -> tuple[str, dict]:
     """(mlx-lm model type, config overrides) of a family name such as deepseek_v3+yarn."""
     name, _, variant = family.partition("+")
     overrides = dict(RELEASED.get(name, {}))
+    if "text_config" in overrides:  # over the tiny model's own text settings
+        import arch_models
+
+        overrides["text_config"] = {**arch_models._CONFIGS[name]["text_config"], **overrides["text_config"]}
     if variant == "yarn":
         overrides.update(YARN[name])
     elif variant == "8x":  # Mixtral's 8 experts, for which llama-quantize gives attn_v and attn_k Q8_0
@@ -89,7 +118,6 @@ def prepare(family: str, work: Path) -> dict:
     import numpy as np
     from mlx_lm.utils import load
 
-    sys.path.insert(0, str(ROOT / "tests"))
     import arch_models
     from test_export import make_run
 
@@ -105,10 +133,17 @@ def prepare(family: str, work: Path) -> dict:
         arch_models.build(folder, name)
     finally:
         arch_models._CONFIGS[name] = saved
+    if name in RETUNED:
+        weights, key = mx.load(str(folder / "model.safetensors")), mx.random.key(2)
+        for suffix, scale in RETUNED[name]:
+            for k in sorted(k for k in weights if k.endswith(suffix)):
+                key, sub = mx.random.split(key)
+                weights[k] = (scale * mx.random.normal(weights[k].shape, key=sub)).astype(weights[k].dtype)
+        mx.save_safetensors(str(folder / "model.safetensors"), weights)
     run = make_run(work / family, str(folder), "run")
     tuned = load_tuned(run, dtype="float32")
     seqs = [tuned.tokenizer.encode(p) for p in PROMPTS]
-    exact = [np.array(tuned.model(mx.array([ids]))[0].astype(mx.float32)) for ids in seqs]
+    exact = [np.array(forward(tuned.model, ids, name)[0].astype(mx.float32)) for ids in seqs]
     t0 = time.perf_counter()
     gguf_dir = export(run, "gguf", work / family / "gguf")
     seconds = time.perf_counter() - t0
@@ -117,8 +152,8 @@ def prepare(family: str, work: Path) -> dict:
     # gather_mm, which experts run on, computes float32 only)
     fused, _ = load(str(export(run, "mlx", work / family / "mlx16")))
     fused.apply(lambda x: x.astype(mx.float32))
-    ref = [np.array(fused(mx.array([ids]))[0]) for ids in seqs]
-    greedy, margins = zip(*(mlx_greedy(fused, ids) for ids in seqs))
+    ref = [np.array(forward(fused, ids, name)[0]) for ids in seqs]
+    greedy, margins = zip(*(mlx_greedy(fused, ids, name) for ids in seqs))
     np.savez(work / family / "ref.npz", *ref)
     np.savez(work / family / "exact.npz", *exact)
     return {"family": family, "gguf": str(gguf_dir / "model.gguf"), "seqs": seqs, "greedy": greedy, "margins": margins,
@@ -126,13 +161,23 @@ def prepare(family: str, work: Path) -> dict:
             "scale": max(float(np.abs(r).max()) for r in ref)}
 
 
-def mlx_greedy(model, ids: list[int]) -> tuple[list[int], list[float]]:
+def forward(model, ids: list[int], name: str):
+    """The logits of every position; for KV_SHARED families through mlx-lm's prompt cache, as
+    generation runs them: gemma3n's KV-shared layers read the earlier layers' keys and values only
+    from the cache (without one they project their own, which neither generation nor llama.cpp does)."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    return model(mx.array([ids]), cache=make_prompt_cache(model) if name in KV_SHARED else None)
+
+
+def mlx_greedy(model, ids: list[int], name: str) -> tuple[list[int], list[float]]:
     """N_NEW greedy tokens and, for each, how far the runner-up was below it."""
     import mlx.core as mx
 
     out, margins = [], []
     for _ in range(N_NEW):
-        row = model(mx.array([ids + out]))[0, -1]
+        row = forward(model, ids + out, name)[0, -1]
         top2 = mx.sort(row)[-2:]
         out.append(int(row.argmax().item()))
         margins.append(float(top2[1] - top2[0]))

@@ -10,10 +10,11 @@ cost against llama.cpp's own quantizer). Formats:
 - hf:   a Hugging Face folder (HF tensor names, config.json, generation_config.json, tokenizer),
         for transformers, vLLM, or llama.cpp's convert_hf_to_gguf.py.
 - gguf: model.gguf (the architecture llama.cpp names the family by, gguf_arch.EXPORTS: llama,
-        qwen2, qwen3, qwen3moe, gemma2, gemma3, phi3, olmo2, smollm3, mistral3, gpt-oss, deepseek2,
-        glm4moe, lfm2, lfm2moe, granitehybrid, nemotron_h_moe; F16/BF16/F32; its tensor names and
-        transforms: q/k rows in llama.cpp's order where its RoPE rotates adjacent pairs, gemma's norms
-        stored as 1 + w, experts stacked, Mamba-2's A as -exp(A_log);
+        qwen2, qwen3, qwen3moe, gemma2, gemma3, gemma3n, phi3, olmo2 (olmo2, olmo3), granite, smollm3,
+        mistral3, gpt-oss, deepseek2, glm4moe, lfm2, lfm2moe, granitehybrid, nemotron_h_moe;
+        F16/BF16/F32; its tensor names and transforms: q/k rows in llama.cpp's order where its RoPE
+        rotates adjacent pairs, gemma's norms stored as 1 + w, experts stacked, Mamba-2's A as
+        -exp(A_log), gemma3n's AltUp projections stacked;
         tokenizer and chat template metadata) and an Ollama Modelfile next to it:
         `ollama create NAME -f Modelfile`. `--quant q8_0|q6_k|q5_k_m|q4_k_m|q4_0`
         quantizes it as llama.cpp's llama-quantize would (gguf_quantize.py: the same blocks, the same
@@ -43,7 +44,9 @@ GGUF_FORMATS = ("gguf", "ollama")  # fused, written by write_gguf (with --quant)
 DTYPES = ("float16", "bfloat16", "float32")
 # model types written as an HF folder (HF_EXPORTS below: the names and layouts HF reads)
 HF_NAMED = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma2", "phi3", "qwen3_moe", "mixtral",
-            "olmo2", "smollm3")
+            "olmo2", "smollm3", "gpt_oss", "deepseek_v3", "glm4_moe", "glm4_moe_lite", "olmo3", "granite", "phimoe",
+            "ministral3", "lfm2", "lfm2_moe", "qwen3_next", "granitemoehybrid", "nemotron_h",
+            "falcon_h1", "qwen3_5", "qwen3_5_moe", "gemma4_text")
 # mlx-lm model type -> the GGUF architecture written (gguf_arch.EXPORTS: one table per type)
 GGUF_ARCH = {model_type: spec.arch for model_type, spec in EXPORTS.items()}
 # model types whose adapters are written as a LoRA GGUF: dense blocks of 2-D matrices
@@ -233,10 +236,9 @@ def fused_problem(loaded, reference) -> str | None:
 # Model types llama.cpp has an architecture for that steadytune does not write yet, and what in them is
 # not mapped: the refusal says so rather than "not supported".
 NOT_YET = {"qwen3_next": ("qwen3next", "Gated DeltaNet layers"), "qwen3_5": ("qwen35", "Gated DeltaNet layers"),
-           "qwen3_5_moe": ("qwen35moe", "Gated DeltaNet layers"), "gemma3n": ("gemma3n", "AltUp and per-layer inputs"),
+           "qwen3_5_moe": ("qwen35moe", "Gated DeltaNet layers"),
            "gemma4_text": ("gemma4", "per-layer inputs and shared KV layers"),
-           "phimoe": ("phimoe", "experts"), "olmo3": ("olmo2", "sliding-window layers"),
-           "granite": ("granite", "multipliers"),
+           "phimoe": ("phimoe", "experts"),
            "falcon_h1": ("falcon-h1", "parallel Mamba-2 heads"),
            "llama4": ("llama4", "chunked attention and experts"),
            "mistral4": ("mistral4", "multi-head latent attention with Llama 4 scaling")}
@@ -342,7 +344,10 @@ def write_hf(out: Path, loaded, config: dict) -> None:
     config = dict(config)
     # Tied where the MLX model has no lm_head (gemma2 always ties; gemma3_text when the base had none;
     # olmo2's mlx-lm default is tied, HF's untied): the config says what the weights are.
-    config["tie_word_embeddings"] = "lm_head.weight" not in weights
+    tied = not any(k == "lm_head.weight" or k.endswith(".lm_head.weight") for k in weights)
+    config["tie_word_embeddings"] = tied
+    if isinstance(config.get("text_config"), dict):  # qwen3_5: the text model reads its own
+        config["text_config"] = {**config["text_config"], "tie_word_embeddings": tied}
     weights = dict(spec.weights(weights) if spec.weights else weights)
     if spec.config:
         config = spec.config(config, loaded.model.args)
@@ -397,6 +402,39 @@ def _args(*keys: str, **fixed):
     return config
 
 
+def _rope_parameters(theta: float, scaling: dict | None) -> dict:
+    """HF's rope_parameters for mlx-lm's RoPE base and scaling (mlx-lm reads "type" before "rope_type")."""
+    if not scaling:
+        return {"rope_type": "default", "rope_theta": theta}
+    scaling = dict(scaling)
+    kind = scaling.pop("type", None) or scaling.pop("rope_type", "default")
+    scaling.pop("rope_type", None)
+    return {**scaling, "rope_type": kind, "rope_theta": theta}
+
+
+def _with_rope(config: Callable, scaled: bool = True) -> Callable:
+    """`config`, then rope_parameters written from mlx-lm's rope_theta (and rope_scaling unless `scaled`
+    is False: the families whose mlx-lm RoPE ignores it), for the HF classes whose default is not plain
+    RoPE (gpt_oss: YaRN). transformers moves a top-level partial_rotary_factor into them."""
+    def with_rope(c: dict, args) -> dict:
+        c = config(c, args)
+        c["rope_parameters"] = _rope_parameters(args.rope_theta, args.rope_scaling if scaled else None)
+        if not scaled or "rope_scaling" in c:  # HF reads a non-null rope_scaling over rope_parameters
+            c["rope_scaling"] = c["rope_parameters"] if c.get("rope_scaling") and scaled else None
+        return c
+    return with_rope
+
+
+def _olmo3_config(c: dict, args) -> dict:
+    """OLMo 3: rope_scaling on the full-attention layers only, plain RoPE on the sliding ones (mlx-lm's
+    rule), which HF reads per layer type."""
+    c = _args("head_dim", "sliding_window", "layer_types", "attention_bias", hidden_act="silu")(c, args)
+    c.pop("rope_scaling", None)
+    c["rope_parameters"] = {"full_attention": _rope_parameters(args.rope_theta, args.rope_scaling),
+                            "sliding_attention": _rope_parameters(args.rope_theta, None)}
+    return c
+
+
 def _gemma3_config(c: dict, args) -> dict:
     """Gemma 3: sliding layers every layer but each sliding_window_pattern-th (mlx-lm's rule), local RoPE
     base on those, rope_theta (and rope_scaling, mlx-lm applies it to the global layers only) on the
@@ -406,17 +444,180 @@ def _gemma3_config(c: dict, args) -> dict:
     pattern = args.sliding_window_pattern
     c["layer_types"] = ["sliding_attention" if (i + 1) % pattern else "full_attention"
                         for i in range(args.num_hidden_layers)]
-    full = {"rope_type": "default", "rope_theta": args.rope_theta}
-    if args.rope_scaling:
-        scaling = dict(args.rope_scaling)
-        kind = scaling.pop("type", None) or scaling.pop("rope_type", "default")  # mlx-lm reads "type" first
-        scaling.pop("rope_type", None)
-        full = {**scaling, "rope_type": kind, "rope_theta": args.rope_theta}
-    c["rope_parameters"] = {"full_attention": full,
+    c["rope_parameters"] = {"full_attention": _rope_parameters(args.rope_theta, args.rope_scaling),
                             "sliding_attention": {"rope_type": "default", "rope_theta": args.rope_local_base_freq}}
     c.pop("rope_scaling", None)
     c["final_logit_softcapping"] = c["attn_logit_softcapping"] = None
     return c
+
+
+def _rename(*pairs: tuple[str, str]):
+    """Parameter names with each `old` part replaced by `new`, in order (the layouts are HF's)."""
+    def weights(params: dict) -> dict:
+        out = {}
+        for name, value in params.items():
+            for old, new in pairs:
+                name = name.replace(old, new)
+            out[name] = value
+        return out
+    return weights
+
+
+def _chain(*steps: Callable):
+    def weights(params: dict) -> dict:
+        for step in steps:
+            params = step(params)
+        return params
+    return weights
+
+
+def _gpt_oss_weights(params: dict) -> dict:
+    """gpt-oss's experts as HF holds them: gate_up_proj (experts, in, 2 x out) with gate and up
+    *interleaved* along the last axis (mlx-lm's sanitize takes [..., ::2] and [..., 1::2]), down_proj
+    (experts, in, out): transposed from mlx-lm's (experts, out, in); biases `<proj>_bias`."""
+    import mlx.core as mx
+
+    out = {}
+    for name, value in params.items():
+        head, sep, tail = name.partition(".mlp.experts.")
+        if not sep:
+            out[name] = value
+        elif tail == "gate_proj.weight":
+            gate, up = value.swapaxes(1, 2), params[f"{head}.mlp.experts.up_proj.weight"].swapaxes(1, 2)
+            out[f"{head}.mlp.experts.gate_up_proj"] = mx.stack([gate, up], axis=-1).reshape(*gate.shape[:2], -1)
+        elif tail == "gate_proj.bias":
+            up = params[f"{head}.mlp.experts.up_proj.bias"]
+            out[f"{head}.mlp.experts.gate_up_proj_bias"] = mx.stack([value, up], axis=-1).reshape(value.shape[0], -1)
+        elif tail == "down_proj.weight":
+            out[f"{head}.mlp.experts.down_proj"] = value.swapaxes(1, 2)
+        elif tail == "down_proj.bias":
+            out[f"{head}.mlp.experts.down_proj_bias"] = value
+    return out
+
+
+def _mla_kv_b(params: dict) -> dict:
+    """Multi-head latent attention (deepseek_v3, glm4_moe_lite): mlx-lm's sanitize splits HF's kv_b_proj
+    (heads x (nope + v), kv_lora_rank) per head into embed_q (heads, kv_lora_rank, nope), transposed,
+    and unembed_out (heads, v, kv_lora_rank); joined back here."""
+    import mlx.core as mx
+
+    out = {}
+    for name, value in params.items():
+        if name.endswith(".embed_q.weight"):
+            v = params[name.replace(".embed_q.", ".unembed_out.")]
+            kv_b = mx.concatenate([value.swapaxes(1, 2), v], axis=1)
+            out[name.replace(".embed_q.", ".kv_b_proj.")] = kv_b.reshape(-1, kv_b.shape[-1])
+        elif not name.endswith(".unembed_out.weight"):
+            out[name] = value
+    return out
+
+
+def _mla_config(config: Callable) -> Callable:
+    """`config` for multi-head latent attention: every head has its own keys and values (HF repeats
+    keys num_attention_heads / num_key_value_heads times), and no head_dim (HF reads it as
+    qk_rope_head_dim; mlx-lm ignores it)."""
+    def mla(c: dict, args) -> dict:
+        c = {k: v for k, v in config(c, args).items() if k != "head_dim"}
+        c["num_key_value_heads"] = args.num_attention_heads
+        return c
+    return mla
+
+
+def _conv_taps(suffix: str):
+    """Depthwise convolutions (Mamba-2's conv1d, LFM2's short convolution): mlx-lm's Conv1d holds
+    (channels, taps, 1), torch's (channels, 1, taps); sanitize swaps the last two axes, as here."""
+    def weights(params: dict) -> dict:
+        return {name: value.swapaxes(1, 2) if name.endswith(suffix) else value for name, value in params.items()}
+    return weights
+
+
+def _norms_minus_one(*suffixes: str):
+    """Norm weights HF applies as (1 + w) and mlx-lm's sanitize stores as 1 + w (qwen3_next, qwen3_5)."""
+    def weights(params: dict) -> dict:
+        return {name: value - 1.0 if value.ndim == 1 and name.endswith(suffixes) else value
+                for name, value in params.items()}
+    return weights
+
+
+def _granite_moe_weights(params: dict) -> dict:
+    """Granite 4 as released: input_linear holds gate then up (mlx-lm's sanitize splits it in halves),
+    output_linear the down projection: the experts' (experts, 2 x out, in) in block_sparse_moe, and
+    the dense models' MLP (2 x out, in) as shared_mlp (mlx-lm renames it mlp)."""
+    import mlx.core as mx
+
+    out = {}
+    for name, value in params.items():
+        for mlx_block, hf_block, axis in ((".block_sparse_moe.switch_mlp.", ".block_sparse_moe.", 1),
+                                          (".mlp.", ".shared_mlp.", 0)):
+            head, sep, tail = name.partition(mlx_block)
+            if sep:
+                break
+        if not sep:
+            out[name] = value
+        elif tail == "gate_proj.weight":
+            up = params[f"{head}{mlx_block}up_proj.weight"]
+            out[f"{head}{hf_block}input_linear.weight"] = mx.concatenate([value, up], axis=axis)
+        elif tail == "down_proj.weight":
+            out[f"{head}{hf_block}output_linear.weight"] = value
+    return out
+
+
+def _granite_hybrid_config(c: dict, args) -> dict:
+    """Granite 4.0-H; a dense one's MLP is intermediate_size wide in mlx-lm, HF's shared_mlp
+    shared_intermediate_size."""
+    c = _args("layer_types", "embedding_multiplier", "attention_multiplier", "logits_scaling", "residual_multiplier",
+              "position_embedding_type", "rope_theta", "attention_bias", hidden_act="silu")(c, args)
+    if not args.use_moe:
+        c["shared_intermediate_size"] = args.intermediate_size
+    return c
+
+
+def _fuse_experts(switch: str, experts: str):
+    """mlx-lm's `<switch>{gate,up,down}_proj.weight` (experts, out, in), split by its sanitize from the
+    released fused layout, back to `<experts>gate_up_proj` (experts, 2 x out, in: gate then up) and
+    `<experts>down_proj` (qwen3_5_moe, gemma4_text's MoE block)."""
+    import mlx.core as mx
+
+    def weights(params: dict) -> dict:
+        out = {}
+        for name, value in params.items():
+            head, sep, tail = name.partition(switch)
+            if not sep:
+                out[name] = value
+            elif tail == "gate_proj.weight":
+                up = params[f"{head}{switch}up_proj.weight"]
+                out[f"{head}{experts}gate_up_proj"] = mx.concatenate([value, up], axis=1)
+            elif tail == "down_proj.weight":
+                out[f"{head}{experts}down_proj"] = value
+        return out
+    return weights
+
+
+def _falcon_h1_config(c: dict, args) -> dict:
+    """Falcon-H1: mlx-lm folds the muP multipliers into the weights (its sanitize), so HF's are written
+    as 1, but for the tied output: mlx-lm scales the (folded) embedding's logits by lm_head_multiplier /
+    embedding_multiplier."""
+    c = _args("head_dim", "rope_theta", "attention_bias", "mlp_bias", "projectors_bias", "mamba_chunk_size",
+              "mamba_conv_bias", "mamba_d_conv", "mamba_d_head", "mamba_d_ssm", "mamba_d_state", "mamba_expand",
+              "mamba_n_groups", "mamba_n_heads", "mamba_norm_before_gate", "mamba_proj_bias", "mamba_rms_norm",
+              "rms_norm_eps", hidden_act="silu")(c, args)
+    c.update(embedding_multiplier=1.0, attention_in_multiplier=1.0, attention_out_multiplier=1.0, key_multiplier=1.0,
+             ssm_in_multiplier=1.0, ssm_out_multiplier=1.0, mlp_multipliers=[1.0, 1.0], ssm_multipliers=[1.0] * 5,
+             lm_head_multiplier=(args.lm_head_multiplier / args.embedding_multiplier
+                                 if c["tie_word_embeddings"] else 1.0))
+    return c
+
+
+_MLP_EXPERTS = _unstack_experts({"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"}, "mlp")
+_DEEPSEEK_KEYS = ("moe_intermediate_size", "n_shared_experts", "n_routed_experts", "routed_scaling_factor",
+                  "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "v_head_dim", "qk_nope_head_dim",
+                  "n_group", "topk_group", "num_experts_per_tok", "first_k_dense_replace", "norm_topk_prob",
+                  "attention_bias", "rms_norm_eps", "max_position_embeddings")
+
+
+_ONE_PLUS_NORMS = _norms_minus_one(".input_layernorm.weight", ".post_attention_layernorm.weight", "model.norm.weight",
+                                  ".q_norm.weight", ".k_norm.weight")
+_QWEN3_5_NAMES = _rename(("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."))
 
 
 HF_EXPORTS = {
@@ -433,9 +634,7 @@ HF_EXPORTS = {
                                                      hidden_activation="gelu_pytorch_tanh")),
     "phi3": HFSpec("Phi3ForCausalLM", config=_args("partial_rotary_factor", "original_max_position_embeddings",
                                                  "max_position_embeddings", "rope_theta", hidden_act="silu")),
-    "qwen3_moe": HFSpec("Qwen3MoeForCausalLM",
-                        _unstack_experts({"gate_proj": "gate_proj", "up_proj": "up_proj",
-                                          "down_proj": "down_proj"}, "mlp"),
+    "qwen3_moe": HFSpec("Qwen3MoeForCausalLM", _MLP_EXPERTS,
                         _args("head_dim", "rope_theta", "norm_topk_prob", hidden_act="silu")),
     "mixtral": HFSpec("MixtralForCausalLM",
                       _unstack_experts({"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"},
@@ -445,6 +644,70 @@ HF_EXPORTS = {
     "smollm3": HFSpec("SmolLM3ForCausalLM", config=_args("no_rope_layers", "no_rope_layer_interval",
                                                        "rope_theta", "attention_bias", "mlp_bias",
                                                        hidden_act="silu")),
+    # gpt-oss: experts fused as HF's GptOssExperts holds them; without rope_scaling mlx-lm runs plain RoPE
+    # (HF's default is YaRN x32); the clamped SwiGLU's constants are mlx-lm's (swiglu_oai)
+    "gpt_oss": HFSpec("GptOssForCausalLM", _gpt_oss_weights,
+                      _with_rope(_args("head_dim", "sliding_window", "layer_types", "rms_norm_eps",
+                                       attention_bias=True, swiglu_alpha=1.702, swiglu_limit=7.0))),
+    # rope_interleave: mlx-lm rotates adjacent pairs (traditional RoPE), as HF does with it on
+    "deepseek_v3": HFSpec("DeepseekV3ForCausalLM", _chain(_mla_kv_b, _MLP_EXPERTS),
+                          _mla_config(_with_rope(_args(*_DEEPSEEK_KEYS, rope_interleave=True, num_mtp_layers=0,
+                                                       hidden_act="silu")))),
+    "glm4_moe_lite": HFSpec("Glm4MoeLiteForCausalLM", _chain(_mla_kv_b, _MLP_EXPERTS),
+                            _mla_config(_with_rope(_args(*_DEEPSEEK_KEYS, rope_interleave=True, hidden_act="silu")))),
+    # mlx-lm's GLM-4.5 attention runs plain RoPE whatever rope_scaling says
+    "glm4_moe": HFSpec("Glm4MoeForCausalLM", _MLP_EXPERTS,
+                       _with_rope(_args("head_dim", "partial_rotary_factor", "use_qk_norm", "moe_intermediate_size",
+                                        "n_shared_experts", "n_routed_experts", "routed_scaling_factor",
+                                        "n_group", "topk_group", "num_experts_per_tok", "first_k_dense_replace",
+                                        "norm_topk_prob", "attention_bias", hidden_act="silu"), scaled=False)),
+    "olmo3": HFSpec("Olmo3ForCausalLM", config=_olmo3_config),
+    "granite": HFSpec("GraniteForCausalLM", config=_args("logits_scaling", "attention_multiplier",
+                                                       "embedding_multiplier", "residual_multiplier",
+                                                       "rope_theta", "attention_bias", "mlp_bias",
+                                                       hidden_act="silu")),
+    "phimoe": HFSpec("PhimoeForCausalLM",
+                     _unstack_experts({"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}, "block_sparse_moe"),
+                     _args("rope_theta", "router_jitter_noise", "original_max_position_embeddings",
+                           "max_position_embeddings", attention_bias=True, lm_head_bias=True, hidden_act="silu")),
+    "ministral3": HFSpec("Ministral3ForCausalLM", config=_args("head_dim", "rope_parameters", "sliding_window",
+                                                             hidden_act="silu")),
+    "lfm2": HFSpec("Lfm2ForCausalLM", _conv_taps(".conv.conv.weight")),
+    # mlx-lm names the dense layers' w1 / w3 / w2 gate / up / down; the experts as released, one per index
+    "lfm2_moe": HFSpec("Lfm2MoeForCausalLM",
+                       _chain(_conv_taps(".conv.conv.weight"),
+                              _unstack_experts({"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"},
+                                               "feed_forward"),
+                              _rename((".feed_forward.gate_proj.", ".feed_forward.w1."),
+                                      (".feed_forward.up_proj.", ".feed_forward.w3."),
+                                      (".feed_forward.down_proj.", ".feed_forward.w2.")))),
+    "qwen3_next": HFSpec("Qwen3NextForCausalLM",
+                         _chain(_conv_taps(".conv1d.weight"), _MLP_EXPERTS, _ONE_PLUS_NORMS),
+                         _with_rope(_args("head_dim", "full_attention_interval", "decoder_sparse_step",
+                                          "mlp_only_layers", "norm_topk_prob", "moe_intermediate_size",
+                                          "shared_expert_intermediate_size", "partial_rotary_factor",
+                                          hidden_act="silu"))),
+    "granitemoehybrid": HFSpec("GraniteMoeHybridForCausalLM",
+                               _chain(_conv_taps(".conv1d.weight"), _granite_moe_weights),
+                               _granite_hybrid_config),
+    # the released checkpoints' names (backbone.*; experts one per index, fc1 / fc2 as up / down)
+    "nemotron_h": HFSpec("NemotronHForCausalLM",
+                         _chain(_conv_taps(".conv1d.weight"),
+                                _unstack_experts({"fc1": "up_proj", "fc2": "down_proj"}, "mixer"))),
+    "falcon_h1": HFSpec("FalconH1ForCausalLM", _conv_taps(".conv1d.weight"), _falcon_h1_config),
+    # the text model of Qwen 3.5, named as released (model.language_model.*, which transformers'
+    # Qwen3_5ForCausalLM reads), norms as 1 + w
+    "qwen3_5": HFSpec("Qwen3_5ForCausalLM", _chain(_conv_taps(".conv1d.weight"), _ONE_PLUS_NORMS, _QWEN3_5_NAMES)),
+    "qwen3_5_moe": HFSpec("Qwen3_5MoeForCausalLM",
+                          _chain(_conv_taps(".conv1d.weight"), _ONE_PLUS_NORMS,
+                                 _fuse_experts(".mlp.switch_mlp.", ".mlp.experts."), _QWEN3_5_NAMES)),
+    "gemma4_text": HFSpec("Gemma4ForCausalLM", _fuse_experts(".experts.switch_glu.", ".experts."),
+                          _args("head_dim", "global_head_dim", "num_global_key_value_heads", "rope_parameters",
+                                "sliding_window", "layer_types", "final_logit_softcapping", "use_double_wide_mlp",
+                                "num_kv_shared_layers", "hidden_size_per_layer_input", "vocab_size_per_layer_input",
+                                "attention_k_eq_v", "enable_moe_block", "num_experts", "top_k_experts",
+                                "moe_intermediate_size", "rms_norm_eps", "max_position_embeddings",
+                                hidden_activation="gelu_pytorch_tanh")),
 }
 assert set(HF_NAMED) == set(HF_EXPORTS)
 
@@ -528,12 +791,12 @@ def _gguf_tensors(model, config: dict):
     import numpy as np
     from mlx.utils import tree_flatten
 
-    from .gguf_arch import ALWAYS_F32, TRANSFORMS, gguf_tensor_parts, permute_rows
+    from .gguf_arch import ALWAYS_F32, TRANSFORMS, gguf_tensor_parts, permute_rows, stacked
 
     spec = EXPORTS[config["model_type"]]
     c = text_config(config)
     heads = {"attn_q": c["num_attention_heads"], "attn_k": c.get("num_key_value_heads") or c["num_attention_heads"]}
-    for name, value in tree_flatten(model.parameters()):
+    for name, value in stacked(spec, tree_flatten(model.parameters())):  # gemma3n's AltUp lists: one tensor
         if not name.startswith(spec.prefix):
             raise UserError(f"--format gguf: {name} is not part of the text model llama.cpp's {spec.arch} "
                             "reads, so nothing was written; use --format mlx")

@@ -546,9 +546,22 @@ _NEMOTRON_H_PARAMS = (("mixer.A_log", "ssm_a"), ("mixer.D", "ssm_d"), ("mixer.dt
                       ("mixer.gate.e_score_correction_bias", "exp_probs_b.bias"))
 _NEMOTRON_H_TOP = (("token_embd", "backbone.embeddings"), ("output_norm", "backbone.norm_f"), ("output", "lm_head"))
 _LFM2_TOP = (("token_embd", "model.embed_tokens"), ("token_embd_norm", "model.embedding_norm"), ("output", "lm_head"))
+# Gemma 3n (names after the prefix model.language_model.): AltUp's four streams, Laurel's low-rank
+# residual, and per-layer inputs (an embedding of width layers x 256 and a projection of the token
+# embedding, read by each block through inp_gate / proj). Norm weights are used as they are (no 1 + w).
+_GEMMA3N_BLOCK = {**_GEMMA_BLOCK, **_QK_NORM, "altup_correct_coef": "altup.correction_coefs",
+                  "altup_predict_coef": "altup.prediction_coefs", "altup_router": "altup.modality_router",
+                  "altup_router_norm": "altup.router_norm", "laurel_l": "laurel.linear_left",
+                  "laurel_r": "laurel.linear_right", "laurel_post_norm": "laurel.post_laurel_norm",
+                  "inp_gate": "per_layer_input_gate", "proj": "per_layer_projection",
+                  "post_norm": "post_per_layer_input_norm"}
+_GEMMA3N_TOP = (("token_embd", "embed_tokens"), ("per_layer_token_embd", "embed_tokens_per_layer"),
+                ("per_layer_model_proj", "per_layer_model_projection"),
+                ("per_layer_proj_norm", "per_layer_projection_norm"), ("altup_proj", "altup_projections"),
+                ("altup_unembd_proj", "altup_unembed_projections"), ("output_norm", "norm"))
 # Written F32 whatever the export's dtype, as the converter writes them (and llama-quantize leaves them):
 # routers and short-convolution taps; also every 1-D tensor, norm and bias.
-ALWAYS_F32 = ("ffn_gate_inp", "shortconv.conv", "ssm_conv1d")
+ALWAYS_F32 = ("ffn_gate_inp", "shortconv.conv", "ssm_conv1d", "altup_correct_coef", "altup_predict_coef")
 
 
 @dataclass(frozen=True)
@@ -565,6 +578,7 @@ class Export:
     refuse: Callable[[dict], str | None] | None = None  # text config -> why llama.cpp computes otherwise
     splits: dict | None = None  # mlx-lm module inside a block -> GGUF names its rows are split into, in order
     layers: str = "model.layers"  # where mlx-lm keeps the blocks (nemotron_h: backbone.layers)
+    stacks: tuple = ()         # mlx-lm lists of equal matrices llama.cpp keeps as one 3-D tensor (gemma3n)
 
 
 def text_config(config: dict) -> dict:
@@ -804,6 +818,144 @@ def _nemotron_h_refuse(c: dict) -> str | None:
     return None
 
 
+def _olmo3(c: dict, shapes: dict) -> dict:
+    """Olmo 3 is written as llama.cpp's olmo2 with a sliding window (convert_hf_to_gguf.py's Olmo2Model):
+    the window and each layer's kind as flags (true = sliding)."""
+    return {"sliding_window": c["sliding_window"],
+            "sliding_window_pattern": [kind == "sliding_attention" for kind in c["layer_types"]]}
+
+
+def _olmo3_refuse(c: dict) -> str | None:
+    """mlx-lm's olmo3 scales RoPE in the full-attention layers only: not written for llama.cpp yet."""
+    if rope_scaling(c) is not None:
+        return ("it has rope_scaling, which mlx-lm's olmo3 applies to its full-attention layers only; not written "
+                "for llama.cpp's olmo2 yet")
+    return None
+
+
+def _granite(c: dict, shapes: dict) -> dict:
+    """Granite's multipliers (GraniteModel in convert_hf_to_gguf.py); mlx-lm's heads are hidden / heads wide."""
+    heads, hidden = c["num_attention_heads"], c["hidden_size"]
+    out = {"attention_scale": c["attention_multiplier"], "embedding_scale": c["embedding_multiplier"],
+           "residual_scale": c["residual_multiplier"], "logit_scale": c["logits_scaling"],
+           "rope_dimension_count": hidden // heads}
+    if c.get("head_dim") and c["head_dim"] != hidden // heads:
+        out.update(key_length=hidden // heads, value_length=hidden // heads)
+    return out
+
+
+def _granite_refuse(c: dict) -> str | None:
+    if c.get("attention_bias") or c.get("mlp_bias"):
+        return "its attention or MLP projections have biases (attention_bias, mlp_bias), not written yet"
+    return None
+
+
+def _gemma3n(c: dict, shapes: dict) -> dict:
+    """What Gemma3NModel (convert_hf_to_gguf.py) writes beyond Gemma 3's keys: per-layer feed-forward
+    widths (intermediate_size is a list), AltUp, per-layer inputs, shared KV layers, each layer's
+    sparsity as the normal quantile of its target (-inf for none, as torch's icdf(0) gives), sliding
+    layers as flags, and the sliding layers' RoPE base."""
+    from statistics import NormalDist
+
+    n = c["num_hidden_layers"]
+    head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    sparsity = c.get("activation_sparsity_pattern") or [0.0] * n
+    return {"key_length": head_dim, "value_length": head_dim, "altup_active_idx": c["altup_active_idx"],
+            "altup_num_inputs": c["altup_num_inputs"],
+            "embedding_length_per_layer_input": c["hidden_size_per_layer_input"],
+            "shared_kv_layers": c.get("num_kv_shared_layers") or 0,
+            "activation_sparsity_scale": [NormalDist().inv_cdf(s) if s > 0 else -math.inf for s in sparsity],
+            "sliding_window_pattern": [kind == "sliding_attention" for kind in c["layer_types"]],
+            "rope_freq_base_swa": c["rope_local_base_freq"]}
+
+
+# What llama.cpp's gemma3n fixes in code (llama-hparams.h, models/gemma3n.cpp) instead of reading it
+# from the file: the released E2B and E4B models' values
+GEMMA3N_FIXED = {"altup_num_inputs": 4, "altup_active_idx": 0, "laurel_rank": 64, "hidden_size_per_layer_input": 256,
+                 "final_logit_softcapping": 30.0}
+
+
+def _gemma3n_refuse(c: dict) -> str | None:
+    """Beyond GEMMA3N_FIXED, llama.cpp's gemma3n makes every 5th layer global (the converter's per-layer
+    flags are not read), lets layers from 20 on reuse the keys and values of layers 18 (sliding) and
+    19 (global), and applies activation sparsity 0.95 to the first 10 layers."""
+    for key, value in GEMMA3N_FIXED.items():
+        if c.get(key) != value:
+            return (f"its {key} is {c.get(key)}, where llama.cpp's gemma3n has {value} fixed (the released "
+                    "models' value)")
+    n, widths = c["num_hidden_layers"], c["intermediate_size"]
+    if isinstance(widths, list) and len(set(widths)) > 1:
+        return (f"its intermediate_size varies per layer ({widths}), where llama.cpp's gemma3n gives every layer "
+                "the first layer's width")
+    if list(c["layer_types"]) != ["full_attention" if (i + 1) % 5 == 0 else "sliding_attention" for i in range(n)]:
+        return ("its layer_types are not full attention in every 5th layer (4, 9, ...) and sliding elsewhere, the "
+                "only layout llama.cpp's gemma3n has")
+    shared = c.get("num_kv_shared_layers") or 0
+    if n - shared != min(n, 20):
+        return (f"its last {shared} of {n} layers reuse keys and values (num_kv_shared_layers), where llama.cpp's "
+                "gemma3n reuses them in the layers from 20 on")
+    sparsity = [float(s) for s in c.get("activation_sparsity_pattern") or [0.0] * n]
+    if sparsity != [0.95 if i < 10 else 0.0 for i in range(n)]:
+        return (f"its activation_sparsity_pattern {sparsity} is not 0.95 in the first 10 layers and 0 after, the "
+                "only sparsity llama.cpp's gemma3n computes")
+    if rope_scaling(c) is not None:
+        return "it has rope_scaling, which mlx-lm's gemma3n ignores and llama.cpp would apply"
+    return None
+
+
+def _per_layer_rows(value, c: dict):
+    """gemma3n's per-layer embedding (vocab_size_per_layer_input rows) -> one row per token: mlx-lm (as
+    HF) gives the tokens past it the row of token 0, llama.cpp looks every token up, so those rows are
+    written as copies of row 0 (the converter pads zeros, meant for image and audio tokens)."""
+    import mlx.core as mx
+
+    n = c["vocab_size"]
+    if value.shape[0] >= n:
+        return value[:n]
+    return mx.concatenate([value, mx.broadcast_to(value[:1], (n - value.shape[0], value.shape[1]))])
+
+
+def _altup_coefs(value, c: dict):
+    """mlx-lm clips AltUp's coefficient matrices to altup_coef_clip before each use and llama.cpp does
+    not (the converter leaves it as a TODO): the clipped values are written."""
+    import mlx.core as mx
+
+    clip = c.get("altup_coef_clip")
+    return value if clip is None else mx.clip(value, -clip, clip)
+
+
+def _altup_correct_scale(value, c: dict):
+    """llama.cpp always scales the corrected stream by altup_correct_scale, mlx-lm only with
+    altup_correct_scale true: ones otherwise."""
+    import mlx.core as mx
+
+    return value if c.get("altup_correct_scale", True) else mx.ones_like(value)
+
+
+def stacked(spec: Export, params: list) -> list:
+    """[(name, value)] of a model's parameters with each list of Export.stacks (gemma3n's AltUp
+    projections, one matrix per added stream) stacked in list order under the list's name, as the
+    converter stacks them into llama.cpp's 3-D tensor; the other parameters as they are."""
+    import mlx.core as mx
+
+    if not spec.stacks:
+        return params
+    pattern = re.compile(rf"({re.escape(spec.prefix)}(?:{'|'.join(map(re.escape, spec.stacks))}))\.(\d+)\.(\w+)")
+    out, lists = [], {}
+    for name, value in params:
+        match = pattern.fullmatch(name)
+        if match is None:
+            out.append((name, value))
+            continue
+        key = f"{match.group(1)}.{match.group(3)}"
+        if key not in lists:
+            lists[key] = {}
+            out.append((key, None))
+        lists[key][int(match.group(2))] = value
+    return [(name, mx.stack([v for _, v in sorted(lists[name].items())]) if value is None else value)
+            for name, value in out]
+
+
 def _conv_taps(value, c: dict):
     """mlx-lm's depthwise Conv1d weight (channels, taps, 1) -> llama.cpp's shortconv.conv / ssm_conv1d
     (channels, taps); a bias stays as it is."""
@@ -824,7 +976,9 @@ def _ssm_norm(value, c: dict):
 
 # GGUF name inside a block -> what the tensor goes through (value, text config)
 TRANSFORMS = {"shortconv.conv": _conv_taps, "ssm_conv1d": _conv_taps, "ssm_a": _ssm_a,
-              "ssm_d": lambda value, c: value.reshape(-1, 1), "ssm_norm": _ssm_norm}
+              "ssm_d": lambda value, c: value.reshape(-1, 1), "ssm_norm": _ssm_norm,
+              "per_layer_token_embd": _per_layer_rows, "altup_predict_coef": _altup_coefs,
+              "altup_correct_coef": _altup_coefs, "altup_correct_scale": _altup_correct_scale}
 
 EXPORTS = {
     "llama": Export("llama", BLOCK_NAMES, permuted_qk=True),
@@ -835,8 +989,13 @@ EXPORTS = {
                                      **_ATTN, **_QK_NORM, **_EXPERTS}, hparams=_qwen3moe, refuse=_qwen3moe_refuse),
     "gemma2": Export("gemma2", _GEMMA_BLOCK, norm_offset=1.0),
     "gemma3_text": Export("gemma3", {**_GEMMA_BLOCK, **_QK_NORM}, norm_offset=1.0),
+    "gemma3n": Export("gemma3n", _GEMMA3N_BLOCK, params=(("altup.correct_output_scale", "altup_correct_scale.weight"),),
+                      top=_GEMMA3N_TOP, prefix="model.language_model.", layers="layers", hparams=_gemma3n,
+                      refuse=_gemma3n_refuse, stacks=("altup_projections", "altup_unembed_projections")),
     "phi3": Export("phi3", _PHI3_BLOCK),
     "olmo2": Export("olmo2", {**_ATTN, **_QK_NORM, **_POST_NORMS, **_MLP}),
+    "olmo3": Export("olmo2", {**_ATTN, **_QK_NORM, **_POST_NORMS, **_MLP}, hparams=_olmo3, refuse=_olmo3_refuse),
+    "granite": Export("granite", BLOCK_NAMES, permuted_qk=True, hparams=_granite, refuse=_granite_refuse),
     "smollm3": Export("smollm3", BLOCK_NAMES, permuted_qk=True, refuse=_smollm3_refuse),
     "ministral3": Export("mistral3", BLOCK_NAMES, permuted_qk=True, hparams=_mistral3),
     "mistral3": Export("mistral3", BLOCK_NAMES, permuted_qk=True, hparams=_mistral3, prefix="language_model."),

@@ -47,8 +47,9 @@ def _more_bits(i: int, n: int) -> bool:
 
 
 # Never quantized by llama-quantize (tensor_allows_quantization): expert routers and the small
-# convolution taps; they keep the type the converter gave them (F32).
-KEEP = ("ffn_gate_inp.weight", "ssm_conv1d", "shortconv.conv.weight")
+# convolution taps (F32 from the converter), gemma3n's AltUp and Laurel matrices and its per-layer
+# model projection (these stay in the file's float type: write_gguf keeps the export's dtype for "F32").
+KEEP = ("ffn_gate_inp.weight", "ssm_conv1d", "shortconv.conv.weight", "altup", "laurel", "per_layer_model_proj")
 _V_LIKE = ("attn_v.weight", "attn_qkv.weight", "attn_kv_b.weight")  # llama.cpp's category_is_attn_v
 
 
@@ -71,7 +72,8 @@ def tensor_type(name: str, shape: tuple[int, ...], quant: str, n_layer: int, tie
     layer = int(name.split(".")[1]) if name.startswith("blk.") else 0
     i, n = v_index if v_index and kind in _V_LIKE else (layer, n_layer)
     wanted = default
-    if name == "output.weight" or (tied and name == "token_embd.weight"):
+    # llama.cpp counts gemma3n's per-layer embedding as a token embedding (tensor_name_match_token_embd)
+    if name == "output.weight" or (tied and name in ("token_embd.weight", "per_layer_token_embd.weight")):
         # the block of the file's default type decides, then the fallback below may apply again
         wanted = "Q8_0" if cols % BLOCK[default][0] or default == "Q8_0" else "Q6_K"
     elif n_expert == 8 and ("attn_v.weight" in name or "attn_k.weight" in name):

@@ -19,18 +19,25 @@ import pytest
 
 import arch_models
 from steadytune.errors import UserError
-from steadytune.export import EXPORTS, export, refuse_gguf
+from steadytune.export import EXPORTS, export, instead, refuse_gguf
 from steadytune.gguf import check_gguf_header
 from steadytune.gguf_quantize import BLOCK, quantize
 from test_export import make_run
 
 GOLDEN = Path(__file__).parent / "data" / "gguf_export_tensors.txt"
 FAMILIES = ("qwen3_moe", "olmo2", "smollm3", "ministral3", "mistral3", "gpt_oss", "deepseek_v3", "glm4_moe", "lfm2",
-            "glm4_moe_lite", "mixtral", "lfm2_moe", "granitemoehybrid", "nemotron_h")
+            "glm4_moe_lite", "mixtral", "lfm2_moe", "granitemoehybrid", "nemotron_h", "gemma3n", "olmo3", "granite")
+# gemma3n as llama.cpp's code fixes it (22 layers, the last 2 sharing KV, every 5th global, sparsity in
+# the first 10), 1024 wide as bench/gguf_families.py builds it for llama.cpp's sparsity cutoff
+_GEMMA3N = {**arch_models.tiny_config("gemma3n")["text_config"],
+            "num_hidden_layers": 22, "num_kv_shared_layers": 2, "laurel_rank": 64, "hidden_size_per_layer_input": 256,
+            "layer_types": ["full_attention" if (i + 1) % 5 == 0 else "sliding_attention" for i in range(22)],
+            "activation_sparsity_pattern": [0.95] * 10 + [0.0] * 12, "intermediate_size": [1024] * 22}
 # The released models' settings where the tiny model's are refused (as bench/gguf_families.py builds them)
 RELEASED = {"qwen3_moe": {"mlp_only_layers": []}, "deepseek_v3": {"rms_norm_eps": 1e-6},
             "granitemoehybrid": {"mamba_n_heads": 8, "mamba_expand": 2},
-            "nemotron_h": {"hybrid_override_pattern": ["M", "*", "E", "M", "E"]}}
+            "nemotron_h": {"hybrid_override_pattern": ["M", "*", "E", "M", "E"]},
+            "gemma3n": {"text_config": _GEMMA3N}}
 # What llama.cpp's loader reads for each architecture beyond the shapes (a few keys each)
 METADATA = {
     "qwen3_moe": {"qwen3moe.expert_count": 4, "qwen3moe.expert_used_count": 2,
@@ -75,6 +82,17 @@ METADATA = {
                    "nemotron_h_moe.expert_feed_forward_length": 32,
                    "nemotron_h_moe.expert_shared_feed_forward_length": 64, "nemotron_h_moe.expert_shared_count": 1,
                    "nemotron_h_moe.expert_weights_norm": True, "nemotron_h_moe.expert_weights_scale": 1.0},
+    "gemma3n": {"gemma3n.block_count": 22, "gemma3n.feed_forward_length": [1024] * 22,
+                "gemma3n.altup.active_idx": 0, "gemma3n.altup.num_inputs": 4,
+                "gemma3n.embedding_length_per_layer_input": 256, "gemma3n.attention.shared_kv_layers": 2,
+                "gemma3n.attention.sliding_window_pattern": [(i + 1) % 5 != 0 for i in range(22)],
+                "gemma3n.attention.sliding_window": 8, "gemma3n.rope.freq_base": 1e6, "gemma3n.rope.freq_base_swa": 1e4,
+                "gemma3n.final_logit_softcapping": 30.0, "gemma3n.attention.key_length": 16,
+                "gemma3n.activation_sparsity_scale": [1.6448536] * 10 + [-np.inf] * 12},
+    "olmo3": {"olmo2.block_count": 2, "olmo2.attention.sliding_window": 8,
+              "olmo2.attention.sliding_window_pattern": [True, False], "olmo2.rope.dimension_count": 16},
+    "granite": {"granite.attention.scale": 0.25, "granite.embedding_scale": 4.0, "granite.residual_scale": 0.5,
+                "granite.logit_scale": 4.0, "granite.rope.dimension_count": 16},
 }
 
 
@@ -130,7 +148,8 @@ def test_gguf_export_holds_the_tensors_and_metadata_llama_cpp_reads(exported, fa
         assert got == [(name, ne, (f16_type, q4_type)[column == 3]) for name, ne, f16_type, q4_type in want]
         for key, value in METADATA[family].items():
             field = reader.fields[key].contents()
-            assert (np.isclose(field, value) if isinstance(value, float) else field == value), key
+            close = isinstance(value, float) or (isinstance(value, list) and isinstance(value[0], float))
+            assert (np.allclose(field, value) if close else field == value), key
         header = check_gguf_header(path)  # steadytune's own reader: the same tensors, shapes and types
         assert header.metadata["general.architecture"] == arch
         assert {name: (gtype, tuple(reversed(shape))) for name, (gtype, shape) in header.tensors.items()} == \
@@ -174,6 +193,24 @@ def test_gguf_export_holds_the_tensors_and_metadata_llama_cpp_reads(exported, fa
      r"otherwise than llama\.cpp's gpt-oss"),
     ("qwen3_moe", {"mlp_only_layers": [], "rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
      r"its RoPE scaling 'yarn' is not written for llama\.cpp's qwen3moe"),
+    ("olmo3", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+     r"it has rope_scaling, which mlx-lm's olmo3 applies to its full-attention layers only"),
+    ("granite", {"mlp_bias": True}, r"its attention or MLP projections have biases \(attention_bias, mlp_bias\)"),
+    ("gemma3n", {}, r"its laurel_rank is 8, where llama\.cpp's gemma3n has 64 fixed \(the released models' value\)"),
+    ("gemma3n", {"text_config": {**_GEMMA3N, "hidden_size_per_layer_input": 128}},
+     r"its hidden_size_per_layer_input is 128, where llama\.cpp's gemma3n has 256 fixed"),
+    ("gemma3n", {"text_config": {**_GEMMA3N, "intermediate_size": [1024] * 21 + [512]}},
+     r"its intermediate_size varies per layer \(.*\), where llama\.cpp's gemma3n gives every layer the first "
+     r"layer's width"),
+    ("gemma3n", {"text_config": {**_GEMMA3N, "layer_types": ["sliding_attention", "full_attention"] * 11}},
+     r"its layer_types are not full attention in every 5th layer \(4, 9, \.\.\.\) and sliding elsewhere"),
+    ("gemma3n", {"text_config": {**_GEMMA3N, "num_kv_shared_layers": 4}},
+     r"its last 4 of 22 layers reuse keys and values \(num_kv_shared_layers\), where llama\.cpp's gemma3n reuses "
+     r"them in the layers from 20 on"),
+    ("gemma3n", {"text_config": {**_GEMMA3N, "activation_sparsity_pattern": [0.95] * 22}},
+     r"its activation_sparsity_pattern \[.*\] is not 0\.95 in the first 10 layers and 0 after"),
+    ("gemma3n", {"text_config": {**_GEMMA3N, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}},
+     r"it has rope_scaling, which mlx-lm's gemma3n ignores and llama\.cpp would apply"),
 ])
 def test_settings_llama_cpp_computes_otherwise_are_refused_with_the_reason(family, overrides, why):
     config = {**arch_models.tiny_config(family), **overrides}
@@ -189,7 +226,7 @@ def test_families_still_not_written_are_refused_naming_llama_cpps_architecture(f
         refuse_gguf("ollama", arch_models.tiny_config(family))
     message = str(e.value)
     assert message.startswith(f"--format ollama: model type {family!r} is not written to GGUF: llama.cpp reads it as ")
-    assert message.endswith("; use --format mlx (an mlx-lm folder: mlx_lm.generate --model OUT)")
+    assert message.endswith(f"; {instead(family, 'ollama')}")  # --format hf where steadytune writes one
     assert "\n" not in message
 
 
@@ -200,8 +237,8 @@ def test_cli_refuses_an_unwritten_family_in_one_line_with_exit_2(tmp_path, capsy
     assert main(["export", str(run), "--format", "gguf"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == ("error: --format gguf: model type 'qwen3_next' is not written to GGUF: llama.cpp reads it as "
-                   "qwen3next, but steadytune does not write its Gated DeltaNet layers in that layout yet; use "
-                   "--format mlx (an mlx-lm folder: mlx_lm.generate --model OUT)")
+                   "qwen3next, but steadytune does not write its Gated DeltaNet layers in that layout yet; "
+                   f"{instead('qwen3_next', 'gguf')}")
     assert not (run / "export-gguf").exists()
 
 
@@ -237,3 +274,25 @@ def test_granite_attention_without_rope_switches_llama_cpps_rope_off():
               "position_embedding_type": "nope"}
     hparams = gguf_hparams(config, {})
     assert hparams["rope_scaling_finetuned"] is False and hparams["context_length"] == 2 ** 20
+
+
+def test_gemma3n_tensors_are_written_as_mlx_lm_computes_with_them():
+    """What llama.cpp's gemma3n computes otherwise, written so it computes as mlx-lm: tokens past the
+    per-layer embedding read token 0's row (mlx-lm maps them to 0, llama.cpp looks each one up), AltUp
+    coefficients clipped to altup_coef_clip (mlx-lm clips before each use), correct_output_scale as
+    ones when altup_correct_scale is off (llama.cpp always applies it), AltUp projections stacked in
+    list order."""
+    import mlx.core as mx
+
+    from steadytune.gguf_arch import TRANSFORMS, stacked
+
+    c = {"vocab_size": 5, "altup_coef_clip": 1.0, "altup_correct_scale": False}
+    rows = mx.arange(6).reshape(3, 2)
+    assert TRANSFORMS["per_layer_token_embd"](rows, c).tolist() == [[0, 1], [2, 3], [4, 5], [0, 1], [0, 1]]
+    assert TRANSFORMS["altup_predict_coef"](mx.array([[-3.0, 0.5]]), c).tolist() == [[-1.0, 0.5]]
+    assert TRANSFORMS["altup_correct_scale"](mx.array([0.0, 2.0]), c).tolist() == [1.0, 1.0]
+    spec = EXPORTS["gemma3n"]
+    lists = [(f"model.language_model.altup_projections.{i}.weight", mx.full((2, 2), i)) for i in (0, 2, 1)]
+    (name, value), = stacked(spec, lists)
+    assert name == "model.language_model.altup_projections.weight"
+    assert value[:, 0, 0].tolist() == [0, 1, 2]

@@ -8,6 +8,10 @@ torch is not installed here, so transformers cannot build the model. What is che
 - config.json loads with transformers' AutoConfig, naming the class, with mlx-lm's settings;
 - the folder, read back by mlx-lm (whose sanitize maps HF's names and layouts to its own), answers
   like base + adapters: the written weights are the fused ones, and the reverse mapping is exact.
+For the other families (LAYOUT below) the read-back by mlx-lm is the check of the names and layouts
+(its sanitize is what is reversed), with the tensors that pin each layout by name and shape; gpt-oss,
+whose HF layout mlx-lm's sanitize does not read (it reads the MXFP4 release only), is checked against
+the fused model instead.
 bench/hf_export.py runs the same folders in a real transformers (a Python with torch)."""
 
 from __future__ import annotations
@@ -91,19 +95,66 @@ def transformers_load_view(model_type: str, weights: dict) -> dict:
     return out
 
 
+# Per family, tensors whose name and shape pin the layout HF reads (tiny models: 4 heads x 16, 2 KV
+# heads, experts 4 x 32 wide; MLA: kv_lora_rank 32, nope 16 + rope 8, v 16; Mamba-2: 96 conv channels).
+LAYOUT = {
+    "gpt_oss": {"model.layers.0.mlp.experts.gate_up_proj": (E, H, 2 * MOE_I),  # gate and up interleaved
+                "model.layers.0.mlp.experts.gate_up_proj_bias": (E, 2 * MOE_I),
+                "model.layers.0.mlp.experts.down_proj": (E, MOE_I, H),
+                "model.layers.0.mlp.experts.down_proj_bias": (E, H),
+                "model.layers.0.mlp.router.weight": (E, H), "model.layers.0.self_attn.sinks": (4,)},
+    "deepseek_v3": {"model.layers.0.self_attn.kv_b_proj.weight": (4 * (16 + 16), 32),
+                    "model.layers.1.mlp.experts.3.gate_proj.weight": (MOE_I, H),
+                    "model.layers.1.mlp.gate.e_score_correction_bias": (E,)},
+    "glm4_moe_lite": {"model.layers.0.self_attn.kv_b_proj.weight": (4 * (16 + 16), 32),
+                      "model.layers.1.mlp.experts.3.down_proj.weight": (H, MOE_I)},
+    "glm4_moe": {"model.layers.1.mlp.experts.3.down_proj.weight": (H, MOE_I),
+                 "model.layers.1.mlp.shared_experts.up_proj.weight": (MOE_I, H)},
+    "olmo3": {"model.layers.0.self_attn.q_norm.weight": (Q,), "model.layers.1.self_attn.k_norm.weight": (KV,)},
+    "granite": {"model.layers.1.mlp.up_proj.weight": (I, H)},
+    "phimoe": {"model.layers.0.block_sparse_moe.experts.3.w2.weight": (H, MOE_I), "lm_head.bias": (V,),
+               "model.layers.0.self_attn.q_proj.bias": (Q,)},
+    "ministral3": {"model.layers.1.mlp.up_proj.weight": (I, H)},
+    "lfm2": {"model.layers.0.conv.conv.weight": (H, 1, 3), "model.layers.1.feed_forward.w2.weight": (H, I)},
+    "lfm2_moe": {"model.layers.0.conv.conv.weight": (H, 1, 3), "model.layers.0.feed_forward.w1.weight": (I, H),
+                 "model.layers.1.feed_forward.experts.3.w3.weight": (MOE_I, H),
+                 "model.layers.1.feed_forward.expert_bias": (E,)},
+    "qwen3_next": {"model.layers.0.linear_attn.conv1d.weight": (128, 1, 4),
+                   "model.layers.0.mlp.experts.3.up_proj.weight": (MOE_I, H)},
+    "granitemoehybrid": {"model.layers.0.block_sparse_moe.input_linear.weight": (E, 2 * I, H),
+                         "model.layers.0.block_sparse_moe.output_linear.weight": (E, H, I),
+                         "model.layers.0.block_sparse_moe.router.layer.weight": (E, H),
+                         "model.layers.0.mamba.conv1d.weight": (96, 1, 4)},
+    "nemotron_h": {"backbone.layers.4.mixer.experts.3.up_proj.weight": (MOE_I, H),
+                   "backbone.layers.0.mixer.conv1d.weight": (96, 1, 4)},
+    "falcon_h1": {"model.layers.0.mamba.conv1d.weight": (96, 1, 4)},
+    "qwen3_5": {"model.language_model.layers.0.linear_attn.conv1d.weight": (128, 1, 4), "lm_head.weight": (V, H)},
+    "qwen3_5_moe": {"model.language_model.layers.0.mlp.experts.gate_up_proj": (E, 2 * MOE_I, H),
+                    "model.language_model.layers.0.mlp.experts.down_proj": (E, H, MOE_I)},
+    "gemma4_text": {"model.layers.1.self_attn.q_norm.weight": (32,), "model.embed_tokens_per_layer.weight": (V, H)},
+}
+# mlx-lm's own names that no HF model class has
+MLX_ONLY = ("switch_mlp", "switch_glu", "embed_q", "unembed_out", ".scales", ".biases", "language_model.model.")
+READ_BACK = [n for n in HF_NAMED if n != "gpt_oss"]  # mlx-lm's gpt_oss sanitize reads the MXFP4 release only
+
+
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
+    """name -> (run, export folder), built on first use (each family's test builds only its own)."""
     root = tmp_path_factory.mktemp("export-hf")
-    out = {}
-    for name in FAMILIES:
-        base = arch_models.build(root / f"base-{name}", name, quantize=False)
-        run = make_run(root, str(base), name)
-        out[name] = (run, export(run, "hf", root / f"hf-{name}", dtype="float32"))
-    return out
+
+    class Built(dict):
+        def __missing__(self, name):
+            base = arch_models.build(root / f"base-{name}", name, quantize=False)
+            run = make_run(root, str(base), name)
+            self[name] = (run, export(run, "hf", root / f"hf-{name}", dtype="float32"))
+            return self[name]
+    return Built()
 
 
 def test_every_hf_family_has_one_table():
     assert set(HF_NAMED) == set(HF_EXPORTS)
+    assert set(HF_NAMED) == set(HF_PARAMS) | set(LAYOUT) | {"llama", "mistral", "qwen2", "qwen3"}
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -138,7 +189,7 @@ def test_hf_export_has_transformers_names_and_config(exports, name):
         assert (hf.num_local_experts, hf.num_experts_per_tok) == (E, 2)
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", READ_BACK)
 def test_hf_export_read_back_by_mlx_lm_answers_like_base_plus_adapters(exports, name):
     from mlx_lm.utils import load
 
@@ -158,3 +209,53 @@ def test_hf_export_read_back_by_mlx_lm_answers_like_base_plus_adapters(exports, 
 
     plain = load_base(ModelConfig(path=str(out.parent / f"base-{name}"), quantize="4", group_size=32))
     assert float(mx.abs(plain.model(ids) - want).max()) > 0.1, "the adapters should change the logits"
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUT))
+def test_hf_export_has_the_layout_and_config_transformers_reads(exports, name):
+    from transformers import AutoConfig
+
+    _, out = exports[name]
+    weights = mx.load(str(out / "model.safetensors"))
+    assert not [k for k in weights if any(part in k for part in MLX_ONLY)]
+    assert {k: tuple(weights[k].shape) for k in LAYOUT[name] if k in weights} == LAYOUT[name]
+    hf = AutoConfig.from_pretrained(str(out))
+    assert hf.model_type == name and hf.architectures == [HF_EXPORTS[name].architecture]
+    text = hf.get_text_config()
+    # the tiny models have an lm_head, but lfm2's mlx-lm model always ties (it has none)
+    assert text.tie_word_embeddings == hf.tie_word_embeddings == ("lm_head.weight" not in weights)
+    assert text.tie_word_embeddings == name.startswith("lfm2")
+    if name == "gpt_oss":  # HF's default is YaRN x32; mlx-lm runs plain RoPE without rope_scaling
+        assert text.rope_parameters == {"rope_type": "default", "rope_theta": 10000.0}
+        assert (text.swiglu_alpha, text.swiglu_limit, text.layer_types) == (
+            1.702, 7.0, ["sliding_attention", "full_attention"])
+    if name in ("deepseek_v3", "glm4_moe_lite"):  # every MLA head has its own keys; head_dim is not read
+        assert (text.num_key_value_heads, text.qk_rope_head_dim, text.rope_interleave) == (4, 8, True)
+    if name == "glm4_moe":  # transformers 5 reads the partial rotation from rope_parameters
+        assert text.rope_parameters["partial_rotary_factor"] == 0.5
+    if name == "olmo3":  # plain RoPE on the sliding layers, rope_scaling on the full ones
+        assert set(text.rope_parameters) == {"full_attention", "sliding_attention"}
+    if name == "phimoe":
+        assert text.attention_bias and text.lm_head_bias
+    if name == "falcon_h1":  # folded into the weights by mlx-lm
+        assert (text.embedding_multiplier, text.key_multiplier, text.mlp_multipliers, text.lm_head_multiplier) == (
+            1.0, 1.0, [1.0, 1.0], 1.0)
+
+
+def test_gpt_oss_experts_are_interleaved_as_hf_splits_them(exports):
+    """HF's GptOssExperts splits gate_up_proj's last axis as [..., ::2] (gate) and [..., 1::2] (up)."""
+    from mlx.utils import tree_flatten
+
+    from steadytune.export import fuse
+
+    run, out = exports["gpt_oss"]
+    tuned = load_tuned(run, dtype="float32")
+    fuse(tuned.model, mx.float32)
+    fused = dict(tree_flatten(tuned.model.parameters()))
+    weights = mx.load(str(out / "model.safetensors"))
+    prefix = "model.layers.1.mlp.experts"
+    gate_up, bias = weights[f"{prefix}.gate_up_proj"], weights[f"{prefix}.gate_up_proj_bias"]
+    assert mx.array_equal(gate_up[..., ::2], fused[f"{prefix}.gate_proj.weight"].swapaxes(1, 2))
+    assert mx.array_equal(gate_up[..., 1::2], fused[f"{prefix}.up_proj.weight"].swapaxes(1, 2))
+    assert mx.array_equal(bias[..., 1::2], fused[f"{prefix}.up_proj.bias"])
+    assert mx.array_equal(weights[f"{prefix}.down_proj"], fused[f"{prefix}.down_proj.weight"].swapaxes(1, 2))
