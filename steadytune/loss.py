@@ -127,7 +127,7 @@ def masked_ce_sum(model: nn.Module, inputs, targets, mask, segments=None, chunk:
     from .qlora import dense_weight
 
     parts = split_head(model) if chunk else None
-    extra = model_inputs(model, segments, mask_dtype)
+    extra = model_inputs(model, segments, mask_dtype, inputs)
     if parts is None:
         return (token_cross_entropy(model(inputs, **extra), targets) * mask).sum()
     backbone, layer, head = parts

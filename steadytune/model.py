@@ -258,8 +258,10 @@ def _load_error(src: str, e: Exception) -> UserError:
 def check_vocabulary(model: nn.Module, tokenizer, src: str) -> None:
     """Every token id the tokenizer can produce has a row in the embedding table: an id past it
     reads out of bounds (a segfault in MLX, garbage in the compiled CPU decoder)."""
+    # gemma3n's per-layer table (embed_tokens_per_layer) is smaller than the vocabulary by design:
+    # the model reads it only for ids below vocab_size_per_layer_input (others read row 0)
     rows = [(name, m.weight.shape[0]) for name, m in model.named_modules()
-            if isinstance(m, (nn.Embedding, nn.QuantizedEmbedding))]
+            if isinstance(m, (nn.Embedding, nn.QuantizedEmbedding)) and "per_layer" not in name]
     inner = getattr(tokenizer, "_tokenizer", tokenizer)
     if not rows or not hasattr(inner, "get_vocab"):
         return

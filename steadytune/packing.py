@@ -64,9 +64,10 @@ class PackedCache:
 
     offset = 0
 
-    def __init__(self, keep: mx.array, dtype=mx.float32):
+    def __init__(self, keep: mx.array, dtype=mx.float32, masks: dict | None = None):
         self.keep, self.dtype = keep, dtype
-        self.masks: dict = {}
+        self.masks: dict = {} if masks is None else masks  # shared by the caches of one forward pass
+        self.kv = None
 
     def make_mask(self, N: int, return_array: bool = False, window_size=None):
         window = window_size if window_size is not None and window_size < N else None
@@ -80,14 +81,16 @@ class PackedCache:
         return self.masks[key]
 
     def update_and_fetch(self, keys, values):
+        self.kv = (keys, values)  # what a KV-shared layer reads back (keys_and_values)
         return keys, values
 
     def empty(self):  # some mlx-lm models ask before using a cache
         return True
 
-    def keys_and_values(self):  # gemma3n's KV-shared layers
-        raise NotPackable("its KV-shared layers read another layer's keys through the cache (training "
-                          "without a cache computes them in each layer)")
+    def keys_and_values(self):  # gemma3n's KV-shared layers: the keys of the layer that owns this cache
+        if self.kv is None:
+            raise NotPackable("a KV-shared layer reads another layer's keys before that layer has run")
+        return self.kv
 
     def __getitem__(self, index):  # recurrent layers' conv and SSM states; falcon_h1's cache pairs
         raise NotPackable("a layer reads a recurrent state from its cache")
@@ -96,13 +99,26 @@ class PackedCache:
         raise NotPackable("its chunked attention builds its own mask from row positions")
 
 
-def model_inputs(model: nn.Module, segments: mx.array | None, mask_dtype=mx.float32) -> dict:
+def model_inputs(model: nn.Module, segments: mx.array | None, mask_dtype=mx.float32, inputs=None) -> dict:
     """Keyword arguments that make an mlx-lm model (or its backbone) attend inside each packed
-    example: one PackedCache shared by every layer, its additive mask in `mask_dtype` (what
-    `prepare` returns), {} for an ordinary padded batch."""
+    example: a PackedCache for every layer (one mask, built once, shared by all), its additive mask
+    in `mask_dtype` (what `prepare` returns). An ordinary padded batch (`segments` None) gets {},
+    except in a model whose layers share keys through the cache (gemma3n's last layers read those
+    of an earlier layer, as its generation does): there `inputs` give one segment a row, the
+    causal mask, so training computes what the model computes when it answers."""
     if segments is None:
-        return {}
-    return {"cache": [PackedCache(block_causal(segments), mask_dtype)] * len(model.layers)}
+        if inputs is None or not shares_kv_through_cache(model):
+            return {}
+        segments = mx.zeros(inputs.shape, mx.int32)
+    keep, masks = block_causal(segments), {}
+    return {"cache": [PackedCache(keep, mask_dtype, masks) for _ in model.layers]}
+
+
+def shares_kv_through_cache(model: nn.Module) -> bool:
+    """Whether some attention layer reads its keys and values from another layer's cache
+    (gemma3n's `is_kv_shared_layer`; gemma4_text passes them between layers itself)."""
+    return any(getattr(getattr(layer, "self_attn", None), "is_kv_shared_layer", False)
+               for layer in getattr(model, "layers", []))
 
 
 def prepare(model: nn.Module):

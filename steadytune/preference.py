@@ -54,7 +54,7 @@ def sequence_logps(model, inputs, targets, mask, segments=None, seq=None, n: int
     from .loss import token_cross_entropy
     from .packing import model_inputs
 
-    logp = -token_cross_entropy(model(inputs, **model_inputs(model, segments, mask_dtype)), targets) * mask
+    logp = -token_cross_entropy(model(inputs, **model_inputs(model, segments, mask_dtype, inputs)), targets) * mask
     if seq is None:
         return logp.sum(-1), mask.sum(-1)
     onehot = (seq[..., None] == mx.arange(n)).astype(mx.float32)  # (B, T, sequences)

@@ -299,8 +299,13 @@ def checkpoint_blocks(model: nn.Module) -> None:
     """Gradient checkpointing per transformer block: the block's activations are recomputed in
     the backward pass. Done by giving each block instance a subclass whose __call__ is
     checkpointed, so parameter names (and adapter files) are unchanged and no other model in the
-    process is affected (mlx-lm's helper patches the class itself)."""
-    for layer in model.layers:
+    process is affected (mlx-lm's helper patches the class itself). Layers joined by shared keys
+    (kv_linked_layers) are left as they are: a checkpoint's backward pass sees only its block's
+    input and parameters, not keys that enter or leave it through the cache."""
+    linked = kv_linked_layers(model)
+    for i, layer in enumerate(model.layers):
+        if i in linked:
+            continue
         cls = type(layer)
         if getattr(cls, "_steadytune_ckpt", False):
             continue
@@ -318,6 +323,20 @@ def checkpoint_blocks(model: nn.Module) -> None:
             return mx.checkpoint(inner)(self.trainable_parameters(), x)
 
         layer.__class__ = type(cls.__name__, (cls,), {"__call__": call, "_steadytune_ckpt": True})
+
+
+def kv_linked_layers(model: nn.Module) -> set[int]:
+    """Indexes of the layers that read keys and values through another layer's cache (gemma3n's
+    KV-shared layers) and of the layers whose cache they read."""
+    shared = {i for i, layer in enumerate(model.layers)
+              if getattr(getattr(layer, "self_attn", None), "is_kv_shared_layer", False)}
+    if not shared:
+        return set()
+    owner = next((m.layer_idx_to_cache_idx for _, m in model.named_modules()
+                  if isinstance(getattr(m, "layer_idx_to_cache_idx", None), list)), None)
+    if owner is None:  # a layout not known: the last layer before the shared ones and all after it
+        return set(range(min(shared) - 1, len(model.layers)))
+    return shared | {owner[i] for i in shared}
 
 
 # --- SwiGLU with a backward pass that recomputes instead of keeping -------------------------

@@ -314,6 +314,30 @@ def test_a_tokenizer_larger_than_the_embedding_table_is_refused_at_load(tiny_mod
                             "these weights")
 
 
+def test_gemma3ns_smaller_per_layer_table_is_not_the_vocabulary():
+    """gemma3n reads its per-layer embedding only for ids below vocab_size_per_layer_input (262144
+    of a 262400 vocabulary in the released models): the check reads the token embedding."""
+    import mlx.nn as nn
+
+    from steadytune.model import check_vocabulary
+
+    class Tok:
+        def __init__(self, n):
+            self.n = n
+
+        def __len__(self):
+            return self.n
+
+        def get_vocab(self):
+            return {f"t{i}": i for i in range(self.n)}
+
+    model = nn.Module()
+    model.embed_tokens, model.embed_tokens_per_layer = nn.Embedding(120, 8), nn.Embedding(100, 8)
+    check_vocabulary(model, Tok(120), "m")
+    with pytest.raises(UserError, match=r"token ids up to 120, but the embedding table \(embed_tokens\) has only 120"):
+        check_vocabulary(model, Tok(121), "m")
+
+
 # --------------------------------------------------------------------------- pairs, the cache folder
 
 def test_a_pair_identical_after_truncation_is_refused_naming_its_line(tiny_model):

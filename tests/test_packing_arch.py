@@ -9,7 +9,7 @@ import pytest
 
 import arch_models
 from steadytune.errors import UserError
-from steadytune.packing import (NotPackable, PackedCache, additive, block_causal, model_inputs, prepare,
+from steadytune.packing import (NotPackable, PackedCache, additive, block_causal, model_inputs, prepare, shares_kv_through_cache,
                                 why_not_packable)
 
 # model type -> words the reason must hold (the layer kind that keeps it from packing)
@@ -23,7 +23,6 @@ NOT_PACKABLE = {
     "lfm2": "ShortConv layer carries a state",
     "lfm2_moe": "ShortConv layer carries a state",
     "llama4": "chunked attention",
-    "gemma3n": "KV-shared layers",
 }
 
 LENGTHS = [11, 4, 6]  # the first longer than the sliding windows (8) of the models that have one
@@ -52,7 +51,7 @@ def test_packed_row_gives_each_example_its_own_logits_or_is_refused(name):
         return
     assert why is None
     packed = model(row, **model_inputs(model, segments, prepare(model)))
-    alone = [model(mx.array(e[None]))[0] for e in examples]
+    alone = [model(mx.array(e[None]), **_as_it_answers(model))[0] for e in examples]
     # Packed and alone differ only by rounding: the RoPE angle of position p (up to WIDTH) rounds
     # to relative u, as do the sums over up to WIDTH keys; through the residual stream of L layers
     # these add, each scaled by the logits' size; 8 covers the few roundings a layer makes (norms,
@@ -65,6 +64,57 @@ def test_packed_row_gives_each_example_its_own_logits_or_is_refused(name):
         err = float(mx.abs(packed[0, start:start + len(e)] - a).max())
         assert err <= tol, (name, err, tol)
         start += len(e)
+
+
+def _as_it_answers(model) -> dict:
+    """gemma3n's KV-shared layers read an earlier layer's keys only through a cache: the example
+    alone goes through mlx-lm's own cache, as generation runs it (without one, those layers compute
+    keys of their own, which neither mlx-lm's generation nor llama.cpp ever does)."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    return {"cache": make_prompt_cache(model)} if shares_kv_through_cache(model) else {}
+
+
+def test_gemma3ns_kv_shared_layers_train_on_the_keys_they_answer_with():
+    """Unpacked rows too: the loss of a padded batch is the loss of mlx-lm's cached forward pass,
+    and the KV-shared layers' own k/v projections get no gradient (they are never used), with and
+    without gradient checkpointing."""
+    import mlx.nn as nn
+
+    from steadytune.loss import masked_ce_sum
+    from steadytune.qlora import checkpoint_blocks
+
+    model, _ = arch_models.make("gemma3n", quantize=False)
+    assert shares_kv_through_cache(model)
+    rng = np.random.default_rng(2)
+    x = mx.array(rng.integers(3, arch_models.V, size=(2, 9)))
+    inputs, targets, mask = x[:, :-1], x[:, 1:], mx.ones((2, 8))
+    from mlx_lm.models.cache import make_prompt_cache
+
+    want = sum(float(nn.losses.cross_entropy(model(inputs[i:i + 1], cache=make_prompt_cache(model)),
+                                             targets[i:i + 1]).sum()) for i in range(2))
+    wrong = float(nn.losses.cross_entropy(model(inputs), targets).sum())  # keys of their own
+    assert abs(float(masked_ce_sum(model, inputs, targets, mask)) - want) <= 1e-4 * want < abs(wrong - want)
+
+    def grads(m):
+        return nn.value_and_grad(m, lambda m: masked_ce_sum(m, inputs, targets, mask))(m)
+
+    model.train()
+    loss, g = grads(model)
+    shared = [i for i, l in enumerate(model.layers) if l.self_attn.is_kv_shared_layer]
+    layers = g["model"]["language_model"]["layers"] if "language_model" in g.get("model", {}) else None
+    assert shared and layers is not None
+    for i in shared:
+        assert float(mx.abs(layers[i]["self_attn"]["k_proj"]["weight"]).max()) == 0.0
+    owner = shared[0] - 1
+    assert float(mx.abs(layers[owner]["self_attn"]["k_proj"]["weight"]).max()) > 0
+    checkpoint_blocks(model)
+    loss_ck, g_ck = grads(model)
+    assert float(loss_ck) == float(loss)
+    from mlx.utils import tree_flatten
+
+    for (k, a), (_, b) in zip(tree_flatten(g), tree_flatten(g_ck)):
+        assert float(mx.abs(a - b).max()) <= 1e-5 * max(1.0, float(mx.abs(a).max())), k
 
 
 def test_attention_scaled_by_position_packs_only_below_its_threshold():
