@@ -127,7 +127,10 @@ class TrainingConfig:
     eval_every: int = _f(100, "validate every N optimizer steps (and at the end; 0 = only at the end)")
     log_every: int = _f(10, "write a train record to metrics.jsonl every N optimizer steps")
     save_every: int = _f(100, "checkpoint every N optimizer steps (and at each epoch end; 0 = epoch ends only)")
-    grad_checkpoint: bool = _f(False, "recompute each block's activations in the backward pass (less memory)")
+    # null: on for GRPO, whose training pass is short rows in small calls after the rollouts, so
+    # recomputing costs little there (bench/RESULTS.md: its CPU peak 1.72 -> 0.70 GB); off otherwise
+    grad_checkpoint: Optional[bool] = _f(None, "recompute each block's activations in the backward pass "
+                                         "(less memory); null: on for --method grpo, off otherwise")
     chunked_ce: str = _f("auto", "compute the output layer and loss in chunks of tokens, recomputed in the "
                          "backward pass, so the float32 logits of the whole batch never exist at once; "
                          "auto = on for vocabularies of 64k tokens and more", choices=["auto", "on", "off"])
@@ -229,6 +232,8 @@ class Config:
         if not (0 <= t.beta if t.method == "grpo" else 0 < t.beta) or not t.beta < math.inf:
             p.append(f"training.beta must be {'0 or more' if t.method == 'grpo' else 'positive'} and finite "
                      f"(got {t.beta})")
+        if t.grad_checkpoint is None:
+            t.grad_checkpoint = t.method == "grpo"
         if t.method == "grpo":
             p += self.grpo.problems(t)
         elif self.grpo.group_size != GrpoConfig.group_size:

@@ -249,6 +249,23 @@ static void embed_row(const linear_t *E, int id, float *out) {
     }
 }
 
+/* One query head over T cached positions: o = softmax(scale * K q) V (s: T floats of room). */
+static void attend_head(const float *qv, const float *kg, const float *vg, int T, int hd, float scale,
+                        float *s, float *ov) {
+    float mx = -INFINITY;
+    for (int p = 0; p < T; p++) {
+        s[p] = dot(qv, kg + (size_t)p * hd, hd) * scale;
+        if (s[p] > mx) mx = s[p];
+    }
+    float z = 0;
+    for (int p = 0; p < T; p++) z += (s[p] = expf(s[p] - mx));
+    memset(ov, 0, sizeof(float) * hd);
+    for (int p = 0; p < T; p++) {
+        const float a = s[p] / z;
+        for (int i = 0; i < hd; i++) ov[i] += a * vg[(size_t)p * hd + i];
+    }
+}
+
 /* Attention of M new tokens (positions pos0..) over the cache; q is M x n_heads x hd. */
 static void attend(const model_t *m, int M, int pos0, const float *q, const float *kc, const float *vc,
                    int cap, float *o) {
@@ -258,22 +275,9 @@ static void attend(const model_t *m, int M, int pos0, const float *q, const floa
         float *s = malloc(sizeof(float) * (size_t)(pos0 + M));
 #pragma omp for schedule(static)
         for (int mh = 0; mh < M * nh; mh++) {
-            const int t = mh / nh, h = mh % nh, g = h / per_kv, T = pos0 + t + 1;
-            const float *qv = q + (size_t)mh * hd;
-            const float *kg = kc + (size_t)g * cap * hd, *vg = vc + (size_t)g * cap * hd;
-            float mx = -INFINITY;
-            for (int p = 0; p < T; p++) {
-                s[p] = dot(qv, kg + (size_t)p * hd, hd) * m->attn_scale;
-                if (s[p] > mx) mx = s[p];
-            }
-            float z = 0;
-            for (int p = 0; p < T; p++) z += (s[p] = expf(s[p] - mx));
-            float *ov = o + (size_t)mh * hd;
-            memset(ov, 0, sizeof(float) * hd);
-            for (int p = 0; p < T; p++) {
-                const float a = s[p] / z;
-                for (int i = 0; i < hd; i++) ov[i] += a * vg[(size_t)p * hd + i];
-            }
+            const int t = mh / nh, g = (mh % nh) / per_kv;
+            attend_head(q + (size_t)mh * hd, kc + (size_t)g * cap * hd, vc + (size_t)g * cap * hd,
+                        pos0 + t + 1, hd, m->attn_scale, s, o + (size_t)mh * hd);
         }
         free(s);
     }
@@ -326,4 +330,69 @@ int st_forward(const model_t *m, const int32_t *ids, int M, int pos0, float *kca
     linear(&m->head, 1, h, logits);
     free(x); free(h); free(q); free(k); free(v); free(att); free(g); free(u); free(y);
     return 0;
+}
+
+/* One new token for each of R sequences in one pass over the weights: decoding is bound by
+   reading the weights, so R rows cost about what one does. Row t is cache slot slots[t] (each slot
+   n_layers x n_kv_heads x cap x hd, as st_forward's cache) at position pos[t]; logits is R x vocab.
+   GRPO's rollouts decode a step's completions this way. Returns 0, or -1 when memory ran out. */
+int st_forward_rows(const model_t *m, const int32_t *ids, int R, const int32_t *slots, const int32_t *pos,
+                    float *kcache, float *vcache, int cap, const float *cs, const float *sn, float *logits) {
+    const int D = m->dim, hd = m->head_dim, nh = m->n_heads, nkv = m->n_kv_heads, F = m->hidden;
+    const int h2 = hd / 2, per_kv = nh / nkv;
+    const size_t layer = (size_t)nkv * cap * hd, slot = (size_t)m->n_layers * layer;
+    float *x = malloc(sizeof(float) * R * D), *h = malloc(sizeof(float) * R * D);
+    float *q = malloc(sizeof(float) * R * nh * hd), *k = malloc(sizeof(float) * R * nkv * hd);
+    float *v = malloc(sizeof(float) * R * nkv * hd), *att = malloc(sizeof(float) * R * nh * hd);
+    float *g = malloc(sizeof(float) * R * F), *u = malloc(sizeof(float) * R * F);
+    float *y = malloc(sizeof(float) * R * D);
+    int rc = 0;
+    if (!x || !h || !q || !k || !v || !att || !g || !u || !y) { rc = -1; goto done; }
+    for (int t = 0; t < R; t++) embed_row(&m->embed, ids[t], x + (size_t)t * D);
+    for (int l = 0; l < m->n_layers; l++) {
+        const linear_t *L = m->lin + (size_t)l * 7;
+        const float *n1 = m->norms + (size_t)l * 2 * D, *n2 = n1 + D;
+        for (int t = 0; t < R; t++) rmsnorm(x + (size_t)t * D, n1, D, m->eps, h + (size_t)t * D);
+        linear(&L[Q], R, h, q);
+        linear(&L[K], R, h, k);
+        linear(&L[V], R, h, v);
+        for (int t = 0; t < R; t++) {
+            const int p = pos[t];
+            float *kc = kcache + slots[t] * slot + l * layer, *vc = vcache + slots[t] * slot + l * layer;
+            for (int i = 0; i < nh; i++)
+                rope(q + ((size_t)t * nh + i) * hd, hd, m->traditional, cs + (size_t)p * h2, sn + (size_t)p * h2);
+            for (int i = 0; i < nkv; i++) {
+                float *kv = k + ((size_t)t * nkv + i) * hd;
+                rope(kv, hd, m->traditional, cs + (size_t)p * h2, sn + (size_t)p * h2);
+                memcpy(kc + ((size_t)i * cap + p) * hd, kv, sizeof(float) * hd);
+                memcpy(vc + ((size_t)i * cap + p) * hd, v + ((size_t)t * nkv + i) * hd, sizeof(float) * hd);
+            }
+        }
+#pragma omp parallel
+        {
+            float *s = malloc(sizeof(float) * (size_t)cap);
+#pragma omp for schedule(static)
+            for (int th = 0; th < R * nh; th++) {
+                const int t = th / nh, grp = (th % nh) / per_kv;
+                const float *kc = kcache + slots[t] * slot + l * layer + (size_t)grp * cap * hd;
+                const float *vc = vcache + slots[t] * slot + l * layer + (size_t)grp * cap * hd;
+                attend_head(q + (size_t)th * hd, kc, vc, pos[t] + 1, hd, m->attn_scale, s, att + (size_t)th * hd);
+            }
+            free(s);
+        }
+        linear(&L[O], R, att, y);
+        for (int i = 0; i < R * D; i++) x[i] += y[i];
+        for (int t = 0; t < R; t++) rmsnorm(x + (size_t)t * D, n2, D, m->eps, h + (size_t)t * D);
+        linear(&L[GATE], R, h, g);
+        linear(&L[UP], R, h, u);
+        for (int i = 0; i < R * F; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+        linear(&L[DOWN], R, g, y);
+        for (int i = 0; i < R * D; i++) x[i] += y[i];
+    }
+    for (int t = 0; t < R; t++) rmsnorm(x + (size_t)t * D, m->norms + (size_t)m->n_layers * 2 * D, D, m->eps,
+                                        h + (size_t)t * D);
+    linear(&m->head, R, h, logits);
+done:
+    free(x); free(h); free(q); free(k); free(v); free(att); free(g); free(u); free(y);
+    return rc;
 }

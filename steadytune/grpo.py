@@ -24,14 +24,17 @@ so the clip (epsilon, epsilon_high) bounds nothing yet; the gradient is the poli
 (seed, step), and everything else is a function of the restored adapters, so a resumed run
 samples the same completions.
 
-Rollouts run with the base weights in their decoding form (rollout_mode): on CUDA the quantized
-kernels (decoding reads each weight once per token; dequantizing them first would write them all
-per token), on the CPU a float32 copy made for the rollouts of a step and freed before its training
-pass (MLX's CPU quantized matmul is slow; the copy takes a fraction of a second to make).
+Rollouts run with the base weights in their decoding form: on CUDA the quantized kernels
+(decoding reads each weight once per token; dequantizing them first would write them all per
+token); on the CPU the compiled decoder (cpu_decode.py: the 4-bit weights read once per token for
+all rows of the step, no copy) for the llama family, and for other families a float32 copy made
+for the rollouts of a step and freed before its training pass (rollout_mode; MLX's CPU quantized
+matmul is slow).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -156,7 +159,7 @@ def tokenize_prompts(prompts: list[Prompt], tokenizer, max_seq_length: int, max_
 
 class rollout_mode:
     """Within the block the model's quantized layers decode fast: on CUDA through the quantized
-    kernels, on the CPU from a float32 copy of each dequantized weight (`floats`, made on entry
+    kernels, on the CPU (models the compiled decoder does not cover) from a float32 copy of each dequantized weight (`floats`, made on entry
     unless the caller passes the copies to reuse). The adapters are untouched: rollouts sample from
     the model being trained. Nothing changes on Metal, where training already uses the
     quantized kernels."""
@@ -225,27 +228,48 @@ def float_copy_bytes(model) -> int:
 
 
 def rollout(model, prompts: list[list[int]], group: int, max_new_tokens: int, temperature: float,
-            eos: set, key: int) -> list[list[int]]:
+            eos: set, key: int, fast: bool = True) -> list[list[int]]:
     """`group` completions of each prompt (token ids, ending with an end-of-turn id unless cut at
     max_new_tokens), in the order prompt 0's group, prompt 1's group, ...; all rows decode
-    together (mlx-lm's BatchGenerator). Sampling draws from MLX's generator seeded with `key`;
-    temperature 0 is greedy."""
-    from mlx_lm.generate import BatchGenerator
+    together. On the CPU, models the compiled decoder covers decode through it (the 4-bit weights
+    read once a token for all rows, no float copy); otherwise mlx-lm's BatchGenerator in
+    rollout_mode (`fast=False`: BatchGenerator on the model as it is, batch_problem's check).
+    Sampling draws from MLX's generator seeded with `key`; temperature 0 is greedy."""
     from mlx_lm.sample_utils import make_sampler
 
-    rows = [p for p in prompts for _ in range(group)]
     mx.random.seed(key)
-    gen = BatchGenerator(model, stop_tokens=[[t] for t in sorted(eos)], sampler=make_sampler(temp=temperature),
-                         completion_batch_size=len(rows), prefill_batch_size=len(rows))
-    try:
-        uids = gen.insert(rows, [max_new_tokens] * len(rows))
-        out = {u: [] for u in uids}
-        while responses := gen.next_generated():
-            for r in responses:
-                out[r.uid].append(int(r.token))  # an end-of-turn token is kept: stopping is learned
-    finally:
-        gen.close()
+    sampler = make_sampler(temp=temperature)
+    if fast and (dec := cpu_decoder(model)) is not None:
+        return dec.sample_rows(prompts, group, max_new_tokens, sampler, eos)
+    from mlx_lm.generate import BatchGenerator
+
+    rows = [p for p in prompts for _ in range(group)]
+    with rollout_mode(model) if fast else contextlib.nullcontext():  # the float copy (CPU) is freed on exit
+        gen = BatchGenerator(model, stop_tokens=[[t] for t in sorted(eos)], sampler=sampler,
+                             completion_batch_size=len(rows), prefill_batch_size=len(rows))
+        try:
+            uids = gen.insert(rows, [max_new_tokens] * len(rows))
+            out = {u: [] for u in uids}
+            while responses := gen.next_generated():
+                for r in responses:
+                    out[r.uid].append(int(r.token))  # an end-of-turn token is kept: stopping is learned
+        finally:
+            gen.close()
     return [out[u] for u in uids]
+
+
+def cpu_decoder(model):
+    """The compiled CPU decoder over `model` as it is now (adapters included), or None: not on the
+    CPU, or a model it does not cover (cpu_decode.MODEL_TYPES; those decode from a float copy)."""
+    from .backend import device_kind
+    from .cpu_decode import CpuDecoder, Unsupported
+
+    if device_kind() != "cpu":
+        return None
+    try:
+        return CpuDecoder(model)
+    except Unsupported:
+        return None
 
 
 def batch_problem(model, eos: set) -> str | None:
@@ -255,7 +279,7 @@ def batch_problem(model, eos: set) -> str | None:
     kv heads: a batch of 2 rows even decodes, with each row's padding applied to the wrong rows)
     and llama4 (its chunked cache has no batching). Used by GRPO's rollouts and by serve."""
     try:
-        rollout(model, [[1, 2, 3], [1, 2, 3, 4, 5]], 2, 1, 0.0, eos, 0)
+        rollout(model, [[1, 2, 3], [1, 2, 3, 4, 5]], 2, 1, 0.0, eos, 0, fast=False)
     except Exception as e:  # noqa: BLE001  (whatever mlx-lm raises, said in one line)
         mt = getattr(getattr(model, "args", None), "model_type", type(model).__module__.rsplit(".", 1)[-1])
         return f"mlx-lm's batched generation fails on model type {mt} ({type(e).__name__}: {' '.join(str(e).split())[:160]})"
@@ -296,10 +320,13 @@ def token_weights(lengths: list[int], loss: str, max_new_tokens: int) -> np.ndar
 
 
 def token_logps(model, inputs, targets):
-    """log p(target) of every position, float32 (B, T)."""
+    """log p(target) of every position, float32 (B, T). Padded rows, one example each
+    (packing.model_inputs: a stand-in cache only where layers share keys through it)."""
     from .loss import token_cross_entropy
+    from .packing import compute_dtype, model_inputs, shares_kv_through_cache
 
-    return -token_cross_entropy(model(inputs), targets)
+    extra = model_inputs(model, None, compute_dtype(model), inputs) if shares_kv_through_cache(model) else {}
+    return -token_cross_entropy(model(inputs, **extra), targets)
 
 
 def grpo_loss(model, inputs, targets, mask, weights, adv, ref, scale, *, beta: float, eps_low: float,
@@ -382,9 +409,8 @@ class GRPOStep(StepBase):
 
         data = data or self.examples
         self.model.eval()
-        with rollout_mode(self.model):  # its float32 copy (CPU) is freed before the training pass
-            comps = rollout(self.model, [data.ids[i] for i in idx], group, self.s.max_new_tokens, temperature,
-                            self.eos, key=(self.seed * 1_000_003 + index) ^ 0x6A09E667)
+        comps = rollout(self.model, [data.ids[i] for i in idx], group, self.s.max_new_tokens, temperature,
+                        self.eos, key=(self.seed * 1_000_003 + index) ^ 0x6A09E667)
         if self.device == "cpu":  # and not kept in MLX's buffer cache either (the process's RSS)
             mx.clear_cache()
         self.model.train()

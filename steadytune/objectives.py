@@ -262,18 +262,28 @@ def rollout_bytes(plan, cfg, longest: int) -> float:
     """Peak bytes while a step's completions decode (grpo.rollout): the base and adapter weights
     (the plan's), each row's KV cache (keys and values of every layer in the compute dtype, up to
     the longest prompt + max_new_tokens) and its last position's logits (float32, with the
-    sampler's copy), plus the float32 copy of the base the CPU decodes from (rollout_mode)."""
+    sampler's copy). On the CPU, plus what the decoding path holds: the compiled decoder
+    (cpu_decode.MODEL_TYPES, 4- or 8-bit) a float32 copy of the scales and biases; other families
+    a float32 copy of the whole base (rollout_mode)."""
+    from .cpu_decode import MODEL_TYPES
+
     a, r = plan.arch, plan.run
     rows = cfg.training.batch_size * cfg.training.grad_accumulation * cfg.grpo.group_size
     half = 4 if r.dtype == "float32" else 2
     kv = 2 * a.layers * a.kv_heads * a.head_dim * half * rows * longest
     logits = 2 * rows * a.vocab * 4
     floats = 0.0
-    if r.device == "cpu" and (a.quantization or r.bits):
+    bits = (a.quantization or {}).get("bits", r.bits)
+    if r.device == "cpu" and bits:
         d = a.dims
         per_layer = d["hidden"] * (d["q"] + 2 * a.kv_heads * a.head_dim) + d["q"] * d["hidden"] \
             + 3 * d["hidden"] * d["inter"]
-        floats = 4 * (a.layers * per_layer + a.vocab * a.hidden * (1 if a.tied else 2))
+        weights = a.layers * per_layer + a.vocab * a.hidden * (1 if a.tied else 2)
+        if a.model_type in MODEL_TYPES and bits in (4, 8):
+            group = (a.quantization or {}).get("group_size", r.group_size)
+            floats = 8 * weights / group  # a float32 scale and bias a group
+        else:
+            floats = 4 * weights
     b = plan.breakdown
     return b.base_weights + b.lora_weights + b.optimizer + kv + logits + floats + b.overhead
 

@@ -117,6 +117,7 @@ class Arch:
     # Qwen3-Next, Qwen3.5); 0 for a model without such layers. See RECURRENCE_STATES.
     recurrent_state: int = 0
     recurrent_layers: int = 0
+    model_type: str = ""
 
     @property
     def dims(self) -> dict:
@@ -148,7 +149,7 @@ def arch_from_config(config: dict) -> Arch:
     if isinstance(c.get("linear_num_value_heads"), int) and every > 1:
         state = c["linear_num_value_heads"] * c.get("linear_value_head_dim", 128) * c.get("linear_key_head_dim", 128)
         linear = c["num_hidden_layers"] - c["num_hidden_layers"] // every
-    return Arch(recurrent_state=state, recurrent_layers=linear,
+    return Arch(recurrent_state=state, recurrent_layers=linear, model_type=str(c.get("model_type") or ""),
                 hidden=c["hidden_size"], layers=c["num_hidden_layers"], inter=c["intermediate_size"],
                 heads=heads, kv_heads=c.get("num_key_value_heads") or heads,
                 head_dim=c.get("head_dim") or c["hidden_size"] // heads, vocab=c["vocab_size"],

@@ -99,6 +99,43 @@ def test_lora_is_applied_not_ignored():
     assert np.abs(ref - base_ref).max() > 100 * np.abs(ref - got).max()
 
 
+def test_rows_decode_together_as_each_alone_in_mlx():
+    """sample_rows (GRPO's CPU rollouts): prompts of different lengths, each read once and copied
+    to its group's rows, then one pass over the weights per token for all unfinished rows. Each
+    row's log-probabilities equal MLX's for that sequence alone, greedy tokens equal MLX's, and a
+    row stops after an end id while the others go on."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model = tiny(lora=True)
+    prompts, group, new = [PROMPT, [40, 2, 77]], 2, 6
+
+    def alone(prompt):  # MLX's greedy continuation and log-probabilities, one sequence
+        cache, x, toks, lps = make_prompt_cache(model), mx.array([prompt]), [], []
+        for _ in range(new):
+            lg = model(x, cache=cache)[0, -1]
+            lps.append(np.array(lg - mx.logsumexp(lg)))
+            toks.append(int(mx.argmax(lg)))
+            x = mx.array([[toks[-1]]])
+        return toks, lps
+
+    ref = [alone(p) for p in prompts]
+    end = ref[0][0][1]  # prompt 0's rows end after their second token
+    seen = []
+
+    def greedy(lp):
+        seen.append(np.array(lp))
+        return mx.argmax(lp, axis=-1)
+
+    out = cpu_decode.CpuDecoder(model).sample_rows(prompts, group, new, greedy, {end})
+    for i, (toks, _) in enumerate(ref):
+        want = toks[:toks.index(end) + 1] if end in toks else toks
+        assert out[i * group:(i + 1) * group] == [want] * group
+    assert len(out[0]) == 2 and len(out[2]) > 2  # the rows of prompt 1 went on alone
+    for step in (0, 1):  # all four rows live: rows 0-1 are prompt 0's, rows 2-3 prompt 1's
+        got, want = seen[step], np.stack([ref[r // group][1][step] for r in range(4)])
+        assert np.abs(got - want).max() <= 2e-5 * np.abs(want).max(), (step, np.abs(got - want).max())
+
+
 def test_cache_trims_and_copies_like_mlx_lm():
     from mlx_lm.models.cache import trim_prompt_cache
 

@@ -359,6 +359,36 @@ def test_a_group_that_does_not_fit_trains_in_smaller_calls_and_rollouts_are_plan
         + 2 * 16 * a.vocab * 4 + b.overhead  # a float base: no float32 copy to make
 
 
+def test_cpu_rollouts_of_a_quantized_base_plan_what_their_decoding_path_holds():
+    """On the CPU the compiled decoder (llama family, 4/8-bit) holds float32 scales and biases, one
+    pair a group; other families decode from a float32 copy of every weight."""
+    from types import SimpleNamespace
+
+    from steadytune import plan
+    from steadytune.objectives import rollout_bytes
+    from steadytune.trainer import as_config
+
+    cfg = as_config({"training": {"method": "grpo", "batch_size": 1},
+                     "grpo": {"reward": ["format"], "group_size": 2, "max_new_tokens": 8}})
+    conf = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=100, tie_word_embeddings=True,
+                quantization={"bits": 4, "group_size": 32})
+    b = plan.Breakdown(base_weights=0, lora_weights=0, optimizer=0, activations=0, logits=0, in_flight=0,
+                       overhead=0)
+    weights = 2 * (64 * (64 + 2 * 32) + 64 * 64 + 3 * 64 * 128) + 100 * 64
+    kv_logits = 2 * 2 * 2 * 16 * 4 * 2 * 10 + 2 * 2 * 100 * 4
+    of = {}
+    for mt in ("llama", "gemma3_text"):
+        arch = plan.arch_from_config(dict(conf, model_type=mt))
+        p = SimpleNamespace(arch=arch, run=plan.Run(batch=1, seq=16, device="cpu"), breakdown=b)
+        of[mt] = rollout_bytes(p, cfg, 10) - kv_logits
+    assert of == {"llama": 8 * weights / 32, "gemma3_text": 4 * weights}
+    assert cfg.training.grad_checkpoint is True  # GRPO checkpoints by default, SFT does not
+    assert as_config({}).training.grad_checkpoint is False
+    assert as_config({"training": {"method": "grpo", "grad_checkpoint": False},
+                      "grpo": {"reward": ["format"]}}).training.grad_checkpoint is False
+
+
 def test_the_bundled_arithmetic_set_is_the_generators_output(tmp_path):
     from pathlib import Path
 
