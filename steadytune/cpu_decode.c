@@ -283,13 +283,42 @@ static void attend(const model_t *m, int M, int pos0, const float *q, const floa
     }
 }
 
+/* Token t of a pass (its q, k, v rows) at position p: RoPE on its query and key heads, and its
+   key and value into the layer's cache (kc, vc: n_kv_heads x cap x hd). */
+static void rope_and_store(const model_t *m, int t, int p, float *q, float *k, const float *v, float *kc,
+                           float *vc, int cap, const float *cs, const float *sn) {
+    const int hd = m->head_dim, nh = m->n_heads, nkv = m->n_kv_heads, h2 = hd / 2;
+    for (int i = 0; i < nh; i++)
+        rope(q + ((size_t)t * nh + i) * hd, hd, m->traditional, cs + (size_t)p * h2, sn + (size_t)p * h2);
+    for (int i = 0; i < nkv; i++) {
+        float *kv = k + ((size_t)t * nkv + i) * hd;
+        rope(kv, hd, m->traditional, cs + (size_t)p * h2, sn + (size_t)p * h2);
+        memcpy(kc + ((size_t)i * cap + p) * hd, kv, sizeof(float) * hd);
+        memcpy(vc + ((size_t)i * cap + p) * hd, v + ((size_t)t * nkv + i) * hd, sizeof(float) * hd);
+    }
+}
+
+/* The rest of a block after attention, for M rows: x += O att, then x += down(silu(gate h) * up h)
+   with h = the MLP norm of x (h, g, u, y: scratch). */
+static void block_rest(const model_t *m, const linear_t *L, const float *n2, int M, float *x, const float *att,
+                       float *h, float *g, float *u, float *y) {
+    const int D = m->dim, F = m->hidden;
+    linear(&L[O], M, att, y);
+    for (int i = 0; i < M * D; i++) x[i] += y[i];
+    for (int t = 0; t < M; t++) rmsnorm(x + (size_t)t * D, n2, D, m->eps, h + (size_t)t * D);
+    linear(&L[GATE], M, h, g);
+    linear(&L[UP], M, h, u);
+    for (int i = 0; i < M * F; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    linear(&L[DOWN], M, g, y);
+    for (int i = 0; i < M * D; i++) x[i] += y[i];
+}
+
 /* M tokens at positions pos0.. through the model; the cache (n_layers x n_kv_heads x cap x hd,
    keys and values) gets their keys and values; logits (vocab) of the last token. cs/sn: the RoPE
    cosines and sines, (pos0 + M) x hd/2. Returns 0, or -1 when memory ran out. */
 int st_forward(const model_t *m, const int32_t *ids, int M, int pos0, float *kcache, float *vcache,
                int cap, const float *cs, const float *sn, float *logits) {
     const int D = m->dim, hd = m->head_dim, nh = m->n_heads, nkv = m->n_kv_heads, F = m->hidden;
-    const int h2 = hd / 2;
     float *x = malloc(sizeof(float) * M * D), *h = malloc(sizeof(float) * M * (F > D ? F : D));
     float *q = malloc(sizeof(float) * M * nh * hd), *k = malloc(sizeof(float) * M * nkv * hd);
     float *v = malloc(sizeof(float) * M * nkv * hd), *att = malloc(sizeof(float) * M * nh * hd);
@@ -305,26 +334,9 @@ int st_forward(const model_t *m, const int32_t *ids, int M, int pos0, float *kca
         linear(&L[Q], M, h, q);
         linear(&L[K], M, h, k);
         linear(&L[V], M, h, v);
-        for (int t = 0; t < M; t++) {
-            const int p = pos0 + t;
-            for (int i = 0; i < nh; i++)
-                rope(q + ((size_t)t * nh + i) * hd, hd, m->traditional, cs + (size_t)p * h2, sn + (size_t)p * h2);
-            for (int i = 0; i < nkv; i++) {
-                float *kv = k + ((size_t)t * nkv + i) * hd;
-                rope(kv, hd, m->traditional, cs + (size_t)p * h2, sn + (size_t)p * h2);
-                memcpy(kc + ((size_t)i * cap + p) * hd, kv, sizeof(float) * hd);
-                memcpy(vc + ((size_t)i * cap + p) * hd, v + ((size_t)t * nkv + i) * hd, sizeof(float) * hd);
-            }
-        }
+        for (int t = 0; t < M; t++) rope_and_store(m, t, pos0 + t, q, k, v, kc, vc, cap, cs, sn);
         attend(m, M, pos0, q, kc, vc, cap, att);
-        linear(&L[O], M, att, y);
-        for (int i = 0; i < M * D; i++) x[i] += y[i];
-        for (int t = 0; t < M; t++) rmsnorm(x + (size_t)t * D, n2, D, m->eps, h + (size_t)t * D);
-        linear(&L[GATE], M, h, g);
-        linear(&L[UP], M, h, u);
-        for (int i = 0; i < M * F; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-        linear(&L[DOWN], M, g, y);
-        for (int i = 0; i < M * D; i++) x[i] += y[i];
+        block_rest(m, L, n2, M, x, att, h, g, u, y);
     }
     rmsnorm(x + (size_t)(M - 1) * D, m->norms + (size_t)m->n_layers * 2 * D, D, m->eps, h);
     linear(&m->head, 1, h, logits);
@@ -339,7 +351,7 @@ int st_forward(const model_t *m, const int32_t *ids, int M, int pos0, float *kca
 int st_forward_rows(const model_t *m, const int32_t *ids, int R, const int32_t *slots, const int32_t *pos,
                     float *kcache, float *vcache, int cap, const float *cs, const float *sn, float *logits) {
     const int D = m->dim, hd = m->head_dim, nh = m->n_heads, nkv = m->n_kv_heads, F = m->hidden;
-    const int h2 = hd / 2, per_kv = nh / nkv;
+    const int per_kv = nh / nkv;
     const size_t layer = (size_t)nkv * cap * hd, slot = (size_t)m->n_layers * layer;
     float *x = malloc(sizeof(float) * R * D), *h = malloc(sizeof(float) * R * D);
     float *q = malloc(sizeof(float) * R * nh * hd), *k = malloc(sizeof(float) * R * nkv * hd);
@@ -356,18 +368,9 @@ int st_forward_rows(const model_t *m, const int32_t *ids, int R, const int32_t *
         linear(&L[Q], R, h, q);
         linear(&L[K], R, h, k);
         linear(&L[V], R, h, v);
-        for (int t = 0; t < R; t++) {
-            const int p = pos[t];
-            float *kc = kcache + slots[t] * slot + l * layer, *vc = vcache + slots[t] * slot + l * layer;
-            for (int i = 0; i < nh; i++)
-                rope(q + ((size_t)t * nh + i) * hd, hd, m->traditional, cs + (size_t)p * h2, sn + (size_t)p * h2);
-            for (int i = 0; i < nkv; i++) {
-                float *kv = k + ((size_t)t * nkv + i) * hd;
-                rope(kv, hd, m->traditional, cs + (size_t)p * h2, sn + (size_t)p * h2);
-                memcpy(kc + ((size_t)i * cap + p) * hd, kv, sizeof(float) * hd);
-                memcpy(vc + ((size_t)i * cap + p) * hd, v + ((size_t)t * nkv + i) * hd, sizeof(float) * hd);
-            }
-        }
+        for (int t = 0; t < R; t++)
+            rope_and_store(m, t, pos[t], q, k, v, kcache + slots[t] * slot + l * layer,
+                           vcache + slots[t] * slot + l * layer, cap, cs, sn);
 #pragma omp parallel
         {
             float *s = malloc(sizeof(float) * (size_t)cap);
@@ -380,14 +383,7 @@ int st_forward_rows(const model_t *m, const int32_t *ids, int R, const int32_t *
             }
             free(s);
         }
-        linear(&L[O], R, att, y);
-        for (int i = 0; i < R * D; i++) x[i] += y[i];
-        for (int t = 0; t < R; t++) rmsnorm(x + (size_t)t * D, n2, D, m->eps, h + (size_t)t * D);
-        linear(&L[GATE], R, h, g);
-        linear(&L[UP], R, h, u);
-        for (int i = 0; i < R * F; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-        linear(&L[DOWN], R, g, y);
-        for (int i = 0; i < R * D; i++) x[i] += y[i];
+        block_rest(m, L, n2, R, x, att, h, g, u, y);
     }
     for (int t = 0; t < R; t++) rmsnorm(x + (size_t)t * D, m->norms + (size_t)m->n_layers * 2 * D, D, m->eps,
                                         h + (size_t)t * D);
