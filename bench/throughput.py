@@ -4,6 +4,8 @@
     python bench/throughput.py real                 # GPU: `steadytune train` vs mlx-lm's trainer on
                                                     #      ../shared/data (wikisql, alpaca)
     python bench/throughput.py cpu                  # CPU: 4 layers, hidden 256, vocab 32000, batch 2x128
+    python bench/throughput.py cpulayout --steps 8  # CPU: the default model, default layout vs --pack false
+                                                    #      on chatbot and alpaca chat, interleaved
     python bench/throughput.py kernels --attention  # GPU: dequantize / matmul / attention micro-timings
     python bench/throughput.py profile              # where a steadytune step's time goes (host and GPU)
     python bench/throughput.py synthetic --ab "..." # variants of the step timed in turns (parse_ab)
@@ -375,6 +377,128 @@ def run_synthetic(a):
 def run_cpu(a):
     weights = build_base("tiny", mx.float32)
     return compare("tiny", weights, [(2, 128, False)], a.steps, [("native", None)])
+
+
+LAYOUT_DATA = {"alpaca": None, "chatbot": ROOT / "steadytune" / "data" / "chatbot"}  # None: the alpaca split
+
+
+def run_cpulayout(a):
+    """CPU: the default model's training call on the same steps' examples laid out as the
+    default lays them out (batching.call_layout), as `--pack false` does (one example a row) and,
+    with `--layouts ...,packed`, every call packed, interleaved in one process so all see the
+    same load. Each step's examples (plan_epoch: the default composition, 4 mixed examples) run
+    as gradients through steadytune's own Step, twice per layout, the layouts' order reversed
+    every step: the first call includes the compile of a shape new to that layout (as in
+    training), the second is warm (steady). Nothing is updated, so every call sees the same
+    weights. MLX's cache is limited from the memory plan, as `steadytune train` does."""
+    from functools import partial
+
+    from time_to_result import chat_split
+
+    from steadytune.batching import plan_epoch
+    from steadytune.config import Config
+    from steadytune.model import apply_lora, load_base, resolve_source
+    from steadytune.objectives import objective_of
+    from steadytune.setup import apply_compute_options
+    from steadytune.step import Step
+
+    rows = []
+    for name in a.layout_data.split(","):
+        folder = LAYOUT_DATA[name] or chat_split(Path(a.data) / "alpaca_en_demo.json",
+                                                 Path(tempfile.mkdtemp()) / "alpaca")
+        cfg = Config()
+        cfg.data.path = str(folder)
+        cfg.validate()
+        obj, source = objective_of("sft"), resolve_source(cfg.model.path)
+        loaded = load_base(cfg.model, source)
+        train = obj.tokenize(cfg, obj.read(cfg), loaded.tokenizer)[0]
+        obj.check_memory(cfg, source, train.lengths().tolist())  # the plan's cache limit, as training sets it
+        apply_lora(loaded.model, cfg.lora, 0)
+        c, mask_dtype, pack_target = apply_compute_options(loaded.model, cfg, obj)
+        opt = optim.AdamW(learning_rate=LR)
+        opt.init(loaded.model.trainable_parameters())
+        make = partial(Step, loaded.model, opt, train, ce_chunk=c["ce_chunk"], mask_dtype=mask_dtype)
+        layouts = {"default": make(pack_target=pack_target), "nopack": make(pack_target=0),
+                   "packed": make(pack_target=pack_target, pair=0.0)}  # every call packed (the GPU's rule)
+        layouts = {k: layouts[k] for k in a.layouts.split(",")}
+        if a.calibrate:
+            rows.append(pair_fit(layouts["nopack"], train))
+        t = cfg.training
+        steps = plan_epoch(train.lengths(), t.batch_size, t.batch_tokens, t.grad_accumulation, t.seed, 0,
+                           cfg.data.group_by_length)[:a.steps]
+        calls = {k: [] for k in layouts}  # (first s, warm s, real tokens, rows, width)
+        for i, micro in enumerate(steps):
+            order = list(layouts) if i % 2 == 0 else list(layouts)[::-1]
+            times = {k: [] for k in layouts}
+            for _ in range(2):
+                for k in order:
+                    tic = time.perf_counter()
+                    real = layouts[k].gradients(micro, i)[3]
+                    times[k].append(time.perf_counter() - tic)
+            for k, step in layouts.items():
+                (b, w), = {tuple(x.inputs.shape) for x in step.batches(micro)}  # one call a step
+                calls[k].append((*times[k], real, b, w))
+            print(f"{name} step {i}: " + ", ".join(f"{k} {calls[k][-1][3]}x{calls[k][-1][4]} "
+                                                  f"{times[k][0]:.2f}/{times[k][1]:.2f} s"
+                                                  for k in layouts), flush=True)
+        rows += layout_rows(name, calls) if steps else []
+        del layouts, loaded
+        reset_memory()
+    return rows
+
+
+def pair_fit(step, data, rounds: int = 4, shapes=((4, 128), (2, 256), (1, 512), (2, 128), (1, 256), (1, 384))) -> dict:
+    """A query-key pair's cost in positions, from warm calls of fixed shapes one example a row
+    (the CPU's unfused attention scores every row's width^2, causal or not): rows x width of the
+    data's own tokens, each shape compiled, then timed once a round for `rounds` rounds (a load
+    spike hits one round, not one shape), the fastest kept, fitted as
+    seconds = k + c x positions + a x rows x width^2; returns a / c (batching.pair_cost's
+    measured counterpart) with the times."""
+    from steadytune.data import Tokenized
+
+    tokens = [t for x in data.ids for t in x]
+    sets = {(b, w): Tokenized([tokens[i * (w + 1):(i + 1) * (w + 1)] for i in range(b)], [[True] * (w + 1)] * b)
+            for b, w in shapes}
+    best = dict.fromkeys(sets, float("inf"))
+    for r in range(rounds + 1):  # round 0 compiles
+        for (b, w), examples in sets.items():
+            step.examples = examples
+            tic = time.perf_counter()
+            step.gradients([list(range(b))])
+            if r:
+                best[(b, w)] = min(best[(b, w)], time.perf_counter() - tic)
+    step.examples = data
+    k, c, att = np.linalg.lstsq(np.array([[1, b * w, b * w * w] for b, w in best], dtype=float),
+                                np.array(list(best.values())), rcond=None)[0]
+    return {"run": "pair cost fit: " + ", ".join(f"{b}x{w} {t:.2f} s" for (b, w), t in best.items()),
+            "pair_cost": f"{att / c:.2e}"}
+
+
+def layout_rows(name: str, calls: dict) -> list[dict]:
+    """Table rows of run_cpulayout: per layout, all calls (compiles included) and warm calls, as
+    seconds and real tokens/s, with the speed ratio to `nopack`; plus the positions computed and
+    the attention work (rows x width^2) against nopack's, and a least-squares fit of the warm
+    calls' seconds to positions and attention work (the cost of a query-key pair in positions).
+    ratio_median: the median over steps of the step's warm speed ratio (robust to a load spike
+    that hits one call)."""
+    out, base = [], calls["nopack"]
+    tokens = sum(x[2] for x in base)
+    for k, cs in calls.items():
+        cold, warm = sum(x[0] for x in cs), sum(x[1] for x in cs)
+        out.append({"run": f"{name}: {k}", "steps": len(cs), "all_s": round(cold, 2),
+                    "tok_s_all": round(tokens / cold, 1), "steady_s": round(warm, 2),
+                    "tok_s_steady": round(tokens / warm, 1),
+                    "ratio_all": round(sum(x[0] for x in base) / cold, 3),
+                    "ratio_steady": round(sum(x[1] for x in base) / warm, 3),
+                    "ratio_median": round(statistics.median(b[1] / x[1] for b, x in zip(base, cs)), 3),
+                    "positions": round(sum(x[3] * x[4] for x in cs) / tokens, 3),
+                    "attention": round(sum(x[3] * x[4] ** 2 for x in cs) / sum(x[3] * x[4] ** 2 for x in base), 2),
+                    "shapes": len({x[3:5] for x in cs})})
+    every = [x for cs in calls.values() for x in cs]
+    fit = np.linalg.lstsq(np.array([[1, x[3] * x[4], x[3] * x[4] ** 2] for x in every], dtype=float),
+                          np.array([x[1] for x in every]), rcond=None)[0]
+    out[0]["pair_cost"] = f"{fit[2] / fit[1]:.2e}" if fit[1] > 0 else "n/a"  # warm s ~ k + c pos + a pairs: a / c
+    return out
 
 
 def run_profile(a):
@@ -907,7 +1031,8 @@ def run_real(a):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("setting", choices=["synthetic", "real", "cpu", "kernels", "profile", "kernelmix"])
+    p.add_argument("setting", choices=["synthetic", "real", "cpu", "cpulayout", "kernels", "profile",
+                                              "kernelmix"])
     p.add_argument("--steps", type=int, default=8, help="timed steps per run (median of steps 3+)")
     p.add_argument("--only", default="", help="synthetic: subset of 4x1024,4x1024c,1x2048,1x128")
     p.add_argument("--skip-mlx-lm", action="store_true", help="synthetic/real: steadytune rows only")
@@ -938,6 +1063,12 @@ def main(argv=None):
     p.add_argument("--attention", action="store_true", help="kernels: also time attention at "
                    "sequence lengths that are / are not multiples of 128")
     p.add_argument("--size", default="7b", choices=sorted(SIZES), help="synthetic/real: model shape")
+    p.add_argument("--layout-data", default="chatbot,alpaca", help="cpulayout: which data sets "
+                   "(chatbot: steadytune/data/chatbot; alpaca: the alpaca demo as chat, 949 examples)")
+    p.add_argument("--layouts", default="default,nopack", help="cpulayout: default (as training lays a "
+                   "call out), nopack (--pack false), packed (every call packed, the rule before the CPU's)")
+    p.add_argument("--calibrate", action="store_true", help="cpulayout: also fit a query-key pair's cost "
+                   "from warm calls of fixed shapes (pair_fit: the fastest of 4 rounds)")
     p.add_argument("--json", help="also write the rows here")
     p.add_argument("--summarize", help="kernelmix: group the kernels of an ncu --csv --page raw log")
     a = p.parse_args(argv)
@@ -947,9 +1078,13 @@ def main(argv=None):
         rule = batching.pad_multiple
         batching.pad_multiple = lambda width, device: a.cuda_pad if width > 256 else rule(width, device)
     print(environment(), flush=True)
-    rows = {"synthetic": run_synthetic, "real": run_real, "cpu": run_cpu, "kernels": run_kernels,
+    rows = {"synthetic": run_synthetic, "real": run_real, "cpu": run_cpu, "cpulayout": run_cpulayout,
+            "kernels": run_kernels,
             "profile": run_profile, "kernelmix": run_kernelmix}[a.setting](a)
-    if a.setting not in ("kernels", "profile", "kernelmix"):
+    if a.setting == "cpulayout":
+        print(table(rows, ("run", "steps", "all_s", "tok_s_all", "ratio_all", "steady_s", "tok_s_steady",
+                           "ratio_steady", "ratio_median", "positions", "attention", "shapes", "pair_cost")))
+    elif a.setting not in ("kernels", "profile", "kernelmix"):
         print(table(rows, ("run", "tok_s", "peak_gb", "ratio", "median_s", "loss", "tok_s_incl_compiles",
                            "padding", "vs_fixed")))
     if a.json:

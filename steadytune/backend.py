@@ -117,14 +117,26 @@ def memory_gb() -> dict:
     return {"total": total / 1e9, "active": mx.get_active_memory() / 1e9, "peak": mx.get_peak_memory() / 1e9}
 
 
-def cache_limit_bytes(available: float, required: float) -> int:
+def cache_limit_bytes(available: float, required: float, step: float | None = None) -> int:
     """How much MLX's buffer cache may keep: the planner's headroom, the memory the device offers
     minus what the run needs. MLX keeps freed buffers for reuse up to its cache limit, which by
     default is its memory limit (1.5x Metal's recommended working set): with data of varying
     length every new batch shape leaves buffers behind, so active + cache can grow past the
     working set until macOS swaps while the reported peak (active only) stays flat. Capped at the
-    headroom, active + cache stays within what the planner counted as available."""
-    return max(0, int(available - required))
+    headroom, active + cache stays within what the planner counted as available.
+
+    `step` (the CPU): the plan's memory of its largest call, what a call allocates and frees
+    (activations, logits, work in flight); the cache is capped at that too. MLX reuses a cached
+    buffer only for a request of about its size: one call's buffers serve the next call of that
+    shape and every call's shape-free ones (each layer's dequantized weight), and more holds
+    sizes of shapes that recur only after several others. On the CPU those are resident memory
+    of this process that other jobs on a shared machine cannot have, while what they save is
+    page faults. Measured (SmolLM2, alpaca steps of 4 mixed examples, 2 cores; bench/RESULTS.md):
+    a 10 GB cache grew to 5.4 GB in 3 steps for no speed gain over MLX's CPU default of 32 MiB
+    (63.4 vs 66.7 s, within the load's noise); alpaca runs with the headroom as limit were
+    OOM-killed at 18 GB resident, MLX's peak 6 GB."""
+    headroom = max(0, int(available - required))
+    return headroom if step is None else min(headroom, int(step))
 
 
 def limit_cache(plan) -> int | None:
@@ -134,7 +146,9 @@ def limit_cache(plan) -> int | None:
         return None
     import mlx.core as mx
 
-    limit = cache_limit_bytes(plan.available, plan.breakdown.required)
+    b = plan.breakdown
+    step = b.activations + b.logits + b.in_flight if device_kind() == "cpu" else None
+    limit = cache_limit_bytes(plan.available, b.required, step)
     mx.set_cache_limit(limit)
     _state["cache_limit"] = limit
     return limit

@@ -173,13 +173,56 @@ def pack_layout(lengths, target: int, device: str = "cpu") -> tuple[list[list[in
     return rows + [[] for _ in range(row_bucket(len(rows)) - len(rows))], width
 
 
-def layout_padding(calls, lengths, target: int, device: str = "cpu") -> float:
+# On the CPU a query-key pair of the unfused attention costs this many times its multiply-adds'
+# share of a position's matmuls: its batched head_dim-wide products run below the weight
+# matmuls' speed, and the mask, softmax and their backward are passes over rows x width^2 scores
+# per head. Estimated from the default model's warm calls on 2 shared cores (bench/throughput.py
+# cpulayout, bench/RESULTS.md): chatbot calls as one packed row of 224-288 against four rows of
+# 64-80 put a pair at 0 to 1.1e-3 positions (the load's noise), about 6e-4 in the middle, 2.5
+# times SmolLM2's multiply-add share (2.6e-4). Near the break-even either layout costs the same.
+CPU_ATTENTION_SLOWDOWN = 2.5
+
+
+def pair_cost(params: int, attention_dims: int) -> float:
+    """Compute of one query-key pair of attention on the CPU, in units of one position's work:
+    a position costs about params multiply-adds (every weight once; the frozen base's backward
+    doubles it), a pair 2 x attention_dims (q.k and p.v over every layer's heads x head_dim;
+    its backward doubles it too), times CPU_ATTENTION_SLOWDOWN. 0 when either is unknown."""
+    if params <= 0 or attention_dims <= 0:
+        return 0.0
+    return CPU_ATTENTION_SLOWDOWN * 2 * attention_dims / params
+
+
+def layout_work(rows: int, width: int, pair: float) -> float:
+    """Computed work of a call of `rows` x `width` positions, in positions: each position, and
+    each query-key pair of a row's attention (width^2 a row: the CPU's unfused attention scores
+    the whole row, masked or not) at `pair` (pair_cost)."""
+    return rows * width * (1 + pair * width)
+
+
+def call_layout(lengths, target: int, device: str = "cpu", pair: float = 0.0) -> tuple[list[list[int]], int, bool]:
+    """(rows, width, packed): how one call's examples are laid out when packing is on. On a GPU
+    (fused attention) or with pair 0: pack_layout. On the CPU, packed only where that computes
+    less than one example a row (layout_work, empty rows included): a packed row's attention
+    spans every example in it, so packing pays where it removes more padding than the attention
+    it adds. Else one example a row, as wide as pad_batch pads it (the --pack false layout).
+    The examples are the same either way: a layout only."""
+    rows, width = pack_layout(lengths, target, device)
+    if device != "cpu" or pair <= 0 or not lengths:
+        return rows, width, True
+    one = padded_width(max(int(n) for n in lengths), device)
+    if layout_work(len(lengths), one, pair) <= layout_work(len(rows), width, pair):
+        return [[i] for i in range(len(lengths))], one, False
+    return rows, width, True
+
+
+def layout_padding(calls, lengths, target: int, device: str = "cpu", pair: float = 0.0) -> float:
     """Share of computed positions that are padding when each call (a list of example indexes) is
-    laid out by pack_layout."""
+    laid out by call_layout (pack_layout where pair is 0)."""
     real = total = 0
     for call in calls:
         lens = [int(lengths[i]) for i in call]
-        rows, width = pack_layout(lens, target, device)
+        rows, width, _ = call_layout(lens, target, device, pair)
         real += sum(max(n - 1, 1) for n in lens)
         total += len(rows) * width
     return 1 - real / total if total else 0.0

@@ -24,7 +24,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from .batching import merge_micro_batches, pack_batch, pack_layout, pad_batch, shard
+from .batching import call_layout, merge_micro_batches, pack_batch, pad_batch, pair_cost, shard
 from .loss import loss_fn
 
 
@@ -102,8 +102,10 @@ class Step(StepBase):
 
     seed: dropout masks are drawn from (seed, step index), so a resumed run draws the same ones.
     max_grad_norm: clip the gradient norm (None: no clipping). pack_target: > 0 packs each call's
-    examples into rows of about this many positions (batching.pack_layout: a layout only, the
-    examples are the micro-batches' either way); 0 pads one example a row. merge: micro-batches
+    examples into rows of about this many positions (batching.call_layout: a layout only, the
+    examples are the micro-batches' either way; on the CPU a call is packed only where that
+    computes less, `pair` being a query-key pair's cost in positions, None: from the model,
+    attention_pair_cost); 0 pads one example a row. merge: micro-batches
     run this many at a time as one call (setup.merged_calls: the same gradients in fewer, larger
     calls). ce_chunk, mask_dtype: the loss's options (loss.loss_chunk, packing.prepare). flat: the update on one concatenated vector
     (flat_update) instead of array by array. rank, world: this process's share of each micro-batch
@@ -112,12 +114,15 @@ class Step(StepBase):
 
     def __init__(self, model: nn.Module, optimizer, examples, *, seed: int = 0,
                  max_grad_norm: float | None = None, pack_target: int = 0, merge: int = 1,
-                 ce_chunk: int = 0,
+                 pair: float | None = None, ce_chunk: int = 0,
                  mask_dtype=mx.float32, flat: bool = True, rank: int = 0, world: int = 1,
                  nan_at=frozenset()):
         super().__init__(model, optimizer, examples, seed=seed, max_grad_norm=max_grad_norm, flat=flat,
                          rank=rank, world=world, nan_at=nan_at)
         self.pack_target, self.merge, self.fused = pack_target, merge, fuses_update(world)
+        if pair is None:  # on the CPU from the model's shape; a GPU's fused attention packs every call
+            pair = attention_pair_cost(model) if pack_target and self.device == "cpu" else 0.0
+        self.pair = pair
         loss = partial(loss_fn, chunk=ce_chunk, mask_dtype=mask_dtype)
         self.grad, self.grad_apply, self.update, self.eval_loss = compile_step(
             model, optimizer, self.state, loss, flat)
@@ -141,12 +146,13 @@ class Step(StepBase):
         return out
 
     def arrays(self, examples: list[int], kind: str, data=None) -> Batch:
-        """One call's arrays: the examples packed into rows (pack_layout) or one a row, padded."""
+        """One call's arrays: the examples packed into rows (call_layout) or one a row, padded."""
         data = data or self.examples
         ids, masks = [data.ids[i] for i in examples], [data.masks[i] for i in examples]
         real = sum(len(x) - 1 for x in ids)
-        if self.pack_target:
-            rows, width = pack_layout([len(x) for x in ids], self.pack_target, self.device)
+        rows, width, packed = call_layout([len(x) for x in ids], self.pack_target, self.device, self.pair) \
+            if self.pack_target else (None, 0, False)
+        if packed:
             inputs, targets, mask, seg = pack_batch([[ids[j] for j in row] for row in rows],
                                                     [[masks[j] for j in row] for row in rows], width)
             seg = mx.array(seg)
@@ -385,6 +391,19 @@ def split_like(flat, arrays) -> list:
         out.append(flat[i:i + x.size].reshape(x.shape))
         i += x.size
     return out
+
+
+def attention_pair_cost(model: nn.Module) -> float:
+    """batching.pair_cost of `model`: its logical parameters (the adapters' left out, so the
+    planner's model built from the config, plan.from_skeleton, gets the same number) against the
+    query widths of all its attention layers (every q_proj's output features: heads x head_dim).
+    0 where no q_proj is found (fused qkv projections): every call is then packed, as on a GPU."""
+    from .model import count_parameters
+
+    dims = sum(m.weight.shape[0] for name, m in model.named_modules()
+               if "q_proj" in name.split(".") and isinstance(m, (nn.Linear, nn.QuantizedLinear)))
+    lora = sum(v.size for k, v in tree_flatten(model.parameters()) if k.rsplit(".", 1)[-1] in ("lora_a", "lora_b"))
+    return pair_cost(count_parameters(model)[1] - lora, dims)
 
 
 def all_sum_tree(tree):

@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from steadytune.batching import (budget_width, epoch_steps, lr_at, pad_batch, pad_multiple, padding_fraction, plan_epoch,
+from steadytune.batching import (CPU_ATTENTION_SLOWDOWN, budget_width, call_layout, epoch_steps, layout_work, lr_at,
+                                 pack_layout, pad_batch, pad_multiple, padding_fraction, pair_cost, plan_epoch,
                                  steps_per_epoch, token_budget_steps)
 
 
@@ -91,3 +92,45 @@ def test_token_budget_fills_micro_batches_where_a_count_cannot():
     assert np.mean(sizes) > 0.8 * budget and np.mean(count_sizes) < 0.3 * budget
     assert len(steps) < len(count) / 3
     assert plan_epoch(lengths, 4, budget, 1, 0, 0) == steps and plan_epoch(lengths, 4, None, 1, 0, 0) == count
+
+
+SMOLLM2 = pair_cost(134_515_008, 30 * 576)  # the default model: 30 layers of 9 heads x 64 queries
+
+
+def test_pair_cost_is_attention_against_matmuls_per_position():
+    assert SMOLLM2 == CPU_ATTENTION_SLOWDOWN * 2 * 17_280 / 134_515_008
+    assert pair_cost(0, 576) == pair_cost(1000, 0) == 0.0  # unknown: every call packed
+    assert layout_work(4, 64, 0.001) == 4 * 64 * (1 + 0.064)
+
+
+def test_cpu_packs_a_call_only_where_that_computes_less():
+    # four uniform short examples: one packed row of 256 (attention over all four) against four
+    # rows of 64 (4 of 256 positions' padding): one a row, as --pack false lays it out
+    assert pack_layout([61] * 4, 512) == ([[0, 1, 2, 3]], 256)
+    assert call_layout([61] * 4, 512, "cpu", SMOLLM2) == ([[0], [1], [2], [3]], 64, False)
+    # mixed lengths: one a row pads to the longest (4 x 88); packed saves more than its attention
+    assert call_layout([89, 50, 52, 55], 512, "cpu", SMOLLM2) == ([[0, 3, 2, 1]], 256, True)
+    assert call_layout([700, 100, 120, 90], 512, "cpu", SMOLLM2) == ([[0], [2, 1, 3]], 704, True)
+    # no saving (every row as wide either way): the same work, one a row (no packed mask)
+    assert call_layout([400] * 4, 512, "cpu", SMOLLM2) == ([[0], [1], [2], [3]], 416, False)
+
+
+def test_gpu_and_unknown_cost_pack_every_call_as_before():
+    for lengths in ([61] * 4, [400] * 4, [89, 50, 52, 55]):
+        packed = (*pack_layout(lengths, 4096, "cuda"), True)
+        assert call_layout(lengths, 4096, "cuda", SMOLLM2) == call_layout(lengths, 4096, "gpu", 0.0) == packed
+        assert call_layout(lengths, 512, "cpu", 0.0) == (*pack_layout(lengths, 512), True)
+
+
+def test_one_example_a_row_is_pad_batchs_layout():
+    """The unpacked choice is exactly --pack false's: pad_batch's width on the CPU."""
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        lengths = rng.integers(2, 900, rng.integers(1, 9)).tolist()
+        rows, width, packed = call_layout(lengths, 512, "cpu", SMOLLM2)
+        assert sorted(i for r in rows for i in r) == list(range(len(lengths)))  # every example once
+        if not packed:
+            ids = [[1] * n for n in lengths]
+            assert rows == [[i] for i in range(len(lengths))]
+            assert pad_batch(ids, [[True] * n for n in lengths], pad_multiple(max(lengths) - 1, "cpu"))[0].shape \
+                == (len(lengths), width)

@@ -18,11 +18,31 @@ def test_cache_limit_is_the_headroom_and_never_negative():
     assert backend.cache_limit_bytes(4e9, 5e9) == 0  # no headroom: MLX frees buffers at once
 
 
+def test_cpu_cache_holds_at_most_one_calls_buffers():
+    """On the CPU the cache is also capped at the plan's largest call (what one call allocates
+    and frees): a shared machine keeps the rest of the headroom."""
+    assert backend.cache_limit_bytes(23e9, 3e9, step=2.5e9) == 2_500_000_000
+    assert backend.cache_limit_bytes(8e9, 3e9, step=6e9) == 5_000_000_000  # the headroom, if smaller
+    assert backend.cache_limit_bytes(4e9, 5e9, step=1e9) == 0
+    assert backend.cache_limit_bytes(23e9, 3e9) == 20_000_000_000  # a GPU: the headroom
+
+
+def test_limit_cache_caps_the_cpu_cache_from_the_plans_call_memory(monkeypatch):
+    monkeypatch.setattr(mx, "set_cache_limit", lambda n: 0)
+    monkeypatch.setitem(backend._state, "cache_limit", None)
+    breakdown = SimpleNamespace(required=3e9, activations=1.5e9, logits=0.25e9, in_flight=0.25e9)
+    plan = SimpleNamespace(available=23e9, breakdown=breakdown)
+    for device, limit in (("cpu", 2_000_000_000), ("gpu", 20_000_000_000)):
+        monkeypatch.setattr(backend, "device_kind", lambda: device)
+        assert backend.limit_cache(plan) == limit
+
+
 def test_limit_cache_sets_mlx_cache_limit_from_a_plan(monkeypatch):
     seen = []
     monkeypatch.setattr(mx, "set_cache_limit", lambda n: seen.append(n) or 0)
     monkeypatch.setitem(backend._state, "cache_limit", None)
-    plan = SimpleNamespace(available=8e9, breakdown=SimpleNamespace(required=3e9))
+    step = dict(activations=4e9, logits=1e9, in_flight=1e9)  # a call of 6 GB: the headroom is the cap
+    plan = SimpleNamespace(available=8e9, breakdown=SimpleNamespace(required=3e9, **step))
     assert backend.limit_cache(plan) == 5_000_000_000 == backend.cache_limit()
     assert seen == [5_000_000_000]
     # not planned (a Hub model not downloaded yet) or memory unknown: MLX's default stays
