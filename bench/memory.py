@@ -5,17 +5,22 @@
                                             # GPU grid: the 7B shape, bfloat16, one H100 (~5-7 min;
                                             # the first configuration also compiles MLX's kernels)
     python bench/memory.py --gpu --only "4x1024,2x512"   # configurations whose name contains one of these
+    python bench/memory.py --moe            # CPU grid: MoE and Mamba-2 hybrids (qwen3_moe,
+                                            # granitemoehybrid, nemotron_h), float32 (~4 min, 2 cores)
 
 Each configuration runs in a fresh process (so one run's compiled graphs and allocator cache don't
-touch the next): build an mlx-lm llama model from ModelArgs with random weights, cast it to the
-compute dtype and quantize it 4-bit g64 as steadytune.model.load_base does, then set up a
+touch the next): build an mlx-lm llama model (with --moe: the spec's model type, from its
+config.json-like dict) with random weights, cast it to the compute dtype and quantize it 4-bit
+g64 as steadytune.model.load_base does (experts included), then set up a
 steadytune Step on it as setup.setup() does (LoRA, compute path, loss chunking, checkpointing,
 AdamW) and run a few optimizer steps through it (steadytune.step.Step, what the trainer runs) on
 one micro-batch of random tokens, padded by the trainer's own pad_batch.
 The measured number is mx.get_peak_memory() over the steps (reset after setup, so loading is not
 part of it); the predicted one is steadytune.plan.estimate(...).peak at the width the planner
-expects the trainer to pad to, the part of the plan that MLX's allocator sees (framework overhead
-is outside it). Random weights are fine: memory does not depend on the values.
+expects the trainer to pad to (a model given by its config with the adapters, weights and blocks
+the planner finds in its skeleton, as `steadytune plan` plans it), the part of the plan that MLX's
+allocator sees (framework overhead is outside it). Random weights are fine: memory does not
+depend on the values (the experts a token is routed to do not change how many it is routed to).
 
 A configuration that fails (out of memory, a crash) is reported and the others go on; with
 --max-seconds no configuration is started that the time left would probably not cover. --json
@@ -115,6 +120,46 @@ LONG = {
     ],
 }
 
+# MoE and Mamba-2 hybrids (issue 29): `--moe`. "config" is the whole config.json (the model type
+# mlx-lm builds); every linear layer adapted (lora.target_modules unset: routers excepted), the
+# experts' adapters included. Scaled so a block's activations, not the logits, decide the peak.
+_ATTN = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=4096,
+             max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
+QWEN3_MOE = dict(_ATTN, model_type="qwen3_moe", num_hidden_layers=4, intermediate_size=704, num_experts=16,
+                 num_experts_per_tok=4, decoder_sparse_step=1, mlp_only_layers=[], moe_intermediate_size=256,
+                 norm_topk_prob=True)
+GRANITE_H = dict(_ATTN, model_type="granitemoehybrid", num_hidden_layers=4, intermediate_size=256,
+                 attention_bias=False, embedding_multiplier=4.0, attention_multiplier=0.25, logits_scaling=4.0,
+                 residual_multiplier=0.5, layer_types=["mamba", "mamba", "mamba", "attention"],
+                 num_local_experts=8, num_experts_per_tok=2, shared_intermediate_size=512, mamba_n_heads=8,
+                 mamba_d_head=64, mamba_proj_bias=False, mamba_d_state=64, mamba_d_conv=4, mamba_n_groups=1,
+                 mamba_conv_bias=True)
+NEMOTRON_H = dict(_ATTN, model_type="nemotron_h", intermediate_size=768, attention_bias=False, mamba_num_heads=8,
+                  mamba_head_dim=64, mamba_proj_bias=False, ssm_state_size=64, conv_kernel=4, n_groups=1,
+                  mlp_bias=False, layer_norm_epsilon=1e-5, use_bias=False, use_conv_bias=True,
+                  hybrid_override_pattern=["M", "E", "M", "*", "-", "M", "E"], num_hidden_layers=7,
+                  moe_intermediate_size=256, moe_shared_expert_intermediate_size=512, n_group=1, n_routed_experts=8,
+                  n_shared_experts=1, topk_group=1, num_experts_per_tok=2, norm_topk_prob=True,
+                  routed_scaling_factor=1.0)
+MOE = {
+    "cpu": [
+        dict(name="qwen3_moe 16e top4 2x512", config=QWEN3_MOE, batch=2, seq=512),
+        dict(name="qwen3_moe 16e top4 2x512 ckpt", config=QWEN3_MOE, batch=2, seq=512, ckpt=True),
+        dict(name="qwen3_moe 32e top8 1x1024", config=dict(QWEN3_MOE, num_experts=32, num_experts_per_tok=8),
+             batch=1, seq=1024),
+        dict(name="qwen3_moe 8e top2 h512 4x256", config=dict(QWEN3_MOE, hidden_size=512, num_experts=8,
+                                                             num_experts_per_tok=2, moe_intermediate_size=512),
+             batch=4, seq=256),
+        dict(name="granitemoehybrid 2x512", config=GRANITE_H, batch=2, seq=512),
+        dict(name="granitemoehybrid 2x512 ckpt", config=GRANITE_H, batch=2, seq=512, ckpt=True),
+        dict(name="granitemoehybrid 1x1024", config=GRANITE_H, batch=1, seq=1024),
+        dict(name="granitemoehybrid 16 heads 4x256", config=dict(GRANITE_H, mamba_n_heads=16, mamba_d_head=32),
+             batch=4, seq=256),
+        dict(name="nemotron_h 2x512", config=NEMOTRON_H, batch=2, seq=512),
+        dict(name="nemotron_h 2x512 ckpt", config=NEMOTRON_H, batch=2, seq=512, ckpt=True),
+    ],
+}
+
 
 def lengths_of(spec: dict) -> list[int]:
     return spec.get("lengths") or [spec["seq"] + 1] * spec["batch"]
@@ -122,22 +167,35 @@ def lengths_of(spec: dict) -> list[int]:
 
 def model_config(spec: dict) -> dict:
     """The spec's model as a config.json-style dict (what the planner reads)."""
+    if "config" in spec:
+        return dict(spec["config"])
     return dict({"model_type": "llama", "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
                  "tie_word_embeddings": False}, **spec["model"])
 
 
 def settings(spec: dict, device: str) -> dict:
     return dict(batch=spec["batch"], seq=spec["seq"], ckpt=spec.get("ckpt", False),
-                rank=spec.get("rank", 8), keys=spec.get("keys", ALL_KEYS),
+                rank=spec.get("rank", 8), keys=spec.get("keys", [] if "config" in spec else ALL_KEYS),
                 lora_layers=spec.get("lora_layers", -1), compute=spec.get("compute", "native"),
                 chunked_ce=spec.get("chunked_ce", "auto"),
                 dtype=spec.get("dtype", "float32" if device == "cpu" else "bfloat16"))
 
 
 def predict(spec: dict, device: str):
-    """The planner's estimate for the spec: rows of seq + 1 tokens, padded as the trainer pads them
-    on `device`, with the trainer's defaults (fused update, adapters in the input dtype)."""
+    """The planner's estimate for the spec (planned_run) and the width it expects."""
     from steadytune import plan
+
+    arch, run = planned_run(spec, device)
+    return plan.estimate(arch, run), run.seq
+
+
+def planned_run(spec: dict, device: str):
+    """(Arch, Run) the planner sees for the spec: rows of seq + 1 tokens, padded as the trainer pads
+    them on `device`, with the trainer's defaults (fused update, adapters in the input dtype); a
+    model given by its config with the adapters, weights and blocks of its skeleton
+    (plan.from_skeleton), as `steadytune plan` plans it."""
+    from steadytune import plan
+    from steadytune.config import LoraConfig
     from steadytune.loss import ce_chunk
 
     s = settings(spec, device)
@@ -147,25 +205,34 @@ def predict(spec: dict, device: str):
         rows = len(layout)
     else:
         rows, width = s["batch"], plan.padded_width(max(lengths_of(spec)), device)
-    run = plan.Run(batch=rows, seq=width, packed=bool(spec.get("pack")), examples=s["batch"], checkpoint=s["ckpt"],
-                   rank=s["rank"], keys=tuple(s["keys"]), lora_layers=s["lora_layers"], bits=4, group_size=64,
-                   dtype=s["dtype"], compute=s["compute"], device=device,
-                   loss_chunk=ce_chunk(arch.vocab, s["chunked_ce"]))
-    return plan.estimate(arch, run), run.seq
+    lcfg = LoraConfig(target_modules=list(s["keys"]), num_layers=s["lora_layers"])
+    skeleton = plan.from_skeleton(model_config(spec), lcfg) if "config" in spec else {}
+    return arch, plan.Run(batch=rows, seq=width, packed=bool(spec.get("pack")), examples=s["batch"],
+                          checkpoint=s["ckpt"], rank=s["rank"], keys=tuple(s["keys"]),
+                          lora_layers=s["lora_layers"], bits=4, group_size=64, dtype=s["dtype"],
+                          compute=s["compute"], device=device, loss_chunk=ce_chunk(arch.vocab, s["chunked_ce"]),
+                          **skeleton)
 
 
 def build(spec: dict, s: dict):
-    """The frozen base as load_base holds it: compute dtype, 4-bit g64 where the group divides."""
+    """The frozen base as load_base holds it: compute dtype, 4-bit g64 where the group divides
+    (a model given by its config: every layer load_base quantizes, experts included)."""
     import mlx.core as mx
     import mlx.nn as nn
     from mlx_lm.models import llama
 
+    from steadytune.model import model_skeleton, quantized_on_load
+
     dtype = getattr(mx, s["dtype"])
     mx.random.seed(0)
-    model = llama.Model(llama.ModelArgs.from_dict(model_config(spec)))
+    if "config" in spec:
+        model = model_skeleton(model_config(spec))
+        predicate = lambda _, m: quantized_on_load(m, 64)  # noqa: E731
+    else:
+        model = llama.Model(llama.ModelArgs.from_dict(model_config(spec)))
+        predicate = lambda _, m: isinstance(m, nn.Linear) and m.weight.shape[-1] % 64 == 0  # noqa: E731
     model.apply(lambda x: x.astype(dtype) if mx.issubdtype(x.dtype, mx.floating) else x)
-    nn.quantize(model, group_size=64, bits=4,
-                class_predicate=lambda _, m: isinstance(m, nn.Linear) and m.weight.shape[-1] % 64 == 0)
+    nn.quantize(model, group_size=64, bits=4, class_predicate=predicate)
     for layer in model.layers:  # one block at a time: never the whole float model at once
         mx.eval(layer.parameters())
     mx.eval(model.parameters())
@@ -215,7 +282,7 @@ def measure(spec: dict, device: str, steps: int) -> dict:
     s = settings(spec, device)
     step = make_step(spec, s)
     rng = np.random.default_rng(0)
-    vocab = spec["model"]["vocab_size"]
+    vocab = model_config(spec)["vocab_size"]
     ids = [rng.integers(0, vocab, n).tolist() for n in lengths_of(spec)]
     step.examples = Tokenized(ids, [[True] * len(x) for x in ids])
     rows, width = step.batches([list(range(s["batch"]))])[0][0].shape  # as the step lays it out
@@ -288,6 +355,8 @@ def main() -> int:
     p.add_argument("--gpu", action="store_true", help="the 7B grid on the GPU (bfloat16)")
     p.add_argument("--long", action="store_true", help="the long-context grid (512 to 32k positions, "
                    "packed and not) instead of the usual one")
+    p.add_argument("--moe", action="store_true", help="the MoE and Mamba-2 hybrid grid (CPU) instead of "
+                   "the usual one")
     p.add_argument("--steps", type=int, default=3, help="optimizer steps per configuration")
     p.add_argument("--only", help="run the configurations whose name contains one of these "
                    "comma-separated strings")
@@ -312,7 +381,9 @@ def main() -> int:
         if sys.platform == "darwin":
             device = "metal"
     wanted = [w.strip() for w in (a.only or "").split(",") if w.strip()]
-    grids = (LONG if a.long else GRIDS)["gpu" if a.gpu else "cpu"]
+    if a.moe and a.gpu:
+        raise SystemExit("--moe: the MoE and hybrid grid is measured on the CPU only so far")
+    grids = (MOE if a.moe else LONG if a.long else GRIDS)["gpu" if a.gpu else "cpu"]
     grid = [g for g in grids if not wanted or any(w in g["name"] for w in wanted)]
     if not grid:
         raise SystemExit(f"--only {a.only!r}: no configuration matches; names: "

@@ -40,7 +40,7 @@ import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from .batching import pack_layout, padded_width, row_target, width_bucket
+from .batching import call_layout, padded_width, row_target, width_bucket
 from .errors import UserError
 
 GB = 1e9
@@ -260,6 +260,15 @@ class Run:
     # load_base quantizes: model.quantized_on_load), "embedding", or "float" (norms, biases, ...);
     # empty: the llama-style block of MODULES (a synthetic shape).
     weights: tuple = ()
+    # What each adapted block mixes tokens with and what its MLP is, for MoE and Mamba-2 models
+    # (model_mixers): (attention 0/1, dense MLP width, routed experts' width, expert layers reading
+    # the input, Mamba-2 heads, Mamba-2 in_proj width, Mamba-2 state elements) per block; empty:
+    # every block an attention block with the config's dense MLP (dense models, a synthetic shape).
+    mixers: tuple = ()
+    # A query-key pair's cost in positions on the CPU (batching.pair_cost, from the model: the
+    # trainer's own attention_pair_cost): a call is laid out packed only where that computes less
+    # (batching.call_layout), and the plan lays out the largest call the same way. 0: always packed.
+    pair: float = 0.0
 
     @property
     def tokens(self) -> int:
@@ -301,6 +310,33 @@ class Breakdown:
 # -6.6%..+5.8% (docs/plan-memory.md). With mlx-lm's own loop it was about 5 times as much.
 RECURRENCE_STATES = 3.0
 RECURRENCE_KEPT = 0.2
+# MoE and Mamba-2 blocks (Run.mixers, each block as the skeleton has it; _mixer_bytes). Fitted on the
+# CPU (float32, 2026-12-06; least squares on the relative error, rounded) to `bench/memory.py --moe`
+# and 14 probes: qwen3_moe (8-32 experts, 2-8 a token, expert width 256-512), granitemoehybrid
+# (Mamba-2 and attention blocks, each with experts and a shared MLP; 2 to 8 blocks, 128 to 1,024
+# tokens a row) and nemotron_h (Mamba-2, attention, MLP and MoE blocks): 24 runs within
+# -12.3%..+16.5% (docs/plan-memory.md); as llama blocks the grid was 23-58% under.
+# Routed experts (mlx-lm's SwitchGLU / SwitchMLP: the token gathered into expert order, gather_qmm
+# on the packed experts, the adapters' gather_mm, the unsort and the routing weight), per token and
+# expert it is routed to, besides the two LoRA inputs counted with the adapters (the gathered
+# token, and the activation that down_proj reads): arrays of the expert width (gate and up, and
+# the gradients of the gathered matmuls in flight; one less without a gate) and of the hidden width
+# (down_proj's output before and after the unsort, and that times the routing weight).
+EXPERT_INTER_ARRAYS = 3.0
+EXPERT_HIDDEN_ARRAYS = 3.0
+# A Mamba-2 mixer in training runs mlx-lm's chunked SSD scan (ssm.ssm_attn, chunks of SSM_CHUNK
+# tokens). Per token it keeps SSM_CHUNK_ARRAYS float32 arrays of heads x min(width, chunk) (the
+# chunk x chunk matrices: C @ B and the decay, exp of the segment sums of dt x A) and their
+# gradient as work (SSM_WORK_ARRAYS), and SSM_WIDTH_ARRAYS arrays of the in_proj width
+# (2 x inner + 2 x groups x state + heads: the projection, the convolution's output and SiLU, the
+# gated norm's inputs). Rows longer than a chunk also carry the state from chunk to chunk, which
+# a broadcasting matmul multiplies by every token's C: about SSM_STATE_COPIES float32 states a
+# token of a chunk, one layer at a time (see estimate).
+SSM_CHUNK = 256
+SSM_CHUNK_ARRAYS = 2.0
+SSM_WIDTH_ARRAYS = 2.5
+SSM_WORK_ARRAYS = 1.0
+SSM_STATE_COPIES = 0.75
 
 
 def estimate(arch: Arch, run: Run) -> Breakdown:
@@ -313,6 +349,9 @@ def estimate(arch: Arch, run: Run) -> Breakdown:
     # not part of the peak, but accumulated gradients (from earlier micro-batches) are
     optimizer = 2 * lora + (lora if run.accumulation > 1 else 0)
     saved, work = block_bytes(arch, run)
+    # the block being worked on and those in flight: in a model of several kinds of block (MoE,
+    # Mamba-2 hybrids) the peak comes at the heaviest (the same as the average otherwise)
+    big, big_work = block_bytes(arch, run, heaviest=True)
     fixed = dict(base_weights=base_weight_bytes(arch, run), lora_weights=lora, optimizer=optimizer,
                  overhead=OVERHEAD[run.device])
     # packed rows: one additive attention mask shared by every layer, alive for the whole step;
@@ -321,6 +360,13 @@ def estimate(arch: Arch, run: Run) -> Breakdown:
     if arch.recurrent_layers:
         kept = 0 if run.checkpoint else RECURRENCE_KEPT * (arch.recurrent_layers - 1)
         extra += (RECURRENCE_STATES + kept) * F32 * arch.recurrent_state * tokens
+    if run.seq > SSM_CHUNK and run.mixers:
+        # rows longer than one chunk of the Mamba-2 scan: from the second chunk on, the state carried
+        # in (heads x head_dim x state) is multiplied by every token's C through a broadcasting
+        # matmul, whose broadcast operand (and in the backward pass the state's gradient before the
+        # sum over tokens) is a state per token of the chunk, one layer at a time. Measured: 2 rows
+        # of 512 against 4 of 256 (the same tokens, 2 Mamba-2 blocks of 8 x 64 x 64) 277 vs 218 MB.
+        extra += SSM_STATE_COPIES * run.batch * SSM_CHUNK * F32 * max(m[6] for m in run.mixers)
 
     def moment(activations, logits, block, ahead):
         """`block`: per-token bytes of the block being worked on; `ahead`: per-token bytes of one
@@ -331,7 +377,7 @@ def estimate(arch: Arch, run: Run) -> Breakdown:
 
     if not run.checkpoint:
         # the start of the backward pass: every block's saved arrays and the loss's arrays
-        return moment(n * saved * tokens, _loss_bytes(arch, run), 0.0, saved + work)
+        return moment(n * saved * tokens, _loss_bytes(arch, run), 0.0, big + big_work)
     # Gradient checkpointing keeps each block's input (in the compute dtype); the backward pass
     # recomputes one block at a time. Measured on the CPU (bench/memory.py, docs/plan-memory.md):
     kept = n * arch.hidden * b * tokens
@@ -340,10 +386,10 @@ def estimate(arch: Arch, run: Run) -> Breakdown:
     moments = [
         # at the loss: the logits and the loss's arrays, the last block recomputed, and the run-ahead
         # of that recomputation (forward work: a block's arrays but its attention probabilities)
-        moment(kept, loss, saved, saved - probs),
+        moment(kept, loss, big, big - probs),
         # block by block: the block being differentiated, and in flight both the recomputation and
         # the gradient work of the blocks after it
-        moment(kept, 0.0, saved + work, 2 * saved + work),
+        moment(kept, 0.0, big + big_work, 2 * big + big_work),
     ]
     if run.fused_update and not (run.device == "cpu" and run.flat_update):
         # With the gradient norm in the same compiled call as the backward pass, MLX computes the
@@ -365,7 +411,7 @@ def estimate(arch: Arch, run: Run) -> Breakdown:
             # 8,192 to 32,768 positions measured 21.0-38.3 GB where the whole moment is 28.7-76.5;
             # docs/plan-memory.md). Up to about 4,096 positions the whole moment fits under it.
             held = min(held, kept + CUDA_RUN_AHEAD)
-        moments.append(moment(held, _kept_logits(arch, run), saved + work, saved + work))
+        moments.append(moment(held, _kept_logits(arch, run), big + big_work, big + big_work))
     return max(moments, key=lambda m: m.peak)
 
 
@@ -419,8 +465,9 @@ def _probs_bytes(arch: Arch, run: Run) -> float:
     return arch.heads * run.seq * b * (run.batch * run.seq) / run.tokens
 
 
-def block_bytes(arch: Arch, run: Run) -> tuple[float, float]:
-    """(saved, extra work) bytes per token of one adapted block's backward pass.
+def block_bytes(arch: Arch, run: Run, heaviest: bool = False) -> tuple[float, float]:
+    """(saved, extra work) bytes per token of one adapted block's backward pass: for a model of
+    several kinds of block (Run.mixers) their average, or with `heaviest` the block with the most.
 
     Saved for the backward pass: the two RMSNorm inputs (float32 on the CPU, whose RMSNorm computes
     in float32); each distinct LoRA input (in the compute dtype, or a float32 copy where the
@@ -447,8 +494,31 @@ def block_bytes(arch: Arch, run: Run) -> tuple[float, float]:
             attn, work = attn + probs, probs
         else:                                                 # recomputed in the backward pass
             work = UNFUSED_ATTENTION_ARRAYS * probs
-    mlp = 3 * d["inter"] * b
-    return norms + lora + attn + mlp, work
+    if run.mixers:  # MoE and Mamba-2 models, block by block: the average, or the heaviest block
+        each = [(norms + lora + m[0] * attn + mix[0], m[0] * work + mix[1])
+                for m in run.mixers for mix in [_mixer_bytes(arch, run, m)]]
+        if heaviest:
+            return max(each, key=sum)
+        return sum(e[0] for e in each) / len(each), sum(e[1] for e in each) / len(each)
+    return norms + lora + attn + 3 * d["inter"] * b, work
+
+
+def _mixer_bytes(arch: Arch, run: Run, mixer: tuple) -> tuple[float, float]:
+    """(saved, extra work) bytes per token one block of a MoE or Mamba-2 model keeps besides its norms, LoRA and
+    attention arrays (Run.mixers): its dense MLP as a llama MLP (3 arrays of its width), the routed
+    experts' arrays (EXPERT_*_ARRAYS, per expert a token is routed to; a non-gated expert MLP has
+    one array of the expert width less) and a Mamba-2 mixer's (SSM_*)."""
+    _, dense, expert, expert_in, heads, width, _ = mixer
+    b = DTYPE_BYTES[run.dtype]
+    saved, work = 3 * dense * b, 0.0
+    if expert:
+        arrays = EXPERT_INTER_ARRAYS - (2 - expert_in)
+        saved += run.experts_per_token * (arrays * expert + EXPERT_HIDDEN_ARRAYS * arch.hidden) * b
+    if heads:
+        chunk = heads * min(run.seq, SSM_CHUNK) * F32
+        saved += SSM_CHUNK_ARRAYS * chunk + SSM_WIDTH_ARRAYS * width * b
+        work += SSM_WORK_ARRAYS * chunk
+    return saved, work
 
 
 def _in_flight(arch: Arch, run: Run, block: float) -> tuple[float, float]:
@@ -644,7 +714,7 @@ def run_from_config(cfg, arch: Arch, lengths=None, device: str | None = None,
     With `model_config` the adapters and weights are the model's (from_skeleton); without, the
     llama-style `keys` of MODULES (a synthetic shape).
 
-    Packed (the default): the call of the batch_size longest examples as batching.pack_layout lays
+    Packed (the default): the call of the batch_size longest examples as batching.call_layout lays
     it out (packed_call). Unpacked, by example count: batch_size rows as wide as the longest
     example; by token budget (batch_tokens): batch_tokens tokens, and for what depends on the
     width (attention's width x width arrays) the longest example's width with batch_tokens //
@@ -681,7 +751,8 @@ def run_from_config(cfg, arch: Arch, lengths=None, device: str | None = None,
     # the trainer's test (setup.apply_compute_options), at the widest row it could lay out
     packs = t.pack and _packable(model_config, width_bucket(max(row_target(device), cfg.data.max_seq_length), device))
     if packs:  # the largest call: the batch's longest examples, laid out as the step lays them out
-        rows, seq = packed_call(lengths or [], longest, t.batch_size, t.batch_tokens, device)
+        rows, seq = packed_call(lengths or [], longest, t.batch_size, t.batch_tokens, device,
+                                skeleton.get("pair", 0.0))
         batch = len(rows)
     run = Run(batch=batch, seq=seq, checkpoint=t.grad_checkpoint, packed=packs,
               examples=t.batch_size if packs else 0,
@@ -728,10 +799,11 @@ def _loss_chunk(arch: Arch, model_config: dict | None, setting: str) -> int:
     return loss_chunk(skeleton, setting)
 
 
-def packed_call(lengths, longest: int, batch_size: int, batch_tokens: int | None, device: str):
-    """(rows, width) of the largest packed call: batching.pack_layout of the `batch_size` longest
+def packed_call(lengths, longest: int, batch_size: int, batch_tokens: int | None, device: str,
+                pair: float = 0.0):
+    """(rows, width) of the largest packed call: batching.call_layout of the `batch_size` longest
     examples (every example `longest` tokens when the lengths are not known), or under a token
-    budget of as many of the longest as the budget holds."""
+    budget of as many of the longest as the budget holds; `pair`: Run.pair."""
     lengths = sorted((min(int(x), longest) for x in lengths), reverse=True) or [longest] * batch_size
     if batch_tokens:
         take, used = [], 0
@@ -742,7 +814,8 @@ def packed_call(lengths, longest: int, batch_size: int, batch_tokens: int | None
             used += n - 1
     else:
         take = lengths[:batch_size]
-    return pack_layout(take, row_target(device), device)
+    rows, width, _ = call_layout(take, row_target(device), device, pair)
+    return rows, width
 
 
 def from_skeleton(model_config: dict, lcfg) -> dict:
@@ -780,8 +853,59 @@ def _from_skeleton(config_json: str, target_modules: tuple, num_layers: int) -> 
             elif name == "weight" and hasattr(m, "to_quantized"):
                 kind = "embedding"
             weights.append((full, w.size, w.shape[-1], kind))
-    return {"lora": tuple(lora_targets(skeleton, lcfg)), "experts_per_token": per_token,
-            "weights": tuple(weights)}
+    lora = tuple(lora_targets(skeleton, lcfg))
+    mixers = tuple(model_mixers(skeleton.layers[i], c["hidden_size"]) for i in sorted({t.block for t in lora}))
+    if not any(m[2] or m[4] for m in mixers):  # no experts, no Mamba-2: the llama-style block
+        mixers = ()
+    from .step import attention_pair_cost
+
+    return {"lora": lora, "experts_per_token": per_token, "weights": tuple(weights), "mixers": mixers,
+            "pair": attention_pair_cost(skeleton)}
+
+
+def model_mixers(block, hidden: int) -> tuple:
+    """Run.mixers' entry of one block of mlx-lm's model: (attention 0/1, dense MLP width, routed
+    experts' width, expert layers reading the input, Mamba-2 heads, Mamba-2 in_proj width, Mamba-2
+    state elements: heads x head_dim x state size). A block with another token mixer (Gated
+    DeltaNet, convolution) is planned as an attention block, as before; an MLP's width is the input
+    width of its layer that writes the hidden size back."""
+    import mlx.nn as nn
+
+    attention = dense = expert = expert_in = heads = width = state = 0
+    other = False
+    for _, m in block.named_modules():
+        kind = type(m).__name__
+        children = {k: v for k, v in m.children().items() if isinstance(v, nn.Module)}
+        switch = {k: v for k, v in children.items() if hasattr(v, "num_experts") and hasattr(v, "input_dims")}
+        if hasattr(m, "ssm_state_size") and hasattr(m, "in_proj"):
+            heads, width = m.num_heads, m.in_proj.weight.shape[0]
+            state = m.num_heads * m.head_dim * m.ssm_state_size
+        elif "Attention" in kind:
+            attention = 1
+        elif switch:  # SwitchGLU (gate, up, down) or SwitchMLP (fc1, fc2): the last one reads the width
+            named = [switch[k] for k in ("down_proj", "fc2") if k in switch]
+            last = named[0] if named else min(switch.values(), key=lambda v: v.output_dims)
+            expert = last.input_dims
+            expert_in = len(switch) - 1
+        elif "MLP" in kind or "FeedForward" in kind:
+            out = [v for v in children.values() if _out_width(v) == hidden]
+            dense += max((_in_width(v) for v in out), default=0)
+        elif hasattr(m, "A_log") or hasattr(m, "conv"):
+            other = True
+    return (1 if attention or (other and not heads) else 0, dense, expert, expert_in, heads, width, state)
+
+
+def _out_width(m) -> int:
+    w = getattr(m, "weight", None)
+    return w.shape[0] if w is not None and w.ndim == 2 else 0
+
+
+def _in_width(m) -> int:
+    import mlx.core as mx
+
+    w = m.weight
+    bits = getattr(m, "bits", None)
+    return w.shape[1] * 32 // bits if bits and w.dtype == mx.uint32 else w.shape[1]
 
 
 def _at_budget(run: Run, budget: int, **change) -> Run:
@@ -843,7 +967,7 @@ def _packed_at(run: Run, examples: int, lengths, max_seq: int, **change) -> Run:
     accumulation that keeps its examples per optimizer step."""
     lens = [int(x) for x in lengths] if lengths is not None and len(lengths) else []
     longest = min(max(lens), max_seq) if lens else max_seq
-    rows, width = packed_call(lens, longest, examples, None, run.device)
+    rows, width = packed_call(lens, longest, examples, None, run.device, run.pair)
     return replace(run, batch=len(rows), seq=width, examples=examples,
                    accumulation=math.ceil(run.examples * run.accumulation / examples), **change)
 
