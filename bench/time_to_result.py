@@ -8,18 +8,28 @@ Every trainer runs as a subprocess, as a user would start it, on the same model 
 `steadytune train` with default flags (plus --lora-rank 16 --max-seq-length 1024 --batch-size 4,
 the issue's setting), the same with --batch-size 1 --grad-accumulation 4 and with
 --grad-checkpoint true, and `mlx_lm.lora` (rank 16 on all 7 projections, batch 4) as the anchor,
-with and without --grad-checkpoint. Per run it prints: wall from command to saved adapters, the
-seconds until the first optimizer step ends, steady tokens/s (the median of each trainer's own
-per-step rate of non-padding tokens over steps 4 and later: compilation and start-up are out;
-mlx-lm reports every step with --steps-per-report 1), peak memory, optimizer steps, the
-validation loss after the epoch on the same 50 validation conversations (mlx-lm with
---mask-prompt, so both score the answers only) and, for steadytune, the distinct step shapes the
-run compiled and the wall until its validation loss (every 40 steps) first reached mlx-lm's
-one-epoch value. Every trainer takes 4 examples per optimizer step. Each output line is time-stamped as it
-arrives, so nothing here depends on the trainers' own clocks.
+with and without --grad-checkpoint. `--only ...,mlx_lm_lora` adds mlx-lm-lora's SFT trainer
+(`python -m mlx_lm_lora.train -c CONFIG`, the pip package mlx-lm-lora) with the mlx_lm.lora row's
+settings: batch 4, rank 16, scale 2.0, all blocks, lr 1e-4, max length 1024, prompt masked, the
+same data, --mlx-iters iterations, fuse off (no merged model is written). It drops the `keys` it is
+given and adapts every linear layer of a block, which on a Llama block is the same 7 projections
+(the `targets` column reads them back from the saved adapters). On the CPU it needs a launcher
+that gives mx.device_info() a Metal-only key (see LORA_CLI). Per run it prints: wall from command to
+saved adapters, the seconds until the first optimizer step ends, the median seconds between steps
+from step 4 on (`s_step`, from the output lines' arrival: the one rate that counts the same work
+for every trainer), steady tokens/s (the median of each trainer's own per-step rate over steps 4
+and later: compilation and start-up are out; mlx-lm reports every step with --steps-per-report 1;
+steadytune counts every non-padding token, both mlx-lm trainers with --mask-prompt only the answer
+tokens they score, so their tokens/s are not comparable with steadytune's), peak memory, optimizer
+steps, the validation loss after the run on the same 50 validation conversations (mlx-lm with
+--mask-prompt, so both score the answers only; both mlx-lm trainers evaluate before their last
+step) and, for steadytune, the distinct step shapes the run compiled and the wall until its
+validation loss (every 40 steps) first reached mlx-lm's one-epoch value. Every trainer takes 4
+examples per optimizer step. Each output line is time-stamped as it arrives, so nothing here
+depends on the trainers' own clocks.
 
-Model weights are random (speed does not depend on them); the tokenizer is trained offline on
-the data. Nothing is downloaded.
+In gpu mode the model weights are random (speed does not depend on them) and the tokenizer is
+trained offline on the data; cpu mode trains the embedded default model. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -102,11 +112,13 @@ def steadytune_run(name: str, model: Path, data: Path, out: Path, flags: list[st
     vals = [(t, float(m.group(2))) for t, s in lines if (m := val_re.match(s))]
     return {"run": f"steadytune {' '.join(flags) or '(defaults)'}", "rc": rc, "wall_s": round(wall, 1),
             "first_step_s": round(arrivals.get(1, float("nan")), 1), "steps": len(train),
+            "s_step": step_seconds([arrivals[k] for k in sorted(arrivals)]),
             "tok_s": round(statistics.median(rates), 1) if rates else "",
             "peak_gb": max((r.get("peak_mem_gb", 0) for r in train), default=float("nan")),
             "val_loss": round(final, 4) if final is not None else "", "vals": vals + [(wall, final)],
             "shapes": end.get("step_shapes", startup.get("step_shapes", "")),
-            "startup": {k: v for k, v in startup.items() if k.endswith("_s")}}
+            "startup": {k: v for k, v in startup.items() if k.endswith("_s")},
+            "targets": adapted(run / "adapters" / "adapters.safetensors")}
 
 
 def reached(row: dict, target: float):
@@ -116,6 +128,7 @@ def reached(row: dict, target: float):
 
 def mlx_lm_run(name: str, model: Path, data: Path, out: Path, iters: int, batch: int, ckpt: bool) -> dict:
     cfg = out / f"{name}.yaml"
+    out.mkdir(parents=True, exist_ok=True)
     cfg.write_text(json.dumps({"lora_parameters": {"rank": 16, "scale": 2.0, "dropout": 0.0,
                                                    "keys": PROJECTIONS}}))
     cmd = [sys.executable, "-m", "mlx_lm", "lora", "-c", str(cfg), "--model", str(model), "--train",
@@ -132,12 +145,13 @@ def mlx_lm_run(name: str, model: Path, data: Path, out: Path, iters: int, batch:
     table_row = re.compile(r"^\s*(\d+)\s+([\d.]+|nan)\s*[▼▲=]?\s+([\d,]+)\s+[\d.]+k?\s*$")
     old_row = re.compile(r"Iter (\d+): Train loss [^,]+, Learning Rate [^,]+, It/sec [\d.]+, "
                          r"Tokens/sec ([\d.]+), Trained Tokens \d+, Peak mem ([\d.]+) GB")
+    # (0.32's table has no peak memory column); validation is "N  val 1.234  5.67s" in 0.32
     points, peak, val = [], float("nan"), None  # (arrival, its tokens/s)
-    val_re = re.compile(r"Val loss ([\d.]+)")
+    val_re = re.compile(r"Val loss ([\d.]+)|^\s*\d+\s+val\s+([\d.]+)\s")
     for t, s in lines:
         s = ansi.sub("", s)
-        if (m := val_re.search(s)) and points:  # the evaluation after the last iteration
-            val = float(m.group(1))
+        if (m := val_re.search(s)) and points:  # the evaluation before the last iteration
+            val = float(m.group(1) or m.group(2))
         if m := table_row.match(s):
             points.append((t, float(m.group(3).replace(",", ""))))
         elif m := old_row.search(s):
@@ -151,8 +165,78 @@ def mlx_lm_run(name: str, model: Path, data: Path, out: Path, iters: int, batch:
             "rc": rc, "wall_s": round(wall, 1),
             "epoch_wall_s_est": round(points[0][0] + per_step * (epoch_iters - 1), 1) if points else "",
             "first_step_s": round(points[0][0], 1) if points else "", "steps": len(points),
+            "s_step": step_seconds([t for t, _ in points]),
             "tok_s": round(statistics.median(r for _, r in points[3:]), 1) if len(points) > 3 else "",
-            "peak_gb": peak, "val_loss": val if val is not None else "", "shapes": ""}
+            "peak_gb": peak, "val_loss": val if val is not None else "", "shapes": "",
+            "targets": adapted(out / name / "adapters.safetensors")}
+
+
+# mlx-lm-lora's trainers set a wired limit from a Metal-only key of mx.device_info(): on the CPU
+# `python -m mlx_lm_lora.train` stops with KeyError: 'max_recommended_working_set_size' before its
+# first step. bench/preference.py gives it the key; so does this launcher, then runs its CLI.
+LORA_CLI = ("import mlx.core as mx; info = mx.device_info; "
+            "mx.device_info = lambda: {'max_recommended_working_set_size': 0, **info()}; "
+            "from mlx_lm_lora.train import main; main()")
+
+
+def mlx_lm_lora_run(name: str, model: Path, data: Path, out: Path, iters: int, batch: int) -> dict:
+    """mlx-lm-lora's SFT trainer with the mlx_lm.lora row's settings. Its config drops `keys`
+    (train.build_lora_config passes rank, scale, dropout and layers only), so mlx-lm adapts every
+    linear layer of each block; the row's `targets` says what the saved adapters hold. fuse is
+    off: fusing writes a merged model after training, which no other row does."""
+    cfg = out / f"{name}.yaml"
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.write_text(json.dumps({
+        "model": str(model), "train": True, "data": str(data), "train_type": "lora", "train_mode": "sft",
+        "batch_size": batch, "iters": iters, "learning_rate": 1e-4, "num_layers": -1,
+        "lora_parameters": {"rank": 16, "scale": 2.0, "dropout": 0.0, "keys": PROJECTIONS},
+        "max_seq_length": 1024, "mask_prompt": True, "steps_per_report": 1, "steps_per_eval": iters,
+        "val_batches": -1, "save_every": 1000000, "adapter_path": str(out / name), "fuse": False,
+        "seed": 0}))
+    lines, wall, rc = timed([sys.executable, "-c", LORA_CLI, "-c", str(cfg)])
+    # sft_trainer prints "Iter N: loss L, lr R, it/s S, tok/s T, trained_tok K, peak_mem P GB" after
+    # each step and "Iter N: Val loss V, Val took S s" before steps 1 and `iters` (as mlx-lm does)
+    step_re = re.compile(r"Iter (\d+): loss [^,]+, lr [^,]+, it/s [\d.]+, tok/s ([\d.]+), "
+                         r"trained_tok \d+, peak_mem ([\d.]+)GB")
+    val_re = re.compile(r"Iter \d+: Val loss ([\d.]+|nan)")
+    points, peaks, val = [], [], None
+    for t, s in lines:
+        if (m := val_re.search(s)) and points:
+            val = float(m.group(1))
+        elif m := step_re.search(s):
+            points.append((t, float(m.group(2))))
+            peaks.append(float(m.group(3)))
+    if rc != 0:
+        print("\n".join(s for _, s in lines[-15:]), file=sys.stderr)
+    epoch_iters = sum(1 for _ in (data / "train.jsonl").open()) / batch
+    per_step = (points[-1][0] - points[2][0]) / (len(points) - 3) if len(points) > 3 else float("nan")
+    return {"run": f"mlx_lm_lora.train sft batch {batch} ({iters} iters)", "rc": rc,
+            "wall_s": round(wall, 1),
+            "epoch_wall_s_est": round(points[0][0] + per_step * (epoch_iters - 1), 1) if points else "",
+            "first_step_s": round(points[0][0], 1) if points else "", "steps": len(points),
+            "s_step": step_seconds([t for t, _ in points]),
+            "tok_s": round(statistics.median(r for _, r in points[3:]), 1) if len(points) > 3 else "",
+            "peak_gb": max(peaks, default=float("nan")), "val_loss": val if val is not None else "",
+            "shapes": "", "targets": adapted(out / name / "adapters.safetensors")}
+
+
+def step_seconds(arrivals: list[float]) -> float | str:
+    """Median seconds between consecutive steps' output lines from step 4 on: the one rate that
+    means the same for every trainer (their tokens/s count different tokens, see the docstring)."""
+    gaps = [b - a for a, b in zip(arrivals[2:], arrivals[3:])]
+    return round(statistics.median(gaps), 2) if gaps else ""
+
+
+def adapted(adapters: Path) -> str:
+    """What a saved adapter file trains, from its safetensors header: the module names inside a
+    block and how many blocks (what the trainer did, whatever its config asked for)."""
+    if not adapters.exists():
+        return ""
+    with adapters.open("rb") as f:
+        names = [k for k in json.loads(f.read(int.from_bytes(f.read(8), "little"))) if k != "__metadata__"]
+    blocks = {m.group(1) for k in names if (m := re.search(r"layers\.(\d+)\.", k))}
+    modules = sorted({re.sub(r"^.*layers\.\d+\.|\.lora_[ab]$", "", k) for k in names})
+    return f"{len(modules)} x {len(blocks)} blocks: {' '.join(modules)}"
 
 
 def generation_rows(model: str | None) -> list[dict]:
@@ -169,8 +253,8 @@ def generation_rows(model: str | None) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    cols = ["run", "wall_s", "epoch_wall_s_est", "first_step_s", "tok_s", "peak_gb", "val_loss",
-            "reached_mlx_val_s", "shapes", "steps", "rc"]
+    cols = ["run", "wall_s", "epoch_wall_s_est", "first_step_s", "s_step", "tok_s", "peak_gb", "val_loss",
+            "reached_mlx_val_s", "shapes", "steps", "targets", "rc"]
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     out += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
     return "\n".join(out)
@@ -180,8 +264,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=["gpu", "cpu"])
     p.add_argument("--work", default=None, help="folder for the model, data and runs (default: a temp dir)")
-    p.add_argument("--mlx-iters", type=int, default=60, help="mlx_lm.lora iterations (its epoch is estimated)")
+    p.add_argument("--mlx-iters", type=int, default=60, help="mlx_lm.lora and mlx_lm_lora iterations "
+                   "(their epoch is estimated)")
     p.add_argument("--only", default="", help="comma-separated runs, in order: default,accum,ckpt,mlx,mlx_ckpt,gen "
+                   "(mlx_lm_lora: mlx-lm-lora's SFT trainer, run only when named) "
                    "(gen: tokens/s of answering; also: nopack, one example a row) "
                    "(a run named twice runs twice: the second finds the GPU's kernel cache warm)")
     p.add_argument("--alpaca", default=str(DATA / "alpaca_en_demo.json"), help="the alpaca demo records")
@@ -229,7 +315,8 @@ def main(argv=None) -> int:
             "ckpt": lambda n: steadytune_run(n, model, data, runs,
                                              ["--batch-size", "4", "--grad-checkpoint", "true", *extra]),
             "mlx": lambda n: mlx_lm_run(n, mlx_model(), data, runs, a.mlx_iters, 4, False),
-            "mlx_ckpt": lambda n: mlx_lm_run(n, mlx_model(), data, runs, a.mlx_iters, 4, True)}
+            "mlx_ckpt": lambda n: mlx_lm_run(n, mlx_model(), data, runs, a.mlx_iters, 4, True),
+            "mlx_lm_lora": lambda n: mlx_lm_lora_run(n, mlx_model(), data, runs, a.mlx_iters, 4)}
     plan["gen"] = lambda n: generation_rows(None if a.mode == "cpu" else str(model))
     rows = []
     for key in (a.only or "default,accum,ckpt,mlx,mlx_ckpt,gen").split(","):
@@ -238,7 +325,8 @@ def main(argv=None) -> int:
         print(json.dumps(rows[-1]), flush=True)
         if a.json:
             Path(a.json).write_text(json.dumps(rows, indent=1))
-    anchor = next((r["val_loss"] for r in rows if r["run"].startswith("mlx_lm") and r.get("val_loss") != ""), None)
+    anchor = next((r["val_loss"] for r in rows if r["run"].startswith("mlx_lm.lora") and r.get("val_loss") != ""),
+                  None)  # mlx_lm.lora's, not mlx-lm-lora's
     for r in rows:  # wall until steadytune's validation loss reached mlx-lm's after its epoch
         if anchor is not None and "vals" in r:
             r["reached_mlx_val_s"] = reached(r, anchor)
@@ -247,8 +335,13 @@ def main(argv=None) -> int:
         Path(a.json).write_text(json.dumps(rows, indent=1))
     import mlx.core as mx
     import mlx_lm
+    from importlib.metadata import PackageNotFoundError, version
 
-    print(f"\n{a.mode}: mlx {mx.__version__}, mlx-lm {mlx_lm.__version__}, {time.strftime('%Y-%m-%d')}")
+    try:
+        lora = f", mlx-lm-lora {version('mlx-lm-lora')}"
+    except PackageNotFoundError:
+        lora = ""
+    print(f"\n{a.mode}: mlx {mx.__version__}, mlx-lm {mlx_lm.__version__}{lora}, {time.strftime('%Y-%m-%d')}")
     print(table(rows))
     return 0
 
