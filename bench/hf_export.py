@@ -1,8 +1,8 @@
 """`export --format hf` checked in a real transformers: each family's tiny random 4-bit model
 (tests/arch_models.py) with nonzero adapters, exported as an HF folder in float32, loaded by
-transformers' AutoModelForCausalLM in a separate Python that has torch (this project's own
-environment does not), and its logits on a few prompts compared with the MLX model's (base +
-adapters, float32).
+transformers' AutoModelForCausalLM (or the class config.json names, where that maps none: mistral4)
+in a separate Python that has torch (this project's own environment does not), and its logits on a
+few prompts compared with the MLX model's (base + adapters, float32; with a prompt cache for CACHED).
 
     python3 -m venv TORCHENV && TORCHENV/bin/pip install torch "transformers==5.25.0" safetensors numpy
     .venv/bin/python bench/hf_export.py --torch-python TORCHENV/bin/python
@@ -43,17 +43,30 @@ VARIANTS = {
     "deepseek_v3-yarn": ("deepseek_v3", {"rope_scaling": {"type": "yarn", "factor": 4.0, "beta_fast": 32,
                                                           "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0,
                                                           "original_max_position_embeddings": 128}}),
+    # Mistral Small 4's rope_parameters (YaRN x128 with Llama 4's attention scaling)
+    "mistral4-yarn": ("mistral4", {"rope_parameters": {
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 128.0, "original_max_position_embeddings": 8192,
+        "beta_fast": 32.0, "beta_slow": 1.0, "mscale_all_dim": 1.0, "mscale": 1.0, "llama_4_scaling_beta": 0.1}}),
 }
+# Families whose mlx-lm model computes otherwise without a cache than mlx_lm.generate runs it: gemma3n's
+# last num_kv_shared_layers reuse an earlier layer's keys and values only through the cache (without
+# one they compute their own, which the released model and transformers never do). Their reference
+# is run with a prompt cache, as generation runs.
+CACHED = ("gemma3n",)
 PROMPTS = [[1, 5, 9, 12, 40, 7, 3, 100, 77, 23], [2, 8, 64, 31, 19, 200, 11, 4]]
 TOLERANCE = 1e-4
 
 _TRANSFORMERS = r"""
-import json, sys, numpy as np, torch
-from transformers import AutoModelForCausalLM
+import json, sys, numpy as np, torch, transformers
 out = {}
 for folder in sys.argv[2:]:
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
+        # the class config.json names where AutoModelForCausalLM maps none to its type (mistral4 in 5.25)
+        arch = json.load(open(folder + "/config.json"))["architectures"][0]
+        auto = transformers.AutoModelForCausalLM
+        mapped = type(transformers.AutoConfig.from_pretrained(folder)) in auto._model_mapping
+        cls = auto if mapped else getattr(transformers, arch)
+        model, info = cls.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
         bad = {k: sorted(v)[:4] for k, v in info.items() if v and k != "error_msgs"}
         if bad:  # a name or shape transformers does not read: its weight would be left random
             out[folder] = f"loading info {bad}"
@@ -107,6 +120,7 @@ def main() -> int:
     import numpy as np
 
     import arch_models
+    from mlx_lm.models.cache import make_prompt_cache
     from steadytune.errors import UserError
     from steadytune.export import HF_NAMED, export
     from steadytune.generation import load_tuned
@@ -134,7 +148,10 @@ def main() -> int:
         out = work / f"{family}-hf"
         export(run, fmt="hf", out=out, dtype="float32")
         tuned = load_tuned(run, dtype="float32")
-        reference[family] = [np.array(tuned.model(mx.array([ids]))[0].astype(mx.float32)) for ids in PROMPTS]
+        def cache():
+            return make_prompt_cache(tuned.model) if VARIANTS.get(family, (family,))[0] in CACHED else None
+        reference[family] = [np.array(tuned.model(mx.array([ids]), cache=cache())[0].astype(mx.float32))
+                             for ids in PROMPTS]
         folders[family] = str(out)
         print(f"{family}: exported", flush=True)
     r = subprocess.run([a.torch_python, "-c", _TRANSFORMERS, json.dumps(PROMPTS), *folders.values()],

@@ -46,7 +46,8 @@ DTYPES = ("float16", "bfloat16", "float32")
 HF_NAMED = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma2", "phi3", "qwen3_moe", "mixtral",
             "olmo2", "smollm3", "gpt_oss", "deepseek_v3", "glm4_moe", "glm4_moe_lite", "olmo3", "granite", "phimoe",
             "ministral3", "lfm2", "lfm2_moe", "qwen3_next", "granitemoehybrid", "nemotron_h",
-            "falcon_h1", "qwen3_5", "qwen3_5_moe", "gemma4_text")
+            "falcon_h1", "qwen3_5", "qwen3_5_moe", "gemma4_text", "gemma3n", "mistral3",
+            "llama4", "mistral4")
 # mlx-lm model type -> the GGUF architecture written (gguf_arch.EXPORTS: one table per type)
 GGUF_ARCH = {model_type: spec.arch for model_type, spec in EXPORTS.items()}
 # model types whose adapters are written as a LoRA GGUF: dense blocks of 2-D matrices
@@ -608,6 +609,84 @@ def _falcon_h1_config(c: dict, args) -> dict:
     return c
 
 
+def _text_model(hf_type: str, text_args: str, config: Callable | None = None) -> Callable:
+    """A multimodal mlx-lm type's text model (its config's text_config) written as transformers'
+    text-only `hf_type`: the text settings at the top level with the export's own (dtype, stop tokens,
+    tying), then `config` with mlx-lm's text args (`text_args`: "module.Class" in mlx_lm.models)."""
+    def text(c: dict, args) -> dict:
+        import importlib
+
+        module, name = text_args.rsplit(".", 1)
+        read = getattr(importlib.import_module(f"mlx_lm.models.{module}"), name).from_dict(c["text_config"])
+        outer = {k: c[k] for k in ("torch_dtype", "eos_token_id", "bos_token_id", "pad_token_id",
+                                   "tie_word_embeddings") if k in c}
+        c = {**c["text_config"], **outer, "model_type": hf_type}
+        return config(c, read) if config else c
+    return text
+
+
+def _gemma3n_config(c: dict, args) -> dict:
+    """Gemma 3n's text model: mlx-lm's RoPE bases per layer type (rope_local_base_freq on the sliding
+    layers) and no rope_scaling (mlx-lm's gemma3n ignores it)."""
+    c = _args("head_dim", "sliding_window", "layer_types", "final_logit_softcapping", "activation_sparsity_pattern",
+              "num_kv_shared_layers", "hidden_size_per_layer_input", "vocab_size_per_layer_input", "altup_num_inputs",
+              "altup_coef_clip", "altup_correct_scale", "altup_active_idx", "laurel_rank", "rms_norm_eps",
+              "max_position_embeddings", hidden_activation="gelu_pytorch_tanh")(c, args)
+    for key in ("rope_scaling", "rope_theta", "rope_local_base_freq"):
+        c.pop(key, None)
+    c["rope_parameters"] = {"full_attention": _rope_parameters(args.rope_theta, None),
+                            "sliding_attention": _rope_parameters(args.rope_local_base_freq, None)}
+    return c
+
+
+def _llama4_experts(params: dict) -> dict:
+    """Llama 4's experts as HF holds them: gate_up_proj (experts, in, 2 x out: gate then up) and
+    down_proj (experts, in, out), transposed from mlx-lm's (experts, out, in) (its sanitize splits the
+    last axis in halves and swaps the last two)."""
+    import mlx.core as mx
+
+    out = {}
+    for name, value in params.items():
+        head, sep, tail = name.partition(".feed_forward.experts.")
+        if not sep:
+            out[name] = value
+        elif tail == "gate_proj.weight":
+            up = params[f"{head}{sep}up_proj.weight"]
+            out[f"{head}{sep}gate_up_proj"] = mx.concatenate([value, up], axis=1).swapaxes(1, 2)
+        elif tail == "down_proj.weight":
+            out[f"{head}{sep}down_proj"] = value.swapaxes(1, 2)
+    return out
+
+
+def _llama4_config(c: dict, args) -> dict:
+    """Llama 4's text model as mlx-lm runs it: no RoPE (and full attention, temperature-tuned) on every
+    4th layer, chunked attention on the others; RoPE scaling as mlx-lm reads it."""
+    rope = [int((i + 1) % 4 != 0) for i in range(args.num_hidden_layers)]
+    c = _args("head_dim", "attention_chunk_size", "interleave_moe_layer_step", "intermediate_size_mlp",
+              "use_qk_norm", "floor_scale", "attn_scale", "attention_bias", "rms_norm_eps",
+              "max_position_embeddings", hidden_act="silu")(c, args)
+    c.update(no_rope_layers=rope, attn_temperature_tuning=bool(args.attn_temperature_tuning),
+             layer_types=["chunked_attention" if r else "full_attention" for r in rope])
+    return c
+
+
+def _mistral4_config(c: dict, args) -> dict:
+    """Mistral 4: RoPE and Llama 4's attention scaling as mlx-lm reads them (rope_parameters: its theta
+    and scaling), rotating the qk_rope_head_dim of each head (HF's partial_rotary_factor of
+    nope + rope). transformers 5.25's Mistral 4 rotates the whole head under plain RoPE (its default
+    init ignores the factor), so plain RoPE is written as YaRN at factor 1: the same frequencies, no
+    attention factor (the released models' RoPE is YaRN)."""
+    c = _args(*_DEEPSEEK_KEYS, rope_interleave=True, hidden_act="silu")(c, args)
+    rope = dict(args.rope_parameters or _rope_parameters(args.rope_theta, args.rope_scaling))
+    rope["rope_type"] = rope.pop("type", None) or rope.get("rope_type", "default")  # mlx-lm reads "type" first
+    if rope["rope_type"] == "default":
+        rope.update(rope_type="yarn", factor=1.0)
+    rope["partial_rotary_factor"] = args.qk_rope_head_dim / (args.qk_nope_head_dim + args.qk_rope_head_dim)
+    c["rope_parameters"] = rope
+    c.pop("rope_scaling", None)
+    return c
+
+
 _MLP_EXPERTS = _unstack_experts({"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"}, "mlp")
 _DEEPSEEK_KEYS = ("moe_intermediate_size", "n_shared_experts", "n_routed_experts", "routed_scaling_factor",
                   "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "v_head_dim", "qk_nope_head_dim",
@@ -617,6 +696,10 @@ _DEEPSEEK_KEYS = ("moe_intermediate_size", "n_shared_experts", "n_routed_experts
 
 _ONE_PLUS_NORMS = _norms_minus_one(".input_layernorm.weight", ".post_attention_layernorm.weight", "model.norm.weight",
                                   ".q_norm.weight", ".k_norm.weight")
+# a multimodal model's text model, named as transformers' text-only class reads it (model.*, lm_head.*)
+_GEMMA3N_NAMES = _rename(("model.language_model.", "model."))
+_LANGUAGE_MODEL_NAMES = _rename(("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."))
+_MINISTRAL3_CONFIG = _args("head_dim", "rope_parameters", "sliding_window", hidden_act="silu")
 _QWEN3_5_NAMES = _rename(("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."))
 
 
@@ -670,8 +753,10 @@ HF_EXPORTS = {
                      _unstack_experts({"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}, "block_sparse_moe"),
                      _args("rope_theta", "router_jitter_noise", "original_max_position_embeddings",
                            "max_position_embeddings", attention_bias=True, lm_head_bias=True, hidden_act="silu")),
-    "ministral3": HFSpec("Ministral3ForCausalLM", config=_args("head_dim", "rope_parameters", "sliding_window",
-                                                             hidden_act="silu")),
+    "ministral3": HFSpec("Ministral3ForCausalLM", config=_MINISTRAL3_CONFIG),
+    # Mistral 3's text model (mlx-lm runs ministral3 on it), as transformers' text-only Ministral 3
+    "mistral3": HFSpec("Ministral3ForCausalLM", _LANGUAGE_MODEL_NAMES,
+                       _text_model("ministral3", "ministral3.ModelArgs", _MINISTRAL3_CONFIG)),
     "lfm2": HFSpec("Lfm2ForCausalLM", _conv_taps(".conv.conv.weight")),
     # mlx-lm names the dense layers' w1 / w3 / w2 gate / up / down; the experts as released, one per index
     "lfm2_moe": HFSpec("Lfm2MoeForCausalLM",
@@ -701,6 +786,17 @@ HF_EXPORTS = {
     "qwen3_5_moe": HFSpec("Qwen3_5MoeForCausalLM",
                           _chain(_conv_taps(".conv1d.weight"), _ONE_PLUS_NORMS,
                                  _fuse_experts(".mlp.switch_mlp.", ".mlp.experts."), _QWEN3_5_NAMES)),
+    # Gemma 3n's text model (AltUp, LAuReL, per-layer inputs, shared KV layers), as transformers'
+    # text-only Gemma3nForCausalLM; mlx-lm's names are the released ones under model.language_model
+    "gemma3n": HFSpec("Gemma3nForCausalLM", _GEMMA3N_NAMES,
+                      _text_model("gemma3n_text", "gemma3n.TextConfig", _gemma3n_config)),
+    # Llama 4's text model, as transformers' text-only Llama4ForCausalLM
+    "llama4": HFSpec("Llama4ForCausalLM", _chain(_llama4_experts, _LANGUAGE_MODEL_NAMES),
+                     _text_model("llama4_text", "llama4.TextArgs", _with_rope(_llama4_config))),
+    # Mistral 4: multi-head latent attention as deepseek_v3, the experts fused as released, RoPE and
+    # Llama 4's attention scaling from rope_parameters (mlx-lm reads its theta and scaling there)
+    "mistral4": HFSpec("Mistral4ForCausalLM", _chain(_mla_kv_b, _fuse_experts(".mlp.switch_mlp.", ".mlp.experts.")),
+                       _mla_config(_mistral4_config)),
     "gemma4_text": HFSpec("Gemma4ForCausalLM", _fuse_experts(".experts.switch_glu.", ".experts."),
                           _args("head_dim", "global_head_dim", "num_global_key_value_heads", "rope_parameters",
                                 "sliding_window", "layer_types", "final_logit_softcapping", "use_double_wide_mlp",

@@ -178,13 +178,15 @@ def test_trains_generates_and_exports_to_mlx(name, data, tmp_path):
 def test_a_refused_export_names_one_that_works_for_the_family():
     from steadytune.export import GGUF_ARCH, HF_NAMED, instead
 
-    # llama4, mistral4: no HF folder and no GGUF from steadytune; gemma3n, mistral3: GGUF but no HF folder
-    for model_type, fmt in [("llama4", "hf"), ("llama4", "gguf"), ("mistral4", "gguf"), ("gemma3n", "hf"),
-                            ("mistral3", "hf")]:
-        assert model_type not in (HF_NAMED if fmt == "hf" else GGUF_ARCH)
-        assert instead(model_type, fmt) == "use --format mlx (an mlx-lm folder: mlx_lm.generate --model OUT)"
+    # a type steadytune writes neither as an HF folder nor as GGUF: only the MLX folder is left
+    for fmt in ("hf", "gguf"):
+        assert instead("some_new_type", fmt) == "use --format mlx (an mlx-lm folder: mlx_lm.generate --model OUT)"
     assert "llama" in HF_NAMED
     assert instead("llama", "gguf") == "use --format hf and llama.cpp's convert_hf_to_gguf.py, or --format mlx"
+    # llama4, mistral4: an HF folder (transformers' text-only class) but no GGUF of steadytune's own
+    for model_type in ("llama4", "mistral4"):
+        assert model_type in HF_NAMED and model_type not in GGUF_ARCH
+        assert instead(model_type, "gguf") == instead("llama", "gguf")
     # qwen3_next: an HF folder, which llama.cpp's converter reads, but no GGUF of steadytune's own
     assert "qwen3_next" in HF_NAMED and "qwen3_next" not in GGUF_ARCH
     assert instead("qwen3_next", "gguf") == instead("llama", "gguf")

@@ -132,10 +132,25 @@ LAYOUT = {
     "qwen3_5_moe": {"model.language_model.layers.0.mlp.experts.gate_up_proj": (E, 2 * MOE_I, H),
                     "model.language_model.layers.0.mlp.experts.down_proj": (E, H, MOE_I)},
     "gemma4_text": {"model.layers.1.self_attn.q_norm.weight": (32,), "model.embed_tokens_per_layer.weight": (V, H)},
+    # the text models of multimodal types, named as transformers' text-only classes read them
+    "gemma3n": {"model.altup_projections.2.weight": (H, H), "model.layers.0.laurel.linear_left.weight": (8, H),
+                "model.embed_tokens_per_layer.weight": (V, 4 * 16)},
+    "llama4": {"model.layers.1.feed_forward.experts.gate_up_proj": (E, H, 2 * MOE_I),  # gate then up
+               "model.layers.1.feed_forward.experts.down_proj": (E, MOE_I, H),
+               "model.layers.1.feed_forward.router.weight": (E, H), "lm_head.weight": (V, H)},
+    "mistral3": {"model.layers.1.mlp.up_proj.weight": (I, H), "lm_head.weight": (V, H)},
+    "mistral4": {"model.layers.0.self_attn.kv_b_proj.weight": (4 * (16 + 16), 32),
+                 "model.layers.1.mlp.experts.gate_up_proj": (E, 2 * MOE_I, H),
+                 "model.layers.1.mlp.experts.down_proj": (E, H, MOE_I)},
 }
+# the model type written where it is not mlx-lm's: a multimodal type's text model
+WRITTEN_AS = {"gemma3n": "gemma3n_text", "llama4": "llama4_text", "mistral3": "ministral3"}
 # mlx-lm's own names that no HF model class has
 MLX_ONLY = ("switch_mlp", "switch_glu", "embed_q", "unembed_out", ".scales", ".biases", "language_model.model.")
-READ_BACK = [n for n in HF_NAMED if n != "gpt_oss"]  # mlx-lm's gpt_oss sanitize reads the MXFP4 release only
+# mlx-lm's gpt_oss sanitize reads the MXFP4 release only; mlx-lm has no gemma3n_text (its gemma3n reads the
+# multimodal folder only) and its llama4_text is dense (no experts): those text folders are checked in
+# transformers only (bench/hf_export.py)
+READ_BACK = [n for n in HF_NAMED if n not in ("gpt_oss", "gemma3n", "llama4")]
 
 
 @pytest.fixture(scope="module")
@@ -220,11 +235,11 @@ def test_hf_export_has_the_layout_and_config_transformers_reads(exports, name):
     assert not [k for k in weights if any(part in k for part in MLX_ONLY)]
     assert {k: tuple(weights[k].shape) for k in LAYOUT[name] if k in weights} == LAYOUT[name]
     hf = AutoConfig.from_pretrained(str(out))
-    assert hf.model_type == name and hf.architectures == [HF_EXPORTS[name].architecture]
+    assert hf.model_type == WRITTEN_AS.get(name, name) and hf.architectures == [HF_EXPORTS[name].architecture]
     text = hf.get_text_config()
-    # the tiny models have an lm_head, but lfm2's mlx-lm model always ties (it has none)
+    # the tiny models have an lm_head, but lfm2's and gemma3n's mlx-lm models always tie (they have none)
     assert text.tie_word_embeddings == hf.tie_word_embeddings == ("lm_head.weight" not in weights)
-    assert text.tie_word_embeddings == name.startswith("lfm2")
+    assert text.tie_word_embeddings == (name.startswith("lfm2") or name == "gemma3n")
     if name == "gpt_oss":  # HF's default is YaRN x32; mlx-lm runs plain RoPE without rope_scaling
         assert text.rope_parameters == {"rope_type": "default", "rope_theta": 10000.0}
         assert (text.swiglu_alpha, text.swiglu_limit, text.layer_types) == (
@@ -237,6 +252,15 @@ def test_hf_export_has_the_layout_and_config_transformers_reads(exports, name):
         assert set(text.rope_parameters) == {"full_attention", "sliding_attention"}
     if name == "phimoe":
         assert text.attention_bias and text.lm_head_bias
+    if name == "gemma3n":  # mlx-lm's RoPE bases per layer type; its gemma3n ignores rope_scaling
+        assert text.rope_parameters == {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
+    if name == "llama4":  # mlx-lm: no RoPE, full attention on every 4th layer; chunked on the others
+        assert text.no_rope_layers == [1, 1, 1, 0] and text.moe_layers == [1, 3]
+        assert text.layer_types == ["chunked_attention"] * 3 + ["full_attention"]
+    if name == "mistral4":  # plain RoPE on qk_rope_head_dim of 24, as YaRN at factor 1 (see export.py)
+        assert (text.rope_parameters["rope_type"], text.rope_parameters["factor"]) == ("yarn", 1.0)
+        assert text.rope_parameters["partial_rotary_factor"] == 8 / 24 and text.num_key_value_heads == 4
     if name == "falcon_h1":  # folded into the weights by mlx-lm
         assert (text.embedding_multiplier, text.key_multiplier, text.mlp_multipliers, text.lm_head_multiplier) == (
             1.0, 1.0, [1.0, 1.0], 1.0)
