@@ -295,13 +295,14 @@ class MixedLoRASwitchLinear(LoRASwitchLinear):
         return y + (self.scale * z).astype(x.dtype)
 
 
-def checkpoint_blocks(model: nn.Module) -> None:
+def checkpoint_blocks(model: nn.Module) -> list[int]:
     """Gradient checkpointing per transformer block: the block's activations are recomputed in
     the backward pass. Done by giving each block instance a subclass whose __call__ is
     checkpointed, so parameter names (and adapter files) are unchanged and no other model in the
     process is affected (mlx-lm's helper patches the class itself). Layers joined by shared keys
     (kv_linked_layers) are left as they are: a checkpoint's backward pass sees only its block's
-    input and parameters, not keys that enter or leave it through the cache."""
+    input and parameters, not keys that enter or leave it through the cache. Returns those
+    layers' indexes (the caller says so: the run keeps their activations)."""
     linked = kv_linked_layers(model)
     for i, layer in enumerate(model.layers):
         if i in linked:
@@ -323,6 +324,7 @@ def checkpoint_blocks(model: nn.Module) -> None:
             return mx.checkpoint(inner)(self.trainable_parameters(), x)
 
         layer.__class__ = type(cls.__name__, (cls,), {"__call__": call, "_steadytune_ckpt": True})
+    return sorted(linked)
 
 
 def kv_linked_layers(model: nn.Module) -> set[int]:

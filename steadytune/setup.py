@@ -222,5 +222,8 @@ def apply_compute_options(model: nn.Module, cfg: Config, objective: Objective | 
         else:
             mask_dtype, pack_target = prepare(model), row_target(device)
     if cfg.training.grad_checkpoint:
-        checkpoint_blocks(model)
+        if whole := checkpoint_blocks(model):
+            print(f"note: --grad-checkpoint leaves {len(whole)} of {len(model.layers)} blocks whole (layers "
+                  f"{whole[0]}-{whole[-1]}: they share keys and values through the cache, which a checkpoint "
+                  "does not carry); their activations are kept")
     return compute, mask_dtype, pack_target
