@@ -6,7 +6,9 @@
                                             # the first configuration also compiles MLX's kernels)
     python bench/memory.py --gpu --only "4x1024,2x512"   # configurations whose name contains one of these
     python bench/memory.py --moe            # CPU grid: MoE and Mamba-2 hybrids (qwen3_moe,
-                                            # granitemoehybrid, nemotron_h), float32 (~4 min, 2 cores)
+                                            # granitemoehybrid, nemotron_h) and gemma3n (AltUp,
+                                            # KV-shared layers), float32 (~8 min, 2 cores)
+    python bench/memory.py --moe --only gemma3n   # the gemma3n rows (~5 min)
 
 Each configuration runs in a fresh process (so one run's compiled graphs and allocator cache don't
 touch the next): build an mlx-lm llama model (with --moe: the spec's model type, from its
@@ -120,8 +122,8 @@ LONG = {
     ],
 }
 
-# MoE and Mamba-2 hybrids (issue 29): `--moe`. "config" is the whole config.json (the model type
-# mlx-lm builds); every linear layer adapted (lora.target_modules unset: routers excepted), the
+# MoE and Mamba-2 hybrids, and gemma3n (issue 29): `--moe`. "config" is the whole config.json (the
+# model type mlx-lm builds); every linear layer adapted (lora.target_modules unset: routers excepted), the
 # experts' adapters included. Scaled so a block's activations, not the logits, decide the peak.
 _ATTN = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=4096,
              max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
@@ -141,6 +143,23 @@ NEMOTRON_H = dict(_ATTN, model_type="nemotron_h", intermediate_size=768, attenti
                   moe_intermediate_size=256, moe_shared_expert_intermediate_size=512, n_group=1, n_routed_experts=8,
                   n_shared_experts=1, topk_group=1, num_experts_per_tok=2, norm_topk_prob=True,
                   routed_scaling_factor=1.0)
+# gemma3n (issue 29): the last num_kv_shared_layers layers read keys and values from the cache of an
+# earlier layer of their kind, so --grad-checkpoint leaves those and their owners whole
+# (qlora.checkpoint_blocks): here 3 and 5-7 of 8 (sliding 6 reads 5's cache, full 7 reads 3's); with 4
+# shared, 2-7.
+GEMMA3N = dict(model_type="gemma3n", text_config=dict(
+    _ATTN, model_type="gemma3n_text", num_hidden_layers=8, intermediate_size=[704] * 8, rms_norm_eps=1e-6,
+    num_kv_shared_layers=2, vocab_size_per_layer_input=4096, sliding_window=256, rope_local_base_freq=10000.0,
+    final_logit_softcapping=30.0, layer_types=(["sliding_attention"] * 3 + ["full_attention"]) * 2,
+    activation_sparsity_pattern=[0.95] * 2 + [0.0] * 6,
+    hidden_size_per_layer_input=64, altup_num_inputs=4, altup_coef_clip=120.0, altup_correct_scale=True,
+    altup_active_idx=0, laurel_rank=64))
+# gemma-3n-E2B's layer pattern (every 5th layer global) at 10 layers, the last 4 sharing: 4-9 linked
+GEMMA3N_H512 = dict(GEMMA3N, text_config=dict(
+    GEMMA3N["text_config"], hidden_size=512, num_attention_heads=8, num_key_value_heads=2, num_hidden_layers=10,
+    intermediate_size=[2048] * 10, num_kv_shared_layers=4,
+    layer_types=(["sliding_attention"] * 4 + ["full_attention"]) * 2,
+    activation_sparsity_pattern=[0.95] * 3 + [0.0] * 7, hidden_size_per_layer_input=128))
 MOE = {
     "cpu": [
         dict(name="qwen3_moe 16e top4 2x512", config=QWEN3_MOE, batch=2, seq=512),
@@ -157,6 +176,14 @@ MOE = {
              batch=4, seq=256),
         dict(name="nemotron_h 2x512", config=NEMOTRON_H, batch=2, seq=512),
         dict(name="nemotron_h 2x512 ckpt", config=NEMOTRON_H, batch=2, seq=512, ckpt=True),
+        dict(name="gemma3n 8 layers 2x512", config=GEMMA3N, batch=2, seq=512),
+        dict(name="gemma3n 8 layers 2x512 ckpt", config=GEMMA3N, batch=2, seq=512, ckpt=True),
+        dict(name="gemma3n 8 layers, 4 shared 1x1024 ckpt", config=dict(GEMMA3N, text_config=dict(
+            GEMMA3N["text_config"], num_kv_shared_layers=4)), batch=1, seq=1024, ckpt=True),
+        # held out: not used to fit GELU_MLP_ARRAYS and ALTUP_ARRAYS (measured after the fit)
+        dict(name="gemma3n h512 10 layers 2x256 (held out)", config=GEMMA3N_H512, batch=2, seq=256),
+        dict(name="gemma3n h512 10 layers 2x256 ckpt (held out)", config=GEMMA3N_H512, batch=2, seq=256,
+             ckpt=True),
     ],
 }
 
@@ -275,6 +302,7 @@ def measure(spec: dict, device: str, steps: int) -> dict:
     import mlx.core as mx
     import numpy as np
 
+    from steadytune import plan
     from steadytune.data import Tokenized
 
     if device == "cpu":
@@ -282,7 +310,7 @@ def measure(spec: dict, device: str, steps: int) -> dict:
     s = settings(spec, device)
     step = make_step(spec, s)
     rng = np.random.default_rng(0)
-    vocab = model_config(spec)["vocab_size"]
+    vocab = plan.arch_from_config(model_config(spec)).vocab  # gemma3n's is under text_config
     ids = [rng.integers(0, vocab, n).tolist() for n in lengths_of(spec)]
     step.examples = Tokenized(ids, [[True] * len(x) for x in ids])
     rows, width = step.batches([list(range(s["batch"]))])[0][0].shape  # as the step lays it out
@@ -355,8 +383,8 @@ def main() -> int:
     p.add_argument("--gpu", action="store_true", help="the 7B grid on the GPU (bfloat16)")
     p.add_argument("--long", action="store_true", help="the long-context grid (512 to 32k positions, "
                    "packed and not) instead of the usual one")
-    p.add_argument("--moe", action="store_true", help="the MoE and Mamba-2 hybrid grid (CPU) instead of "
-                   "the usual one")
+    p.add_argument("--moe", action="store_true", help="the MoE, Mamba-2 hybrid and gemma3n grid (CPU) "
+                   "instead of the usual one")
     p.add_argument("--steps", type=int, default=3, help="optimizer steps per configuration")
     p.add_argument("--only", help="run the configurations whose name contains one of these "
                    "comma-separated strings")

@@ -15,7 +15,8 @@ three moments, see `estimate`), each term from the model's shapes and the settin
                     accumulation is on (new gradients appear only as activations are freed)
   activations       what the forward pass keeps for the backward one, per adapted block: see
                     `block_bytes`; with gradient checkpointing each block's input, or the inputs
-                    of its LoRA layers (the fused update's moment)
+                    of its LoRA layers (the fused update's moment), and all of it for the blocks
+                    checkpointing leaves whole (gemma3n's and Gemma 4's KV-linked layers)
   logits and loss   the logits and the cross-entropy's intermediates and gradient, per token and
                     vocabulary entry (of one chunk when the loss is chunked)
   in flight         MLX runs ahead of the device: the CPU encoder dispatches up to ~100 operations
@@ -118,6 +119,22 @@ class Arch:
     recurrent_state: int = 0
     recurrent_layers: int = 0
     model_type: str = ""
+    # gemma3n and gemma4: the layers that attend to another layer's keys and values (through its
+    # cache, or passed on as a call argument) and the layers whose keys they read
+    # (qlora.kv_linked_layers); --grad-checkpoint leaves them whole, so they keep all their saved
+    # arrays in a checkpointed run. () for every other model.
+    kv_linked: tuple = ()
+    # gemma3n's AltUp: every block takes and returns this many hidden states (altup_num_inputs),
+    # which is what a checkpointed block keeps; 0 for every other model (one hidden state)
+    altup: int = 0
+    # intermediate-sized arrays a block's MLP keeps per token for the backward pass: 3 for a
+    # SwiGLU MLP (block_bytes), GELU_MLP_ARRAYS for gemma3n's
+    mlp_arrays: float = 3.0
+
+    @property
+    def stream(self) -> int:
+        """Elements per token a block passes to the next: what a checkpointed block keeps."""
+        return self.hidden * max(1, self.altup)
 
     @property
     def dims(self) -> dict:
@@ -150,12 +167,49 @@ def arch_from_config(config: dict) -> Arch:
         state = c["linear_num_value_heads"] * c.get("linear_value_head_dim", 128) * c.get("linear_key_head_dim", 128)
         linear = c["num_hidden_layers"] - c["num_hidden_layers"] // every
     return Arch(recurrent_state=state, recurrent_layers=linear, model_type=str(c.get("model_type") or ""),
+                **_gemma3n_fields(c),
                 hidden=c["hidden_size"], layers=c["num_hidden_layers"], inter=c["intermediate_size"],
                 heads=heads, kv_heads=c.get("num_key_value_heads") or heads,
                 head_dim=c.get("head_dim") or c["hidden_size"] // heads, vocab=c["vocab_size"],
                 # mlx-lm's llama ties the output layer to the embedding unless the config says not
                 tied=bool(c.get("tie_word_embeddings", True)),
                 quantization=q if isinstance(q, dict) and "bits" in q else None)
+
+
+def _gemma3n_fields(c: dict) -> dict:
+    """Arch's gemma3n and gemma4 fields from the (merged) config: the KV-linked layers as the
+    trainer finds them in mlx-lm's model (_kv_linked), and gemma3n's AltUp streams and GELU MLP
+    (gemma4's blocks have neither AltUp nor gemma3n's sparse GELU: planned as llama blocks)."""
+    kind = str(c.get("model_type") or "")
+    if kind.startswith("gemma3n"):
+        return dict(kv_linked=_kv_linked(c.get("layer_types"), c.get("num_kv_shared_layers") or 0, "gemma3n"),
+                    altup=c.get("altup_num_inputs") or 0, mlp_arrays=GELU_MLP_ARRAYS)
+    if kind.startswith("gemma4"):
+        # mlx-lm's defaults where the config is silent (20 shared layers, every 5th layer global)
+        from mlx_lm.models.gemma4_text import ModelArgs
+
+        args = ModelArgs.from_dict(c)
+        return dict(kv_linked=_kv_linked(args.layer_types[:args.num_hidden_layers], args.num_kv_shared_layers,
+                                         "gemma4_text"))
+    return {}
+
+
+def _kv_linked(types, shared: int, family: str) -> tuple:
+    """The layers of a gemma3n or gemma4_text config that --grad-checkpoint leaves whole
+    (qlora.kv_linked_layers): the last `shared` layers attend to the keys and values of an
+    earlier layer, by the rule both mlx-lm models follow (qlora.gemma3n_cache_layers), and are
+    linked to it."""
+    if not shared or not isinstance(types, list):
+        return ()
+    from .qlora import cache_linked, gemma3n_cache_layers
+
+    first = max(0, len(types) - shared)
+    missing = sorted(set(types[first:]) - set(types[:first]))
+    if missing:
+        raise UserError(f"model config: the last {shared} layers (num_kv_shared_layers) read the cache "
+                        f"of an earlier {missing[0]} layer, and layer_types has none before them; "
+                        f"mlx-lm's {family} cannot build this model")
+    return tuple(sorted(cache_linked(gemma3n_cache_layers(types, shared))))
 
 
 def read_model_config(path: str, source: tuple[str, str] | None = None, requant=(4, 64)) -> dict:
@@ -337,6 +391,18 @@ SSM_CHUNK_ARRAYS = 2.0
 SSM_WIDTH_ARRAYS = 2.5
 SSM_WORK_ARRAYS = 1.0
 SSM_STATE_COPIES = 0.75
+# gemma3n blocks (Arch.altup, Arch.mlp_arrays), on top of the llama block's arrays. Fitted on the
+# CPU (float32, 2026-12-06; least squares on the relative error, rounded) to
+# `bench/memory.py --moe --only gemma3n` and 6 probes that vary one shape each (8 and 12 blocks,
+# AltUp 2 and 4 streams, MLP 704 and 1,408, 4 x 256 to 1 x 1,024 tokens, checkpointed or not):
+# 9 runs within -2.5%..+5.8%, and 2 held out +4.0% and +5.7% (docs/plan-memory.md); as llama
+# blocks, every block checkpointed, they were 41-65% under.
+# GELU_MLP_ARRAYS intermediate-sized arrays per token where a SwiGLU MLP keeps 3 (gemma3n's
+# GELU is not recomputed as qlora.swiglu is, and its sparse layers add the cutoff's arrays), and
+# ALTUP_ARRAYS hidden-sized arrays per AltUp stream (the streams' input, predictions and
+# corrections).
+GELU_MLP_ARRAYS = 7.0
+ALTUP_ARRAYS = 4.0
 
 
 def estimate(arch: Arch, run: Run) -> Breakdown:
@@ -378,19 +444,31 @@ def estimate(arch: Arch, run: Run) -> Breakdown:
     if not run.checkpoint:
         # the start of the backward pass: every block's saved arrays and the loss's arrays
         return moment(n * saved * tokens, _loss_bytes(arch, run), 0.0, big + big_work)
-    # Gradient checkpointing keeps each block's input (in the compute dtype); the backward pass
-    # recomputes one block at a time. Measured on the CPU (bench/memory.py, docs/plan-memory.md):
-    kept = n * arch.hidden * b * tokens
+    # Gradient checkpointing keeps each block's input (in the compute dtype; Arch.stream); the
+    # backward pass recomputes one block at a time. Blocks it leaves whole (gemma3n's and Gemma 4's KV-linked
+    # layers, Arch.kv_linked: qlora.checkpoint_blocks) keep all their saved arrays, as without
+    # checkpointing, until their backward pass has run. Measured on the CPU (bench/memory.py,
+    # docs/plan-memory.md):
+    adapted = range(arch.layers - n, arch.layers)
+    whole = [i for i in adapted if i in arch.kv_linked]
+    recomputed = [i for i in adapted if i not in arch.kv_linked]
+    inputs = len(recomputed) * arch.stream * b * tokens
+    kept = inputs + len(whole) * saved * tokens
     probs = _probs_bytes(arch, run) if attention_kind(arch, run) == "unfused" else 0.0
     loss = _loss_bytes(arch, run)
-    moments = [
+    if whole and whole[-1] == adapted[-1]:
+        # the last block is whole (gemma3n's KV-shared layers are the last): the backward pass starts
+        # as without checkpointing, nothing recomputed
+        moments = [moment(kept, loss, 0.0, big + big_work)]
+    else:
         # at the loss: the logits and the loss's arrays, the last block recomputed, and the run-ahead
         # of that recomputation (forward work: a block's arrays but its attention probabilities)
-        moment(kept, loss, big, big - probs),
+        moments = [moment(kept, loss, big, big - probs)]
+    if recomputed:
         # block by block: the block being differentiated, and in flight both the recomputation and
-        # the gradient work of the blocks after it
-        moment(kept, 0.0, big + big_work, 2 * big + big_work),
-    ]
+        # the gradient work of the blocks after it; of the whole blocks only those below it are left
+        below = sum(i < recomputed[-1] for i in whole)
+        moments.append(moment(inputs + below * saved * tokens, 0.0, big + big_work, 2 * big + big_work))
     if run.fused_update and not (run.device == "cpu" and run.flat_update):
         # With the gradient norm in the same compiled call as the backward pass, MLX computes the
         # gradients of the first block before those of the others: after its recomputation, every
@@ -404,7 +482,8 @@ def estimate(arch: Arch, run: Run) -> Breakdown:
         # 256, 4 x 256 tokens: 96.7 MB flat, 165.5 MB array by array; docs/plan-memory.md). On
         # CUDA the checkpointed runs with the flat update were fitted with this moment in place.
         lora_in = _lora_widths(arch, run)[0] * b
-        held = n * max(arch.hidden * b, lora_in) * tokens
+        # whole blocks (not recomputed) hold everything they saved, as in `kept`
+        held = (len(recomputed) * max(arch.stream * b, lora_in) + len(whole) * saved) * tokens
         if run.device == "cuda":
             # CUDA keeps what the moment describes only as far as it runs ahead: at long context the
             # LoRA inputs held beyond the blocks' own inputs stop near CUDA_RUN_AHEAD (H100, 7B:
@@ -475,7 +554,9 @@ def block_bytes(arch: Arch, run: Run, heaviest: bool = False) -> tuple[float, fl
     and, unless fused, the softmax probabilities (heads x width per token); the MLP's gate and up
     (qlora.swiglu recomputes sigmoid(gate) in the backward pass instead of keeping it and
     silu(gate)), plus one intermediate-sized array for the gradients that pass has in flight
-    (fitted on an H100, 7B shape: 4 x 1024 +11%, 1 x 2048 -1%, bench/RESULTS.md).
+    (fitted on an H100, 7B shape: 4 x 1024 +11%, 1 x 2048 -1%, bench/RESULTS.md); gemma3n's GELU
+    MLP keeps Arch.mlp_arrays of them instead of 3, and its AltUp streams ALTUP_ARRAYS
+    hidden-sized arrays each.
     """
     b = DTYPE_BYTES[run.dtype]
     d = arch.dims
@@ -500,7 +581,9 @@ def block_bytes(arch: Arch, run: Run, heaviest: bool = False) -> tuple[float, fl
         if heaviest:
             return max(each, key=sum)
         return sum(e[0] for e in each) / len(each), sum(e[1] for e in each) / len(each)
-    return norms + lora + attn + 3 * d["inter"] * b, work
+    mlp = arch.mlp_arrays * d["inter"] * b
+    altup = ALTUP_ARRAYS * arch.altup * d["hidden"] * b  # gemma3n's streams; 0 elsewhere
+    return norms + lora + attn + mlp + altup, work
 
 
 def _mixer_bytes(arch: Arch, run: Run, mixer: tuple) -> tuple[float, float]:

@@ -301,8 +301,9 @@ def checkpoint_blocks(model: nn.Module) -> list[int]:
     checkpointed, so parameter names (and adapter files) are unchanged and no other model in the
     process is affected (mlx-lm's helper patches the class itself). Layers joined by shared keys
     (kv_linked_layers) are left as they are: a checkpoint's backward pass sees only its block's
-    input and parameters, not keys that enter or leave it through the cache. Returns those
-    layers' indexes (the caller says so: the run keeps their activations)."""
+    input and parameters, not keys that enter or leave it through the cache or as a call
+    argument (gemma4_text's shared_kv). Returns those layers' indexes (the caller says so: the
+    run keeps their activations)."""
     linked = kv_linked_layers(model)
     for i, layer in enumerate(model.layers):
         if i in linked:
@@ -327,18 +328,53 @@ def checkpoint_blocks(model: nn.Module) -> list[int]:
     return sorted(linked)
 
 
+# Where an mlx-lm model lists, for each layer, the layer whose keys and values it attends to (its
+# own index where it computes them): gemma3n's KV-shared layers read them through the cache
+# (`layer_idx_to_cache_idx`), gemma4_text's get them as a call argument (`previous_kvs`: the model
+# hands each block the `shared_kv` its owner returned). Either way they cross from block to block
+# outside the hidden state, which is all a checkpoint's backward pass sees.
+KV_SOURCE_LISTS = ("layer_idx_to_cache_idx", "previous_kvs")
+
+
 def kv_linked_layers(model: nn.Module) -> set[int]:
-    """Indexes of the layers that read keys and values through another layer's cache (gemma3n's
-    KV-shared layers) and of the layers whose cache they read."""
-    shared = {i for i, layer in enumerate(model.layers)
-              if getattr(getattr(layer, "self_attn", None), "is_kv_shared_layer", False)}
+    """Indexes of the layers that attend to another layer's keys and values (gemma3n's and
+    gemma4_text's KV-shared layers) and of the layers whose keys they read: from the list mlx-lm's
+    model keeps (KV_SOURCE_LISTS); the planner, which has only the config, computes that list with
+    gemma3n_cache_layers. What else gemma4_text hands a block (per_layer_input, from the
+    embeddings and a model-level projection; the offset and the mask) depends on nothing trainable
+    (adapters live in the blocks only), so the blocks it reaches may be checkpointed."""
+    shared = {i for i, layer in enumerate(model.layers) if _reads_other_keys(getattr(layer, "self_attn", None))}
     if not shared:
         return set()
-    owner = next((m.layer_idx_to_cache_idx for _, m in model.named_modules()
-                  if isinstance(getattr(m, "layer_idx_to_cache_idx", None), list)), None)
+    lists = (getattr(m, name, None) for _, m in model.named_modules() for name in KV_SOURCE_LISTS)
+    owner = next((l for l in lists if isinstance(l, list) and len(l) == len(model.layers)), None)
     if owner is None:  # a layout not known: the last layer before the shared ones and all after it
         return set(range(min(shared) - 1, len(model.layers)))
-    return shared | {owner[i] for i in shared}
+    return shared | cache_linked(owner)
+
+
+def _reads_other_keys(attn) -> bool:
+    """Whether an attention layer attends to another layer's keys: gemma3n's
+    `is_kv_shared_layer`, gemma4_text's `has_kv` False (it has no k_proj)."""
+    return bool(getattr(attn, "is_kv_shared_layer", False)) or getattr(attn, "has_kv", True) is False
+
+
+def cache_linked(cache_of: list[int]) -> set[int]:
+    """The layers that read another layer's cache (cache_of[i] != i) and the layers they read: the
+    trainer's rule, from mlx-lm's list (kv_linked_layers), and the planner's, from the config's
+    (plan.arch_from_config)."""
+    readers = {i for i, c in enumerate(cache_of) if c != i}
+    return readers | {cache_of[i] for i in readers}
+
+
+def gemma3n_cache_layers(layer_types: list[str], kv_shared: int) -> list[int]:
+    """The cache each layer of a gemma3n model reads, from its config (mlx-lm's gemma3n
+    `layer_idx_to_cache_idx`, and gemma4_text's `previous_kvs`, the same rule): its own, except in
+    the last `kv_shared` layers, which read the cache of the last layer of their kind (full or
+    sliding attention) before them."""
+    first = len(layer_types) - kv_shared
+    last = {kind: i for i, kind in enumerate(layer_types[:first])}
+    return [i if i < first else last[kind] for i, kind in enumerate(layer_types)]
 
 
 # --- SwiGLU with a backward pass that recomputes instead of keeping -------------------------

@@ -224,6 +224,6 @@ def apply_compute_options(model: nn.Module, cfg: Config, objective: Objective | 
     if cfg.training.grad_checkpoint:
         if whole := checkpoint_blocks(model):
             print(f"note: --grad-checkpoint leaves {len(whole)} of {len(model.layers)} blocks whole (layers "
-                  f"{whole[0]}-{whole[-1]}: they share keys and values through the cache, which a checkpoint "
-                  "does not carry); their activations are kept")
+                  f"{', '.join(map(str, whole))}: they share keys and values, which a checkpoint does not "
+                  "carry); their activations are kept")
     return compute, mask_dtype, pack_target

@@ -512,3 +512,176 @@ def test_moe_and_mamba2_blocks_are_planned_within_15_percent_of_a_measured_step(
     predicted = plan.estimate(arch, run).peak
     assert abs(predicted / measured - 1) < 0.15, (predicted, measured)
     assert plan.estimate(arch, replace(run, mixers=())).peak < 0.85 * measured  # what it was
+
+
+# gemma3n (issue 29): --grad-checkpoint leaves the KV-linked layers whole (qlora.checkpoint_blocks)
+def _gemma3n(layers: int, shared: int, types: list[str], **text) -> dict:
+    t = dict(_MOE_ATTN, model_type="gemma3n_text", num_hidden_layers=layers, intermediate_size=[704] * layers,
+             num_kv_shared_layers=shared, layer_types=types, vocab_size_per_layer_input=1024, sliding_window=128,
+             rope_local_base_freq=10000.0, final_logit_softcapping=30.0,
+             activation_sparsity_pattern=[0.95] + [0.0] * (layers - 1), hidden_size_per_layer_input=64,
+             altup_num_inputs=4, altup_coef_clip=120.0, altup_correct_scale=True, altup_active_idx=0,
+             laurel_rank=64)
+    return {"model_type": "gemma3n", "text_config": dict(t, **text)}
+
+
+_S, _F = "sliding_attention", "full_attention"
+
+
+@pytest.mark.parametrize("layers, shared, types, linked", [
+    (8, 2, [_S, _S, _S, _F] * 2, (3, 5, 6, 7)),          # 6 reads 5's cache, 7 reads 3's
+    (8, 4, [_S, _S, _S, _F] * 2, (2, 3, 4, 5, 6, 7)),
+    (30, 10, ([_S] * 4 + [_F]) * 6, tuple(range(18, 30))),  # gemma-3n-E2B's layout
+    (30, 0, ([_S] * 4 + [_F]) * 6, ()),
+])
+def test_gemma3ns_kv_linked_layers_come_from_the_config(layers, shared, types, linked):
+    arch = plan.arch_from_config(_gemma3n(layers, shared, types))
+    assert (arch.kv_linked, arch.altup, arch.stream, arch.mlp_arrays) == (linked, 4, 1024, plan.GELU_MLP_ARRAYS)
+
+
+def test_other_models_have_no_kv_linked_layers_and_one_hidden_state():
+    import arch_models
+
+    for name in ("llama", "gemma3_text", "qwen3_moe"):
+        arch = plan.arch_from_config(arch_models.tiny_config(name))
+        assert (arch.kv_linked, arch.altup, arch.stream, arch.mlp_arrays) == ((), 0, arch.hidden, 3.0)
+    # gemma4_text shares keys (as call arguments) but has neither AltUp nor gemma3n's MLP
+    arch = plan.arch_from_config(arch_models.tiny_config("gemma4_text"))
+    assert (arch.kv_linked, arch.altup, arch.stream, arch.mlp_arrays) == ((0, 1, 2, 3), 0, arch.hidden, 3.0)
+
+
+@pytest.mark.parametrize("layers, shared, types", [(4, 2, [_S, _S, _F, _F]), (2, 2, [_S, _F])])
+def test_a_gemma3n_config_with_no_owner_for_its_shared_layers_is_refused(layers, shared, types):
+    # mlx-lm's gemma3n cannot build it either (its layer_idx_to_cache_idx has no layer to point to)
+    with pytest.raises(UserError, match="read the cache of an earlier full_attention layer, and layer_types has "
+                                        "none before them"):
+        plan.arch_from_config(_gemma3n(layers, shared, types))
+
+
+@pytest.mark.parametrize("layers, shared, types", [
+    (4, 2, [_S, _F] * 2),                 # tests/arch_models.py's tiny gemma3n: every layer linked
+    (6, 2, [_S, _F] * 3),
+    (8, 2, [_S, _S, _S, _F] * 2),
+    (8, 4, [_S, _S, _S, _F] * 2),
+])
+def test_the_planners_kv_linked_layers_are_the_ones_checkpointing_leaves_whole(layers, shared, types):
+    import arch_models
+    from mlx_lm.utils import _get_classes
+
+    from steadytune.qlora import checkpoint_blocks, gemma3n_cache_layers, kv_linked_layers
+
+    config = arch_models.tiny_config("gemma3n")
+    config["text_config"].update(num_hidden_layers=layers, num_kv_shared_layers=shared, layer_types=types,
+                                 intermediate_size=[128] * layers, activation_sparsity_pattern=[0.0] * layers)
+    model_class, args_class = _get_classes(config)
+    model = model_class(args_class.from_dict(config))
+    mlx_lms = next(m.layer_idx_to_cache_idx for _, m in model.named_modules() if hasattr(m, "layer_idx_to_cache_idx"))
+    assert gemma3n_cache_layers(types, shared) == mlx_lms
+    linked = plan.arch_from_config(config).kv_linked
+    assert linked == tuple(sorted(kv_linked_layers(model))) == tuple(checkpoint_blocks(model))
+
+
+def test_checkpointed_blocks_left_whole_keep_their_saved_arrays():
+    """Each whole block adds exactly its saved arrays less the input a checkpointed block keeps,
+    at every moment (here the linked blocks are the first two, so the loss moment is unchanged in
+    form); only the adapted ones count."""
+    arch = plan.arch_from_config(DEEP)
+    run = plan.Run(batch=4, seq=512, checkpoint=True, dtype="float32", device="cpu")
+    saved, _ = plan.block_bytes(arch, run)
+    base = plan.estimate(arch, run)
+    linked = plan.estimate(replace(arch, kv_linked=(0, 1)), run)
+    assert linked.activations - base.activations == 2 * (saved - 256 * 4) * 2048
+    assert linked.peak - base.peak == pytest.approx(2 * (saved - 256 * 4) * 2048, rel=1e-12)  # sums of floats
+    assert plan.estimate(replace(arch, kv_linked=(0, 1)), replace(run, lora_layers=14)) == \
+        plan.estimate(arch, replace(run, lora_layers=14))
+    # the fused update's moment (update array by array): whole blocks hold all they saved, not
+    # their LoRA inputs (256 + 256 + 256 + 512 floats a token)
+    held = replace(run, flat_update=False)
+    assert plan.estimate(replace(arch, kv_linked=(0, 1)), held).activations == \
+        (14 * 1280 * 4 + 2 * saved) * 2048
+
+
+def test_when_the_last_blocks_are_whole_the_backward_pass_starts_as_without_checkpointing():
+    """gemma3n's shared layers are the last: nothing is recomputed at the loss, and the checkpointed
+    blocks below them meet only the whole blocks below themselves."""
+    arch = replace(plan.arch_from_config(DEEP), kv_linked=(12, 13, 14, 15))
+    run = plan.Run(batch=4, seq=512, checkpoint=True, dtype="float32", device="cpu")
+    saved, work = plan.block_bytes(arch, run)
+    tokens = 2048
+    b = plan.estimate(arch, run)
+    assert b.activations == (12 * 256 * 4 + 4 * saved) * tokens
+    assert b.in_flight == plan.IN_FLIGHT_BLOCKS["cpu"] * (saved + work) * tokens
+    assert b.logits == plan._loss_bytes(arch, run)
+    owner_below = plan.estimate(replace(arch, kv_linked=(3, 13, 14, 15)), run)  # 3 is still alive at block 12
+    assert owner_below.activations == b.activations
+
+
+def test_a_checkpointed_gemma3n_step_is_planned_within_15_percent():
+    """steadytune's Step on a random 4-bit gemma3n, checkpointed (layers 3, 5, 6 and 7 whole):
+    the KV-linked blocks at their saved arrays, the AltUp streams as each block's input
+    (ALTUP_ARRAYS) and the GELU MLP's arrays (GELU_MLP_ARRAYS). Measured 168.0 MB, planned
+    +1.7%; as llama blocks, every block checkpointed, as before, -61.4% (docs/plan-memory.md)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import memory
+
+    spec = dict(name="gemma3n", config=_gemma3n(8, 2, [_S, _S, _S, _F] * 2), batch=2, seq=256, ckpt=True)
+    measured = memory.run_one(spec, "cpu", steps=2)["peak"]
+    arch, run = memory.planned_run(spec, "cpu")
+    assert arch.kv_linked == (3, 5, 6, 7)
+    predicted = plan.estimate(arch, run).peak
+    assert abs(predicted / measured - 1) < 0.15, (predicted, measured)
+    as_before = replace(arch, kv_linked=(), altup=0, mlp_arrays=3.0)
+    assert plan.estimate(as_before, run).peak < 0.85 * measured
+
+
+def _gemma4(**text) -> dict:
+    import arch_models
+
+    config = arch_models.tiny_config("gemma4_text")
+    for k, v in text.items():
+        if v is None:
+            config.pop(k, None)  # mlx-lm's default
+        else:
+            config[k] = v
+    return config
+
+
+@pytest.mark.parametrize("config, linked", [
+    (_gemma4(num_hidden_layers=8, layer_types=[_S, _S, _S, _F] * 2), (3, 5, 6, 7)),  # 6 reads 5's keys, 7 3's
+    (_gemma4(num_hidden_layers=8, num_kv_shared_layers=4, layer_types=[_S, _S, _S, _F] * 2), (2, 3, 4, 5, 6, 7)),
+    (_gemma4(num_hidden_layers=6, num_kv_shared_layers=0, layer_types=[_S, _F] * 3), ()),
+    # no layer_types: mlx-lm's, every sliding_window_pattern-th layer global (S S F S S F S S)
+    (_gemma4(num_hidden_layers=8, layer_types=None, sliding_window_pattern=3), (4, 6, 7)),
+    # no num_kv_shared_layers either: mlx-lm's 20 (of 25), every 5th layer global
+    (_gemma4(num_hidden_layers=25, layer_types=None, num_kv_shared_layers=None), tuple(range(3, 25))),
+    # the multimodal wrapper: the same text model under text_config
+    ({"model_type": "gemma4", "vocab_size": 384,
+      "text_config": _gemma4(num_hidden_layers=8, layer_types=[_S, _S, _S, _F] * 2)}, (3, 5, 6, 7)),
+])
+def test_gemma4s_kv_linked_layers_from_the_config_are_the_ones_checkpointing_leaves_whole(config, linked):
+    """gemma4_text passes keys and values to its KV-shared layers as a call argument (mlx-lm's
+    previous_kvs); the planner finds the same layers from the config, by the rule it shares with
+    gemma3n (qlora.gemma3n_cache_layers), and the trainer leaves them whole (issue 29)."""
+    from mlx_lm.utils import _get_classes
+
+    from steadytune.qlora import checkpoint_blocks, gemma3n_cache_layers, kv_linked_layers
+
+    model_class, args_class = _get_classes(config)
+    model = model_class(args_class.from_dict(config))
+    text = model.language_model.model if config["model_type"] == "gemma4" else model.model
+    types, shared = [l.layer_type for l in model.layers], text.config.num_kv_shared_layers
+    assert gemma3n_cache_layers(types, shared) == text.previous_kvs
+    assert plan.arch_from_config(config).kv_linked == linked == tuple(sorted(kv_linked_layers(model))) \
+        == tuple(checkpoint_blocks(model))
+
+
+def test_a_gemma4_config_with_no_owner_for_its_shared_layers_is_refused():
+    config = _gemma4(num_hidden_layers=4, num_kv_shared_layers=2, layer_types=[_S, _S, _F, _F])
+    with pytest.raises(UserError, match="read the cache of an earlier full_attention layer, and layer_types has "
+                                        "none before them; mlx-lm's gemma4_text cannot build this model"):
+        plan.arch_from_config(config)
+    from mlx_lm.utils import _get_classes
+
+    model_class, args_class = _get_classes(config)
+    with pytest.raises(KeyError):  # what mlx-lm says
+        model_class(args_class.from_dict(config))

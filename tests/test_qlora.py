@@ -13,7 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten
-from mlx_lm.models import llama
+from mlx_lm.models import gemma4_text, llama
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from steadytune import loss, qlora
@@ -321,6 +321,67 @@ def test_gradient_checkpointing_keeps_gradients_and_saves_memory():
         assert rel_err(ckpt_grads[name], g) <= reordered(128, 2 * ROUNDINGS_PER_BLOCK), name
     plain_peak, ckpt_peak = _peak_of_compiled_step(model(False), data), _peak_of_compiled_step(model(True), data)
     assert ckpt_peak < 0.8 * plain_peak, (ckpt_peak, plain_peak)
+
+
+def _gemma4_text(layer_types: list[str], shared: int):
+    """A random float32 gemma4_text (tests/arch_models.py's, with these layers) whose last `shared`
+    layers attend to an earlier layer's keys, LoRA on every linear layer of every block (as the
+    trainer adapts by default), lora_b random so every adapter takes part."""
+    import arch_models
+    from mlx_lm.utils import _get_classes
+
+    from steadytune.config import LoraConfig
+    from steadytune.model import apply_lora
+
+    config = arch_models.tiny_config("gemma4_text")
+    config.update(num_hidden_layers=len(layer_types), layer_types=layer_types, num_kv_shared_layers=shared)
+    model_class, args_class = _get_classes(config)
+    mx.random.seed(0)
+    model = model_class(args_class.from_dict(config))
+    model.freeze()
+    apply_lora(model, LoraConfig(rank=4), seed=0)
+    mx.random.seed(1)
+    model.update(nn.utils.tree_map(lambda p: mx.random.normal(p.shape) * 0.05, model.trainable_parameters()))
+    mx.eval(model.parameters())
+    return model
+
+
+_S, _F = "sliding_attention", "full_attention"
+
+
+def test_gradient_checkpointing_keeps_gemma4s_shared_key_gradients():
+    """gemma4_text hands its KV-shared layers (6, 7) their keys and values as a call argument from
+    layers 5 and 3 (mlx-lm's previous_kvs). Checkpointing those blocks would treat the keys as
+    constants and cut every gradient that flows back through them: the owners' k/v adapters and
+    every adapter of the blocks below (before the fix, issue 29, every block was checkpointed: 94
+    of the 136 gradients, all of layers 0-4's and layer 5's k/v, were 0.23-0.70 off, relative).
+    checkpoint_blocks leaves 3, 5, 6, 7 whole and checkpoints 0, 1, 2, 4."""
+    data = batch(vocab=384, b=2, t=24)
+    types = [_S, _S, _S, _F] * 2
+    plain_loss, plain_grads = loss_and_grads(_gemma4_text(types, 2), data)
+    model = _gemma4_text(types, 2)
+    assert checkpoint_blocks(model) == [3, 5, 6, 7]
+    checkpointed = [i for i, l in enumerate(model.layers) if type(l) is not gemma4_text.DecoderLayer]
+    assert checkpointed == [0, 1, 2, 4]
+    ckpt_loss, ckpt_grads = loss_and_grads(model, data)
+    assert ckpt_loss == pytest.approx(plain_loss, rel=1e-6)
+    assert sorted(ckpt_grads) == sorted(plain_grads) and len(plain_grads) == 136  # 8 blocks' adapters
+    for name, g in plain_grads.items():
+        # recomputation repeats the same float32 operations (measured: bitwise equal); allowed: a
+        # reordering of every sum (at most 128 terms: the MLP) in the 8 blocks' backward, 8 * 15
+        # operations (9.2e-4)
+        assert rel_err(ckpt_grads[name], g) <= reordered(128, 4 * ROUNDINGS_PER_BLOCK), name
+
+
+def test_grad_checkpoint_names_every_block_it_leaves_whole(capsys):
+    from steadytune.config import Config
+    from steadytune.setup import apply_compute_options
+
+    cfg = Config()
+    cfg.training.grad_checkpoint, cfg.training.pack = True, False
+    model = _gemma4_text([_S, _S, _S, _F] * 2, 2)
+    apply_compute_options(model, cfg)
+    assert "leaves 4 of 8 blocks whole (layers 3, 5, 6, 7: they share keys and values" in capsys.readouterr().out
 
 
 def _half_base(model):
