@@ -13,6 +13,14 @@ the most likely token is the same; file sizes side by side. Then the greedy answ
 exports to the demo prompts against the float16 export's. (The LoRA GGUF, `--format gguf-lora`, is
 measured by bench/gguf_lora.py.) The llama.cpp half runs in VENV (this file again, with --llama-side);
 a table is printed and the numbers written to WORK/results.json.
+
+--split (with q8_0 among --types) separates where the Q8_0 file's error comes from: llama.cpp's CPU
+matmul of a Q8_0 weight also rounds the activations to 8-bit blocks of 32 (a q8_0 x q8_0 dot), so
+besides the Q8_0 file it runs float32 files of (a) the float16 export's weights, where the only
+difference from the reference is that llama.cpp no longer rounds activations to float16 in the
+matmuls, (b) the Q8_0 blocks' values, the weight rounding alone; and a Q8_0 file whose block scales
+are searched for the least squared error (`q8_0_least_squares`, the same format) with its float32
+twin. Same KL, top-1 and greedy answers for each, and each one's weight RMSE.
 """
 
 from __future__ import annotations
@@ -78,6 +86,8 @@ def main() -> None:
                    "(fewer for a larger model on a small machine)")
     p.add_argument("--golden", action="store_true", help="write tests/data/ggml_quants_llama_cpp.npz")
     p.add_argument("--reuse", action="store_true", help="measure the exports already in --work again")
+    p.add_argument("--split", action="store_true", help="also run the float32 and least-squares Q8_0 "
+                   "files that split the Q8_0 error into weight and activation rounding (needs q8_0)")
     p.add_argument("--llama-side", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.llama_side:
@@ -89,6 +99,8 @@ def main() -> None:
     work = Path(args.work) if args.work else run / "bench-gguf-quant"
     work.mkdir(parents=True, exist_ok=True)
     types = [t for t in args.types.split(",") if t]
+    if args.split and "q8_0" not in types:
+        p.error("--split measures the Q8_0 export: add q8_0 to --types")
     if not args.reuse:
         seconds = export_all(run, work, types)
         texts = held_out_texts()
@@ -96,12 +108,123 @@ def main() -> None:
         job = {"types": types, "texts": texts, "prompts": demo_prompts(run), "threads": args.threads,
                "export_seconds": seconds}
         (work / "job.json").write_text(json.dumps(job))
+    if args.split:
+        job = json.loads((work / "job.json").read_text())
+        job["split"] = write_split(work)
+        (work / "job.json").write_text(json.dumps(job))
     subprocess.run([python, __file__, "--llama-venv", args.llama_venv, "--llama-side", str(work)], check=True)
     results = json.loads((work / "results.json").read_text())
     for t, row in results["types"].items():
         row.update(same_tensors(work / f"ours-{t}" / "model.gguf", work / f"llama-{t}.gguf"))
     (work / "results.json").write_text(json.dumps(results, indent=1))
     report(results, run)
+
+
+def q8_0_least_squares(x, steps: int = 16):
+    """Q8_0 blocks of x (n, 32) whose scale is searched for the least squared error: from each of
+    `steps` trial scales amax/127.4 .. amax/124.4 the codes are rounded, the scale refitted by least
+    squares and stored as float16, the codes rounded again against the stored scale; llama.cpp's
+    block (d = amax/127, codes rounded against the unrounded d) is the first candidate, so no block
+    is worse than llama.cpp's. Returns (blocks (n, 34) uint8, squared error per block)."""
+    import numpy as np
+
+    from steadytune.gguf_quantize import quantize
+
+    f32 = np.float32
+    blocks = quantize(x, "Q8_0")
+
+    def error(d, q):
+        return (((d[:, None] * q.astype(f32)) - x) ** 2).sum(axis=1)
+
+    d = blocks[:, :2].copy().view(np.float16)[:, 0].astype(f32)
+    q = blocks[:, 2:].view(np.int8)
+    best = error(d, q)
+    amax = np.abs(x).max(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for k in range(steps):
+            trial = np.clip(np.rint(x * ((f32(127.4) - f32(0.2) * f32(k)) / amax)[:, None]), -127, 127)
+            fit = ((x * trial).sum(axis=1) / (trial * trial).sum(axis=1)).astype(np.float16).astype(f32)
+            again = np.clip(np.rint(x / fit[:, None]), -127, 127).astype(np.int8)
+            err = error(fit, again)
+            take = (err < best) & (fit > 0) & np.isfinite(fit)
+            best = np.where(take, err, best)
+            blocks[take, :2] = fit[take].astype(np.float16).reshape(-1, 1).view(np.uint8)
+            blocks[take, 2:] = again[take].view(np.uint8)
+    return blocks, best
+
+
+def rewrite_gguf(src: Path, dst: Path, tensors: dict) -> None:
+    """src with the tensors named in `tensors` (name -> (numpy array, GGML type name)) replaced:
+    the same metadata, tensor order and names (gguf's gguf_new_metadata copy)."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(src))
+    arch = reader.fields["general.architecture"].contents()
+    writer = gguf.GGUFWriter(str(dst), arch)
+    all_f32 = all(t == "F32" for _, t in tensors.values())
+    for field in reader.fields.values():
+        if field.name == "general.architecture" or field.name.startswith("GGUF."):
+            continue
+        value = field.contents()
+        if field.name == "general.file_type" and all_f32 and len(tensors) == len(reader.tensors):
+            value = int(gguf.LlamaFileType.ALL_F32)
+        kind = field.types[0]
+        sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, value, kind, sub_type=sub)
+    data = []
+    for t in reader.tensors:
+        array, type_name = tensors.get(t.name, (t.data, t.tensor_type.name))
+        raw = gguf.GGMLQuantizationType[type_name]
+        writer.add_tensor_info(t.name, array.shape, array.dtype, array.nbytes, raw)
+        data.append(array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for array in data:
+        writer.write_tensor_data(array)
+    writer.close()
+
+
+def write_split(work: Path) -> dict:
+    """--split's files (see the module's docstring) next to the exports; returns {label: [path,
+    weight RMSE against the float16 export over the Q8_0 file's Q8_0 tensors]}."""
+    import gguf
+    import numpy as np
+
+    from steadytune.gguf_quants import dequantize
+
+    def values(t):
+        return dequantize(t.data, t.tensor_type.name, tuple(int(n) for n in reversed(t.shape)))
+
+    f16 = {t.name: t for t in gguf.GGUFReader(str(work / "ours-f16" / "model.gguf")).tensors}
+    q8 = gguf.GGUFReader(str(work / "ours-q8_0" / "model.gguf")).tensors
+    float32 = {t.name: (values(t), "F32") for t in f16.values()}
+    deq, lsq, lsq_deq, sq = {}, {}, {}, {"deq-q8_0": 0.0, "lsq-q8_0": 0.0}
+    count = 0
+    for t in q8:
+        if t.tensor_type.name != "Q8_0":
+            deq[t.name] = lsq_deq[t.name] = float32[t.name]
+            continue
+        ref = float32[t.name][0]
+        mine = values(t)
+        blocks, _ = q8_0_least_squares(ref.reshape(-1, 32))
+        again = dequantize(blocks, "Q8_0", ref.shape)
+        deq[t.name] = (mine, "F32")
+        lsq[t.name] = (blocks.reshape(*ref.shape[:-1], -1), "Q8_0")
+        lsq_deq[t.name] = (again, "F32")
+        sq["deq-q8_0"] += float(((mine.astype(np.float64) - ref) ** 2).sum())
+        sq["lsq-q8_0"] += float(((again.astype(np.float64) - ref) ** 2).sum())
+        count += ref.size
+    rmse = {k: (v / count) ** 0.5 for k, v in sq.items()}
+    out = {}
+    for label, tensors, err in (("f32", float32, 0.0), ("deq-q8_0", deq, rmse["deq-q8_0"]),
+                                ("lsq-q8_0", lsq, rmse["lsq-q8_0"]), ("deq-lsq-q8_0", lsq_deq, rmse["lsq-q8_0"])):
+        path = work / f"split-{label}.gguf"
+        src = work / ("ours-f16" if label == "f32" else "ours-q8_0") / "model.gguf"
+        rewrite_gguf(src, path, tensors)
+        out[label] = [str(path), err]
+    out["q8_0"] = [str(work / "ours-q8_0" / "model.gguf"), rmse["deq-q8_0"]]
+    return out
 
 
 def same_tensors(ours: Path, theirs: Path) -> dict:
@@ -129,6 +252,14 @@ def report(r: dict, run: Path) -> None:
     g = r["greedy"]
     print(f"greedy answers, Q8_0 export vs float16 export: {g['q8_0_same']}/{g['n']} prompts token for token "
           f"(llama.cpp's Q8_0: {g['q8_0_llama_same']}/{g['n']}), {g['tokens']} tokens each")
+    if "split" in r:
+        print("\n--split: | file | weight RMSE | KL | top-1 | greedy same | first different token "
+              "(float16 answer's top-2 logit gap there) |")
+        print("|---|---|---|---|---|---|")
+        for label, m in r["split"].items():
+            where = ", ".join("-" if gap is None else f"{i} ({gap})" for i, gap in zip(m["prefix"], m["ref_gap"]))
+            print(f"| {label} | {m['rmse']:.3e} | {m['kl']:.5f} | {m['top1']:.4f} | {m['same']}/{g['n']} | {where} |")
+        print(f"smallest top-2 logit gap along each float16 answer: {r['ref_smallest_gap']}")
 
 
 def golden(python: str) -> None:
@@ -201,16 +332,21 @@ class Runner:
             self.lib.llama_batch_free(batch)
         return np.stack(rows)
 
-    def greedy(self, ids: list[int], n: int) -> list[int]:
-        """Up to n tokens, each the most likely, stopping at an end-of-generation token (KV cache)."""
+    def greedy(self, ids: list[int], n: int, gaps: list | None = None) -> list[int]:
+        """Up to n tokens, each the most likely, stopping at an end-of-generation token (KV cache);
+        each step's lead of the top logit over the runner-up is appended to `gaps` if given."""
         import numpy as np
 
         self.llm._clear_context_state()
         n_past, out, feed = 0, [], ids
         for _ in range(n):
             n_past = self.llm._eval_tokens(feed, n_past)
-            row = self.ffi.buffer(self.lib.llama_get_logits_ith(self.llm._ctx, -1), 4 * self.n_vocab)
-            nxt = int(np.frombuffer(row, dtype=np.float32).argmax())
+            row = np.frombuffer(self.ffi.buffer(self.lib.llama_get_logits_ith(self.llm._ctx, -1), 4 * self.n_vocab),
+                                dtype=np.float32)
+            nxt = int(row.argmax())
+            if gaps is not None:
+                top2 = np.partition(row, -2)[-2:]
+                gaps.append(float(top2[1] - top2[0]))
             out.append(nxt)
             if self.lib.llama_vocab_is_eog(self.llm._vocab, nxt):
                 break
@@ -263,7 +399,8 @@ def llama_side(work: Path) -> None:
     ref_logits = reference_logits(ref, seqs, work / "ref-logits.npy")
     prompts = [ref.llm.tokenize(p, add_special=True, parse_special=True) for p in job["prompts"]]
     n_new = 48
-    ref_answers = [ref.greedy(ids, n_new) for ids in prompts]
+    ref_gaps = [[] for _ in prompts]
+    ref_answers = [ref.greedy(ids, n_new, gaps) for ids, gaps in zip(prompts, ref_gaps)]
     lib, ffi = ref.lib, ref.ffi
     results = {"positions": sum(map(len, seqs)), "types": {}, "llama_cpp": llama_cpp_py_sync.__version__}
     answers = {}
@@ -291,6 +428,23 @@ def llama_side(work: Path) -> None:
                          "q8_0_same": sum(a == b for a, b in zip(answers.get("ours", []), ref_answers)),
                          "q8_0_llama_same": sum(a == b for a, b in zip(answers.get("llama", []), ref_answers))}
     (work / "results.json").write_text(json.dumps(results, indent=1))
+    if job.get("split"):
+        results["split"] = {}
+        results["ref_smallest_gap"] = [round(min(g), 3) for g in ref_gaps]
+    for label, (path, rmse) in job.get("split", {}).items():
+        runner = Runner(Path(path), threads)
+        kl, top1 = compare(ref_logits, runner, seqs)
+        got = [runner.greedy(ids, n_new) for ids in prompts]
+        del runner
+        prefix = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), min(len(x), len(y)))
+                  for x, y in zip(got, ref_answers)]
+        # how close the float16 answer was to a tie where this one left it (None: same answer)
+        gap = [None if a == b else round(g[i], 3) if i < len(g) else None
+               for a, b, g, i in zip(got, ref_answers, ref_gaps, prefix)]
+        results["split"][label] = {"rmse": rmse, "kl": kl, "top1": top1, "prefix": prefix, "ref_gap": gap,
+                                   "same": sum(a == b for a, b in zip(got, ref_answers))}
+        print(label, results["split"][label], flush=True)
+        (work / "results.json").write_text(json.dumps(results, indent=1))
     (work / "ref-logits.npy").unlink()  # 1-3 GB, made again by the next measurement
 
 
