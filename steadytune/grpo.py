@@ -179,9 +179,9 @@ class rollout_mode:
         for _, m in self.model.named_modules():
             cls = type(m)
             if cls is qlora.DequantLinear or (self.device == "cpu" and cls is nn.QuantizedLinear):
-                new = _FloatLinear if self.device == "cpu" else nn.QuantizedLinear
+                new = _FloatLinear if self.device == "cpu" else _RowsQuantizedLinear
             elif cls is qlora.DequantEmbedding or (self.device == "cpu" and cls is nn.QuantizedEmbedding):
-                new = _FloatEmbedding if self.device == "cpu" else nn.QuantizedEmbedding
+                new = _FloatEmbedding if self.device == "cpu" else _RowsQuantizedEmbedding
             else:
                 continue
             if new in (_FloatLinear, _FloatEmbedding) and id(m) not in self.floats:
@@ -202,6 +202,23 @@ class rollout_mode:
 
 
 _FLOATS: dict = {}  # id(layer) -> its float32 weight while rollout_mode holds it
+
+
+class _RowsQuantizedLinear(nn.QuantizedLinear):
+    """nn.QuantizedLinear on x flattened to one matrix of rows. A decoding batch arrives as
+    (rows, 1, in), which MLX's CUDA quantized_matmul runs as `rows` products of one row each, every
+    one reading the whole packed weight; as a (rows, in) matrix it is one product (the CUTLASS
+    kernel's tiles filled with rows). H100, 7B shape, 32 rows: bench/RESULTS.md (GRPO)."""
+
+    def __call__(self, x):
+        return super().__call__(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
+
+
+class _RowsQuantizedEmbedding(nn.QuantizedEmbedding):
+    """nn.QuantizedEmbedding whose tied output layer multiplies a matrix of rows (see above)."""
+
+    def as_linear(self, x):
+        return super().as_linear(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
 
 
 class _FloatLinear(nn.QuantizedLinear):
