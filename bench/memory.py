@@ -6,9 +6,11 @@
                                             # the first configuration also compiles MLX's kernels)
     python bench/memory.py --gpu --only "4x1024,2x512"   # configurations whose name contains one of these
     python bench/memory.py --moe            # CPU grid: MoE and Mamba-2 hybrids (qwen3_moe,
-                                            # granitemoehybrid, nemotron_h) and gemma3n (AltUp,
-                                            # KV-shared layers), float32 (~8 min, 2 cores)
+                                            # granitemoehybrid, nemotron_h), gemma3n (AltUp,
+                                            # KV-shared layers) and Gemma 4 (gemma4_text),
+                                            # float32 (~15 min, 2 cores)
     python bench/memory.py --moe --only gemma3n   # the gemma3n rows (~5 min)
+    python bench/memory.py --moe --only gemma4    # the Gemma 4 rows (~7 min)
 
 Each configuration runs in a fresh process (so one run's compiled graphs and allocator cache don't
 touch the next): build an mlx-lm llama model (with --moe: the spec's model type, from its
@@ -122,7 +124,7 @@ LONG = {
     ],
 }
 
-# MoE and Mamba-2 hybrids, and gemma3n (issue 29): `--moe`. "config" is the whole config.json (the
+# MoE and Mamba-2 hybrids, gemma3n and Gemma 4 (issue 29): `--moe`. "config" is the whole config.json (the
 # model type mlx-lm builds); every linear layer adapted (lora.target_modules unset: routers excepted), the
 # experts' adapters included. Scaled so a block's activations, not the logits, decide the peak.
 _ATTN = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=4096,
@@ -160,6 +162,22 @@ GEMMA3N_H512 = dict(GEMMA3N, text_config=dict(
     intermediate_size=[2048] * 10, num_kv_shared_layers=4,
     layer_types=(["sliding_attention"] * 4 + ["full_attention"]) * 2,
     activation_sparsity_pattern=[0.95] * 3 + [0.0] * 7, hidden_size_per_layer_input=128))
+# Gemma 4 (gemma4_text, issue 29): the last num_kv_shared_layers layers get keys and values from an
+# earlier layer of their kind as a call argument, so --grad-checkpoint leaves them and their owners
+# whole, as gemma3n's: here 3 and 5-7 of 8. Its MLP is GEGLU (gelu_approx(gate) * up); per-layer
+# inputs (hidden_size_per_layer_input; mlx-lm's default 256) and the double-width MLP of the shared
+# layers (use_double_wide_mlp; mlx-lm's default on) are off here and on in GEMMA4_E2B.
+GEMMA4 = dict(_ATTN, model_type="gemma4_text", num_hidden_layers=8, intermediate_size=704, global_head_dim=128,
+              rms_norm_eps=1e-6, num_kv_shared_layers=2, sliding_window=256, final_logit_softcapping=30.0,
+              layer_types=(["sliding_attention"] * 3 + ["full_attention"]) * 2, hidden_size_per_layer_input=0,
+              vocab_size_per_layer_input=4096, use_double_wide_mlp=False, tie_word_embeddings=True)
+# gemma-4-E2B's kind of block: per-layer inputs (64 a layer) and the shared layers' MLP twice as wide
+GEMMA4_E2B = dict(GEMMA4, hidden_size_per_layer_input=64, use_double_wide_mlp=True)
+# gemma-4-E2B's layer pattern (every 5th layer global) at 10 layers, the last 4 sharing (4-9 linked,
+# 6-9 double-width), hidden 512, 8 heads
+GEMMA4_H512 = dict(GEMMA4_E2B, hidden_size=512, num_attention_heads=8, num_hidden_layers=10, intermediate_size=2048,
+                   num_kv_shared_layers=4, layer_types=(["sliding_attention"] * 4 + ["full_attention"]) * 2,
+                   hidden_size_per_layer_input=128)
 MOE = {
     "cpu": [
         dict(name="qwen3_moe 16e top4 2x512", config=QWEN3_MOE, batch=2, seq=512),
@@ -183,6 +201,16 @@ MOE = {
         # held out: not used to fit GELU_MLP_ARRAYS and ALTUP_ARRAYS (measured after the fit)
         dict(name="gemma3n h512 10 layers 2x256 (held out)", config=GEMMA3N_H512, batch=2, seq=256),
         dict(name="gemma3n h512 10 layers 2x256 ckpt (held out)", config=GEMMA3N_H512, batch=2, seq=256,
+             ckpt=True),
+        dict(name="gemma4 8 layers 2x512", config=GEMMA4, batch=2, seq=512),
+        dict(name="gemma4 8 layers 2x512 ckpt", config=GEMMA4, batch=2, seq=512, ckpt=True),
+        dict(name="gemma4 8 layers, 4 shared 1x1024 ckpt", config=dict(GEMMA4, num_kv_shared_layers=4),
+             batch=1, seq=1024, ckpt=True),
+        dict(name="gemma4 e2b-like 8 layers 2x512", config=GEMMA4_E2B, batch=2, seq=512),
+        dict(name="gemma4 e2b-like 8 layers 2x512 ckpt", config=GEMMA4_E2B, batch=2, seq=512, ckpt=True),
+        # held out: not used to fit GEGLU_MLP_ARRAYS, GEMMA4_*_ARRAYS and PER_LAYER_ARRAYS
+        dict(name="gemma4 h512 10 layers 2x256 (held out)", config=GEMMA4_H512, batch=2, seq=256),
+        dict(name="gemma4 h512 10 layers 2x256 ckpt (held out)", config=GEMMA4_H512, batch=2, seq=256,
              ckpt=True),
     ],
 }
@@ -383,7 +411,7 @@ def main() -> int:
     p.add_argument("--gpu", action="store_true", help="the 7B grid on the GPU (bfloat16)")
     p.add_argument("--long", action="store_true", help="the long-context grid (512 to 32k positions, "
                    "packed and not) instead of the usual one")
-    p.add_argument("--moe", action="store_true", help="the MoE, Mamba-2 hybrid and gemma3n grid (CPU) "
+    p.add_argument("--moe", action="store_true", help="the MoE, Mamba-2 hybrid, gemma3n and Gemma 4 grid (CPU) "
                    "instead of the usual one")
     p.add_argument("--steps", type=int, default=3, help="optimizer steps per configuration")
     p.add_argument("--only", help="run the configurations whose name contains one of these "

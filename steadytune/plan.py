@@ -128,8 +128,16 @@ class Arch:
     # which is what a checkpointed block keeps; 0 for every other model (one hidden state)
     altup: int = 0
     # intermediate-sized arrays a block's MLP keeps per token for the backward pass: 3 for a
-    # SwiGLU MLP (block_bytes), GELU_MLP_ARRAYS for gemma3n's
+    # SwiGLU MLP (block_bytes), GELU_MLP_ARRAYS for gemma3n's, GEGLU_MLP_ARRAYS for Gemma 4's
     mlp_arrays: float = 3.0
+    # Gemma 4 (gemma4_text): hidden-sized and query-sized arrays a block keeps per token beyond a
+    # llama block's (GEMMA4_HIDDEN_ARRAYS, GEMMA4_HEAD_ARRAYS); the layers whose MLP is twice
+    # intermediate_size (use_double_wide_mlp: the KV-shared layers); the width of each layer's
+    # per-layer input (hidden_size_per_layer_input; 0: none). 0, 0, () and 0 for every other model.
+    hidden_arrays: float = 0.0
+    head_arrays: float = 0.0
+    wide_mlp: tuple = ()
+    per_layer_input: int = 0
 
     @property
     def stream(self) -> int:
@@ -167,7 +175,7 @@ def arch_from_config(config: dict) -> Arch:
         state = c["linear_num_value_heads"] * c.get("linear_value_head_dim", 128) * c.get("linear_key_head_dim", 128)
         linear = c["num_hidden_layers"] - c["num_hidden_layers"] // every
     return Arch(recurrent_state=state, recurrent_layers=linear, model_type=str(c.get("model_type") or ""),
-                **_gemma3n_fields(c),
+                **_gemma_fields(c),
                 hidden=c["hidden_size"], layers=c["num_hidden_layers"], inter=c["intermediate_size"],
                 heads=heads, kv_heads=c.get("num_key_value_heads") or heads,
                 head_dim=c.get("head_dim") or c["hidden_size"] // heads, vocab=c["vocab_size"],
@@ -176,10 +184,11 @@ def arch_from_config(config: dict) -> Arch:
                 quantization=q if isinstance(q, dict) and "bits" in q else None)
 
 
-def _gemma3n_fields(c: dict) -> dict:
+def _gemma_fields(c: dict) -> dict:
     """Arch's gemma3n and gemma4 fields from the (merged) config: the KV-linked layers as the
-    trainer finds them in mlx-lm's model (_kv_linked), and gemma3n's AltUp streams and GELU MLP
-    (gemma4's blocks have neither AltUp nor gemma3n's sparse GELU: planned as llama blocks)."""
+    trainer finds them in mlx-lm's model (_kv_linked), gemma3n's AltUp streams and GELU MLP, and
+    Gemma 4's GEGLU MLP, its blocks' other hidden-sized arrays, its double-width MLPs and per-layer
+    inputs, as mlx-lm's gemma4_text builds them."""
     kind = str(c.get("model_type") or "")
     if kind.startswith("gemma3n"):
         return dict(kv_linked=_kv_linked(c.get("layer_types"), c.get("num_kv_shared_layers") or 0, "gemma3n"),
@@ -189,8 +198,15 @@ def _gemma3n_fields(c: dict) -> dict:
         from mlx_lm.models.gemma4_text import ModelArgs
 
         args = ModelArgs.from_dict(c)
+        first_shared = args.num_hidden_layers - args.num_kv_shared_layers
+        # mlx-lm's MLP: twice as wide in the KV-shared layers (`layer_idx >= first_shared > 0`)
+        wide = tuple(range(first_shared, args.num_hidden_layers)) if args.use_double_wide_mlp and first_shared > 0 \
+            else ()
         return dict(kv_linked=_kv_linked(args.layer_types[:args.num_hidden_layers], args.num_kv_shared_layers,
-                                         "gemma4_text"))
+                                         "gemma4_text"),
+                    mlp_arrays=GEGLU_MLP_ARRAYS, hidden_arrays=GEMMA4_HIDDEN_ARRAYS,
+                    head_arrays=GEMMA4_HEAD_ARRAYS, wide_mlp=wide,
+                    per_layer_input=args.hidden_size_per_layer_input or 0)
     return {}
 
 
@@ -403,6 +419,26 @@ SSM_STATE_COPIES = 0.75
 # corrections).
 GELU_MLP_ARRAYS = 7.0
 ALTUP_ARRAYS = 4.0
+# Gemma 4 blocks (gemma4_text: Arch.mlp_arrays, hidden_arrays, head_arrays, wide_mlp,
+# per_layer_input), on top of the llama block's arrays. Fitted on the CPU (float32, 2026-12-06; the
+# best of a grid of whole numbers by least squares on the relative error) to `bench/memory.py --moe
+# --only gemma4` and 8 probes that vary one shape each (12 blocks, MLP 1,408, head_dim 128, hidden
+# 512, per-layer inputs of 64 and 128 alone, double-width MLPs alone, no shared layers): 13 runs
+# within -6.4%..+2.3%, and 2 held out (hidden 512, 10 blocks) +2.1% and +2.0% (docs/plan-memory.md);
+# with only the KV-linked layers modelled (llama blocks otherwise) they were 20-44% under.
+# GEGLU_MLP_ARRAYS intermediate-sized arrays per token where a SwiGLU MLP keeps 3 (mlx-lm's
+# gelu_approx(gate) * up is differentiated through the tanh approximation's intermediates, not
+# recomputed as qlora.swiglu is); a double-width MLP (Arch.wide_mlp) as many again.
+# GEMMA4_HIDDEN_ARRAYS hidden-sized arrays beyond the llama block's two norm inputs (Gemma 4 has
+# four norms around attention and MLP) and GEMMA4_HEAD_ARRAYS of the query width (the q, k and v
+# norms and the global layers' wider heads). With per-layer inputs, PER_LAYER_ARRAYS arrays of
+# their width per block (the gate, its GELU's intermediates, the product) and the model's
+# per-layer inputs, layers x width a token, alive the whole step (each block reads its slice; a
+# checkpointed block keeps it as an input); counted, not fitted.
+GEGLU_MLP_ARRAYS = 6.0
+GEMMA4_HIDDEN_ARRAYS = 2.0
+GEMMA4_HEAD_ARRAYS = 2.0
+PER_LAYER_ARRAYS = 6.0
 
 
 def estimate(arch: Arch, run: Run) -> Breakdown:
@@ -418,6 +454,16 @@ def estimate(arch: Arch, run: Run) -> Breakdown:
     # the block being worked on and those in flight: in a model of several kinds of block (MoE,
     # Mamba-2 hybrids) the peak comes at the heaviest (the same as the average otherwise)
     big, big_work = block_bytes(arch, run, heaviest=True)
+    adapted = range(arch.layers - n, arch.layers)
+    wide = _wide_mlp_bytes(arch, run)
+    if wide and any(i in arch.wide_mlp for i in adapted):
+        big += wide
+
+    def kept_by(blocks) -> float:
+        """Per-token bytes `blocks` keep when not recomputed: their saved arrays (Gemma 4's
+        double-width MLPs' second half included)."""
+        blocks = list(blocks)
+        return len(blocks) * saved + wide * sum(i in arch.wide_mlp for i in blocks)
     fixed = dict(base_weights=base_weight_bytes(arch, run), lora_weights=lora, optimizer=optimizer,
                  overhead=OVERHEAD[run.device])
     # packed rows: one additive attention mask shared by every layer, alive for the whole step;
@@ -433,6 +479,9 @@ def estimate(arch: Arch, run: Run) -> Breakdown:
         # sum over tokens) is a state per token of the chunk, one layer at a time. Measured: 2 rows
         # of 512 against 4 of 256 (the same tokens, 2 Mamba-2 blocks of 8 x 64 x 64) 277 vs 218 MB.
         extra += SSM_STATE_COPIES * run.batch * SSM_CHUNK * F32 * max(m[6] for m in run.mixers)
+    if arch.per_layer_input:
+        # Gemma 4's per-layer inputs, every layer's slice of the model's array, for the whole step
+        extra += arch.layers * arch.per_layer_input * b * tokens
 
     def moment(activations, logits, block, ahead):
         """`block`: per-token bytes of the block being worked on; `ahead`: per-token bytes of one
@@ -443,17 +492,16 @@ def estimate(arch: Arch, run: Run) -> Breakdown:
 
     if not run.checkpoint:
         # the start of the backward pass: every block's saved arrays and the loss's arrays
-        return moment(n * saved * tokens, _loss_bytes(arch, run), 0.0, big + big_work)
+        return moment(kept_by(adapted) * tokens, _loss_bytes(arch, run), 0.0, big + big_work)
     # Gradient checkpointing keeps each block's input (in the compute dtype; Arch.stream); the
     # backward pass recomputes one block at a time. Blocks it leaves whole (gemma3n's and Gemma 4's KV-linked
     # layers, Arch.kv_linked: qlora.checkpoint_blocks) keep all their saved arrays, as without
     # checkpointing, until their backward pass has run. Measured on the CPU (bench/memory.py,
     # docs/plan-memory.md):
-    adapted = range(arch.layers - n, arch.layers)
     whole = [i for i in adapted if i in arch.kv_linked]
     recomputed = [i for i in adapted if i not in arch.kv_linked]
     inputs = len(recomputed) * arch.stream * b * tokens
-    kept = inputs + len(whole) * saved * tokens
+    kept = inputs + kept_by(whole) * tokens
     probs = _probs_bytes(arch, run) if attention_kind(arch, run) == "unfused" else 0.0
     loss = _loss_bytes(arch, run)
     if whole and whole[-1] == adapted[-1]:
@@ -467,8 +515,8 @@ def estimate(arch: Arch, run: Run) -> Breakdown:
     if recomputed:
         # block by block: the block being differentiated, and in flight both the recomputation and
         # the gradient work of the blocks after it; of the whole blocks only those below it are left
-        below = sum(i < recomputed[-1] for i in whole)
-        moments.append(moment(inputs + below * saved * tokens, 0.0, big + big_work, 2 * big + big_work))
+        below = [i for i in whole if i < recomputed[-1]]
+        moments.append(moment(inputs + kept_by(below) * tokens, 0.0, big + big_work, 2 * big + big_work))
     if run.fused_update and not (run.device == "cpu" and run.flat_update):
         # With the gradient norm in the same compiled call as the backward pass, MLX computes the
         # gradients of the first block before those of the others: after its recomputation, every
@@ -483,7 +531,7 @@ def estimate(arch: Arch, run: Run) -> Breakdown:
         # CUDA the checkpointed runs with the flat update were fitted with this moment in place.
         lora_in = _lora_widths(arch, run)[0] * b
         # whole blocks (not recomputed) hold everything they saved, as in `kept`
-        held = (len(recomputed) * max(arch.stream * b, lora_in) + len(whole) * saved) * tokens
+        held = (len(recomputed) * max(arch.stream * b, lora_in) + kept_by(whole)) * tokens
         if run.device == "cuda":
             # CUDA keeps what the moment describes only as far as it runs ahead: at long context the
             # LoRA inputs held beyond the blocks' own inputs stop near CUDA_RUN_AHEAD (H100, 7B:
@@ -492,6 +540,12 @@ def estimate(arch: Arch, run: Run) -> Breakdown:
             held = min(held, kept + CUDA_RUN_AHEAD)
         moments.append(moment(held, _kept_logits(arch, run), big + big_work, big + big_work))
     return max(moments, key=lambda m: m.peak)
+
+
+def _wide_mlp_bytes(arch: Arch, run: Run) -> float:
+    """Per-token bytes a double-width MLP (Gemma 4's KV-shared layers, Arch.wide_mlp) keeps beyond
+    the block_bytes of its block: the MLP's arrays again, its second intermediate_size."""
+    return arch.mlp_arrays * arch.inter * DTYPE_BYTES[run.dtype] if arch.wide_mlp else 0.0
 
 
 def _adapted_layers(arch: Arch, run: Run) -> int:
@@ -556,12 +610,18 @@ def block_bytes(arch: Arch, run: Run, heaviest: bool = False) -> tuple[float, fl
     silu(gate)), plus one intermediate-sized array for the gradients that pass has in flight
     (fitted on an H100, 7B shape: 4 x 1024 +11%, 1 x 2048 -1%, bench/RESULTS.md); gemma3n's GELU
     MLP keeps Arch.mlp_arrays of them instead of 3, and its AltUp streams ALTUP_ARRAYS
-    hidden-sized arrays each.
+    hidden-sized arrays each; Gemma 4's GEGLU MLP keeps Arch.mlp_arrays (a double-width MLP's
+    second half is added by `estimate`, _wide_mlp_bytes), its blocks Arch.hidden_arrays more
+    hidden-sized and Arch.head_arrays query-sized arrays, and PER_LAYER_ARRAYS of the per-layer
+    input's width.
     """
     b = DTYPE_BYTES[run.dtype]
     d = arch.dims
     cpu = run.device == "cpu"
     norms = 2 * d["hidden"] * (F32 if cpu else b)
+    if arch.hidden_arrays or arch.head_arrays or arch.per_layer_input:  # Gemma 4's other arrays
+        norms += (arch.hidden_arrays * d["hidden"] + arch.head_arrays * d["q"]) * (F32 if cpu else b) \
+            + PER_LAYER_ARRAYS * arch.per_layer_input * b
     lb = F32 if run.lora_input_f32 else b
     lora = lb * sum(_lora_widths(arch, run))
     kind = attention_kind(arch, run)

@@ -545,9 +545,10 @@ def test_other_models_have_no_kv_linked_layers_and_one_hidden_state():
     for name in ("llama", "gemma3_text", "qwen3_moe"):
         arch = plan.arch_from_config(arch_models.tiny_config(name))
         assert (arch.kv_linked, arch.altup, arch.stream, arch.mlp_arrays) == ((), 0, arch.hidden, 3.0)
-    # gemma4_text shares keys (as call arguments) but has neither AltUp nor gemma3n's MLP
+        assert (arch.hidden_arrays, arch.head_arrays, arch.wide_mlp, arch.per_layer_input) == (0.0, 0.0, (), 0)
+    # gemma4_text shares keys (as call arguments) but has no AltUp: one hidden state a block
     arch = plan.arch_from_config(arch_models.tiny_config("gemma4_text"))
-    assert (arch.kv_linked, arch.altup, arch.stream, arch.mlp_arrays) == ((0, 1, 2, 3), 0, arch.hidden, 3.0)
+    assert (arch.kv_linked, arch.altup, arch.stream) == ((0, 1, 2, 3), 0, arch.hidden)
 
 
 @pytest.mark.parametrize("layers, shared, types", [(4, 2, [_S, _S, _F, _F]), (2, 2, [_S, _F])])
@@ -685,3 +686,79 @@ def test_a_gemma4_config_with_no_owner_for_its_shared_layers_is_refused():
     model_class, args_class = _get_classes(config)
     with pytest.raises(KeyError):  # what mlx-lm says
         model_class(args_class.from_dict(config))
+
+
+@pytest.mark.parametrize("config, wide, per_layer", [
+    # tests/arch_models.py's tiny gemma4_text: use_double_wide_mlp off, per-layer inputs of 16
+    (_gemma4(), (), 16),
+    (_gemma4(num_hidden_layers=8, layer_types=[_S, _S, _S, _F] * 2, use_double_wide_mlp=True), (6, 7), 16),
+    (_gemma4(num_hidden_layers=8, layer_types=[_S, _S, _S, _F] * 2, use_double_wide_mlp=True,
+             hidden_size_per_layer_input=0), (6, 7), 0),
+    # no shared layers: no layer is double-width (mlx-lm's `layer_idx >= first_shared > 0`)
+    (_gemma4(num_hidden_layers=6, num_kv_shared_layers=0, layer_types=[_S, _F] * 3, use_double_wide_mlp=True),
+     (), 16),
+    # mlx-lm's defaults where the config is silent: 20 of 35 layers shared, double-width, 256 a layer
+    (_gemma4(num_hidden_layers=35, layer_types=None, num_kv_shared_layers=None, use_double_wide_mlp=None,
+             hidden_size_per_layer_input=None), tuple(range(15, 35)), 256),
+    ({"model_type": "gemma4", "vocab_size": 384, "text_config": _gemma4(
+        num_hidden_layers=8, layer_types=[_S, _S, _S, _F] * 2, use_double_wide_mlp=True)}, (6, 7), 16),
+])
+def test_gemma4s_block_fields_come_from_the_config_as_mlx_lm_builds_the_model(config, wide, per_layer):
+    """Gemma 4's GEGLU MLP, its other arrays, the double-width MLPs of the KV-shared layers and the
+    per-layer inputs (issue 29): the planner's fields from the config, and the double-width layers
+    the ones whose MLP mlx-lm builds twice as wide."""
+    from mlx_lm.utils import _get_classes
+
+    arch = plan.arch_from_config(config)
+    assert (arch.mlp_arrays, arch.hidden_arrays, arch.head_arrays, arch.wide_mlp, arch.per_layer_input) == \
+        (plan.GEGLU_MLP_ARRAYS, plan.GEMMA4_HIDDEN_ARRAYS, plan.GEMMA4_HEAD_ARRAYS, wide, per_layer)
+    model_class, args_class = _get_classes(config)
+    model = model_class(args_class.from_dict(config))
+    widths = [layer.mlp.gate_proj.weight.shape[0] for layer in model.layers]
+    assert tuple(i for i, w in enumerate(widths) if w == 2 * arch.inter) == wide
+    assert set(widths) <= {arch.inter, 2 * arch.inter}
+
+
+def test_gemma4s_double_width_mlps_and_per_layer_inputs_are_counted_where_they_are_alive():
+    """A double-width MLP keeps its MLP's arrays twice, in the whole blocks of a checkpointed step
+    and every block of one without checkpointing; the per-layer inputs (layers x width a token)
+    are alive at every moment."""
+    config = _gemma4(num_hidden_layers=8, layer_types=[_S, _S, _S, _F] * 2, intermediate_size=512,
+                     hidden_size_per_layer_input=0)
+    arch = plan.arch_from_config(config)  # 3, 5, 6 and 7 whole when checkpointed
+    tokens = 4 * 512
+    for checkpoint in (False, True):
+        run = plan.Run(batch=4, seq=512, checkpoint=checkpoint, dtype="float32", device="cpu")
+        narrow = plan.estimate(arch, run)
+        wide = plan.estimate(replace(arch, wide_mlp=(6, 7)), run)
+        assert wide.activations - narrow.activations == pytest.approx(2 * plan.GEGLU_MLP_ARRAYS * 512 * 4 * tokens,
+                                                                      rel=1e-12)  # sums of floats
+        per_layer = plan.estimate(replace(arch, per_layer_input=64), run)
+        saved = plan.block_bytes(replace(arch, per_layer_input=64), run)[0] - plan.block_bytes(arch, run)[0]
+        assert saved == plan.PER_LAYER_ARRAYS * 64 * 4
+        whole = 8 if not checkpoint else 4
+        assert per_layer.activations - narrow.activations == pytest.approx((8 * 64 * 4 + whole * saved) * tokens,
+                                                                           rel=1e-12)
+
+
+def test_a_checkpointed_gemma4_step_is_planned_within_15_percent():
+    """steadytune's Step on a random 4-bit gemma4_text, checkpointed (layers 3, 5, 6 and 7 whole),
+    with per-layer inputs and the shared layers' MLP twice as wide: the KV-linked blocks at their
+    saved arrays, the GEGLU MLP (GEGLU_MLP_ARRAYS), the other arrays (GEMMA4_*_ARRAYS,
+    PER_LAYER_ARRAYS). Measured 155.6 MB, planned -1.0%; with only the KV-linked layers modelled,
+    as before, -43.4% (docs/plan-memory.md)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import memory
+
+    config = _gemma4(hidden_size=256, num_hidden_layers=8, layer_types=[_S, _S, _S, _F] * 2, intermediate_size=704,
+                     num_attention_heads=4, head_dim=64, global_head_dim=128, vocab_size=1024,
+                     vocab_size_per_layer_input=1024, hidden_size_per_layer_input=64, use_double_wide_mlp=True,
+                     sliding_window=128, tie_word_embeddings=True)
+    spec = dict(name="gemma4", config=config, batch=2, seq=256, ckpt=True)
+    measured = memory.run_one(spec, "cpu", steps=2)["peak"]
+    arch, run = memory.planned_run(spec, "cpu")
+    assert (arch.kv_linked, arch.wide_mlp) == ((3, 5, 6, 7), (6, 7))
+    predicted = plan.estimate(arch, run).peak
+    assert abs(predicted / measured - 1) < 0.15, (predicted, measured)
+    as_before = replace(arch, mlp_arrays=3.0, hidden_arrays=0.0, head_arrays=0.0, wide_mlp=(), per_layer_input=0)
+    assert plan.estimate(as_before, run).peak < 0.85 * measured
