@@ -159,7 +159,7 @@ def tokenize_prompts(prompts: list[Prompt], tokenizer, max_seq_length: int, max_
 
 class rollout_mode:
     """Within the block the model's quantized layers decode fast: on CUDA through the quantized
-    kernels, on the CPU (models the compiled decoder does not cover) from a float32 copy of each dequantized weight (`floats`, made on entry
+    kernels, the batch's rows as one matrix (qlora.RowsQuantizedLinear), on the CPU (models the compiled decoder does not cover) from a float32 copy of each dequantized weight (`floats`, made on entry
     unless the caller passes the copies to reuse). The adapters are untouched: rollouts sample from
     the model being trained. Nothing changes on Metal, where training already uses the
     quantized kernels."""
@@ -179,9 +179,9 @@ class rollout_mode:
         for _, m in self.model.named_modules():
             cls = type(m)
             if cls is qlora.DequantLinear or (self.device == "cpu" and cls is nn.QuantizedLinear):
-                new = _FloatLinear if self.device == "cpu" else _RowsQuantizedLinear
+                new = _FloatLinear if self.device == "cpu" else qlora.RowsQuantizedLinear
             elif cls is qlora.DequantEmbedding or (self.device == "cpu" and cls is nn.QuantizedEmbedding):
-                new = _FloatEmbedding if self.device == "cpu" else _RowsQuantizedEmbedding
+                new = _FloatEmbedding if self.device == "cpu" else qlora.RowsQuantizedEmbedding
             else:
                 continue
             if new in (_FloatLinear, _FloatEmbedding) and id(m) not in self.floats:
@@ -202,23 +202,6 @@ class rollout_mode:
 
 
 _FLOATS: dict = {}  # id(layer) -> its float32 weight while rollout_mode holds it
-
-
-class _RowsQuantizedLinear(nn.QuantizedLinear):
-    """nn.QuantizedLinear on x flattened to one matrix of rows. A decoding batch arrives as
-    (rows, 1, in), which MLX's CUDA quantized_matmul runs as `rows` products of one row each, every
-    one reading the whole packed weight; as a (rows, in) matrix it is one product (the CUTLASS
-    kernel's tiles filled with rows). H100, 7B shape, 32 rows: bench/RESULTS.md (GRPO)."""
-
-    def __call__(self, x):
-        return super().__call__(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
-
-
-class _RowsQuantizedEmbedding(nn.QuantizedEmbedding):
-    """nn.QuantizedEmbedding whose tied output layer multiplies a matrix of rows (see above)."""
-
-    def as_linear(self, x):
-        return super().as_linear(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
 
 
 class _FloatLinear(nn.QuantizedLinear):

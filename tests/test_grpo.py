@@ -418,14 +418,14 @@ def test_gpu_rollout_layers_multiply_a_decoding_batch_as_one_matrix_of_rows():
     """rollout_mode's CUDA layers flatten (rows, 1, in) to (rows, in) before the quantized kernel
     (MLX's CUDA kernel would read the whole weight once per row): the same products, in the same
     shape, as the quantized layers they stand in for, output layer (tied embedding) included."""
-    from steadytune.grpo import _RowsQuantizedEmbedding, _RowsQuantizedLinear
+    from steadytune.qlora import RowsQuantizedEmbedding, RowsQuantizedLinear
 
     mx.random.seed(0)
     lin = nn.QuantizedLinear.from_linear(nn.Linear(128, 96, bias=True), group_size=64, bits=4)
     emb = nn.QuantizedEmbedding.from_embedding(nn.Embedding(96, 128), group_size=64, bits=4)
     x = mx.random.normal((32, 1, 128))
     want_lin, want_emb = lin(x), emb.as_linear(x)
-    lin.__class__, emb.__class__ = _RowsQuantizedLinear, _RowsQuantizedEmbedding
+    lin.__class__, emb.__class__ = RowsQuantizedLinear, RowsQuantizedEmbedding
     got_lin, got_emb = lin(x), emb.as_linear(x)
     assert got_lin.shape == want_lin.shape == (32, 1, 96) and got_emb.shape == (32, 1, 96)
     for got, want in ((got_lin, want_lin), (got_emb, want_emb)):  # float32: summation order only

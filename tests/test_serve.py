@@ -413,6 +413,28 @@ def test_float_copy_only_where_memory_allows(tiny_model):
     assert inference_copy(loaded.model).startswith("a float32 copy of the weights")
 
 
+def test_on_cuda_the_served_model_decodes_a_batch_as_one_matrix_of_rows(tiny_model, monkeypatch):
+    """On CUDA the answering model keeps its quantized weights, its layers given the row-matrix
+    layout (qlora.RowsQuantizedLinear: mlx-lm's server decodes (requests, 1, width) batches,
+    which MLX's CUDA kernel would run as one-row products); the logits of a batch are the same."""
+    import mlx.core as mx
+
+    import steadytune.backend as backend
+    from steadytune.config import ModelConfig
+    from steadytune.generation import inference_copy
+    from steadytune.model import load_base
+    loaded = load_base(ModelConfig(path=str(tiny_model)))
+    tokens = mx.array([[5], [9], [3]])
+    want = loaded.model(tokens)
+    monkeypatch.setattr(backend, "device_kind", lambda: "cuda")
+    assert inference_copy(loaded.model).startswith("quantized weights (GPU")
+    kinds = {type(m).__name__ for _, m in loaded.model.named_modules()}
+    assert "QuantizedLinear" not in kinds and "RowsQuantizedLinear" in kinds
+    got = loaded.model(tokens)
+    assert got.shape == want.shape
+    assert mx.abs(got - want).max().item() <= 1e-5 * mx.abs(want).max().item()
+
+
 def test_server_on_the_compiled_decoder_answers_like_generate_with_its_prompt_cache(run_dir, tuned, monkeypatch):
     """`steadytune serve` on the CPU answers through the compiled decoder; mlx-lm's server keeps
     its caches (copied, trimmed) between requests, so a follow-up reuses the first answer's."""
