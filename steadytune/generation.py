@@ -114,12 +114,11 @@ def inference_copy(model, available_bytes: int | None = None) -> str:
     quantized = {n: m for n, m in model.named_modules() if hasattr(m, "scales")}
     if not quantized:
         return "the model's own float weights"
-    if device_kind() == "cuda":
-        from .qlora import rows_layout
-
-        rows_layout(model)  # several requests decode together: one matrix of rows per product
-        return "quantized weights (GPU: its quantized kernels decode faster than float weights)"
     if device_kind() != "cpu":
+        if device_kind() == "cuda":
+            from .qlora import rows_layout
+
+            rows_layout(model)  # several requests decode together: one matrix of rows per product
         return "quantized weights (GPU: its quantized kernels decode faster than float weights)"
     extra = sum(float_bytes(m) for m in quantized.values())
     free = available_bytes if available_bytes is not None else available_memory()

@@ -159,8 +159,9 @@ def tokenize_prompts(prompts: list[Prompt], tokenizer, max_seq_length: int, max_
 
 class rollout_mode:
     """Within the block the model's quantized layers decode fast: on CUDA through the quantized
-    kernels, the batch's rows as one matrix (qlora.RowsQuantizedLinear), on the CPU (models the compiled decoder does not cover) from a float32 copy of each dequantized weight (`floats`, made on entry
-    unless the caller passes the copies to reuse). The adapters are untouched: rollouts sample from
+    kernels, the batch's rows as one matrix (qlora.RowsQuantizedLinear); on the CPU (models the
+    compiled decoder does not cover) from a float32 copy of each dequantized weight (`floats`,
+    made on entry unless the caller passes the copies to reuse). The adapters are untouched: rollouts sample from
     the model being trained. Nothing changes on Metal, where training already uses the
     quantized kernels."""
 
