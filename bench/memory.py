@@ -7,8 +7,9 @@
     python bench/memory.py --gpu --only "4x1024,2x512"   # configurations whose name contains one of these
     python bench/memory.py --moe            # CPU grid: MoE and Mamba-2 hybrids (qwen3_moe,
                                             # granitemoehybrid, nemotron_h), gemma3n (AltUp,
-                                            # KV-shared layers) and Gemma 4 (gemma4_text),
-                                            # float32 (~15 min, 2 cores)
+                                            # KV-shared layers), Gemma 4 (gemma4_text) and
+                                            # Qwen3-Next (Gated DeltaNet), float32 (~27 min, 2 cores)
+    python bench/memory.py --moe --only qwen3_next   # the Qwen3-Next rows (~12 min)
     python bench/memory.py --moe --only gemma3n   # the gemma3n rows (~5 min)
     python bench/memory.py --moe --only gemma4    # the Gemma 4 rows (~7 min)
 
@@ -178,6 +179,14 @@ GEMMA4_E2B = dict(GEMMA4, hidden_size_per_layer_input=64, use_double_wide_mlp=Tr
 GEMMA4_H512 = dict(GEMMA4_E2B, hidden_size=512, num_attention_heads=8, num_hidden_layers=10, intermediate_size=2048,
                    num_kv_shared_layers=4, layer_types=(["sliding_attention"] * 4 + ["full_attention"]) * 2,
                    hidden_size_per_layer_input=128)
+# Qwen3-Next (qwen3_next, issue 29): Gated DeltaNet layers (3 of 4 here; full attention every 4th)
+# with Qwen3-Next's head size (128 x 128), experts and a shared expert. Trains unpacked. The
+# recurrence runs chunkwise (recurrence.chunkwise_gated_delta_ops); plan.RECURRENCE_STATES.
+QWEN3_NEXT = dict(_ATTN, model_type="qwen3_next", num_hidden_layers=4, intermediate_size=704, num_experts=8,
+                  num_experts_per_tok=2, moe_intermediate_size=256, shared_expert_intermediate_size=256,
+                  decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True, linear_num_value_heads=4,
+                  linear_num_key_heads=2, linear_key_head_dim=128, linear_value_head_dim=128,
+                  linear_conv_kernel_dim=4, full_attention_interval=4, partial_rotary_factor=0.25)
 MOE = {
     "cpu": [
         dict(name="qwen3_moe 16e top4 2x512", config=QWEN3_MOE, batch=2, seq=512),
@@ -202,6 +211,21 @@ MOE = {
         dict(name="gemma3n h512 10 layers 2x256 (held out)", config=GEMMA3N_H512, batch=2, seq=256),
         dict(name="gemma3n h512 10 layers 2x256 ckpt (held out)", config=GEMMA3N_H512, batch=2, seq=256,
              ckpt=True),
+        dict(name="qwen3_next 4 layers 2x704", config=QWEN3_NEXT, batch=2, seq=704),
+        dict(name="qwen3_next 4 layers 2x704 ckpt", config=QWEN3_NEXT, batch=2, seq=704, ckpt=True),
+        dict(name="qwen3_next 4 layers 4x704", config=QWEN3_NEXT, batch=4, seq=704),
+        dict(name="qwen3_next 4 layers 4x704 ckpt", config=QWEN3_NEXT, batch=4, seq=704, ckpt=True),
+        dict(name="qwen3_next 8 value heads 2x704", config=dict(QWEN3_NEXT, linear_num_value_heads=8),
+             batch=2, seq=704),
+        dict(name="qwen3_next 8 value heads 2x704 ckpt", config=dict(QWEN3_NEXT, linear_num_value_heads=8),
+             batch=2, seq=704, ckpt=True),
+        dict(name="qwen3_next 8 layers h384 3x512", config=dict(QWEN3_NEXT, num_hidden_layers=8, hidden_size=384,
+                                                               linear_num_value_heads=6), batch=3, seq=512),
+        dict(name="qwen3_next 8 layers h384 3x512 ckpt", config=dict(QWEN3_NEXT, num_hidden_layers=8,
+                                                                    hidden_size=384, linear_num_value_heads=6),
+             batch=3, seq=512, ckpt=True),
+        dict(name="qwen3_next 2 layers 1x2048", config=dict(QWEN3_NEXT, num_hidden_layers=2, full_attention_interval=2),
+             batch=1, seq=2048),
         dict(name="gemma4 8 layers 2x512", config=GEMMA4, batch=2, seq=512),
         dict(name="gemma4 8 layers 2x512 ckpt", config=GEMMA4, batch=2, seq=512, ckpt=True),
         dict(name="gemma4 8 layers, 4 shared 1x1024 ckpt", config=dict(GEMMA4, num_kv_shared_layers=4),

@@ -130,17 +130,31 @@ def build_model(folder: Path, config: dict, data: Path) -> Path:
 
 
 def run_lines(cmd: list[str], timeout: float) -> tuple[list[str], int]:
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})
-    lines = (p.stdout + p.stderr).splitlines()
-    if p.returncode:
+    """The command's output lines and exit status; past `timeout` it gets SIGTERM (mlx_lm.lora's
+    wrapper then prints its peak memory and exits), SIGKILL 15 s later, and rc 124 with the lines
+    printed until then: a trainer too slow for the time given still reports its first steps."""
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        out, _ = p.communicate(timeout=timeout)
+        rc = p.returncode
+    except subprocess.TimeoutExpired:
+        p.terminate()
+        try:
+            out, _ = p.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, _ = p.communicate()
+        rc = 124
+    lines = out.splitlines()
+    if rc:
         print("\n".join(lines[-15:]), file=sys.stderr)
-    return lines, p.returncode
+    return lines, rc
 
 
-def steadytune_row(model: Path, data: Path, out: Path, flags: list[str], timeout: float) -> dict:
+def steadytune_row(model: Path, data: Path, out: Path, flags: list[str], timeout: float, batch: int = 4) -> dict:
     run = out / "steadytune"
-    common = ["--model", str(model), "--data", str(data), "--epochs", "1", "--batch-size", "4",
+    common = ["--model", str(model), "--data", str(data), "--epochs", "1", "--batch-size", str(batch),
               "--lora-rank", "8", "--max-seq-length", "1024", *flags]
     plan_lines, _ = run_lines([sys.executable, "-m", "steadytune.cli", "plan", *common, "--json"], timeout)
     try:
@@ -149,7 +163,8 @@ def steadytune_row(model: Path, data: Path, out: Path, flags: list[str], timeout
         plan = {}
     lines, rc = run_lines([sys.executable, "-m", "steadytune.cli", "train", *common, "--progress", "none",
                            "--log-every", "1", "--save-every", "0", "--eval-every", "0", "--out", str(run)], timeout)
-    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()] if rc == 0 else []
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()
+            if x.strip()] if (run / "metrics.jsonl").exists() else []
     train = [r for r in recs if r.get("event") == "train"]
     rates = [r["tok_per_s"] for r in train if r["step"] > 3]
     adapters = run / "adapters" / "adapters.safetensors"
@@ -168,19 +183,20 @@ def adapter_parameters(path: Path) -> int:
 
 
 # mlx_lm.lora in this process's Python, printing its peak memory when it exits
-_MLX_LM = ("import atexit, runpy, sys, mlx.core as mx; "
+_MLX_LM = ("import atexit, runpy, signal, sys, mlx.core as mx; "
            "atexit.register(lambda: print(f'PEAK_BYTES {mx.get_peak_memory()}', flush=True)); "
+           "signal.signal(signal.SIGTERM, lambda *a: sys.exit(124)); "
            "sys.argv = ['mlx_lm.lora'] + sys.argv[1:]; runpy.run_module('mlx_lm.lora', run_name='__main__')")
 
 
-def mlx_lm_row(model: Path, data: Path, out: Path, timeout: float) -> dict:
-    iters = sum(1 for _ in (data / "train.jsonl").open()) // 4
+def mlx_lm_row(model: Path, data: Path, out: Path, timeout: float, batch: int = 4) -> dict:
+    iters = sum(1 for _ in (data / "train.jsonl").open()) // batch
     # On the CPU both trainers get OpenBLAS (steadytune loads it on import; MLX's own is the reference
     # BLAS, about 30x slower), so the comparison is of the trainers, not of the BLAS.
     prelude = "from steadytune.backend import use_fast_blas; use_fast_blas(); " if os.environ.get(
         "STEADYTUNE_DEVICE") == "cpu" else ""
     lines, rc = run_lines([sys.executable, "-c", prelude + _MLX_LM, "--model", str(model), "--train", "--data", str(data),
-                           "--batch-size", "4", "--num-layers", "-1", "--iters", str(iters),
+                           "--batch-size", str(batch), "--num-layers", "-1", "--iters", str(iters),
                            "--max-seq-length", "1024", "--steps-per-report", "1", "--steps-per-eval", "1000000",
                            "--save-every", "1000000", "--adapter-path", str(out / "mlx_lm"), "--mask-prompt",
                            "--val-batches", "1"], timeout)
@@ -218,7 +234,11 @@ def main(argv=None) -> int:
     p.add_argument("--hybrid-layers", type=int, default=12, help="of Qwen3-Next-80B-A3B's 48")
     p.add_argument("--examples", type=int, default=949, help="training examples (one epoch of them)")
     p.add_argument("--work", type=Path, default=None, help="model folders and runs (default: a temporary folder)")
-    p.add_argument("--timeout", type=float, default=3600)
+    p.add_argument("--timeout", type=float, default=3600, help="seconds per trainer; a trainer still running then "
+                   "is stopped and reports the steps it logged (rc 124)")
+    p.add_argument("--batch-size", type=int, default=4, help="examples per optimizer step, both trainers")
+    p.add_argument("--trainers", default="steadytune,mlx_lm", help="which trainers run (steadytune alone: "
+                   "the planner's prediction against the measured peak)")
     a = p.parse_args(argv)
     work = a.work or Path(tempfile.mkdtemp(prefix="bench-moe-"))
     n_train, n_valid = (24, 4) if a.tiny else (a.examples, 50)
@@ -234,13 +254,19 @@ def main(argv=None) -> int:
         model = build_model(work / f"{kind}-{layers}{'-tiny' if a.tiny else ''}", config, data)
         out = work / f"runs-{kind}-{time.strftime('%H%M%S')}"
         out.mkdir(parents=True)
-        ours = steadytune_row(model, data, out, [], a.timeout)
-        print(f"{name}: {json.dumps(ours)}", flush=True)
-        theirs = mlx_lm_row(model, data, out, a.timeout)
-        print(f"{name}: {json.dumps(theirs)}", flush=True)
-        if isinstance(ours["tok_s"], float) and isinstance(theirs["tok_s"], float) and theirs["tok_s"] > 0:
+        name += f", batch {a.batch_size}, {n_train} examples"
+        got = []
+        for trainer in a.trainers.split(","):
+            row = (steadytune_row(model, data, out, [], a.timeout, a.batch_size) if trainer == "steadytune"
+                   else mlx_lm_row(model, data, out, a.timeout, a.batch_size))
+            print(f"{name}: {json.dumps(row)}", flush=True)
+            got.append(dict(row, model=name))
+        ours = next((r for r in got if r["trainer"] == "steadytune"), None)
+        theirs = next((r for r in got if r["trainer"] == "mlx_lm.lora"), None)
+        if ours and theirs and isinstance(ours["tok_s"], float) and isinstance(theirs["tok_s"], float) \
+                and theirs["tok_s"] > 0:
             ours["vs_mlx_lm"] = f"{ours['tok_s'] / theirs['tok_s']:.2f}x"
-        rows += [dict(ours, model=name), dict(theirs, model=name)]
+        rows += got
     import mlx.core as mx
     import mlx_lm
 

@@ -91,12 +91,26 @@ def timed(cmd: list[str], env: dict | None = None, timeout: float = 900) -> tupl
     return lines, time.perf_counter() - t0, rc
 
 
-def steadytune_run(name: str, model: Path, data: Path, out: Path, flags: list[str]) -> dict:
+# The trainer as it was before steps were left in flight and validation packed (A/B in one
+# session): every step waited for, validation in calls of batch_size examples.
+WAITING_CLI = ("import steadytune.step as s, steadytune.trainer as t; t.Trainer.pipeline = False; "
+               "init = s.Step.__init__; "
+               "s.Step.__init__ = lambda self, *a, **k: (init(self, *a, **k), setattr(self, 'pack_validation', False))[0]; "
+               "import sys; from steadytune.cli import main; sys.exit(main())")
+
+
+def steadytune_run(name: str, model: Path, data: Path, out: Path, flags: list[str], every: bool = True,
+                   waiting: bool = False) -> dict:
+    """One `steadytune train`; every: validation every 40 steps, no checkpoints but the epoch's
+    (the rows' usual settings: the wall until mlx-lm's loss is reached), else the defaults
+    (validation and a checkpoint every 100 steps: the issue's command as a user types it);
+    waiting: the trainer before steps in flight and packed validation (WAITING_CLI)."""
     run = out / name
-    cmd = [sys.executable, "-m", "steadytune.cli", "train", "--model", str(model), "--data", str(data),
+    launch = [sys.executable, "-c", WAITING_CLI] if waiting else [sys.executable, "-m", "steadytune.cli"]
+    cmd = [*launch, "train", "--model", str(model), "--data", str(data),
            "--lora-rank", "16", "--lora-alpha", "32", "--max-seq-length", "1024", "--epochs", "1",
-           "--progress", "lines", "--log-every", "1", "--save-every", "0", "--eval-every", "40",
-           "--out", str(run), *flags]
+           "--progress", "lines", "--log-every", "1",
+           *(["--save-every", "0", "--eval-every", "40"] if every else []), "--out", str(run), *flags]
     lines, wall, rc = timed(cmd)
     if rc != 0:
         print("\n".join(s for _, s in lines[-12:]), file=sys.stderr)
@@ -110,7 +124,9 @@ def steadytune_run(name: str, model: Path, data: Path, out: Path, flags: list[st
     end = next((r for r in reversed(recs) if r.get("event") == "end"), {})
     final = next((r["val_loss"] for r in reversed(recs) if r.get("event") == "val"), None)
     vals = [(t, float(m.group(2))) for t, s in lines if (m := val_re.match(s))]
-    return {"run": f"steadytune {' '.join(flags) or '(defaults)'}", "rc": rc, "wall_s": round(wall, 1),
+    label = " ".join(flags + ([] if every else ["(eval/save every 100)"]) + (["(waiting steps)"] if waiting else []))
+    return {"run": f"steadytune {label or '(defaults)'}", "rc": rc, "wall_s": round(wall, 1),
+            "timeline": timeline(lines, wall, step_re, val_re),
             "first_step_s": round(arrivals.get(1, float("nan")), 1), "steps": len(train),
             "s_step": step_seconds([arrivals[k] for k in sorted(arrivals)]),
             "tok_s": round(statistics.median(rates), 1) if rates else "",
@@ -119,6 +135,33 @@ def steadytune_run(name: str, model: Path, data: Path, out: Path, flags: list[st
             "shapes": end.get("step_shapes", startup.get("step_shapes", "")),
             "startup": {k: v for k, v in startup.items() if k.endswith("_s")},
             "targets": adapted(run / "adapters" / "adapters.safetensors")}
+
+
+def timeline(lines, wall: float, step_re, val_re) -> dict:
+    """Where a run's wall went, from its output lines' arrivals: until the first step's line; the
+    steps (each the gap from the line before, a validation's time taken out); the slow steps
+    among them (over 3x the median: a new shape compiling); the validations (from the step's
+    line to the validation's); and after the last step (last validation, checkpoint, adapters,
+    exit)."""
+    marks = [(t, int(m.group(1)), "step") for t, s in lines if (m := step_re.match(s))]
+    marks += [(t, int(m.group(1)), "val") for t, s in lines if (m := val_re.match(s))]
+    marks.sort()
+    steps = [(t, k) for t, k, kind in marks if kind == "step"]
+    if not steps:
+        return {}
+    gaps, val_s, prev = [], 0.0, steps[0][0]
+    for t, _, kind in marks[1:]:
+        if kind == "val":
+            val_s += t - prev
+        else:
+            gaps.append(t - prev)
+        prev = t
+    med = statistics.median(gaps) if gaps else 0.0
+    slow = [g for g in gaps if g > 3 * med]
+    return {"first_step_s": round(steps[0][0], 2), "steps_s": round(sum(gaps), 2),
+            "median_step_ms": round(1000 * med, 1), "slow_steps": len(slow),
+            "slow_steps_s": round(sum(slow), 2), "slow_steps_excess_s": round(sum(slow) - len(slow) * med, 2),
+            "validation_s": round(val_s, 2), "after_last_step_s": round(wall - prev, 2)}
 
 
 def reached(row: dict, target: float):
@@ -268,7 +311,9 @@ def main(argv=None) -> int:
                    "(their epoch is estimated)")
     p.add_argument("--only", default="", help="comma-separated runs, in order: default,accum,ckpt,mlx,mlx_ckpt,gen "
                    "(mlx_lm_lora: mlx-lm-lora's SFT trainer, run only when named) "
-                   "(gen: tokens/s of answering; also: nopack, one example a row) "
+                   "(gen: tokens/s of answering; also: nopack, one example a row; plain: default validation "
+                   "and checkpoints, every 100 steps; waiting, plain_waiting: the same with every step waited "
+                   "for and validation in calls of batch_size, as before steps were left in flight) "
                    "(a run named twice runs twice: the second finds the GPU's kernel cache warm)")
     p.add_argument("--alpaca", default=str(DATA / "alpaca_en_demo.json"), help="the alpaca demo records")
     p.add_argument("--json", default=None, help="also write the rows to this file")
@@ -312,6 +357,10 @@ def main(argv=None) -> int:
                                               ["--batch-size", "1", "--grad-accumulation", "4", *extra]),
             "nopack": lambda n: steadytune_run(n, model, data, runs,
                                                ["--batch-size", "4", "--pack", "false", *extra]),
+            "plain": lambda n: steadytune_run(n, model, data, runs, ["--batch-size", "4", *extra], every=False),
+            "waiting": lambda n: steadytune_run(n, model, data, runs, ["--batch-size", "4", *extra], waiting=True),
+            "plain_waiting": lambda n: steadytune_run(n, model, data, runs, ["--batch-size", "4", *extra],
+                                                      every=False, waiting=True),
             "ckpt": lambda n: steadytune_run(n, model, data, runs,
                                              ["--batch-size", "4", "--grad-checkpoint", "true", *extra]),
             "mlx": lambda n: mlx_lm_run(n, mlx_model(), data, runs, a.mlx_iters, 4, False),

@@ -173,6 +173,33 @@ def pack_layout(lengths, target: int, device: str = "cpu") -> tuple[list[list[in
     return rows + [[] for _ in range(row_bucket(len(rows)) - len(rows))], width
 
 
+def eval_calls(sizes, rows: int, width: int) -> list[list[list[int]]]:
+    """Indexes of `sizes` (positions per example) in calls of at most `rows` rows of `width`
+    positions, first fit decreasing: the largest example first, into the first row of the open
+    call with room, a new row while the call has fewer than `rows`, else a new call. Every call
+    can then be laid out at one shape (rows x width, empty rows padded), so a validation compiles
+    once. An example wider than `width` is a call of its own. A pure function of the sizes."""
+    calls: list[list[list[int]]] = []
+    call: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(sizes)), key=lambda j: -sizes[j]):
+        n = sizes[i]
+        if n > width:
+            calls.append([[i]])
+            continue
+        r = next((k for k, free in enumerate(room) if free >= n), None)
+        if r is None and len(call) == rows:
+            calls.append(call)
+            call, room = [], []
+        if r is None:
+            call.append([i])
+            room.append(width - n)
+        else:
+            call[r].append(i)
+            room[r] -= n
+    return calls + ([call] if call else [])
+
+
 # On the CPU a query-key pair of the unfused attention costs this many times its multiply-adds'
 # share of a position's matmuls: its batched head_dim-wide products run below the weight
 # matmuls' speed, and the mask, softmax and their backward are passes over rows x width^2 scores

@@ -372,14 +372,19 @@ class Breakdown:
         return asdict(self) | {"peak": self.peak, "required": self.required}
 
 
-# The Gated DeltaNet recurrence in training (recurrence.py: mlx-lm's step, in checkpointed chunks)
-# keeps about RECURRENCE_STATES float32 states a token while one layer's backward pass runs, and,
-# without checkpointing, RECURRENCE_KEPT more for each other Gated DeltaNet layer. Fitted on the
-# CPU to `steadytune train` of qwen3_next models (1, 3 and 6 such layers, 4, 6 or 8 value heads of
-# 128 x 128, 2 to 4 rows of 512 to 704 tokens, with and without checkpointing): 13 runs within
-# -6.6%..+5.8% (docs/plan-memory.md). With mlx-lm's own loop it was about 5 times as much.
-RECURRENCE_STATES = 3.0
-RECURRENCE_KEPT = 0.2
+# The Gated DeltaNet recurrence in training (recurrence.py: the chunkwise form) keeps about
+# RECURRENCE_STATES float32 states' worth (value heads x value dim x key dim) a token while one
+# layer's backward pass runs, and, without checkpointing, RECURRENCE_KEPT more for each other Gated
+# DeltaNet layer (per token and head: its float32 q, k, v, the chunk's decays and products, the
+# corrections through the triangular solve; a state per chunk). The chunkwise operation alone
+# peaks at 0.48 states a token forward and backward (tests/test_recurrence.py's shapes, linear in
+# the heads); fitted on the CPU to bench/memory.py --moe --only qwen3_next (1 to 6 such layers, 4
+# to 8 value heads of 128 x 128, 2 to 4 rows of 512 to 2,048 tokens, with and without
+# checkpointing), where the rest of the plan is itself off by up to a tenth of a GB on these small
+# models: within -13%..+12% (docs/plan-memory.md). mlx-lm's loop a token at a time kept about 15
+# states a token, its loop in checkpointed chunks 3.
+RECURRENCE_STATES = 0.33
+RECURRENCE_KEPT = 0.21
 # MoE and Mamba-2 blocks (Run.mixers, each block as the skeleton has it; _mixer_bytes). Fitted on the
 # CPU (float32, 2026-12-06; least squares on the relative error, rounded) to `bench/memory.py --moe`
 # and 14 probes: qwen3_moe (8-32 experts, 2-8 a token, expert width 256-512), granitemoehybrid

@@ -106,12 +106,23 @@ class Trainer:
         stopped = "max_steps" if self.cfg.training.max_steps else "completed"
         try:
             with _SignalGuard(self):
+                queued = None  # a step left in flight: its loss is read after the next is queued
                 for micro_batches, lr, epoch_len in self.schedule(total):
                     tic = time.perf_counter()
-                    result = self.train_step(micro_batches, lr)
+                    pending = self.dispatch(micro_batches, lr)
                     self.state.advance(epoch_len)
-                    self.report(result, time.perf_counter() - tic, total)
-                    if self.validate_and_checkpoint(total):
+                    here = (pending, self.state.step, self.state.epoch + self.state.pos / self.per_epoch, tic)
+                    if queued:
+                        self.settle(*queued, total)
+                        faults.crash("step")  # test hook: STEADYTUNE_TEST_CRASH=step:N dies after step N
+                    queued = None
+                    if self.pipeline and pending.in_flight and not self.due(total):
+                        queued = here
+                        continue
+                    self.settle(*here, total)
+                    done = self.validate_and_checkpoint(total)
+                    faults.crash("step")
+                    if done:
                         stopped = "early_stopping"
                         break
             records = {}
@@ -152,24 +163,59 @@ class Trainer:
             for micro_batches in plan[s.pos:s.pos + total - s.step]:
                 yield micro_batches, lr_at(s.step, t.learning_rate, t.warmup_steps, total, t.lr_schedule), len(plan)
 
+    # Steps are left in flight (pipelined): the next step is queued before a step's loss is
+    # read, except where something must see that step's result first (due). Same values; at a
+    # few examples a step the device no longer idles while the host prepares the next one.
+    pipeline = True
+
+    def due(self, total: int) -> bool:
+        """Whether the step just queued must be finished before the next is queued: a validation
+        or checkpoint reads its weights (eval/save steps, an epoch's end, the last step), a signal
+        asks for a checkpoint, several processes agree on signals every step, and a process's
+        first step is timed alone (its `startup` record)."""
+        s, t = self.state, self.cfg.training
+        return bool(s.step == total or s.pos == 0 or self.stop_signal or self.world > 1
+                    or "compile_s" not in self.run.timings
+                    or (t.eval_every and s.step % t.eval_every == 0 and len(self.run.val_set))
+                    or (t.save_every and s.step % t.save_every == 0))
+
+    def settle(self, pending, step: int, epoch_f: float, tic: float, total: int) -> StepResult:
+        """Read a queued step's result (waits for it), apply the non-finite policy, report it."""
+        result = pending.result()
+        self._check_finite(result, step)
+        now = time.perf_counter()
+        # a step left in flight began when the previous one was read, not when it was queued
+        self.report(result, now - max(tic, getattr(self, "_settled", tic)), total, step, epoch_f)
+        self._settled = now
+        return result
+
+    def dispatch(self, micro_batches, lr: float):
+        """One optimizer step queued at the state's step number (step.Step.dispatch: its
+        `.result()` waits for it)."""
+        return self.step.dispatch(micro_batches, lr, self.state.step)
+
     def train_step(self, micro_batches, lr: float) -> StepResult:
-        """One optimizer step (step.Step) at the state's step number; a non-finite loss or norm
-        (the update was skipped on the device) is a warning, max_nonfinite in a row stop the run."""
+        """One optimizer step (step.Step) at the state's step number, waited for; a non-finite
+        loss or norm (the update was skipped on the device) is a warning, max_nonfinite in a row
+        stop the run."""
         result = self.step(micro_batches, lr, self.state.step)
+        self._check_finite(result, self.state.step + 1)
+        return result
+
+    def _check_finite(self, result: StepResult, step: int) -> None:
         if result.finite:
             self.state.nonfinite = 0
         else:
-            self._nonfinite(result.loss, result.norm)
-        return result
+            self._nonfinite(result.loss, result.norm, step)
 
-    def _nonfinite(self, loss, norm):
+    def _nonfinite(self, loss, norm, step: int):
         s, t = self.state, self.cfg.training
         s.nonfinite += 1
-        print(f"warning: step {s.step + 1}: non-finite loss ({loss}), gradient norm or updated "
+        print(f"warning: step {step}: non-finite loss ({loss}), gradient norm or updated "
               f"weights (norm {norm}); update skipped")
         if s.nonfinite >= t.max_nonfinite:
             raise UserError(
-                f"step {s.step + 1}: {s.nonfinite} non-finite losses/gradients in a row; training "
+                f"step {step}: {s.nonfinite} non-finite losses/gradients in a row; training "
                 "stopped (the last good checkpoint is untouched). Likely causes: learning rate too high "
                 f"({t.learning_rate}), float16 overflow (use --dtype bfloat16 or float32), or broken data")
 
@@ -185,14 +231,15 @@ class Trainer:
         self.per_epoch = len(self.epoch_plan(0))
         self._announce(total)
 
-    def report(self, result: StepResult, seconds: float, total: int) -> float:
-        """Progress after each step, a train record every log_every steps (token-weighted mean loss
-        and tokens/s since the last record); after this process's first step, the `startup` record
-        (its step time is mostly compilation). Returns the mean loss of the window."""
-        s, t, w = self.state, self.cfg.training, self.window
+    def report(self, result: StepResult, seconds: float, total: int, step: int, epoch_f: float) -> float:
+        """Progress after step `step` (1-based; at epoch_f epochs), a train record every log_every
+        steps (token-weighted mean loss and tokens/s since the last record); after this process's
+        first step, the `startup` record (its step time is mostly compilation). Returns the mean
+        loss of the window."""
+        t, w = self.cfg.training, self.window
         if "compile_s" not in self.run.timings:
             self.run.timings["compile_s"] = seconds
-            self.metrics.log({"event": "startup", "step": s.step - 1,
+            self.metrics.log({"event": "startup", "step": step - 1,
                               **{k: round(v, 3) for k, v in self.run.timings.items()}})
         w["time"] += seconds
         if math.isfinite(result.loss):
@@ -201,13 +248,12 @@ class Trainer:
         w["real"] += result.real
         tps = w["real"] / w["time"] if w["time"] else 0.0
         peak = mx.get_peak_memory() / 1e9
-        epoch_f = s.epoch + s.pos / self.per_epoch
         mean = w["loss"] / w["tokens"] if w["tokens"] else float("nan")
         self.last_loss = mean
-        self.bar.update(s.step, epoch_f, mean, tps, peak, self.step.progress())
-        if s.step % t.log_every == 0 or s.step == total:
-            self.metrics.log({"event": "train", "step": s.step, "epoch": round(epoch_f, 4), "loss": mean,
-                              "tokens": w["tokens"], "lr": lr_at(s.step - 1, t.learning_rate,
+        self.bar.update(step, epoch_f, mean, tps, peak, self.step.progress())
+        if step % t.log_every == 0 or step == total:
+            self.metrics.log({"event": "train", "step": step, "epoch": round(epoch_f, 4), "loss": mean,
+                              "tokens": w["tokens"], "lr": lr_at(step - 1, t.learning_rate,
                                                                  t.warmup_steps, total, t.lr_schedule),
                               "tok_per_s": round(tps, 1), "peak_mem_gb": round(peak, 3),
                               **self.step.window()})  # the objective's own statistics (rewards, ...)
@@ -239,7 +285,6 @@ class Trainer:
                           snapshot(run), name="best")
         if self.stop_signal:
             raise TrainingInterrupted(run.run_dir / "checkpoints" / f"{ckpt.PREFIX}{s.step:07d}")
-        faults.crash("step")  # test hook: STEADYTUNE_TEST_CRASH=step:N dies after step N
         if t.patience and s.bad_evals >= t.patience:
             self.bar.write(f"early stopping: no improvement in {t.patience} validations")
             return True

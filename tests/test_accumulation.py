@@ -149,8 +149,8 @@ def test_epoch_steps_and_every_example_trained(tiny_model, tmp_path, budget):
         t.cfg.training.batch_tokens = budget
         plans = [t.epoch_plan(e) for e in range(2)]
         seen = []
-        orig = t.train_step
-        t.train_step = lambda mbs, lr: (seen.append(sorted(i for mb in mbs for i in mb)), orig(mbs, lr))[1]
+        orig = t.dispatch
+        t.dispatch = lambda mbs, lr: (seen.append(sorted(i for mb in mbs for i in mb)), orig(mbs, lr))[1]
         t.prepare = lambda: None
         result = t.fit()
         assert result.step == sum(map(len, plans))
@@ -159,13 +159,13 @@ def test_epoch_steps_and_every_example_trained(tiny_model, tmp_path, budget):
             assert sorted(i for st in p for mb in st for i in mb) == list(range(11))
         return
     seen = []
-    orig = t.train_step
+    orig = t.dispatch
 
     def spy(mbs, lr):
         seen.append([i for mb in mbs for i in mb])
         return orig(mbs, lr)
 
-    t.train_step = spy
+    t.dispatch = spy
     t.prepare = lambda: None
     result = t.fit()
     assert result.step == 2 * 3  # ceil(11 / 4) = 3 steps per epoch

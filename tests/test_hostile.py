@@ -242,14 +242,14 @@ def _snapshot(folder: Path) -> dict:
 
 
 def _fail_at_step(monkeypatch, trainer, step: int, exc: BaseException):
-    real = trainer.train_step
+    real = trainer.dispatch
 
     def step_fn(*a, **k):
         if trainer.state.step + 1 == step:
             raise exc
         return real(*a, **k)
 
-    monkeypatch.setattr(trainer, "train_step", step_fn)
+    monkeypatch.setattr(trainer, "dispatch", step_fn)
 
 
 def test_out_of_memory_mid_run_gives_planner_advice_and_keeps_the_last_checkpoint(small_run, monkeypatch):

@@ -1,0 +1,78 @@
+"""Steps left in flight (the next queued before a step's loss is read) and validation in calls of
+one shape: the same numbers as waiting for every step and validating in calls of batch_size."""
+
+import json
+
+import numpy as np
+
+from conftest import make_chat_data, read_adapters
+from steadytune.batching import call_layout
+from steadytune.trainer import Trainer, as_config
+
+
+def _trainer(tiny_model, data, out, **training):
+    cfg = as_config({"model": {"path": str(tiny_model)}, "data": {"path": str(data)},
+                     "training": dict({"epochs": 2, "batch_size": 2, "learning_rate": 1e-2, "eval_every": 3,
+                                       "save_every": 4, "log_every": 1}, **training),
+                     "output": {"dir": str(out), "progress": "none"}})
+    t = Trainer(cfg)
+    t.prepare()
+    return t
+
+
+def _records(run, event):
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r.get("event") == event]
+
+
+def test_steps_in_flight_train_exactly_as_waiting_steps(tiny_model, tmp_path):
+    d = make_chat_data(tmp_path / "data", 13, 3)
+    order = []
+    runs = {}
+    for pipelined in (True, False):
+        t = _trainer(tiny_model, d, tmp_path / f"run-{pipelined}")
+        t.pipeline = pipelined
+        dispatch, settle = t.dispatch, t.settle
+        t.dispatch = lambda mbs, lr, t=t, dispatch=dispatch: (order.append(("queue", t.state.step + 1)), dispatch(mbs, lr))[1]
+        t.settle = lambda p, step, *a, settle=settle: (order.append(("read", step)), settle(p, step, *a))[1]
+        order.clear()
+        result = t.fit()
+        runs[pipelined] = (t.run.run_dir, result, list(order))
+    (a, ra, oa), (b, rb, ob) = runs[True], runs[False]
+    assert ra.step == rb.step == 14  # 7 steps an epoch (13 examples, 2 a step), 2 epochs
+    # in flight: step 3 was queued before step 2's loss was read; waiting: never
+    assert oa.index(("queue", 3)) < oa.index(("read", 2))
+    assert all(ob[2 * i:2 * i + 2] == [("queue", i + 1), ("read", i + 1)] for i in range(14))
+    # what must see a step's weights still does: validations at 3, 6, 9, 12, checkpoints at
+    # 4, 8, 12 and the epoch ends (7, 14); the step after each was queued only after it was read
+    for step in (1, 3, 4, 6, 7, 8, 9, 12):
+        assert oa.index(("read", step)) < oa.index(("queue", step + 1)), step
+    for event in ("train", "val"):
+        ka = [{k: v for k, v in r.items() if k not in ("tok_per_s", "peak_mem_gb")} for r in _records(a, event)]
+        kb = [{k: v for k, v in r.items() if k not in ("tok_per_s", "peak_mem_gb")} for r in _records(b, event)]
+        assert ka == kb and len(ka) > 3, event  # the same losses, bit for bit
+    wa, wb = read_adapters(a), read_adapters(b)
+    assert wa.keys() == wb.keys() and all(np.array_equal(wa[k], wb[k]) for k in wa)
+    ckpts = sorted(p.name for p in (a / "checkpoints").iterdir())
+    assert ckpts == sorted(p.name for p in (b / "checkpoints").iterdir())
+
+
+def test_validation_in_calls_of_one_shape_equals_calls_of_batch_size(tiny_model, tmp_path):
+    d = make_chat_data(tmp_path / "data", 8, 11)
+    t = _trainer(tiny_model, d, tmp_path / "r")
+    step, val = t.step, t.run.val_set
+    assert step.pack_target and not step.pack_validation  # the CPU validates in calls of batch_size
+    by_batch = step.validation_loss(val, 2)
+    assert len(step.shapes["val"]) > 1
+    step.pack_validation, step.shapes["val"] = True, set()
+    calls = []
+    arrays = step.packed_call
+    step.packed_call = lambda rows, *a: (calls.append(rows), arrays(rows, *a))[1]
+    packed = step.validation_loss(val, 2)
+    # every call at the shape of training's widest call: the 2 longest training examples laid out
+    # as a step lays them out
+    longest = sorted(len(x) for x in t.run.train_set.ids)[-2:]
+    rows, width, _ = call_layout(longest, step.pack_target, step.device, step.pair)
+    assert step.shapes["val"] == {(len(rows), width)} and len(calls) < -(-len(val) // 2)
+    assert sorted(i for c in calls for row in c for i in row) == list(range(len(val)))
+    # the same token-weighted mean: float32 sums in another order
+    assert abs(packed - by_batch) <= 2e-6 * abs(by_batch)
