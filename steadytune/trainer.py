@@ -279,10 +279,9 @@ class Trainer:
         if self.world > 1:  # every rank must stop at the same step, whichever got the signal
             self.stop_signal = int(mx.distributed.all_sum(mx.array(int(bool(self.stop_signal)))).item())
         if (due or self.stop_signal) and self.rank == 0:
-            self.save_checkpoint()
-            if improved:
-                ckpt.save(run.run_dir, s.step, run.model, run.optimizer, run.adapter_config,
-                          snapshot(run), name="best")
+            path = self.save_checkpoint()
+            if improved:  # the same contents: best/ shares the step's files
+                ckpt.save_as(path, "best")
         if self.stop_signal:
             raise TrainingInterrupted(run.run_dir / "checkpoints" / f"{ckpt.PREFIX}{s.step:07d}")
         if t.patience and s.bad_evals >= t.patience:

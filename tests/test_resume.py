@@ -447,3 +447,35 @@ def test_nan_checkpoint_is_never_written_and_pruning_keeps_the_newest_sound_one(
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
     assert ckpt.sound(out / "checkpoints" / "step-0000002") and not ckpt.sound(out / "checkpoints" / "step-0000004")
     assert mx.load(str(out / "checkpoints" / "step-0000002" / "adapters.safetensors"))
+
+
+def test_best_is_the_steps_checkpoint_linked_not_written_again(small, tmp_path):
+    """checkpoint.save_as: best/ holds the step's files (hard links: nothing serialized or hashed
+    again), is complete and sound, loads, and outlives the step's folder when pruning removes it."""
+    import shutil
+
+    import mlx.core as mx
+
+    from steadytune import checkpoint as ckpt
+
+    run = small.trainer.run
+    out = tmp_path / "run"
+    from steadytune.resume import snapshot
+
+    step = ckpt.save(out, 7, run.model, run.optimizer, run.adapter_config, snapshot(run))
+    best = ckpt.save_as(step, "best")
+    names = sorted(p.name for p in step.iterdir())
+    assert names == sorted(p.name for p in best.iterdir())
+    for name in names:
+        if name not in (ckpt.MARKER, ckpt.OURS):
+            assert (best / name).stat().st_ino == (step / name).stat().st_ino
+    assert (best / ckpt.MARKER).read_text() == (step / ckpt.MARKER).read_text()
+    shutil.rmtree(step)
+    ckpt._sound.clear()
+    ckpt.check_hashes(best)  # raises if a file is not what the step wrote
+    assert ckpt.sound(best) and json.loads((best / "state.json").read_text())["step"] == 7
+    from mlx.utils import tree_flatten
+
+    want = dict(tree_flatten(run.model.trainable_parameters()))
+    got = mx.load(str(best / "adapters.safetensors"))
+    assert sorted(got) == sorted(want) and all(mx.array_equal(got[k], want[k]).item() for k in want)
