@@ -112,8 +112,8 @@ class Trainer:
                     pending = self.dispatch(micro_batches, lr)
                     self.state.advance(epoch_len)
                     here = (pending, self.state.step, self.state.epoch + self.state.pos / self.per_epoch, tic)
-                    if queued:
-                        self.settle(*queued, total)
+                    if queued:  # its time: from its queuing to this step's
+                        self.settle(*queued, total, until=tic)
                         faults.crash("step")  # test hook: STEADYTUNE_TEST_CRASH=step:N dies after step N
                     queued = None
                     if self.pipeline and pending.in_flight and not self.due(total):
@@ -179,14 +179,16 @@ class Trainer:
                     or (t.eval_every and s.step % t.eval_every == 0 and len(self.run.val_set))
                     or (t.save_every and s.step % t.save_every == 0))
 
-    def settle(self, pending, step: int, epoch_f: float, tic: float, total: int) -> StepResult:
-        """Read a queued step's result (waits for it), apply the non-finite policy, report it."""
+    def settle(self, pending, step: int, epoch_f: float, tic: float, total: int,
+               until: float | None = None) -> StepResult:
+        """Read a queued step's result (waits for it), apply the non-finite policy, report it. Its
+        time is from its queuing (tic) to `until` (the next step's queuing, for a step left in
+        flight), else to now: queuing a step waits for the device to make room (MLX holds few
+        command buffers in flight), so the steps' times partition the wall clock without
+        counting any of it twice."""
         result = pending.result()
         self._check_finite(result, step)
-        now = time.perf_counter()
-        # a step left in flight began when the previous one was read, not when it was queued
-        self.report(result, now - max(tic, getattr(self, "_settled", tic)), total, step, epoch_f)
-        self._settled = now
+        self.report(result, (until or time.perf_counter()) - tic, total, step, epoch_f)
         return result
 
     def dispatch(self, micro_batches, lr: float):

@@ -33,7 +33,7 @@ def test_steps_in_flight_train_exactly_as_waiting_steps(tiny_model, tmp_path):
         t.pipeline = pipelined
         dispatch, settle = t.dispatch, t.settle
         t.dispatch = lambda mbs, lr, t=t, dispatch=dispatch: (order.append(("queue", t.state.step + 1)), dispatch(mbs, lr))[1]
-        t.settle = lambda p, step, *a, settle=settle: (order.append(("read", step)), settle(p, step, *a))[1]
+        t.settle = lambda p, step, *a, settle=settle, **k: (order.append(("read", step)), settle(p, step, *a, **k))[1]
         order.clear()
         result = t.fit()
         runs[pipelined] = (t.run.run_dir, result, list(order))
