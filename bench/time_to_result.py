@@ -95,7 +95,7 @@ def timed(cmd: list[str], env: dict | None = None, timeout: float = 900) -> tupl
 # session): every step waited for, validation in calls of batch_size examples.
 WAITING_CLI = ("import steadytune.step as s, steadytune.trainer as t; t.Trainer.pipeline = False; "
                "init = s.Step.__init__; "
-               "s.Step.__init__ = lambda self, *a, **k: (init(self, *a, **k), setattr(self, 'pack_validation', False))[0]; "
+               "s.Step.__init__ = lambda self, *a, **k: (init(self, *a, **k), setattr(self, 'few_val_shapes', False))[0]; "
                "import sys; from steadytune.cli import main; sys.exit(main())")
 
 

@@ -24,7 +24,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from .batching import call_layout, eval_calls, merge_micro_batches, pack_batch, pad_batch, pair_cost, shard
+from .batching import (call_layout, eval_calls, merge_micro_batches, pack_batch, pad_batch, padded_width,
+                       pair_cost, shard, width_bucket)
 from .loss import loss_fn
 
 
@@ -152,9 +153,10 @@ class Step(StepBase):
         if pair is None:  # on the CPU from the model's shape; a GPU's fused attention packs every call
             pair = attention_pair_cost(model) if pack_target and self.device == "cpu" else 0.0
         self.pair = pair
-        # validation in a few calls of one shape (validation_loss): on a GPU each shape costs
-        # seconds to set up; on the CPU calls of batch_size examples compute less (no wide rows)
-        self.pack_validation = bool(pack_target) and self.device != "cpu"
+        # validation in few shapes (validation_loss): on a GPU each shape costs seconds to set up
+        # (2.3 s on a 7B shape, about 12 s on a Qwen3-Next shape); on the CPU calls of batch_size
+        # examples at their own width compute less
+        self.few_val_shapes = self.device != "cpu"
         loss = partial(loss_fn, chunk=ce_chunk, mask_dtype=mask_dtype)
         self.grad, self.grad_apply, self.update, self.eval_loss = compile_step(
             model, optimizer, self.state, loss, flat)
@@ -177,8 +179,9 @@ class Step(StepBase):
                 out.append(self.arrays(mb, "train"))
         return out
 
-    def arrays(self, examples: list[int], kind: str, data=None) -> Batch:
-        """One call's arrays: the examples packed into rows (call_layout) or one a row, padded."""
+    def arrays(self, examples: list[int], kind: str, data=None, bucket: bool = False) -> Batch:
+        """One call's arrays: the examples packed into rows (call_layout) or one a row, padded (to
+        a power of two with `bucket`: batching.width_bucket)."""
         data = data or self.examples
         ids, masks = [data.ids[i] for i in examples], [data.masks[i] for i in examples]
         real = sum(len(x) - 1 for x in ids)
@@ -188,6 +191,10 @@ class Step(StepBase):
             inputs, targets, mask, seg = pack_batch([[ids[j] for j in row] for row in rows],
                                                     [[masks[j] for j in row] for row in rows], width)
             seg = mx.array(seg)
+        elif bucket:
+            width = width_bucket(padded_width(max(len(x) for x in ids), self.device), "gpu")
+            inputs, targets, mask, _ = pack_batch([[x] for x in ids], [[m] for m in masks], width)
+            seg = None
         else:
             (inputs, targets, mask), seg = pad_batch(ids, masks), None
         self.shapes[kind].add(inputs.shape)
@@ -225,23 +232,27 @@ class Step(StepBase):
         return norm
 
     def validation_loss(self, examples, batch_size: int) -> float:
-        """Token-weighted mean loss over `examples` (a data.Tokenized). Packed on a GPU: in calls
-        of one shape, each at most the positions of the widest call training makes (the
-        `batch_size` longest training examples, laid out as a step lays them out: what the
-        memory plan allowed for, and a forward pass keeps less), so a validation compiles once
-        and takes a few calls (alpaca chat's 50 conversations on an H100: one compiled shape, six
-        validations in 2.6 s instead of 4.3). Elsewhere: calls of `batch_size` examples sorted by length, laid out as training
-        lays out its calls. With several processes each evaluates every world-th call and the
-        sums are added."""
+        """Token-weighted mean loss over `examples` (a data.Tokenized), in few shapes on a GPU
+        (few_val_shapes). Packed there: in calls of one shape, each at most the positions of the
+        widest call training makes (the `batch_size` longest training examples, laid out as a
+        step lays them out: what the memory plan allowed for, and a forward pass keeps less), so
+        a validation compiles once and takes a few calls (alpaca chat's 50 conversations on an
+        H100: one compiled shape, six validations in 2.6 s instead of 4.3). Unpacked there (a
+        model whose layers carry a state, or --pack false): calls of `batch_size` examples sorted
+        by length, each padded to a power of two (the 50 alpaca conversations one a row: 4 widths
+        instead of 23; a Qwen3-Next-shaped model's validation took 50 s on an H100 for 21). On
+        the CPU: calls of `batch_size` examples sorted by length, laid out as training lays out
+        its calls. With several processes each evaluates every world-th call and the sums are
+        added."""
         lens = [len(x) for x in examples.ids]
-        if self.pack_validation and lens:
+        if self.few_val_shapes and self.pack_target and lens:
             longest = sorted(len(x) for x in self.examples.ids)[-batch_size:]
             rows, width, _ = call_layout(longest, self.pack_target, self.device, self.pair)
             calls = [(sum(c, []), partial(self.packed_call, c, len(rows), width, examples))
                      for c in eval_calls([n - 1 for n in lens], len(rows), width)]
-        else:
+        else:  # unpacked on a GPU: rows padded to powers of two (4 widths for alpaca, not 23)
             order = np.argsort(lens, kind="stable").tolist()
-            calls = [(mb, partial(self.arrays, mb, "val", examples))
+            calls = [(mb, partial(self.arrays, mb, "val", examples, bucket=self.few_val_shapes))
                      for mb in (order[i:i + batch_size] for i in range(0, len(order), batch_size))]
         self.model.eval()
         total, count = mx.array(0.0), 0

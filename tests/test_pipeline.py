@@ -60,10 +60,10 @@ def test_validation_in_calls_of_one_shape_equals_calls_of_batch_size(tiny_model,
     d = make_chat_data(tmp_path / "data", 8, 11)
     t = _trainer(tiny_model, d, tmp_path / "r")
     step, val = t.step, t.run.val_set
-    assert step.pack_target and not step.pack_validation  # the CPU validates in calls of batch_size
+    assert step.pack_target and not step.few_val_shapes  # the CPU validates in calls of batch_size
     by_batch = step.validation_loss(val, 2)
     assert len(step.shapes["val"]) > 1
-    step.pack_validation, step.shapes["val"] = True, set()
+    step.few_val_shapes, step.shapes["val"] = True, set()
     calls = []
     arrays = step.packed_call
     step.packed_call = lambda rows, *a: (calls.append(rows), arrays(rows, *a))[1]
@@ -76,3 +76,21 @@ def test_validation_in_calls_of_one_shape_equals_calls_of_batch_size(tiny_model,
     assert sorted(i for c in calls for row in c for i in row) == list(range(len(val)))
     # the same token-weighted mean: float32 sums in another order
     assert abs(packed - by_batch) <= 2e-6 * abs(by_batch)
+
+
+def test_unpacked_validation_on_a_gpu_pads_to_powers_of_two(tiny_model, tmp_path):
+    """A model trained unpacked (--pack false here; Qwen3-Next's layers carry a state) validates
+    in calls of batch_size examples; on a GPU each padded to a power of two (at least 128), so a
+    validation compiles a few widths: the same loss."""
+    d = make_chat_data(tmp_path / "data", 8, 23)
+    t = _trainer(tiny_model, d, tmp_path / "r", pack=False)
+    step, val = t.step, t.run.val_set
+    assert not step.pack_target and not step.few_val_shapes
+    by_width = step.validation_loss(val, 2)
+    widths = {w for _, w in step.shapes["val"]}
+    step.few_val_shapes, step.shapes["val"] = True, set()
+    bucketed = step.validation_loss(val, 2)
+    buckets = {w for _, w in step.shapes["val"]}
+    assert len(buckets) < len(widths) and all(w >= 128 and w & (w - 1) == 0 for w in buckets), (widths, buckets)
+    assert {r for r, _ in step.shapes["val"]} <= {1, 2}
+    assert abs(bucketed - by_width) <= 2e-6 * abs(by_width)
