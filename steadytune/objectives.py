@@ -78,9 +78,13 @@ class Objective:
         from . import faults
         from .step import Step
 
+        from .backend import device_kind
+        from .batching import buckets_rows
+
         t = run.cfg.training
         return Step(run.model, run.optimizer, run.train_set, seed=t.seed, max_grad_norm=t.max_grad_norm,
                     pack_target=run.pack_target, merge=run.merge, ce_chunk=run.compute["ce_chunk"],
+                    bucket_rows=buckets_rows(device_kind(), t.batch_tokens),
                     mask_dtype=run.mask_dtype, rank=run.rank, world=run.world, nan_at=faults.nan_steps())
 
     def validate(self, step, run) -> tuple[float, dict]:

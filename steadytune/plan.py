@@ -41,7 +41,7 @@ import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from .batching import call_layout, padded_width, row_target, width_bucket
+from .batching import buckets_rows, call_layout, padded_width, row_target, width_bucket
 from .errors import UserError
 
 GB = 1e9
@@ -902,6 +902,8 @@ def run_from_config(cfg, arch: Arch, lengths=None, device: str | None = None,
         rows, seq = packed_call(lengths or [], longest, t.batch_size, t.batch_tokens, device,
                                 skeleton.get("pair", 0.0))
         batch = len(rows)
+    elif getattr(t, "method", "sft") == "sft" and buckets_rows(device, t.batch_tokens):
+        seq = width_bucket(seq, device)  # one example a row, padded to a power of two (Step.bucket_rows)
     run = Run(batch=batch, seq=seq, checkpoint=t.grad_checkpoint, packed=packs,
               examples=t.batch_size if packs else 0,
               rank=cfg.lora.rank, keys=keys, lora_layers=cfg.lora.num_layers, **skeleton,

@@ -135,7 +135,8 @@ class Step(StepBase):
     examples into rows of about this many positions (batching.call_layout: a layout only, the
     examples are the micro-batches' either way; on the CPU a call is packed only where that
     computes less, `pair` being a query-key pair's cost in positions, None: from the model,
-    attention_pair_cost); 0 pads one example a row. merge: micro-batches
+    attention_pair_cost); 0 pads one example a row, to a power of two with bucket_rows
+    (batching.buckets_rows). merge: micro-batches
     run this many at a time as one call (setup.merged_calls: the same gradients in fewer, larger
     calls). ce_chunk, mask_dtype: the loss's options (loss.loss_chunk, packing.prepare). flat: the update on one concatenated vector
     (flat_update) instead of array by array. rank, world: this process's share of each micro-batch
@@ -144,12 +145,13 @@ class Step(StepBase):
 
     def __init__(self, model: nn.Module, optimizer, examples, *, seed: int = 0,
                  max_grad_norm: float | None = None, pack_target: int = 0, merge: int = 1,
-                 pair: float | None = None, ce_chunk: int = 0,
+                 pair: float | None = None, ce_chunk: int = 0, bucket_rows: bool = False,
                  mask_dtype=mx.float32, flat: bool = True, rank: int = 0, world: int = 1,
                  nan_at=frozenset()):
         super().__init__(model, optimizer, examples, seed=seed, max_grad_norm=max_grad_norm, flat=flat,
                          rank=rank, world=world, nan_at=nan_at)
         self.pack_target, self.merge, self.fused = pack_target, merge, fuses_update(world)
+        self.bucket_rows = bucket_rows
         if pair is None:  # on the CPU from the model's shape; a GPU's fused attention packs every call
             pair = attention_pair_cost(model) if pack_target and self.device == "cpu" else 0.0
         self.pair = pair
@@ -176,7 +178,7 @@ class Step(StepBase):
         for mb in merge_micro_batches(micro_batches, self.merge):
             mb = shard(mb, self.rank, self.world) if self.world > 1 else mb
             if mb:  # this rank's share of a short last micro-batch may be empty
-                out.append(self.arrays(mb, "train"))
+                out.append(self.arrays(mb, "train", bucket=self.bucket_rows))
         return out
 
     def arrays(self, examples: list[int], kind: str, data=None, bucket: bool = False) -> Batch:

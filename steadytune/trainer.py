@@ -334,7 +334,8 @@ class Trainer:
             calls = [call for step in plan for call in merge_micro_batches(step, run.merge)]
             pad = layout_padding(calls, lens, run.pack_target, device_kind(), getattr(self.step, "pair", 0.0))
         else:
-            pad = padding_fraction([[int(lens[i]) for i in mb] for step in plan for mb in step])
+            pad = padding_fraction([[int(lens[i]) for i in mb] for step in plan for mb in step],
+                                   bucket=getattr(self.step, "bucket_rows", False))
         for line in notes + [
             f"run folder: {run.run_dir}",
             f"model: {run.loaded.source} ({device_kind()}, fast BLAS: {blas})",

@@ -1,8 +1,10 @@
-"""Steps left in flight (the next queued before a step's loss is read) and validation in calls of
-one shape: the same numbers as waiting for every step and validating in calls of batch_size."""
+"""Steps left in flight (the next queued before a step's loss is read), validation in few shapes and
+unpacked rows padded to powers of two on a GPU: the same numbers as waiting for every step,
+validating in calls of batch_size and padding to multiples."""
 
 import json
 
+import mlx.core as mx
 import numpy as np
 
 from conftest import make_chat_data, read_adapters
@@ -94,3 +96,30 @@ def test_unpacked_validation_on_a_gpu_pads_to_powers_of_two(tiny_model, tmp_path
     assert len(buckets) < len(widths) and all(w >= 128 and w & (w - 1) == 0 for w in buckets), (widths, buckets)
     assert {r for r, _ in step.shapes["val"]} <= {1, 2}
     assert abs(bucketed - by_width) <= 2e-6 * abs(by_width)
+
+
+def test_unpacked_rows_on_a_gpu_pad_to_powers_of_two_with_the_same_gradients(tiny_model, tmp_path):
+    """Step.bucket_rows (batching.buckets_rows: a GPU, no token budget): an unpacked call's rows
+    are as wide as the next power of two (at least 128); the loss and gradients are those of the
+    rows padded to multiples (right padding carries no loss and comes after every real token)."""
+    from mlx.utils import tree_flatten
+
+    from steadytune.batching import buckets_rows
+
+    assert buckets_rows("cuda", None) and buckets_rows("metal", None)
+    assert not buckets_rows("cpu", None) and not buckets_rows("cuda", 4096)
+    d = make_chat_data(tmp_path / "data", 8, 2)
+    t = _trainer(tiny_model, d, tmp_path / "r", pack=False)
+    step = t.step
+    assert not step.bucket_rows  # the CPU
+    mbs = [[0, 3], [5]]
+    plain = step.batches(mbs)
+    g1, l1, n1, _ = step.gradients(mbs)
+    step.bucket_rows = True
+    wide = step.batches(mbs)
+    widths = [b.inputs.shape[1] for b in wide]
+    assert all(w >= 128 and w & (w - 1) == 0 for w in widths) and widths != [b.inputs.shape[1] for b in plain]
+    g2, l2, n2, _ = step.gradients(mbs)
+    assert n1 == n2 and abs(l1.item() - l2.item()) <= 1e-6 * abs(l1.item())
+    for (k, a), (_, b) in zip(tree_flatten(g1), tree_flatten(g2)):
+        assert (mx.abs(a - b).max() <= 1e-5 * (mx.abs(a).max() + 1e-12)).item(), k

@@ -155,7 +155,9 @@ def test_the_longest_example_decides_the_width_padded_like_the_batcher():
     run, _ = plan.run_from_config(config(seq=1024), arch, None, device="cpu")
     assert run.seq == 1024                                   # no data: max_seq_length
     run, _ = plan.run_from_config(config(seq=2048), arch, [10, 50, 300], device="cuda")
-    assert run.seq == 384                                    # CUDA: multiples of 128 above 256
+    assert run.seq == 512                                    # a GPU: one a row at powers of two
+    run, _ = plan.run_from_config(config(seq=2048, batch_tokens=4096), arch, [10, 50, 300], device="cuda")
+    assert run.seq == 384                    # under a token budget: multiples of 128 above 256
 
 
 def test_padded_width_follows_the_batchers_rule_per_device():
