@@ -252,7 +252,7 @@ class Step(StepBase):
             rows, width, _ = call_layout(longest, self.pack_target, self.device, self.pair)
             calls = [(sum(c, []), partial(self.packed_call, c, len(rows), width, examples))
                      for c in eval_calls([n - 1 for n in lens], len(rows), width)]
-        else:  # unpacked on a GPU: rows padded to powers of two (4 widths for alpaca, not 23)
+        else:  # unpacked, or the CPU: calls of batch_size (on a GPU rows of powers of two)
             order = np.argsort(lens, kind="stable").tolist()
             calls = [(mb, partial(self.arrays, mb, "val", examples, bucket=self.few_val_shapes))
                      for mb in (order[i:i + batch_size] for i in range(0, len(order), batch_size))]
