@@ -55,6 +55,13 @@ def padded_width(tokens: int, device: str) -> int:
     return math.ceil(width / k) * k
 
 
+def row_width(tokens: int, device: str, bucket: bool = False) -> int:
+    """Input width of an unpacked row whose longest example has `tokens` tokens: padded_width, or
+    with `bucket` (buckets_rows: a GPU without a token budget) the power of two at or above it."""
+    width = padded_width(tokens, device)
+    return width_bucket(width, "gpu") if bucket else width
+
+
 def budget_width(tokens: int) -> int:
     """Padded input width a token budget charges for a micro-batch whose longest example has
     `tokens` tokens: the widest padding of any device (CUDA's), so the same data and budget give
@@ -337,16 +344,18 @@ def default_pad_multiple(width: int) -> int:
 
 
 def pad_batch(ids: list[list[int]], masks: list[list[bool]], pad_multiple: int | None = None,
-              pad_id: int = 0):
+              pad_id: int = 0, width: int | None = None):
     """Inputs, targets and loss mask for next-token prediction, right-padded.
 
-    A sequence of n tokens gives n-1 (input, target) pairs. The width is rounded up to a multiple of
-    `pad_multiple` (default: default_pad_multiple) so compiled steps see few distinct shapes (and
-    CUDA's fused attention its preferred sizes). Returns int32 inputs/targets and a float32 mask (B, T).
+    A sequence of n tokens gives n-1 (input, target) pairs. The width is `width` if given, else
+    rounded up to a multiple of `pad_multiple` (default: default_pad_multiple) so compiled steps see
+    few distinct shapes (and CUDA's fused attention its preferred sizes). Returns int32
+    inputs/targets and a float32 mask (B, T).
     """
-    width = max(len(x) for x in ids) - 1
-    pad_multiple = pad_multiple or default_pad_multiple(width)
-    width = max(pad_multiple, math.ceil(width / pad_multiple) * pad_multiple)
+    if width is None:
+        width = max(len(x) for x in ids) - 1
+        pad_multiple = pad_multiple or default_pad_multiple(width)
+        width = max(pad_multiple, math.ceil(width / pad_multiple) * pad_multiple)
     return pack_batch([[x] for x in ids], [[m] for m in masks], width, pad_id)[:3]  # one example a row
 
 
@@ -358,8 +367,7 @@ def padding_fraction(lengths_per_batch: list[list[int]], pad_multiple: int | Non
     for lens in lengths_per_batch:
         k = pad_multiple or default_pad_multiple(max(lens) - 1)
         width = max(k, math.ceil((max(lens) - 1) / k) * k)
-        if bucket:
-            width = width_bucket(width, "gpu")
+        width = width_bucket(width, "gpu") if bucket else width
         real += sum(n - 1 for n in lens)
         total += width * len(lens)
     return 1 - real / total if total else 0.0
@@ -370,7 +378,7 @@ def buckets_rows(device: str, batch_tokens: int | None) -> bool:
     row, or --pack false) pads its rows to a power of two (width_bucket) instead of a multiple of
     128: on a GPU without a token budget. Why: each new width costs seconds there (2.3 s on a 7B
     shape, about 12 s on a Qwen3-Next shape, H100), and alpaca one a row has 23 widths at
-    multiples, 4 at powers of two (padding 11.5% -> 32.2%). A token budget keeps the multiples:
+    multiples, 4 at powers of two (padding 11.5% -> 32.2%; the default model's tokenizer). A token budget keeps the multiples:
     it charges every device the same widths (budget_width), so its micro-batches do not depend on
     the machine."""
     return device != "cpu" and not batch_tokens

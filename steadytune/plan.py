@@ -41,7 +41,7 @@ import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from .batching import buckets_rows, call_layout, padded_width, row_target, width_bucket
+from .batching import buckets_rows, call_layout, padded_width, row_target, row_width, width_bucket
 from .errors import UserError
 
 GB = 1e9
@@ -381,7 +381,8 @@ class Breakdown:
 # the heads); fitted on the CPU to bench/memory.py --moe --only qwen3_next (1 to 6 such layers, 4
 # to 8 value heads of 128 x 128, 2 to 4 rows of 512 to 2,048 tokens, with and without
 # checkpointing), where the rest of the plan is itself off by up to a tenth of a GB on these small
-# models: within -13%..+12% (docs/plan-memory.md). mlx-lm's loop a token at a time kept about 15
+# models: 8 of 9 within -13.1%..+11.5%, a 1 x 2,048 row +25% from the rest of its plan, not this
+# term (docs/plan-memory.md). mlx-lm's loop a token at a time kept about 15
 # states a token, its loop in checkpointed chunks 3.
 RECURRENCE_STATES = 0.33
 RECURRENCE_KEPT = 0.21
@@ -895,15 +896,15 @@ def run_from_config(cfg, arch: Arch, lengths=None, device: str | None = None,
         if unknown:
             raise UserError(f"lora.target_modules: the planner knows {', '.join(MODULES)}; "
                             f"{', '.join(unknown)} is not one of them")
-    batch, seq = t.batch_size, padded_width(longest, device)
+    batch = t.batch_size
+    # one example a row, padded as Step.arrays pads it (to a power of two: Step.bucket_rows)
+    seq = row_width(longest, device, getattr(t, "method", "sft") == "sft" and buckets_rows(device, t.batch_tokens))
     # the trainer's test (setup.apply_compute_options), at the widest row it could lay out
     packs = t.pack and _packable(model_config, width_bucket(max(row_target(device), cfg.data.max_seq_length), device))
     if packs:  # the largest call: the batch's longest examples, laid out as the step lays them out
         rows, seq = packed_call(lengths or [], longest, t.batch_size, t.batch_tokens, device,
                                 skeleton.get("pair", 0.0))
         batch = len(rows)
-    elif getattr(t, "method", "sft") == "sft" and buckets_rows(device, t.batch_tokens):
-        seq = width_bucket(seq, device)  # one example a row, padded to a power of two (Step.bucket_rows)
     run = Run(batch=batch, seq=seq, checkpoint=t.grad_checkpoint, packed=packs,
               examples=t.batch_size if packs else 0,
               rank=cfg.lora.rank, keys=keys, lora_layers=cfg.lora.num_layers, **skeleton,

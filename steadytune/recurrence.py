@@ -25,10 +25,10 @@ from functools import lru_cache
 
 import mlx.core as mx
 
-# Tokens per recomputed chunk: the forward pass keeps T / CHUNK states a layer, the backward pass
-# works on one chunk at a time. The memory measured is nearly the same from 16 to a whole row
-# (MLX keeps the chain of state gradients, about one state a token, whatever the chunks), and 16
-# costs the least time (tests/test_recurrence.py; plan.RECURRENCE_STATES).
+# Tokens per recomputed chunk of mlx-lm's loop (chunked_gated_delta_ops, for per-key gates): the
+# forward pass keeps T / CHUNK states a layer, the backward pass works on one chunk at a time. The
+# memory measured is nearly the same from 16 to a whole row (MLX keeps the chain of state
+# gradients, about one state a token, whatever the chunks), and 16 costs the least time.
 CHUNK = 16
 
 

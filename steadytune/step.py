@@ -24,8 +24,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from .batching import (call_layout, eval_calls, merge_micro_batches, pack_batch, pad_batch, padded_width,
-                       pair_cost, shard, width_bucket)
+from .batching import (call_layout, eval_calls, merge_micro_batches, pack_batch, pad_batch, pair_cost,
+                       row_width, shard)
 from .loss import loss_fn
 
 
@@ -193,12 +193,9 @@ class Step(StepBase):
             inputs, targets, mask, seg = pack_batch([[ids[j] for j in row] for row in rows],
                                                     [[masks[j] for j in row] for row in rows], width)
             seg = mx.array(seg)
-        elif bucket:
-            width = width_bucket(padded_width(max(len(x) for x in ids), self.device), "gpu")
-            inputs, targets, mask, _ = pack_batch([[x] for x in ids], [[m] for m in masks], width)
-            seg = None
         else:
-            (inputs, targets, mask), seg = pad_batch(ids, masks), None
+            width = row_width(max(len(x) for x in ids), self.device, bucket) if bucket else None
+            (inputs, targets, mask), seg = pad_batch(ids, masks, width=width), None
         self.shapes[kind].add(inputs.shape)
         return Batch(mx.array(inputs), mx.array(targets), mx.array(mask), seg, real)
 
@@ -241,8 +238,9 @@ class Step(StepBase):
         a validation compiles once and takes a few calls (alpaca chat's 50 conversations on an
         H100: one compiled shape, six validations in 2.6 s instead of 4.3). Unpacked there (a
         model whose layers carry a state, or --pack false): calls of `batch_size` examples sorted
-        by length, each padded to a power of two (the 50 alpaca conversations one a row: 4 widths
-        instead of 23; a Qwen3-Next-shaped model's validation took 50 s on an H100 for 21). On
+        by length, each padded to a power of two (the 50 alpaca conversations one a row: 3 widths
+        instead of 17 with the default model's tokenizer; a Qwen3-Next-shaped model's validation
+        took 50 s on an H100 for 21). On
         the CPU: calls of `batch_size` examples sorted by length, laid out as training lays out
         its calls. With several processes each evaluates every world-th call and the sums are
         added."""
