@@ -100,18 +100,19 @@ WAITING_CLI = ("import steadytune.step as s, steadytune.trainer as t; t.Trainer.
 
 
 def steadytune_run(name: str, model: Path, data: Path, out: Path, flags: list[str], every: bool = True,
-                   waiting: bool = False) -> dict:
+                   waiting: bool = False, env: dict | None = None) -> dict:
     """One `steadytune train`; every: validation every 40 steps, no checkpoints but the epoch's
     (the rows' usual settings: the wall until mlx-lm's loss is reached), else the defaults
     (validation and a checkpoint every 100 steps: the issue's command as a user types it);
-    waiting: the trainer before steps in flight and packed validation (WAITING_CLI)."""
+    waiting: the trainer before steps in flight and packed validation (WAITING_CLI); env: more
+    environment (the `graphs` row: MLX_USE_CUDA_GRAPHS=1, MLX's default, which training turns off)."""
     run = out / name
     launch = [sys.executable, "-c", WAITING_CLI] if waiting else [sys.executable, "-m", "steadytune.cli"]
     cmd = [*launch, "train", "--model", str(model), "--data", str(data),
            "--lora-rank", "16", "--lora-alpha", "32", "--max-seq-length", "1024", "--epochs", "1",
            "--progress", "lines", "--log-every", "1",
            *(["--save-every", "0", "--eval-every", "40"] if every else []), "--out", str(run), *flags]
-    lines, wall, rc = timed(cmd)
+    lines, wall, rc = timed(cmd, env)
     if rc != 0:
         print("\n".join(s for _, s in lines[-12:]), file=sys.stderr)
     step_re = re.compile(r"^step (\d+)/")
@@ -124,7 +125,8 @@ def steadytune_run(name: str, model: Path, data: Path, out: Path, flags: list[st
     end = next((r for r in reversed(recs) if r.get("event") == "end"), {})
     final = next((r["val_loss"] for r in reversed(recs) if r.get("event") == "val"), None)
     vals = [(t, float(m.group(2))) for t, s in lines if (m := val_re.match(s))]
-    label = " ".join(flags + ([] if every else ["(eval/save every 100)"]) + (["(waiting steps)"] if waiting else []))
+    label = " ".join(flags + ([] if every else ["(eval/save every 100)"]) + (["(waiting steps)"] if waiting else [])
+                     + [f"{k}={v}" for k, v in (env or {}).items()])
     return {"run": f"steadytune {label or '(defaults)'}", "rc": rc, "wall_s": round(wall, 1),
             "timeline": timeline(lines, wall, step_re, val_re),
             "first_step_s": round(arrivals.get(1, float("nan")), 1), "steps": len(train),
@@ -149,19 +151,18 @@ def timeline(lines, wall: float, step_re, val_re) -> dict:
     steps = [(t, k) for t, k, kind in marks if kind == "step"]
     if not steps:
         return {}
-    gaps, val_s, prev = [], 0.0, steps[0][0]
-    for t, _, kind in marks[1:]:
-        if kind == "val":
-            val_s += t - prev
-        else:
-            gaps.append(t - prev)
+    gaps, val_s, prev = [], [], steps[0][0]  # gaps: (step, seconds since the line before)
+    for t, k, kind in marks[1:]:
+        (val_s if kind == "val" else gaps).append((k, t - prev))
         prev = t
-    med = statistics.median(gaps) if gaps else 0.0
-    slow = [g for g in gaps if g > 3 * med]
-    return {"first_step_s": round(steps[0][0], 2), "steps_s": round(sum(gaps), 2),
+    med = statistics.median(g for _, g in gaps) if gaps else 0.0
+    slow = [(k, g) for k, g in gaps if g > 3 * med]
+    return {"first_step_s": round(steps[0][0], 2), "steps_s": round(sum(g for _, g in gaps), 2),
             "median_step_ms": round(1000 * med, 1), "slow_steps": len(slow),
-            "slow_steps_s": round(sum(slow), 2), "slow_steps_excess_s": round(sum(slow) - len(slow) * med, 2),
-            "validation_s": round(val_s, 2), "after_last_step_s": round(wall - prev, 2)}
+            "slow_steps_s": round(sum(g for _, g in slow), 2),
+            "slow_steps_excess_s": round(sum(g for _, g in slow) - len(slow) * med, 2),
+            "slow": [[k, round(g, 2)] for k, g in slow],  # which steps, to tell new shapes from saves
+            "validation_s": round(sum(g for _, g in val_s), 2), "after_last_step_s": round(wall - prev, 2)}
 
 
 def reached(row: dict, target: float):
@@ -313,7 +314,8 @@ def main(argv=None) -> int:
                    "(mlx_lm_lora: mlx-lm-lora's SFT trainer, run only when named) "
                    "(gen: tokens/s of answering; also: nopack, one example a row; plain: default validation "
                    "and checkpoints, every 100 steps; waiting, plain_waiting: the same with every step waited "
-                   "for and validation in calls of batch_size, as before steps were left in flight) "
+                   "for and validation in calls of batch_size, as before steps were left in flight; "
+                   "graphs: with MLX's CUDA graphs, which training turns off by default) "
                    "(a run named twice runs twice: the second finds the GPU's kernel cache warm)")
     p.add_argument("--alpaca", default=str(DATA / "alpaca_en_demo.json"), help="the alpaca demo records")
     p.add_argument("--json", default=None, help="also write the rows to this file")
@@ -359,6 +361,8 @@ def main(argv=None) -> int:
                                                ["--batch-size", "4", "--pack", "false", *extra]),
             "plain": lambda n: steadytune_run(n, model, data, runs, ["--batch-size", "4", *extra], every=False),
             "waiting": lambda n: steadytune_run(n, model, data, runs, ["--batch-size", "4", *extra], waiting=True),
+            "graphs": lambda n: steadytune_run(n, model, data, runs, ["--batch-size", "4", *extra],
+                                               env={"MLX_USE_CUDA_GRAPHS": "1"}),
             "plain_waiting": lambda n: steadytune_run(n, model, data, runs, ["--batch-size", "4", *extra],
                                                       every=False, waiting=True),
             "ckpt": lambda n: steadytune_run(n, model, data, runs,

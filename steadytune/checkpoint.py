@@ -29,7 +29,9 @@ import json
 import os
 import re
 import shutil
+import struct
 import tempfile
+import threading
 from pathlib import Path
 
 import mlx.core as mx
@@ -85,25 +87,98 @@ def _write_bytes(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _write_safetensors(path: Path, arrays: dict, metadata: dict | None = None) -> None:
-    try:
-        mx.save_safetensors(str(path), arrays, metadata=metadata or {})
-    except RuntimeError as e:  # MLX reports a failed write (a full disk too) as RuntimeError
-        raise OSError(*_why_write_failed(e, path, sum(a.nbytes for a in arrays.values())), str(path)) from None
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
+# safetensors' names of MLX's dtypes; bfloat16 leaves the device as its bits (numpy has no bfloat16)
+_ST_DTYPE = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.float64: "F64", mx.int8: "I8",
+             mx.int16: "I16", mx.int32: "I32", mx.int64: "I64", mx.uint8: "U8", mx.uint16: "U16",
+             mx.uint32: "U32", mx.uint64: "U64", mx.bool_: "BOOL"}
 
 
-def _why_write_failed(e: RuntimeError, path: Path, nbytes: int) -> tuple[int, str]:
-    """(errno, strerror) for MLX's RuntimeError: ENOSPC when the disk has less room than the file
-    needed (MLX's message does not say), else its own words."""
+def host_tensors(arrays: dict) -> dict:
+    """name -> (safetensors dtype, a host copy of its values), in name order: what a file is
+    written from. Copied here, on the caller's thread, so that the writing itself touches no MLX
+    array (Writer)."""
+    out = {}
+    for k in sorted(arrays):
+        a = arrays[k]
+        out[k] = (_ST_DTYPE[a.dtype], np.array(mx.view(a, mx.uint16) if a.dtype == mx.bfloat16 else a))
+    return out
+
+
+def _write_safetensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
+    """A safetensors file (readable by mx.load, mlx-lm and the safetensors package) from
+    host_tensors(), flushed and fsynced; a failed write is an OSError naming the file."""
+    header, offset = ({"__metadata__": metadata} if metadata else {}), 0
+    for k, (dtype, a) in tensors.items():
+        header[k] = {"dtype": dtype, "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned, as the format recommends
     try:
-        full = shutil.disk_usage(path.parent).free < nbytes
-    except OSError:
-        full = False
-    if full:
-        return errno.ENOSPC, os.strerror(errno.ENOSPC)
-    return errno.EIO, " ".join(str(e).split())[:200] or "write failed"
+        with open(path, "wb") as f:
+            f.write(struct.pack("<Q", len(head)) + head)
+            for _, a in tensors.values():
+                f.write(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:  # a full disk raises from write() without the file's name
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+
+
+class Writer:
+    """Writes checkpoints on a thread of its own, in the order given, while training goes on.
+    Why: a 7B model's adapters and AdamW moments are 0.5 GB; writing, fsyncing and hashing them
+    held the GPU idle for a second or more at every checkpoint. The values are copied to host
+    memory before a job is queued (host_tensors), so the thread never touches an MLX array, and a
+    checkpoint's jobs (its folder, then best/, then pruning) run one after another. A new
+    checkpoint first waits for the previous one: at most one is in host memory. A failure is
+    raised on the training thread at its next call (check, wait, submit); the jobs queued after
+    it are dropped, and every folder written before it is intact."""
+
+    def __init__(self):
+        self._jobs: list = []
+        self._error: BaseException | None = None
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, job) -> None:
+        self.check()
+        with self._lock:
+            self._jobs.append(job)
+            if self._thread is None:  # not a daemon: a checkpoint being written is finished at exit
+                self._thread = threading.Thread(target=self._work, name="steadytune-checkpoints")
+                self._thread.start()
+            self._lock.notify()
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                if not self._jobs:
+                    self._thread = None
+                    self._lock.notify_all()
+                    return
+                job = self._jobs[0]
+            try:
+                job()
+            except BaseException as e:  # noqa: BLE001  (re-raised on the training thread)
+                with self._lock:
+                    self._error = e
+                    del self._jobs[1:]  # best/ or pruning after a failed checkpoint: not done
+            with self._lock:
+                self._jobs.pop(0)
+
+    def wait(self, raise_error: bool = True) -> None:
+        """Until every queued job is done; then raise a failure (unless told not to: the caller
+        is already raising)."""
+        with self._lock:
+            while self._thread is not None:
+                self._lock.wait()
+        if raise_error:
+            self.check()
+
+    def check(self) -> None:
+        if self._error is not None:
+            e, self._error = self._error, None
+            raise e
 
 
 def ours(folder: Path) -> bool:
@@ -114,6 +189,16 @@ def ours(folder: Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(mark, dict) and mark.get("written_by") == "steadytune"
+
+
+def ours_or_empty(folder: Path) -> bool:
+    """ours(), or a folder holding nothing but (part of) the mark: a write killed between making
+    its temporary folder and marking it. Only folders named like steadytune's temporary copies
+    are asked; an empty one holds nothing of anybody's."""
+    try:
+        return ours(folder) or not [e for e in os.listdir(folder) if e != OURS]
+    except OSError:
+        return False
 
 
 def mark(folder: Path, name: str) -> None:
@@ -151,6 +236,7 @@ def atomic_folder(final: Path, write_files, hashes: dict | None = None) -> Path:
         old = _unused(final.parent, final.name, "old")
         tmp.mkdir()
         made = True
+        _crash_hook("folder-made")
         mark(tmp, final.name)
         write_files(tmp)
         _crash_hook("before-marker")
@@ -196,14 +282,13 @@ def _nonfinite(arrays: dict) -> list[str]:
     return [k for k, ok in zip(names, finite.tolist()) if not ok]
 
 
+ADAPTER_FILES = ("adapters.safetensors", "adapter_config.json")  # what mlx-lm's --adapter-path reads
+
+
 def _adapter_files(folder: Path, weights: dict, adapter_config: dict) -> None:
     _write_safetensors(folder / "adapters.safetensors", weights)
     _crash_hook("between-files")
     _write_bytes(folder / "adapter_config.json", json.dumps(adapter_config, indent=2).encode())
-
-
-def write_adapters(folder: Path, model, adapter_config: dict) -> None:
-    _adapter_files(folder, dict(tree_flatten(model.trainable_parameters())), adapter_config)
 
 
 def _refuse_nonfinite(arrays: dict, what: str) -> None:
@@ -213,12 +298,19 @@ def _refuse_nonfinite(arrays: dict, what: str) -> None:
                         "last good checkpoint stays the newest. Lower --learning-rate or use --dtype float32")
 
 
-def save_final_adapters(run_dir: Path, model, adapter_config: dict) -> Path:
-    """RUN/adapters/; if that cannot be written (disk full, permissions), the adapters go to a
-    folder in the system's temporary directory instead and the error says where: a finished
-    run's training is never dropped."""
+def save_final_adapters(run_dir: Path, model, adapter_config: dict, same_as: Path | None = None) -> Path:
+    """RUN/adapters/ (linked to the complete checkpoint `same_as` when that holds the same
+    adapters); if that cannot be written (disk full, permissions), the adapters go to a folder in
+    the system's temporary directory instead and the error says where: a finished run's training
+    is never dropped."""
+    if same_as is not None:  # the last checkpoint holds these very adapters: share its files
+        try:
+            return linked_copy(same_as, Path(run_dir) / "adapters", ADAPTER_FILES)
+        except (WriteError, OSError, KeyError, ValueError):
+            pass  # written from the model below, with its own fallback
     weights = dict(tree_flatten(model.trainable_parameters()))
     _refuse_nonfinite(weights, f"{run_dir}/adapters")
+    weights = host_tensors(weights)
     write = lambda d: _adapter_files(d, weights, adapter_config)  # noqa: E731
     try:
         return atomic_folder(Path(run_dir) / "adapters", write)
@@ -236,42 +328,56 @@ def save_final_adapters(run_dir: Path, model, adapter_config: dict) -> Path:
 
 
 def save(run_dir: Path, step: int, model, optimizer, adapter_config: dict, state: dict,
-         name: str | None = None) -> Path:
-    """Write checkpoint `step` (into checkpoints/NAME, default step-0000123).
-    `state` is JSON-able (resume.snapshot). Non-finite weights are refused."""
+         name: str | None = None, writer: Writer | None = None) -> Path:
+    """Write checkpoint `step` (into checkpoints/NAME, default step-0000123), or queue it on
+    `writer` (its files are then complete once the writer says so). `state` is JSON-able
+    (resume.snapshot). Non-finite weights are refused, here, before anything is queued."""
+    if writer is not None:
+        writer.wait()  # the previous checkpoint first: one copy in host memory at a time
     state = dict(state, step=step)
     weights = dict(tree_flatten(model.trainable_parameters()))
     opt = dict(tree_flatten(optimizer.state))
     folder = Path(run_dir) / "checkpoints" / (name or f"{PREFIX}{step:07d}")
     _refuse_nonfinite(weights, f"{folder} (step {step})")
     _refuse_nonfinite(opt, f"{folder} (step {step}, optimizer state)")
+    weights, opt = host_tensors(weights), host_tensors(opt)
 
     def files(d: Path):
         _adapter_files(d, weights, adapter_config)
         _write_safetensors(d / "optimizer.safetensors", opt)
         _write_bytes(d / "state.json", json.dumps(state, indent=2).encode())
 
-    return atomic_folder(folder, files)
+    if writer is None:
+        return atomic_folder(folder, files)
+    writer.submit(lambda: atomic_folder(folder, files))
+    return folder
 
 
 def save_as(ckpt: Path, name: str) -> Path:
-    """checkpoints/NAME (the best checkpoint) as a copy of the complete checkpoint `ckpt`, its
-    files hard links to `ckpt`'s (checkpoint files are never written in place, so the two can
-    share them; a copy where the file system has no links) and its hashes `ckpt`'s, written
-    atomically like any checkpoint. Why: the best checkpoint is written right after the step's
-    own, with the same contents; writing and hashing them again took seconds a validation on a
-    7B model (0.5 GB of adapters and AdamW moments)."""
-    ckpt = Path(ckpt)
-    hashes = json.loads((ckpt / MARKER).read_text())["sha256"]
+    """checkpoints/NAME (the best checkpoint) as a copy of the complete checkpoint `ckpt`
+    (linked_copy). Why: the best checkpoint is written right after the step's own, with the same
+    contents; writing and hashing them again took seconds a validation on a 7B model (0.5 GB of
+    adapters and AdamW moments)."""
+    return linked_copy(Path(ckpt), Path(ckpt).parent / name)
+
+
+def linked_copy(src: Path, final: Path, names=None) -> Path:
+    """`final` as a copy of files `names` (default: all) of the complete folder `src`, its files
+    hard links to `src`'s (checkpoint files are never written in place, so two folders can share
+    them; a copy where the file system has no links) and its hashes `src`'s, written atomically
+    like any checkpoint."""
+    hashes = json.loads((Path(src) / MARKER).read_text())["sha256"]
+    if names is not None:
+        hashes = {f: hashes[f] for f in names}
 
     def files(d: Path):
         for f in hashes:
             try:
-                os.link(ckpt / f, d / f)
+                os.link(Path(src) / f, d / f)
             except OSError:
-                shutil.copy2(ckpt / f, d / f)
+                shutil.copy2(Path(src) / f, d / f)
 
-    return atomic_folder(ckpt.parent / name, files, hashes)
+    return atomic_folder(final, files, hashes)
 
 
 # --------------------------------------------------------------------------- finding and repairing
@@ -285,7 +391,7 @@ def list_checkpoints(run_dir: Path) -> tuple[list[Path], list[Path]]:
     for p in sorted(root.iterdir()):
         if p.name.startswith(PREFIX) and p.is_dir():
             (good if is_complete(p) else bad).append(p)
-        elif _TEMP.match(p.name) and ".tmp-" in p.name and p.is_dir() and ours(p) and not is_complete(p):
+        elif _TEMP.match(p.name) and ".tmp-" in p.name and p.is_dir() and ours_or_empty(p) and not is_complete(p):
             bad.append(p)  # a write that never finished
     return good, bad
 
@@ -307,7 +413,7 @@ def repair(parent: Path) -> list[str]:
         return notes
     for p in parent.iterdir():
         m = _TEMP.match(p.name)
-        if m and p.is_dir() and not p.is_symlink() and ours(p):
+        if m and p.is_dir() and not p.is_symlink() and ours_or_empty(p):
             groups.setdefault(m["name"], []).append((m["kind"], p))
     for name, items in sorted(groups.items()):
         final = parent / name
@@ -492,5 +598,5 @@ def prune(run_dir: Path, keep_last: int, protect: set[str] = frozenset()) -> Non
         if p not in keep and p.name not in protect and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
     for p in bad:
-        if ours(p) and not p.is_symlink():
+        if ours_or_empty(p) and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)

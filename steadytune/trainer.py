@@ -24,6 +24,7 @@ import mlx.core as mx
 
 from . import checkpoint as ckpt
 from . import faults
+from .backend import training_env
 from .batching import layout_padding, lr_at, merge_micro_batches, padding_fraction, plan_epoch, planned_total
 from .config import Config, apply_overrides, load_yaml
 from .errors import UserError
@@ -81,7 +82,10 @@ def run(config=None, **overrides) -> TrainResult:
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        training_env(cfg.training.method)
         self.stop_signal = None
+        self.writer = ckpt.Writer()  # checkpoints are written while the next steps train
+        self.saved = (None, None)  # (step, folder) of the last checkpoint queued
         group = mx.distributed.init()
         self.rank, self.world = group.rank(), group.size()
 
@@ -108,6 +112,7 @@ class Trainer:
             with _SignalGuard(self):
                 queued = None  # a step left in flight: its loss is read after the next is queued
                 for micro_batches, lr, epoch_len in self.schedule(total):
+                    self.writer.check()  # a checkpoint that failed to write stops the run here
                     tic = time.perf_counter()
                     pending = self.dispatch(micro_batches, lr)
                     self.state.advance(epoch_len)
@@ -133,7 +138,11 @@ class Trainer:
                 self.metrics.log({"event": "end", "step": self.state.step, "step_shapes": len(shapes["train"]),
                                   "val_shapes": len(shapes["val"])})
         except (RuntimeError, MemoryError, OSError) as e:
+            self.writer.wait(raise_error=False)  # the checkpoint being written is finished first
             _raise_if_out_of_resources(e, self.cfg, run.run_dir, self.state.step + 1)
+            raise
+        except BaseException:
+            self.writer.wait(raise_error=False)
             raise
         finally:
             self.bar.close()
@@ -281,10 +290,9 @@ class Trainer:
         if self.world > 1:  # every rank must stop at the same step, whichever got the signal
             self.stop_signal = int(mx.distributed.all_sum(mx.array(int(bool(self.stop_signal)))).item())
         if (due or self.stop_signal) and self.rank == 0:
-            path = self.save_checkpoint()
-            if improved:  # the same contents: best/ shares the step's files
-                ckpt.save_as(path, "best")
+            self.save_checkpoint(best=improved)
         if self.stop_signal:
+            self.writer.wait()
             raise TrainingInterrupted(run.run_dir / "checkpoints" / f"{ckpt.PREFIX}{s.step:07d}")
         if t.patience and s.bad_evals >= t.patience:
             self.bar.write(f"early stopping: no improvement in {t.patience} validations")
@@ -296,11 +304,16 @@ class Trainer:
         the records of its `val` event (objectives.Objective.validate)."""
         return self.run.objective.validate(self.step, self.run)
 
-    def save_checkpoint(self) -> Path:
-        run = self.run
+    def save_checkpoint(self, best: bool = False) -> Path:
+        """The step's checkpoint, written on the writer's thread while training goes on (then
+        best/ as links to it, then pruning); complete once `self.writer.wait()` returns."""
+        run, keep = self.run, self.cfg.output.keep_last
         path = ckpt.save(run.run_dir, run.state.step, run.model, run.optimizer, run.adapter_config,
-                         snapshot(run))
-        ckpt.prune(run.run_dir, self.cfg.output.keep_last, protect={"best"})
+                         snapshot(run), writer=self.writer)
+        if best:  # the same contents: best/ shares the step's files
+            self.writer.submit(lambda: ckpt.save_as(path, "best"))
+        self.writer.submit(lambda: ckpt.prune(run.run_dir, keep, protect={"best"}))
+        self.saved = (run.state.step, path)
         return path
 
     def _finish(self, stopped: str, final_val: dict) -> TrainResult:
@@ -308,8 +321,10 @@ class Trainer:
         from .progress import read_metrics
 
         run, s = self.run, self.state
-        if self.rank == 0:
-            ckpt.save_final_adapters(run.run_dir, run.model, run.adapter_config)
+        self.writer.wait()
+        if self.rank == 0:  # the last checkpoint's adapters, when it is of the last step
+            same = self.saved[1] if self.saved[0] == s.step else None
+            ckpt.save_final_adapters(run.run_dir, run.model, run.adapter_config, same_as=same)
             print(f"adapters saved to {run.run_dir / 'adapters'}")
         shapes = getattr(self.step, "shapes", None)
         if shapes is not None and self.rank == 0:  # each distinct shape compiles once (seconds on a GPU)

@@ -347,57 +347,67 @@ def test_disk_full_outside_a_checkpoint_is_a_user_error_too(small_run, monkeypat
 
 # --------------------------------------------------------------------------- issue 23: run folders
 
-def test_disk_full_raised_by_mlx_as_runtime_error_while_checkpointing_is_a_one_line_error(small_run, monkeypatch):
-    """mx.save_safetensors reports a full disk as RuntimeError, not OSError: the same one-line
-    error, the previous checkpoint kept."""
-    import shutil
-
-    import mlx.core as mx
+def test_disk_full_inside_a_write_names_the_file_in_one_line(small_run, monkeypatch):
+    """A full disk fails write() itself, with an OSError that names no file; the checkpoint is
+    written on the writer's thread: the run still stops with the one-line error naming the file,
+    and the previous checkpoints are kept."""
+    import builtins
+    import errno
 
     from steadytune import checkpoint as ckpt
     from steadytune.trainer import Trainer
 
-    real = mx.save_safetensors
+    class Full:
+        def __init__(self, f):
+            self.f = f
 
-    def save(path, arrays, metadata=None):
-        if path.endswith("optimizer.safetensors") and ".step-0000003" in path:
-            raise RuntimeError("[save_safetensors] Failed to write to file")
-        return real(path, arrays, metadata=metadata)
+        def __enter__(self):
+            return self
 
-    monkeypatch.setattr(mx, "save_safetensors", save)
-    monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(free=0, total=1, used=1))
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def open_(path, mode="r", *a, **k):
+        f = builtins.open(path, mode, *a, **k)
+        return Full(f) if str(path).endswith("optimizer.safetensors") and ".step-0000003" in str(path) else f
+
+    monkeypatch.setattr(ckpt, "open", open_, raising=False)  # the module's own name shadows the builtin
     with pytest.raises(UserError) as e:
         Trainer(small_run).fit()
     run = Path(small_run.output.dir)
     assert str(e.value).startswith(f"{run}/checkpoints/.step-0000003.tmp-{os.getpid()}/optimizer.safetensors: "
                                    "could not write step-0000003 (No space left on device); the previous copy is intact")
     assert [p.name for p in ckpt.list_checkpoints(run)[0]] == ["step-0000001", "step-0000002"]
+    assert not (run / "adapters").exists()
 
 
 def test_disk_full_at_the_final_adapters_without_a_checkpoint_saves_them_elsewhere(small_run, monkeypatch, tmp_path):
     """No checkpoint yet (save_every 0, epoch end is the run's end) and the final adapters cannot
     be written: they go to the temporary directory and the one-line error says where."""
-    import shutil
+    import builtins
+    import errno
     import tempfile
 
     import mlx.core as mx
     import numpy as np
     from mlx.utils import tree_flatten
 
+    from steadytune import checkpoint as ckpt
     from steadytune.trainer import Trainer
 
     small_run.training.save_every = 0
     small_run.training.max_steps = 3  # stops before the epoch end: no checkpoint at all
     run = Path(small_run.output.dir)
-    real = mx.save_safetensors
 
-    def save(path, arrays, metadata=None):
-        if str(run) in path:
-            raise RuntimeError("[save_safetensors] Failed to write to file")
-        return real(path, arrays, metadata=metadata)
+    def open_(path, mode="r", *a, **k):
+        if str(run) in str(path) and str(path).endswith(".safetensors") and "w" in mode:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return builtins.open(path, mode, *a, **k)
 
-    monkeypatch.setattr(mx, "save_safetensors", save)
-    monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(free=0, total=1, used=1))
+    monkeypatch.setattr(ckpt, "open", open_, raising=False)  # the module's own name shadows the builtin
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "spare"))
     (tmp_path / "spare").mkdir()
     trainer = Trainer(small_run)

@@ -37,8 +37,11 @@ def setup(tiny_model, tmp_path_factory):
 
 
 # between-renames:1 is the first replacement of a folder: checkpoints/best/ at the second
-# improvement (its old copy renamed away, the new one not yet in place)
-@pytest.mark.parametrize("crash", ["step:3", "step:7", "between-files:2", "before-marker:4", "between-renames:1"])
+# improvement (its old copy renamed away, the new one not yet in place); folder-made:3 leaves an
+# empty temporary folder (killed before marking it). Checkpoints are written on a thread of their
+# own, so a kill at a step can also land anywhere inside a checkpoint's write.
+@pytest.mark.parametrize("crash", ["step:3", "step:7", "between-files:2", "before-marker:4", "between-renames:1",
+                                   "folder-made:3"])
 def test_resume_after_sigkill_matches_uninterrupted_run(setup, crash):
     model, data, root, ref = setup
     out = root / crash.replace(":", "-")
