@@ -315,7 +315,8 @@ def main(argv=None) -> int:
                    "(gen: tokens/s of answering; also: nopack, one example a row; plain: default validation "
                    "and checkpoints, every 100 steps; waiting, plain_waiting: the same with every step waited "
                    "for and validation in calls of batch_size, as before steps were left in flight; "
-                   "graphs: with MLX's CUDA graphs, which training turns off by default) "
+                   "graphs: with MLX's CUDA graphs, which training turns off by default; big, big_graphs: "
+                   "the same at --batch-size 16) "
                    "(a run named twice runs twice: the second finds the GPU's kernel cache warm)")
     p.add_argument("--alpaca", default=str(DATA / "alpaca_en_demo.json"), help="the alpaca demo records")
     p.add_argument("--json", default=None, help="also write the rows to this file")
@@ -363,6 +364,9 @@ def main(argv=None) -> int:
             "waiting": lambda n: steadytune_run(n, model, data, runs, ["--batch-size", "4", *extra], waiting=True),
             "graphs": lambda n: steadytune_run(n, model, data, runs, ["--batch-size", "4", *extra],
                                                env={"MLX_USE_CUDA_GRAPHS": "1"}),
+            "big": lambda n: steadytune_run(n, model, data, runs, ["--batch-size", "16", *extra]),
+            "big_graphs": lambda n: steadytune_run(n, model, data, runs, ["--batch-size", "16", *extra],
+                                                   env={"MLX_USE_CUDA_GRAPHS": "1"}),
             "plain_waiting": lambda n: steadytune_run(n, model, data, runs, ["--batch-size", "4", *extra],
                                                       every=False, waiting=True),
             "ckpt": lambda n: steadytune_run(n, model, data, runs,
