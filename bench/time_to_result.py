@@ -105,7 +105,7 @@ def steadytune_run(name: str, model: Path, data: Path, out: Path, flags: list[st
     (the rows' usual settings: the wall until mlx-lm's loss is reached), else the defaults
     (validation and a checkpoint every 100 steps: the issue's command as a user types it);
     waiting: the trainer before steps in flight and packed validation (WAITING_CLI); env: more
-    environment (the `graphs` row: MLX_USE_CUDA_GRAPHS=1, MLX's default, which training turns off)."""
+    environment (the `nographs` rows: MLX_USE_CUDA_GRAPHS=0, against MLX's default, graphs on)."""
     run = out / name
     launch = [sys.executable, "-c", WAITING_CLI] if waiting else [sys.executable, "-m", "steadytune.cli"]
     cmd = [*launch, "train", "--model", str(model), "--data", str(data),
@@ -315,8 +315,7 @@ def main(argv=None) -> int:
                    "(gen: tokens/s of answering; also: nopack, one example a row; plain: default validation "
                    "and checkpoints, every 100 steps; waiting, plain_waiting: the same with every step waited "
                    "for and validation in calls of batch_size, as before steps were left in flight; "
-                   "graphs: with MLX's CUDA graphs, which training turns off by default; big, big_graphs: "
-                   "the same at --batch-size 16) "
+                   "nographs: without MLX's CUDA graphs; big, big_nographs: the same at --batch-size 16) "
                    "(a run named twice runs twice: the second finds the GPU's kernel cache warm)")
     p.add_argument("--alpaca", default=str(DATA / "alpaca_en_demo.json"), help="the alpaca demo records")
     p.add_argument("--json", default=None, help="also write the rows to this file")
@@ -362,11 +361,11 @@ def main(argv=None) -> int:
                                                ["--batch-size", "4", "--pack", "false", *extra]),
             "plain": lambda n: steadytune_run(n, model, data, runs, ["--batch-size", "4", *extra], every=False),
             "waiting": lambda n: steadytune_run(n, model, data, runs, ["--batch-size", "4", *extra], waiting=True),
-            "graphs": lambda n: steadytune_run(n, model, data, runs, ["--batch-size", "4", *extra],
-                                               env={"MLX_USE_CUDA_GRAPHS": "1"}),
+            "nographs": lambda n: steadytune_run(n, model, data, runs, ["--batch-size", "4", *extra],
+                                                 env={"MLX_USE_CUDA_GRAPHS": "0"}),
             "big": lambda n: steadytune_run(n, model, data, runs, ["--batch-size", "16", *extra]),
-            "big_graphs": lambda n: steadytune_run(n, model, data, runs, ["--batch-size", "16", *extra],
-                                                   env={"MLX_USE_CUDA_GRAPHS": "1"}),
+            "big_nographs": lambda n: steadytune_run(n, model, data, runs, ["--batch-size", "16", *extra],
+                                                     env={"MLX_USE_CUDA_GRAPHS": "0"}),
             "plain_waiting": lambda n: steadytune_run(n, model, data, runs, ["--batch-size", "4", *extra],
                                                       every=False, waiting=True),
             "ckpt": lambda n: steadytune_run(n, model, data, runs,

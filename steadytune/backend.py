@@ -35,18 +35,6 @@ def tune_mlx_env() -> None:
     os.environ.setdefault("MLX_CUDA_GRAPH_CACHE_SIZE", CUDA_GRAPH_CACHE_SIZE)
 
 
-def training_env(method: str) -> None:
-    """MLX's CUDA graphs off for a training run (not GRPO, whose rollouts decode token by token),
-    unless the user set MLX_USE_CUDA_GRAPHS. Why: a training step is thousands of large kernels
-    queued by the host, and recording them into graphs cost more host time than the launches it
-    saves. H200, 7B shape, alpaca, 4 examples a step (bench/RESULTS.md): each new step shape
-    1.6-2.4 s instead of 2.7-3.5 s, the first step 11.1 s instead of 12.9 s. MLX reads the
-    variable at its first GPU work, so this runs before the model loads (Trainer); a process that
-    already used the GPU keeps what it had. No effect on the CPU or Metal."""
-    if method != "grpo":
-        os.environ.setdefault("MLX_USE_CUDA_GRAPHS", "0")
-
-
 def device_from_env() -> None:
     """STEADYTUNE_DEVICE=cpu (or gpu) makes MLX compute there by default. The test suite runs with
     cpu on a Mac, so the same numbers are checked on every machine and the Metal tests choose the

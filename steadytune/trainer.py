@@ -24,7 +24,6 @@ import mlx.core as mx
 
 from . import checkpoint as ckpt
 from . import faults
-from .backend import training_env
 from .batching import layout_padding, lr_at, merge_micro_batches, padding_fraction, plan_epoch, planned_total
 from .config import Config, apply_overrides, load_yaml
 from .errors import UserError
@@ -82,7 +81,6 @@ def run(config=None, **overrides) -> TrainResult:
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        training_env(cfg.training.method)
         self.stop_signal = None
         self.writer = ckpt.Writer()  # checkpoints are written while the next steps train
         self.saved = (None, None)  # (step, folder) of the last checkpoint queued

@@ -1,5 +1,5 @@
-"""Checkpoints written on a thread of their own (checkpoint.Writer), the safetensors writer they
-use, and the training process's MLX settings (backend.training_env)."""
+"""Checkpoints written on a thread of their own (checkpoint.Writer) and the safetensors writer
+they use."""
 
 from __future__ import annotations
 
@@ -85,15 +85,3 @@ def test_a_checkpoint_and_final_adapters_share_files_when_of_the_same_step(tiny_
         assert os.path.samefile(run / "adapters" / f, last / f)
     assert ckpt.is_complete(run / "adapters") and not list(run.glob(".*tmp*"))
 
-
-def test_training_turns_cuda_graphs_off_unless_the_user_set_them(monkeypatch):
-    from steadytune.backend import training_env
-
-    monkeypatch.delenv("MLX_USE_CUDA_GRAPHS", raising=False)
-    training_env("grpo")  # rollouts decode token by token: MLX's default kept
-    assert "MLX_USE_CUDA_GRAPHS" not in os.environ
-    training_env("sft")
-    assert os.environ["MLX_USE_CUDA_GRAPHS"] == "0"
-    monkeypatch.setenv("MLX_USE_CUDA_GRAPHS", "1")
-    training_env("dpo")
-    assert os.environ["MLX_USE_CUDA_GRAPHS"] == "1"
