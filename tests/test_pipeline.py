@@ -123,3 +123,23 @@ def test_unpacked_rows_on_a_gpu_pad_to_powers_of_two_with_the_same_gradients(tin
     assert n1 == n2 and abs(l1.item() - l2.item()) <= 1e-6 * abs(l1.item())
     for (k, a), (_, b) in zip(tree_flatten(g1), tree_flatten(g2)):
         assert (mx.abs(a - b).max() <= 1e-5 * (mx.abs(a).max() + 1e-12)).item(), k
+
+
+def test_a_step_puts_the_model_back_in_training_mode_and_walks_it_only_then():
+    """begin_step after a validation (model.eval()) puts every module back in training mode
+    (dropout on); a step after a step does not walk the model's modules again (milliseconds a
+    step on a 7B model, on the host that queues the GPU's work)."""
+    import mlx.nn as nn
+
+    from steadytune.step import begin_step
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Sequential(nn.Dropout(0.1)))
+    walks = []
+    real = model.train
+    model.train = lambda mode=True: (walks.append(mode), real(mode))[1]
+    model.eval()
+    walks.clear()  # eval() is train(False)
+    begin_step(model, 1, 0, 0)
+    assert walks == [True] and all(m.training for _, m in model.named_modules())
+    begin_step(model, 1, 1, 0)
+    assert walks == [True]
