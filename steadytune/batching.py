@@ -118,8 +118,9 @@ def row_target(device: str) -> int:
 
 def width_bucket(n: int, device: str = "cpu") -> int:
     """The packed row width for `n` positions: few distinct widths at little padding. On a GPU
-    each new shape costs seconds (2.5-3 s a width on an H100/H200, even uncompiled: the fused
-    attention's and the graphs' set-up), and a step of a few examples leaves it idle enough
+    each new shape costs seconds (1.7-1.8 s a width for a 7B step on an H100, 2.7-3.2 s on an
+    H200 waiting for each step; host-side set-up: cuDNN's attention is about 0.1 s of it and no
+    kernel is compiled, bench/RESULTS.md), and a step of a few examples leaves it idle enough
     that padding is cheap: powers of two from 128. On the CPU a shape compiles in well under a
     second and every padded position costs its full share: multiples of 32, never finer than a
     sixteenth of the power of two at or above the width (eight widths a doubling, at most 12.5%

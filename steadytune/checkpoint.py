@@ -147,7 +147,6 @@ class Writer:
             if self._thread is None:  # not a daemon: a checkpoint being written is finished at exit
                 self._thread = threading.Thread(target=self._work, name="steadytune-checkpoints")
                 self._thread.start()
-            self._lock.notify()
 
     def _work(self) -> None:
         while True:
