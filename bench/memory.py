@@ -187,7 +187,35 @@ QWEN3_NEXT = dict(_ATTN, model_type="qwen3_next", num_hidden_layers=4, intermedi
                   decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True, linear_num_value_heads=4,
                   linear_num_key_heads=2, linear_key_head_dim=128, linear_value_head_dim=128,
                   linear_conv_kernel_dim=4, full_attention_interval=4, partial_rotary_factor=0.25)
+# The shapes of bench/moe.py on one GPU (issue 29's speed rows, whose planner check was of a call
+# the run never drew): Qwen3-30B-A3B's qwen3_moe block (128 experts of 768, 8 a token) at 8 of its
+# 48 layers, packed as the trainer packs 4 alpaca-long examples; Qwen3-Next-80B-A3B's block (512
+# experts of 512, 10 a token, a shared expert; Gated DeltaNet 16 key / 32 value heads of 128, full
+# attention every 4th) at 4 layers, one example a row as it trains. bfloat16, the trainer's compute
+# (auto: dequant on CUDA), rank 8, every linear layer but the routers.
+QWEN3_30B_A3B = dict(model_type="qwen3_moe", hidden_size=2048, num_attention_heads=32, num_key_value_heads=4,
+                     head_dim=128, vocab_size=151936, rms_norm_eps=1e-6, rope_theta=1e6,
+                     max_position_embeddings=40960, tie_word_embeddings=False, num_hidden_layers=8,
+                     intermediate_size=6144, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+                     decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True)
+QWEN3_NEXT_80B = dict(QWEN3_30B_A3B, model_type="qwen3_next", num_attention_heads=16, num_key_value_heads=2,
+                      head_dim=256, num_hidden_layers=4, intermediate_size=5120, num_experts=512,
+                      num_experts_per_tok=10, moe_intermediate_size=512, shared_expert_intermediate_size=512,
+                      linear_num_value_heads=32, linear_num_key_heads=16, linear_key_head_dim=128,
+                      linear_value_head_dim=128, linear_conv_kernel_dim=4, full_attention_interval=4,
+                      partial_rotary_factor=0.25)
 MOE = {
+    "gpu": [
+        dict(name="Qwen3-30B-A3B shape 8 layers 4 ex packed", config=QWEN3_30B_A3B, batch=4, seq=1024,
+             pack=True, lengths=[575, 537, 529, 469], compute="auto"),
+        dict(name="Qwen3-30B-A3B shape 8 layers 4 ex packed ckpt", config=QWEN3_30B_A3B, batch=4, seq=1024,
+             pack=True, lengths=[575, 537, 529, 469], compute="auto", ckpt=True),
+        dict(name="Qwen3-30B-A3B shape 8 layers 1x1024", config=QWEN3_30B_A3B, batch=1, seq=1024, compute="auto"),
+        dict(name="Qwen3-Next-80B shape 4 layers 1x512", config=QWEN3_NEXT_80B, batch=1, seq=512, compute="auto"),
+        dict(name="Qwen3-Next-80B shape 4 layers 1x1024", config=QWEN3_NEXT_80B, batch=1, seq=1024,
+             compute="auto"),
+        dict(name="Qwen3-Next-80B shape 4 layers 4x256", config=QWEN3_NEXT_80B, batch=4, seq=256, compute="auto"),
+    ],
     "cpu": [
         dict(name="qwen3_moe 16e top4 2x512", config=QWEN3_MOE, batch=2, seq=512),
         dict(name="qwen3_moe 16e top4 2x512 ckpt", config=QWEN3_MOE, batch=2, seq=512, ckpt=True),
@@ -277,20 +305,26 @@ def planned_run(spec: dict, device: str):
     from steadytune.config import LoraConfig
     from steadytune.loss import ce_chunk
 
+    from steadytune.qlora import resolve_mode
+
     s = settings(spec, device)
     arch = plan.arch_from_config(model_config(spec))
+    lcfg = LoraConfig(target_modules=list(s["keys"]), num_layers=s["lora_layers"])
+    found = plan.from_skeleton(model_config(spec), lcfg)
+    # a synthetic llama keeps its llama keys; its attention pair cost and parameter count are the
+    # model's either way (the Step measures both on the model it steps)
+    skeleton = found if "config" in spec else {k: found[k] for k in ("pair", "params")}
     if spec.get("pack"):  # the rows the trainer lays this call's examples out in
-        layout, width = plan.packed_call(lengths_of(spec), max(lengths_of(spec)), s["batch"], None, device)
+        layout, width = plan.packed_call(lengths_of(spec), max(lengths_of(spec)), s["batch"], None, device,
+                                         found["pair"], plan.min_width(device, found["params"]))
         rows = len(layout)
     else:
         rows, width = s["batch"], plan.padded_width(max(lengths_of(spec)), device)
-    lcfg = LoraConfig(target_modules=list(s["keys"]), num_layers=s["lora_layers"])
-    skeleton = plan.from_skeleton(model_config(spec), lcfg) if "config" in spec else {}
     return arch, plan.Run(batch=rows, seq=width, packed=bool(spec.get("pack")), examples=s["batch"],
                           checkpoint=s["ckpt"], rank=s["rank"], keys=tuple(s["keys"]),
                           lora_layers=s["lora_layers"], bits=4, group_size=64, dtype=s["dtype"],
-                          compute=s["compute"], device=device, loss_chunk=ce_chunk(arch.vocab, s["chunked_ce"]),
-                          **skeleton)
+                          compute=resolve_mode(s["compute"], device), device=device,
+                          loss_chunk=ce_chunk(arch.vocab, s["chunked_ce"]), **skeleton)
 
 
 def build(spec: dict, s: dict):
@@ -461,8 +495,6 @@ def main() -> int:
         if sys.platform == "darwin":
             device = "metal"
     wanted = [w.strip() for w in (a.only or "").split(",") if w.strip()]
-    if a.moe and a.gpu:
-        raise SystemExit("--moe: the MoE and hybrid grid is measured on the CPU only so far")
     grids = (MOE if a.moe else LONG if a.long else GRIDS)["gpu" if a.gpu else "cpu"]
     grid = [g for g in grids if not wanted or any(w in g["name"] for w in wanted)]
     if not grid:

@@ -116,20 +116,39 @@ def row_target(device: str) -> int:
     return ROW_TARGET["cpu" if device == "cpu" else "gpu"]
 
 
-def width_bucket(n: int, device: str = "cpu") -> int:
+def width_bucket(n: int, device: str = "cpu", floor: int = 128) -> int:
     """The packed row width for `n` positions: few distinct widths at little padding. On a GPU
     each new shape costs seconds (1.7-1.8 s a width for a 7B step on an H100, 2.7-3.2 s on an
     H200 waiting for each step; host-side set-up: cuDNN's attention is about 0.1 s of it and no
     kernel is compiled, bench/RESULTS.md), and a step of a few examples leaves it idle enough
-    that padding is cheap: powers of two from 128. On the CPU a shape compiles in well under a
-    second and every padded position costs its full share: multiples of 32, never finer than a
-    sixteenth of the power of two at or above the width (eight widths a doubling, at most 12.5%
-    padding from the rounding)."""
+    that padding is cheap: powers of two from `floor` (min_width). On the CPU a shape compiles
+    in well under a second and every padded position costs its full share: multiples of 32,
+    never finer than a sixteenth of the power of two at or above the width (eight widths a
+    doubling, at most 12.5% padding from the rounding)."""
     n = max(1, int(n))
     if device != "cpu":
-        return max(128, 1 << (n - 1).bit_length())
+        return max(floor, 1 << (n - 1).bit_length())
     step = max(32, (1 << (n - 1).bit_length()) // 16)
     return -(-n // step) * step
+
+
+# Parameters x positions a CUDA step computes in about the time its host takes to queue it: a
+# 7B-shaped step (7.2e9 parameters) of 1,024 positions was host-bound on an H100 and an H200 (the
+# wait after queuing 1-6 ms of a 100-130 ms step; at 2,048 the GPU took 11-12 ms longer than the
+# host), and each width it did not use cost 1.7-1.8 s to set up (bench/RESULTS.md).
+CUDA_IDLE_WORK = 7.2e9 * 1024
+
+
+def min_width(device: str, params: int) -> int:
+    """The narrowest packed row on `device` for a model of `params` parameters: on CUDA the
+    power of two (128 to 1,024) whose call the GPU computes while the host still queues it, so
+    its padding costs no time and the narrow widths it absorbs cost no set-up (a 7B shape: 1,024;
+    a 70B: 128, as before). Elsewhere 128: Apple GPUs and the CPU compute the padding (the CPU
+    does not use powers of two at all: width_bucket)."""
+    if device != "cuda" or params <= 0:
+        return 128
+    fit = int(CUDA_IDLE_WORK // params)
+    return min(1024, max(128, 1 << max(0, fit.bit_length() - 1)))
 
 
 def row_bucket(r: int) -> int:
@@ -162,22 +181,22 @@ def pack_rows(sizes, width: int) -> list[list[int]]:
     return rows
 
 
-def pack_layout(lengths, target: int, device: str = "cpu") -> tuple[list[list[int]], int]:
+def pack_layout(lengths, target: int, device: str = "cpu", floor: int = 128) -> tuple[list[list[int]], int]:
     """(rows, width): the examples of one call (token lengths; an example of n tokens takes n - 1
     positions) laid out in rows of `width`. Up to `target` positions in all: one row of
     width_bucket(total). More: rows of about `target` positions, each at least as wide as the
     call's longest example (a long step gets rows as wide as its own longest example, not the
     data set's), packed best fit decreasing (pack_rows) into ceil(total / width) rows, widened
-    until they fit; the row count rounded up by row_bucket (empty rows). A pure function of the
-    lengths."""
+    until they fit; the row count rounded up by row_bucket (empty rows); on a GPU no row narrower
+    than `floor` (min_width). A pure function of the lengths."""
     need = [max(int(n) - 1, 1) for n in lengths]
     if not need:
-        return [], width_bucket(1, device)
+        return [], width_bucket(1, device, floor)
     total = sum(need)
-    width = width_bucket(max(max(need), -(-total // -(-total // target))), device)
+    width = width_bucket(max(max(need), -(-total // -(-total // target))), device, floor)
     while len(rows := pack_rows(need, width)) > -(-total // width):
-        width = width_bucket(width + 1, device)
-    width = width_bucket(max(sum(need[i] for i in row) for row in rows), device)
+        width = width_bucket(width + 1, device, floor)
+    width = width_bucket(max(sum(need[i] for i in row) for row in rows), device, floor)
     return rows + [[] for _ in range(row_bucket(len(rows)) - len(rows))], width
 
 
@@ -235,14 +254,15 @@ def layout_work(rows: int, width: int, pair: float) -> float:
     return rows * width * (1 + pair * width)
 
 
-def call_layout(lengths, target: int, device: str = "cpu", pair: float = 0.0) -> tuple[list[list[int]], int, bool]:
+def call_layout(lengths, target: int, device: str = "cpu", pair: float = 0.0,
+                floor: int = 128) -> tuple[list[list[int]], int, bool]:
     """(rows, width, packed): how one call's examples are laid out when packing is on. On a GPU
     (fused attention) or with pair 0: pack_layout. On the CPU, packed only where that computes
     less than one example a row (layout_work, empty rows included): a packed row's attention
     spans every example in it, so packing pays where it removes more padding than the attention
     it adds. Else one example a row, as wide as pad_batch pads it (the --pack false layout).
     The examples are the same either way: a layout only."""
-    rows, width = pack_layout(lengths, target, device)
+    rows, width = pack_layout(lengths, target, device, floor)
     if device != "cpu" or pair <= 0 or not lengths:
         return rows, width, True
     one = padded_width(max(int(n) for n in lengths), device)
@@ -251,13 +271,13 @@ def call_layout(lengths, target: int, device: str = "cpu", pair: float = 0.0) ->
     return rows, width, True
 
 
-def layout_padding(calls, lengths, target: int, device: str = "cpu", pair: float = 0.0) -> float:
+def layout_padding(calls, lengths, target: int, device: str = "cpu", pair: float = 0.0, floor: int = 128) -> float:
     """Share of computed positions that are padding when each call (a list of example indexes) is
     laid out by call_layout (pack_layout where pair is 0)."""
     real = total = 0
     for call in calls:
         lens = [int(lengths[i]) for i in call]
-        rows, width, _ = call_layout(lens, target, device, pair)
+        rows, width, _ = call_layout(lens, target, device, pair, floor)
         real += sum(max(n - 1, 1) for n in lens)
         total += len(rows) * width
     return 1 - real / total if total else 0.0

@@ -93,15 +93,37 @@ _ST_DTYPE = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.float
              mx.uint32: "U32", mx.uint64: "U64", mx.bool_: "BOOL"}
 
 
-def host_tensors(arrays: dict) -> dict:
+def host_tensors(arrays: dict, what: str | None = None) -> dict:
     """name -> (safetensors dtype, a host copy of its values), in name order: what a file is
     written from. Copied here, on the caller's thread, so that the writing itself touches no MLX
-    array (Writer)."""
+    array (Writer). With `what`, NaN or inf is refused first (_refuse_nonfinite).
+
+    One copy per dtype: the arrays are concatenated on the device and that one buffer is read.
+    Why: on CUDA reading an array moves its buffer into unified memory (a managed allocation and
+    a copy each); a 7B model's ~1,350 adapter and AdamW arrays read one by one took 0.29 s, and
+    the step after each checkpoint then read its parameters back from unified memory. The
+    concatenation holds one more copy on the device while it is read (0.34 GB for those AdamW
+    moments), at a moment without activations."""
+    keys = sorted(arrays)
+    groups: dict = {}
+    for k in keys:
+        groups.setdefault(arrays[k].dtype, []).append(k)
+    # an empty array joins every group so that even a lone array is copied, not moved
+    flats = {d: mx.concatenate([arrays[k].reshape(-1) for k in ks] + [mx.zeros((0,), d)])
+             for d, ks in groups.items()}
+    if what is not None:
+        finite = [mx.all(mx.isfinite(f)) for d, f in flats.items() if mx.issubdtype(d, mx.floating)]
+        if finite and not mx.all(mx.stack(finite)).item():
+            _refuse_nonfinite(arrays, what)  # which ones, and whether they count (learning_rate)
     out = {}
-    for k in sorted(arrays):
-        a = arrays[k]
-        out[k] = (_ST_DTYPE[a.dtype], np.array(mx.view(a, mx.uint16) if a.dtype == mx.bfloat16 else a))
-    return out
+    for d, ks in groups.items():
+        flat = np.array(mx.view(flats.pop(d), mx.uint16) if d == mx.bfloat16 else flats.pop(d))
+        offset = 0
+        for k in ks:
+            a = arrays[k]
+            out[k] = (_ST_DTYPE[d], flat[offset:offset + a.size].reshape(a.shape))
+            offset += a.size
+    return {k: out[k] for k in keys}
 
 
 def _write_safetensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
@@ -307,9 +329,7 @@ def save_final_adapters(run_dir: Path, model, adapter_config: dict, same_as: Pat
             return linked_copy(same_as, Path(run_dir) / "adapters", ADAPTER_FILES)
         except (WriteError, OSError, KeyError, ValueError):
             pass  # written from the model below, with its own fallback
-    weights = dict(tree_flatten(model.trainable_parameters()))
-    _refuse_nonfinite(weights, f"{run_dir}/adapters")
-    weights = host_tensors(weights)
+    weights = host_tensors(dict(tree_flatten(model.trainable_parameters())), f"{run_dir}/adapters")
     write = lambda d: _adapter_files(d, weights, adapter_config)  # noqa: E731
     try:
         return atomic_folder(Path(run_dir) / "adapters", write)
@@ -337,9 +357,8 @@ def save(run_dir: Path, step: int, model, optimizer, adapter_config: dict, state
     weights = dict(tree_flatten(model.trainable_parameters()))
     opt = dict(tree_flatten(optimizer.state))
     folder = Path(run_dir) / "checkpoints" / (name or f"{PREFIX}{step:07d}")
-    _refuse_nonfinite(weights, f"{folder} (step {step})")
-    _refuse_nonfinite(opt, f"{folder} (step {step}, optimizer state)")
-    weights, opt = host_tensors(weights), host_tensors(opt)
+    weights = host_tensors(weights, f"{folder} (step {step})")
+    opt = host_tensors(opt, f"{folder} (step {step}, optimizer state)")
 
     def files(d: Path):
         _adapter_files(d, weights, adapter_config)

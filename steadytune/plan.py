@@ -41,7 +41,7 @@ import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from .batching import buckets_rows, call_layout, padded_width, row_target, row_width, width_bucket
+from .batching import buckets_rows, call_layout, min_width, padded_width, row_target, row_width, width_bucket
 from .errors import UserError
 
 GB = 1e9
@@ -339,6 +339,13 @@ class Run:
     # trainer's own attention_pair_cost): a call is laid out packed only where that computes less
     # (batching.call_layout), and the plan lays out the largest call the same way. 0: always packed.
     pair: float = 0.0
+    # The model's logical parameters (step.model_parameters, as the trainer counts them): on CUDA
+    # they set the narrowest packed row (batching.min_width, Run.floor). 0: unknown (128).
+    params: int = 0
+
+    @property
+    def floor(self) -> int:
+        return min_width(self.device, self.params)
 
     @property
     def tokens(self) -> int:
@@ -903,7 +910,7 @@ def run_from_config(cfg, arch: Arch, lengths=None, device: str | None = None,
     packs = t.pack and _packable(model_config, width_bucket(max(row_target(device), cfg.data.max_seq_length), device))
     if packs:  # the largest call: the batch's longest examples, laid out as the step lays them out
         rows, seq = packed_call(lengths or [], longest, t.batch_size, t.batch_tokens, device,
-                                skeleton.get("pair", 0.0))
+                                skeleton.get("pair", 0.0), min_width(device, skeleton.get("params", 0)))
         batch = len(rows)
     run = Run(batch=batch, seq=seq, checkpoint=t.grad_checkpoint, packed=packs,
               examples=t.batch_size if packs else 0,
@@ -951,10 +958,10 @@ def _loss_chunk(arch: Arch, model_config: dict | None, setting: str) -> int:
 
 
 def packed_call(lengths, longest: int, batch_size: int, batch_tokens: int | None, device: str,
-                pair: float = 0.0):
+                pair: float = 0.0, floor: int = 128):
     """(rows, width) of the largest packed call: batching.call_layout of the `batch_size` longest
     examples (every example `longest` tokens when the lengths are not known), or under a token
-    budget of as many of the longest as the budget holds; `pair`: Run.pair."""
+    budget of as many of the longest as the budget holds; `pair`, `floor`: Run.pair, Run.floor."""
     lengths = sorted((min(int(x), longest) for x in lengths), reverse=True) or [longest] * batch_size
     if batch_tokens:
         take, used = [], 0
@@ -965,7 +972,7 @@ def packed_call(lengths, longest: int, batch_size: int, batch_tokens: int | None
             used += n - 1
     else:
         take = lengths[:batch_size]
-    rows, width, _ = call_layout(take, row_target(device), device, pair)
+    rows, width, _ = call_layout(take, row_target(device), device, pair, floor)
     return rows, width
 
 
@@ -1008,10 +1015,10 @@ def _from_skeleton(config_json: str, target_modules: tuple, num_layers: int) -> 
     mixers = tuple(model_mixers(skeleton.layers[i], c["hidden_size"]) for i in sorted({t.block for t in lora}))
     if not any(m[2] or m[4] for m in mixers):  # no experts, no Mamba-2: the llama-style block
         mixers = ()
-    from .step import attention_pair_cost
+    from .step import attention_pair_cost, model_parameters
 
     return {"lora": lora, "experts_per_token": per_token, "weights": tuple(weights), "mixers": mixers,
-            "pair": attention_pair_cost(skeleton)}
+            "pair": attention_pair_cost(skeleton), "params": model_parameters(skeleton)}
 
 
 def model_mixers(block, hidden: int) -> tuple:
@@ -1118,7 +1125,7 @@ def _packed_at(run: Run, examples: int, lengths, max_seq: int, **change) -> Run:
     accumulation that keeps its examples per optimizer step."""
     lens = [int(x) for x in lengths] if lengths is not None and len(lengths) else []
     longest = min(max(lens), max_seq) if lens else max_seq
-    rows, width = packed_call(lens, longest, examples, None, run.device, run.pair)
+    rows, width = packed_call(lens, longest, examples, None, run.device, run.pair, run.floor)
     return replace(run, batch=len(rows), seq=width, examples=examples,
                    accumulation=math.ceil(run.examples * run.accumulation / examples), **change)
 

@@ -24,8 +24,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from .batching import (call_layout, eval_calls, merge_micro_batches, pack_batch, pad_batch, pair_cost,
-                       row_width, shard)
+from .batching import (call_layout, eval_calls, merge_micro_batches, min_width, pack_batch, pad_batch,
+                       pair_cost, row_width, shard)
 from .loss import loss_fn
 
 
@@ -155,6 +155,8 @@ class Step(StepBase):
         if pair is None:  # on the CPU from the model's shape; a GPU's fused attention packs every call
             pair = attention_pair_cost(model) if pack_target and self.device == "cpu" else 0.0
         self.pair = pair
+        # no packed row narrower than the GPU computes while the host queues it: fewer shapes to set up
+        self.floor = min_width(self.device, model_parameters(model))
         # validation in few shapes (validation_loss): on a GPU each shape costs seconds to set up
         # (2.3 s on a 7B shape, about 12 s on a Qwen3-Next shape); on the CPU calls of batch_size
         # examples at their own width compute less
@@ -187,7 +189,7 @@ class Step(StepBase):
         data = data or self.examples
         ids, masks = [data.ids[i] for i in examples], [data.masks[i] for i in examples]
         real = sum(len(x) - 1 for x in ids)
-        rows, width, packed = call_layout([len(x) for x in ids], self.pack_target, self.device, self.pair) \
+        rows, width, packed = call_layout([len(x) for x in ids], self.pack_target, self.device, self.pair, self.floor) \
             if self.pack_target else (None, 0, False)
         if packed:
             inputs, targets, mask, seg = pack_batch([[ids[j] for j in row] for row in rows],
@@ -247,7 +249,7 @@ class Step(StepBase):
         lens = [len(x) for x in examples.ids]
         if self.few_val_shapes and self.pack_target and lens:
             longest = sorted(len(x) for x in self.examples.ids)[-batch_size:]
-            rows, width, _ = call_layout(longest, self.pack_target, self.device, self.pair)
+            rows, width, _ = call_layout(longest, self.pack_target, self.device, self.pair, self.floor)
             calls = [(sum(c, []), partial(self.packed_call, c, len(rows), width, examples))
                      for c in eval_calls([n - 1 for n in lens], len(rows), width)]
         else:  # unpacked, or the CPU: calls of batch_size (on a GPU rows of powers of two)
@@ -476,12 +478,18 @@ def attention_pair_cost(model: nn.Module) -> float:
     planner's model built from the config, plan.from_skeleton, gets the same number) against the
     query widths of all its attention layers (every q_proj's output features: heads x head_dim).
     0 where no q_proj is found (fused qkv projections): every call is then packed, as on a GPU."""
-    from .model import count_parameters
-
     dims = sum(m.weight.shape[0] for name, m in model.named_modules()
                if "q_proj" in name.split(".") and isinstance(m, (nn.Linear, nn.QuantizedLinear)))
+    return pair_cost(model_parameters(model), dims)
+
+
+def model_parameters(model: nn.Module) -> int:
+    """The model's logical parameters, its adapters left out (so the planner's model built from
+    the config, plan.from_skeleton, gets the same number)."""
+    from .model import count_parameters
+
     lora = sum(v.size for k, v in tree_flatten(model.parameters()) if k.rsplit(".", 1)[-1] in ("lora_a", "lora_b"))
-    return pair_cost(count_parameters(model)[1] - lora, dims)
+    return count_parameters(model)[1] - lora
 
 
 def all_sum_tree(tree):

@@ -345,7 +345,8 @@ class Trainer:
         plan = self.epoch_plan(0)
         if run.pack_target:
             calls = [call for step in plan for call in merge_micro_batches(step, run.merge)]
-            pad = layout_padding(calls, lens, run.pack_target, device_kind(), getattr(self.step, "pair", 0.0))
+            pad = layout_padding(calls, lens, run.pack_target, device_kind(), getattr(self.step, "pair", 0.0),
+                                 getattr(self.step, "floor", 128))
         else:
             pad = padding_fraction([[int(lens[i]) for i in mb] for step in plan for mb in step],
                                    bucket=getattr(self.step, "bucket_rows", False))

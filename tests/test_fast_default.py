@@ -8,7 +8,8 @@ from mlx.utils import tree_flatten
 import numpy as np
 
 from conftest import make_chat_data, read_adapters, run_cli
-from steadytune.batching import merge_group, merge_micro_batches, pack_layout, row_bucket, width_bucket
+from steadytune.batching import (call_layout, merge_group, merge_micro_batches, min_width, pack_layout, row_bucket,
+                                 width_bucket)
 from steadytune.config import Config
 from steadytune.step import Step
 from steadytune.trainer import Trainer, as_config, batches_line
@@ -58,6 +59,21 @@ def test_widths_and_row_counts_come_from_few_buckets():
     assert [row_bucket(r) for r in range(1, 14)] == [1, 2, 3, 4, 5, 6, 7, 8, 12, 12, 12, 12, 16]
     widths = {width_bucket(n) for n in range(1, 4097)}
     assert len(widths) == 16 + 8 + 8 + 8  # up to 512 by 32 (16), then 8 a doubling: few shapes
+
+
+def test_cuda_rows_are_no_narrower_than_the_gpu_computes_while_the_host_queues():
+    # parameters x positions of a host-bound 7B step: 7.2e9 x 1,024 (batching.CUDA_IDLE_WORK)
+    assert [min_width("cuda", p) for p in (135_000_000, 7_200_000_000, 7_300_000_000, 14_000_000_000,
+                                           30_000_000_000, 70_000_000_000, 0)] == [1024, 1024, 512, 512, 128, 128, 128]
+    assert min_width("cpu", 135_000_000) == min_width("metal", 7_200_000_000) == 128
+    assert [width_bucket(n, "cuda", 1024) for n in (1, 300, 1000, 1025, 5000)] == [1024, 1024, 1024, 2048, 8192]
+    # the 7B epoch's narrow calls (4 examples of 60-130 tokens: 256 and 512 wide before) share the
+    # 1,024-wide shape of its common calls; the layout of the examples is the same
+    for lengths in ([61, 60, 65, 66], [130, 120, 101, 99], [300, 200, 250, 240]):
+        rows, width, packed = call_layout(lengths, 4096, "cuda", 0.0, 1024)
+        assert (width, packed) == (1024, True) and rows == call_layout(lengths, 4096, "cuda")[0]
+    assert call_layout([61, 60, 65, 66], 4096, "cuda")[1] == 256
+    assert call_layout([700, 650, 600, 500], 4096, "cuda", 0.0, 1024)[1] == 4096  # wide calls as before
 
 
 def test_pack_layout_holds_every_example_once_in_rows_that_fit():
@@ -191,3 +207,16 @@ def test_the_program_hides_torch_and_python_callers_keep_it(tmp_path):
         assert r.returncode == 0, r.stderr
         out[how] = r.stdout.strip().splitlines()[-1]
     assert out == {"program": "torch: None", "caller": "torch: absent"}
+
+
+def test_the_plan_counts_the_parameters_the_step_counts(tiny_model, tmp_path):
+    """Run.params (from the model built from its config) equals the trained model's count, its
+    adapters left out: the planner and the trainer choose the same narrowest row (min_width)."""
+    import json
+
+    from steadytune import plan
+    from steadytune.step import model_parameters
+
+    t = _trainer(tiny_model, make_chat_data(tmp_path / "data", 8), tmp_path)
+    config = json.loads((tiny_model / "config.json").read_text())
+    assert plan.from_skeleton(config, t.cfg.lora)["params"] == model_parameters(t.run.model) > 0

@@ -438,6 +438,17 @@ def test_packed_calls_are_planned_as_laid_out_with_their_mask():
     assert (run.seq, run.batch) == (pack_layout([300, 130, 40, 20, 10], 512)[1], 1)
 
 
+def test_cuda_plans_the_narrowest_row_the_trainer_lays_out():
+    """On CUDA a small model's packed calls are at least 1,024 wide (batching.min_width, from the
+    model's parameters as the trainer counts them): the plan lays the call out the same way."""
+    arch = plan.arch_from_config(ARCH)
+    cfg = Config()
+    run, _ = plan.run_from_config(cfg, arch, [40, 300, 130, 20, 10], device="cuda", model_config=ARCH)
+    assert run.params > 0 and run.floor == 1024 and (run.seq, run.batch, run.packed) == (1024, 1, True)
+    run, _ = plan.run_from_config(cfg, arch, [40, 300, 130, 20, 10], device="cuda")  # params unknown
+    assert (run.floor, run.seq) == (128, 512)
+
+
 def test_a_quantized_262k_output_layer_is_dequantized_once_a_step_and_planned_once(tmp_path):
     """Gemma 3's 262,144-token vocabulary with its tied embedding stored 4-bit, on a tiny
     gemma3_text (hidden 256, 2 blocks): the chunked loss dequantizes the output layer once a step,

@@ -33,6 +33,19 @@ def test_safetensors_written_from_host_copies_read_back_exactly(tmp_path):
     assert (int.from_bytes(path.read_bytes()[:8], "little") + 8) % 8 == 0  # data 8-byte aligned
 
 
+def test_host_copies_refuse_nan_and_inf_by_name_but_not_a_learning_rate():
+    """host_tensors(what=...) checks every float group in one read; the refusal names the first
+    bad tensor and counts them; the optimizer's learning_rate is a setting, not a state."""
+    from steadytune.errors import UserError
+
+    good = {"a": mx.ones((3,)), "b": mx.ones((2, 2), dtype=mx.bfloat16), "step": mx.array(3)}
+    assert ckpt.host_tensors({**good, "learning_rate": mx.array(float("nan"))}, "x")["a"][1].tolist() == [1, 1, 1]
+    bad = {**good, "c": mx.array([1.0, float("inf")]), "d": mx.array([float("nan")], dtype=mx.bfloat16)}
+    with pytest.raises(UserError, match=r"^ckpt/step-3: c holds NaN or inf \(2 tensors in all\)"):
+        ckpt.host_tensors(bad, "ckpt/step-3")
+    assert ckpt.host_tensors(bad)["c"][1][0] == 1.0  # without `what`: copied as they are
+
+
 def test_writer_runs_jobs_in_order_off_the_calling_thread_and_waits_for_them(tmp_path):
     w, seen, gate = ckpt.Writer(), [], threading.Event()
     w.submit(lambda: (gate.wait(5), seen.append(("a", threading.current_thread().name))))
