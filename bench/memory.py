@@ -12,6 +12,8 @@
     python bench/memory.py --moe --only qwen3_next   # the Qwen3-Next rows (~12 min)
     python bench/memory.py --moe --only gemma3n   # the gemma3n rows (~5 min)
     python bench/memory.py --moe --only gemma4    # the Gemma 4 rows (~7 min)
+    python bench/memory.py --gpu --moe      # GPU: Qwen3-30B-A3B (8 layers) and Qwen3-Next-80B
+                                            # (4 layers) shapes, bfloat16 (not yet run)
 
 Each configuration runs in a fresh process (so one run's compiled graphs and allocator cache don't
 touch the next): build an mlx-lm llama model (with --moe: the spec's model type, from its
