@@ -142,8 +142,9 @@ CUDA_IDLE_WORK = 7.2e9 * 1024
 def min_width(device: str, params: int) -> int:
     """The narrowest packed row on `device` for a model of `params` parameters: on CUDA the
     power of two (128 to 1,024) whose call the GPU computes while the host still queues it, so
-    its padding costs no time and the narrow widths it absorbs cost no set-up (a 7B shape: 1,024;
-    a 70B: 128, as before). Elsewhere 128: Apple GPUs and the CPU compute the padding (the CPU
+    the narrow widths it absorbs cost no set-up and their padding little time (a 7B shape: 1,024;
+    a 70B: 128, as before). On a fresh H100 the 7B epoch set up one shape fewer but its median
+    step was 7 ms higher, not yet separated from that machine's first run (bench/RESULTS.md). Elsewhere 128: Apple GPUs and the CPU compute the padding (the CPU
     does not use powers of two at all: width_bucket)."""
     if device != "cuda" or params <= 0:
         return 128
