@@ -58,6 +58,13 @@ LOSS_ARRAYS = {"cpu": 3, "metal": 2, "cuda": 2}
 # dispatches, ~1.2 blocks (bench/memory.py, 2-core Linux). Metal is not measured yet: its command
 # buffers hold ~50 operations, so a few blocks at most. CUDA: see below.
 IN_FLIGHT_BLOCKS = {"cpu": 1.18, "metal": 2.0, "cuda": 24.0}
+# A checkpointed step on the CPU, attention unfused, block by block (estimate): the heads x width^2
+# float32 arrays alive, which IN_FLIGHT_BLOCKS does not multiply. The block being differentiated
+# holds 3 (its probabilities, their gradient, and their product for the softmax backward's row
+# sum); the next block's recomputation, dispatched ahead, 1. Measured on the 2-core CPU, 1 x 1,024
+# to 8,192 positions (docs/plan-memory.md, "Long context on the CPU").
+CPU_ATTENTION_BACKWARD_ARRAYS = 3
+CPU_ATTENTION_AHEAD_ARRAYS = 1
 # CUDA: every kernel's inputs and temporaries stay alive until the CUDA graph it was recorded in has
 # run, and the host records graphs ahead of the GPU. How far ahead depends on the step: with a few
 # hundred tokens the GPU keeps up and little is queued; from ~2,000 tokens the host is as far
@@ -529,7 +536,24 @@ def estimate(arch: Arch, run: Run) -> Breakdown:
         # block by block: the block being differentiated, and in flight both the recomputation and
         # the gradient work of the blocks after it; of the whole blocks only those below it are left
         below = [i for i in whole if i < recomputed[-1]]
-        moments.append(moment(inputs + kept_by(below) * tokens, 0.0, big + big_work, 2 * big + big_work))
+        if run.device == "cpu" and probs:
+            # On the CPU, attention unfused, the run-ahead does not hold a block's attention arrays
+            # (heads x width^2 floats) per block it is ahead by. Measured (bench/memory.py's small
+            # llama, 1 x 1,024 to 8,192; docs/plan-memory.md): the peak holds 3.0 of them with MLX's
+            # run-ahead off or one block, 4.0 with a next block to recompute (this moment counted
+            # 2 + 1.18 x 3 = 5.5): the block being differentiated its probabilities, their gradient
+            # and their product (the softmax backward's row sum), and the next block's
+            # recomputation, dispatched ahead, one. The rest of the recomputation and the gradient
+            # work stays IN_FLIGHT_BLOCKS ahead; one float32 logits-sized array (_kept_logits) is
+            # alive too (vocabularies of 1,024 to 8,192 moved the fit by 1.0 of it). In a hybrid
+            # model the attention arrays are taken as the heaviest block's, as at the loss.
+            ahead = CPU_ATTENTION_AHEAD_ARRAYS if len(recomputed) > 1 else 0  # a next block to recompute
+            attention = (CPU_ATTENTION_BACKWARD_ARRAYS + ahead - 2) * probs  # big and big_work hold 2
+            # in flight: two blocks' arrays and the work, less their 3 attention arrays
+            moments.append(moment(inputs + kept_by(below) * tokens, _kept_logits(arch, run),
+                                  big + big_work + attention, max(0.0, 2 * big + big_work - 3 * probs)))
+        else:
+            moments.append(moment(inputs + kept_by(below) * tokens, 0.0, big + big_work, 2 * big + big_work))
     if run.fused_update and not (run.device == "cpu" and run.flat_update):
         # With the gradient norm in the same compiled call as the backward pass, MLX computes the
         # gradients of the first block before those of the others: after its recomputation, every
