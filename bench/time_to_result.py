@@ -312,7 +312,8 @@ def main(argv=None) -> int:
                    "(their epoch is estimated)")
     p.add_argument("--only", default="", help="comma-separated runs, in order: default,accum,ckpt,mlx,mlx_ckpt,gen "
                    "(mlx_lm_lora: mlx-lm-lora's SFT trainer, run only when named) "
-                   "(gen: tokens/s of answering; also: nopack, one example a row; plain: default validation "
+                   "(gen: tokens/s of answering; also: nopack, one example a row; constant: mlx-lm's constant "
+                   "learning rate; plain: default validation "
                    "and checkpoints, every 100 steps; waiting, plain_waiting: the same with every step waited "
                    "for and validation in calls of batch_size, as before steps were left in flight; "
                    "nographs: without MLX's CUDA graphs; big, big_nographs: the same at --batch-size 16) "

@@ -132,20 +132,22 @@ def width_bucket(n: int, device: str = "cpu", floor: int = 128) -> int:
     return -(-n // step) * step
 
 
-# Parameters x positions a CUDA step computes in about the time its host takes to queue it: a
-# 7B-shaped step (7.2e9 parameters) of 1,024 positions was host-bound on an H100 and an H200 (the
-# wait after queuing 1-6 ms of a 100-130 ms step; at 2,048 the GPU took 11-12 ms longer than the
-# host), and each width it did not use cost 1.7-1.8 s to set up (bench/RESULTS.md).
-CUDA_IDLE_WORK = 7.2e9 * 1024
+# Parameters x positions a CUDA step computes in about the time its host takes to queue it (about
+# 100 ms for a 7B-shaped step). A floor of 1,024 positions looked free in an H200 probe (the wait
+# after queuing a 1,024-wide 7B step was 1-6 ms), but on a warm H100, alternating floors of 128,
+# 512 and 1,024 on the 7B epoch (ABC CBA), the median step was 121, 132 and 144 ms and the epoch
+# 60.6-65.8, 57.6-60.3 and 63.9-65.4 s: the padding costs more than the shape it saves
+# (bench/RESULTS.md). So a 7B-shaped step gets no floor; a smaller model gets the floor of the
+# same product (its step computes that much less; not measured on a GPU yet).
+CUDA_IDLE_WORK = 7.2e9 * 128
 
 
 def min_width(device: str, params: int) -> int:
     """The narrowest packed row on `device` for a model of `params` parameters: on CUDA the
     power of two (128 to 1,024) whose call the GPU computes while the host still queues it, so
-    the narrow widths it absorbs cost no set-up and their padding little time (a 7B shape: 1,024;
-    a 70B: 128, as before). On a fresh H100 the 7B epoch set up one shape fewer but its median
-    step was 7 ms higher, not yet separated from that machine's first run (bench/RESULTS.md). Elsewhere 128: Apple GPUs and the CPU compute the padding (the CPU
-    does not use powers of two at all: width_bucket)."""
+    the narrow widths it absorbs cost no set-up and their padding no time (7B: 128, no floor;
+    1B: 512; a 135M model: 1,024). Elsewhere 128: Apple GPUs and the CPU compute the padding (the
+    CPU does not use powers of two at all: width_bucket)."""
     if device != "cuda" or params <= 0:
         return 128
     fit = int(CUDA_IDLE_WORK // params)

@@ -62,13 +62,14 @@ def test_widths_and_row_counts_come_from_few_buckets():
 
 
 def test_cuda_rows_are_no_narrower_than_the_gpu_computes_while_the_host_queues():
-    # parameters x positions of a host-bound 7B step: 7.2e9 x 1,024 (batching.CUDA_IDLE_WORK)
-    assert [min_width("cuda", p) for p in (135_000_000, 7_200_000_000, 7_300_000_000, 14_000_000_000,
-                                           30_000_000_000, 70_000_000_000, 0)] == [1024, 1024, 512, 512, 128, 128, 128]
+    # parameters x positions a step computes while the host queues it: 7.2e9 x 128
+    # (batching.CUDA_IDLE_WORK; floors of 512 and 1,024 made the 7B epoch slower on an H100)
+    assert [min_width("cuda", p) for p in (135_000_000, 1_000_000_000, 3_000_000_000, 7_200_000_000,
+                                           7_300_000_000, 70_000_000_000, 0)] == [1024, 512, 256, 128, 128, 128, 128]
     assert min_width("cpu", 135_000_000) == min_width("metal", 7_200_000_000) == 128
     assert [width_bucket(n, "cuda", 1024) for n in (1, 300, 1000, 1025, 5000)] == [1024, 1024, 1024, 2048, 8192]
-    # the 7B epoch's narrow calls (4 examples of 60-130 tokens: 256 and 512 wide before) share the
-    # 1,024-wide shape of its common calls; the layout of the examples is the same
+    # with a floor of 1,024 (a 135M model) narrow calls (4 examples of 60-130 tokens: 256 and 512
+    # wide without it) share the 1,024-wide shape of the common calls; the layout is the same
     for lengths in ([61, 60, 65, 66], [130, 120, 101, 99], [300, 200, 250, 240]):
         rows, width, packed = call_layout(lengths, 4096, "cuda", 0.0, 1024)
         assert (width, packed) == (1024, True) and rows == call_layout(lengths, 4096, "cuda")[0]
