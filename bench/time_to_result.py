@@ -98,16 +98,26 @@ WAITING_CLI = ("import steadytune.step as s, steadytune.trainer as t; t.Trainer.
                "s.Step.__init__ = lambda self, *a, **k: (init(self, *a, **k), setattr(self, 'few_val_shapes', False))[0]; "
                "import sys; from steadytune.cli import main; sys.exit(main())")
 
+# The trainer without the cache clear after each validation (trainer.validate_and_checkpoint): on
+# CUDA MLX's allocator takes its buffers from the device's default memory pool, whose release
+# threshold MLX leaves at 0, so what the clear frees goes back to the driver and the next steps
+# map it again. The `keepcache` row asks whether that is the 0.5-0.7 s of the step after each
+# validation (bench/RESULTS.md).
+KEEPCACHE_CLI = ("import steadytune.trainer, mlx.core as mx; mx.clear_cache = lambda: None; "
+                 "import sys; from steadytune.cli import main; sys.exit(main())")
+
 
 def steadytune_run(name: str, model: Path, data: Path, out: Path, flags: list[str], every: bool = True,
-                   waiting: bool = False, env: dict | None = None) -> dict:
+                   waiting: bool = False, env: dict | None = None, cli: str | None = None) -> dict:
     """One `steadytune train`; every: validation every 40 steps, no checkpoints but the epoch's
     (the rows' usual settings: the wall until mlx-lm's loss is reached), else the defaults
     (validation and a checkpoint every 100 steps: the issue's command as a user types it);
     waiting: the trainer before steps in flight and packed validation (WAITING_CLI); env: more
-    environment (the `nographs` rows: MLX_USE_CUDA_GRAPHS=0, against MLX's default, graphs on)."""
+    environment (the `nographs` rows: MLX_USE_CUDA_GRAPHS=0, against MLX's default, graphs on);
+    cli: a launcher of the trainer changed for the row (KEEPCACHE_CLI)."""
     run = out / name
-    launch = [sys.executable, "-c", WAITING_CLI] if waiting else [sys.executable, "-m", "steadytune.cli"]
+    cli = WAITING_CLI if waiting else cli
+    launch = [sys.executable, "-c", cli] if cli else [sys.executable, "-m", "steadytune.cli"]
     cmd = [*launch, "train", "--model", str(model), "--data", str(data),
            "--lora-rank", "16", "--lora-alpha", "32", "--max-seq-length", "1024", "--epochs", "1",
            "--progress", "lines", "--log-every", "1",
@@ -126,6 +136,7 @@ def steadytune_run(name: str, model: Path, data: Path, out: Path, flags: list[st
     final = next((r["val_loss"] for r in reversed(recs) if r.get("event") == "val"), None)
     vals = [(t, float(m.group(2))) for t, s in lines if (m := val_re.match(s))]
     label = " ".join(flags + ([] if every else ["(eval/save every 100)"]) + (["(waiting steps)"] if waiting else [])
+                     + (["(cache kept after validation)"] if cli == KEEPCACHE_CLI else [])
                      + [f"{k}={v}" for k, v in (env or {}).items()])
     return {"run": f"steadytune {label or '(defaults)'}", "rc": rc, "wall_s": round(wall, 1),
             "timeline": timeline(lines, wall, step_re, val_re),
@@ -313,7 +324,7 @@ def main(argv=None) -> int:
     p.add_argument("--only", default="", help="comma-separated runs, in order: default,accum,ckpt,mlx,mlx_ckpt,gen "
                    "(mlx_lm_lora: mlx-lm-lora's SFT trainer, run only when named) "
                    "(gen: tokens/s of answering; also: nopack, one example a row; constant: mlx-lm's constant "
-                   "learning rate; plain: default validation "
+                   "learning rate; keepcache: no cache clear after validation; plain: default validation "
                    "and checkpoints, every 100 steps; waiting, plain_waiting: the same with every step waited "
                    "for and validation in calls of batch_size, as before steps were left in flight; "
                    "nographs: without MLX's CUDA graphs; big, big_nographs: the same at --batch-size 16) "
@@ -360,6 +371,10 @@ def main(argv=None) -> int:
                                               ["--batch-size", "1", "--grad-accumulation", "4", *extra]),
             "nopack": lambda n: steadytune_run(n, model, data, runs,
                                                ["--batch-size", "4", "--pack", "false", *extra]),
+            "constant": lambda n: steadytune_run(n, model, data, runs,
+                                                 ["--batch-size", "4", "--lr-schedule", "constant", *extra]),
+            "keepcache": lambda n: steadytune_run(n, model, data, runs, ["--batch-size", "4", *extra],
+                                                  cli=KEEPCACHE_CLI),
             "plain": lambda n: steadytune_run(n, model, data, runs, ["--batch-size", "4", *extra], every=False),
             "waiting": lambda n: steadytune_run(n, model, data, runs, ["--batch-size", "4", *extra], waiting=True),
             "nographs": lambda n: steadytune_run(n, model, data, runs, ["--batch-size", "4", *extra],
