@@ -145,9 +145,9 @@ CUDA_IDLE_WORK = 7.2e9 * 128
 def min_width(device: str, params: int) -> int:
     """The narrowest packed row on `device` for a model of `params` parameters: on CUDA the
     power of two (128 to 1,024) whose call the GPU computes while the host still queues it, so
-    the narrow widths it absorbs cost no set-up and their padding no time (7B: 128, no floor;
-    1B: 512; a 135M model: 1,024). Elsewhere 128: Apple GPUs and the CPU compute the padding (the
-    CPU does not use powers of two at all: width_bucket)."""
+    the narrow widths it absorbs need no set-up and their padding should cost no time (7B: 128,
+    no floor; 1B: 512; a 135M model: 1,024). Elsewhere 128: Apple GPUs and the CPU compute the
+    padding (the CPU does not use powers of two at all: width_bucket)."""
     if device != "cuda" or params <= 0:
         return 128
     fit = int(CUDA_IDLE_WORK // params)

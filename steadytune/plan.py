@@ -61,8 +61,9 @@ IN_FLIGHT_BLOCKS = {"cpu": 1.18, "metal": 2.0, "cuda": 24.0}
 # A checkpointed step on the CPU, attention unfused, block by block (estimate): the heads x width^2
 # float32 arrays alive, which IN_FLIGHT_BLOCKS does not multiply. The block being differentiated
 # holds 3 (its probabilities, their gradient, and their product for the softmax backward's row
-# sum); the next block's recomputation, dispatched ahead, 1. Measured on the 2-core CPU, 1 x 1,024
-# to 8,192 positions (docs/plan-memory.md, "Long context on the CPU").
+# sum); the next block's recomputation, dispatched ahead, 1. Measured on the 2-core CPU with
+# bench/memory.py's small llama, 1 x 1,024 to 8,192 positions, fitted as a x heads x width^2 +
+# b x tokens (docs/plan-memory.md, "Checkpointed long context on the CPU").
 CPU_ATTENTION_BACKWARD_ARRAYS = 3
 CPU_ATTENTION_AHEAD_ARRAYS = 1
 # CUDA: every kernel's inputs and temporaries stay alive until the CUDA graph it was recorded in has
@@ -538,15 +539,12 @@ def estimate(arch: Arch, run: Run) -> Breakdown:
         below = [i for i in whole if i < recomputed[-1]]
         if run.device == "cpu" and probs:
             # On the CPU, attention unfused, the run-ahead does not hold a block's attention arrays
-            # (heads x width^2 floats) per block it is ahead by. Measured (bench/memory.py's small
-            # llama, 1 x 1,024 to 8,192; docs/plan-memory.md): the peak holds 3.0 of them with MLX's
-            # run-ahead off or one block, 4.0 with a next block to recompute (this moment counted
-            # 2 + 1.18 x 3 = 5.5): the block being differentiated its probabilities, their gradient
-            # and their product (the softmax backward's row sum), and the next block's
-            # recomputation, dispatched ahead, one. The rest of the recomputation and the gradient
-            # work stays IN_FLIGHT_BLOCKS ahead; one float32 logits-sized array (_kept_logits) is
-            # alive too (vocabularies of 1,024 to 8,192 moved the fit by 1.0 of it). In a hybrid
-            # model the attention arrays are taken as the heaviest block's, as at the loss.
+            # (heads x width^2 floats) per block it is ahead by: the peak holds 3 with MLX's
+            # run-ahead off or one block, 4 with a next block to recompute, where this moment
+            # counted 2 + 1.18 x 3 = 5.5 (CPU_ATTENTION_*_ARRAYS). The rest of the recomputation and
+            # the gradient work stays IN_FLIGHT_BLOCKS ahead; one float32 logits-sized array
+            # (_kept_logits) is alive too. In a hybrid model the attention arrays are taken as the
+            # heaviest block's, as at the loss.
             ahead = CPU_ATTENTION_AHEAD_ARRAYS if len(recomputed) > 1 else 0  # a next block to recompute
             attention = (CPU_ATTENTION_BACKWARD_ARRAYS + ahead - 2) * probs  # big and big_work hold 2
             # in flight: two blocks' arrays and the work, less their 3 attention arrays
