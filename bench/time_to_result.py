@@ -101,8 +101,9 @@ WAITING_CLI = ("import steadytune.step as s, steadytune.trainer as t; t.Trainer.
 # The trainer without the cache clear after each validation (trainer.validate_and_checkpoint): on
 # CUDA MLX's allocator takes its buffers from the device's default memory pool, whose release
 # threshold MLX leaves at 0, so what the clear frees goes back to the driver and the next steps
-# map it again. The `keepcache` row asks whether that is the 0.5-0.7 s of the step after each
-# validation (bench/RESULTS.md).
+# map it again. The `keepcache` row asked whether that is the 0.5-0.7 s of the step after each
+# validation: it is not (H100, 2026-12-07: 0.41-0.62 s without the clear, 0.47-0.63 s with it;
+# bench/RESULTS.md).
 KEEPCACHE_CLI = ("import steadytune.trainer, mlx.core as mx; mx.clear_cache = lambda: None; "
                  "import sys; from steadytune.cli import main; sys.exit(main())")
 

@@ -340,8 +340,9 @@ class Run:
     weights: tuple = ()
     # What each adapted block mixes tokens with and what its MLP is, for MoE and Mamba-2 models
     # (model_mixers): (attention 0/1, dense MLP width, routed experts' width, expert layers reading
-    # the input, Mamba-2 heads, Mamba-2 in_proj width, Mamba-2 state elements) per block; empty:
-    # every block an attention block with the config's dense MLP (dense models, a synthetic shape).
+    # the input, Mamba-2 heads, Mamba-2 in_proj width, Mamba-2 state elements, linear mixer width)
+    # per block; empty: every block an attention block with the config's dense MLP (dense models,
+    # a synthetic shape).
     mixers: tuple = ()
     # A query-key pair's cost in positions on the CPU (batching.pair_cost, from the model: the
     # trainer's own attention_pair_cost): a call is laid out packed only where that computes less
@@ -401,6 +402,16 @@ class Breakdown:
 # states a token, its loop in checkpointed chunks 3.
 RECURRENCE_STATES = 0.33
 RECURRENCE_KEPT = 0.21
+# A linear mixer's block (Gated DeltaNet, LFM2's short convolution; model_mixers) keeps
+# LINEAR_MIXER_ARRAYS arrays a token of its input projections' width, in the compute dtype, instead
+# of attention's arrays (heads x width^2 probabilities only the full-attention blocks have). Fitted
+# (2026-12-07) to the qwen3_next rows of bench/memory.py --moe on the CPU (9), on an H100 (3,
+# Qwen3-Next-80B's block) and tests/test_recurrence.py's model, the largest error made smallest
+# over 0 to 2: all 13 within -13.4%..+14.8%, where every block planned as an attention block gave
+# up to +25.0% (docs/plan-memory.md). Fewer than the arrays such a block makes (projections,
+# convolution, norms, gate): the fit also absorbs what the rest of the plan is off by on these
+# shapes.
+LINEAR_MIXER_ARRAYS = 0.75
 # MoE and Mamba-2 blocks (Run.mixers, each block as the skeleton has it; _mixer_bytes). Fitted on the
 # CPU (float32, 2026-12-06; least squares on the relative error, rounded) to `bench/memory.py --moe`
 # and 14 probes: qwen3_moe (8-32 experts, 2-8 a token, expert width 256-512), granitemoehybrid
@@ -504,10 +515,16 @@ def estimate(arch: Arch, run: Run) -> Breakdown:
         # Gemma 4's per-layer inputs, every layer's slice of the model's array, for the whole step
         extra += arch.layers * arch.per_layer_input * b * tokens
 
+    # On CUDA the work in flight spans up to IN_FLIGHT_BLOCKS (24) blocks, in a model of several
+    # kinds of block many of each: the average block's share of the heaviest, not the heaviest
+    # (Qwen3-Next's shape, 3 Gated DeltaNet blocks to 1 attention block, 1 x 1,024 on an H100:
+    # +21% with the heaviest). The CPU and Metal run one or two blocks ahead: the heaviest.
+    spread = (saved + work) / (big + big_work) if run.device == "cuda" and run.mixers else 1.0
+
     def moment(activations, logits, block, ahead):
         """`block`: per-token bytes of the block being worked on; `ahead`: per-token bytes of one
         block of the work in flight (see _in_flight)."""
-        in_flight, elastic = _in_flight(arch, run, ahead)
+        in_flight, elastic = _in_flight(arch, run, ahead * spread)
         return Breakdown(activations=activations + extra, logits=logits,
                          in_flight=block * tokens + in_flight, elastic=elastic, **fixed)
 
@@ -670,8 +687,8 @@ def block_bytes(arch: Arch, run: Run, heaviest: bool = False) -> tuple[float, fl
             attn, work = attn + probs, probs
         else:                                                 # recomputed in the backward pass
             work = UNFUSED_ATTENTION_ARRAYS * probs
-    if run.mixers:  # MoE and Mamba-2 models, block by block: the average, or the heaviest block
-        each = [(norms + lora + m[0] * attn + mix[0], m[0] * work + mix[1])
+    if run.mixers:  # MoE, Mamba-2 and linear-attention models, block by block: the average, or the heaviest
+        each = [(norms + lora + m[0] * attn + LINEAR_MIXER_ARRAYS * m[7] * b + mix[0], m[0] * work + mix[1])
                 for m in run.mixers for mix in [_mixer_bytes(arch, run, m)]]
         if heaviest:
             return max(each, key=sum)
@@ -686,7 +703,7 @@ def _mixer_bytes(arch: Arch, run: Run, mixer: tuple) -> tuple[float, float]:
     attention arrays (Run.mixers): its dense MLP as a llama MLP (3 arrays of its width), the routed
     experts' arrays (EXPERT_*_ARRAYS, per expert a token is routed to; a non-gated expert MLP has
     one array of the expert width less) and a Mamba-2 mixer's (SSM_*)."""
-    _, dense, expert, expert_in, heads, width, _ = mixer
+    _, dense, expert, expert_in, heads, width = mixer[:6]
     b = DTYPE_BYTES[run.dtype]
     saved, work = 3 * dense * b, 0.0
     if expert:
@@ -1035,7 +1052,7 @@ def _from_skeleton(config_json: str, target_modules: tuple, num_layers: int) -> 
             weights.append((full, w.size, w.shape[-1], kind))
     lora = tuple(lora_targets(skeleton, lcfg))
     mixers = tuple(model_mixers(skeleton.layers[i], c["hidden_size"]) for i in sorted({t.block for t in lora}))
-    if not any(m[2] or m[4] for m in mixers):  # no experts, no Mamba-2: the llama-style block
+    if not any(m[2] or m[4] or m[7] for m in mixers):  # no experts, Mamba-2 or linear mixer: llama-style
         mixers = ()
     from .step import attention_pair_cost, model_parameters
 
@@ -1046,13 +1063,15 @@ def _from_skeleton(config_json: str, target_modules: tuple, num_layers: int) -> 
 def model_mixers(block, hidden: int) -> tuple:
     """Run.mixers' entry of one block of mlx-lm's model: (attention 0/1, dense MLP width, routed
     experts' width, expert layers reading the input, Mamba-2 heads, Mamba-2 in_proj width, Mamba-2
-    state elements: heads x head_dim x state size). A block with another token mixer (Gated
-    DeltaNet, convolution) is planned as an attention block, as before; an MLP's width is the input
-    width of its layer that writes the hidden size back."""
+    state elements: heads x head_dim x state size, linear mixer width). A block with another token
+    mixer (Gated DeltaNet, a short convolution) is a linear mixer, of the width its input
+    projections make (Gated DeltaNet's q, k, v, z, b and a; the convolution's B, C and x): it keeps
+    LINEAR_MIXER_ARRAYS arrays of that width a token and no heads x width^2 arrays (the
+    recurrence's states are counted apart, RECURRENCE_STATES). An MLP's width is the input width
+    of its layer that writes the hidden size back."""
     import mlx.nn as nn
 
-    attention = dense = expert = expert_in = heads = width = state = 0
-    other = False
+    attention = dense = expert = expert_in = heads = width = state = other = 0
     for _, m in block.named_modules():
         kind = type(m).__name__
         children = {k: v for k, v in m.children().items() if isinstance(v, nn.Module)}
@@ -1071,8 +1090,11 @@ def model_mixers(block, hidden: int) -> tuple:
             out = [v for v in children.values() if _out_width(v) == hidden]
             dense += max((_in_width(v) for v in out), default=0)
         elif hasattr(m, "A_log") or hasattr(m, "conv"):
-            other = True
-    return (1 if attention or (other and not heads) else 0, dense, expert, expert_in, heads, width, state)
+            # a linear mixer: the widths its projections make of the block's input
+            other += sum(_out_width(v) for k, v in children.items()
+                         if k != "out_proj" and _out_width(v) and _in_width(v) == hidden)
+    return (1 if attention else 0, dense, expert, expert_in, heads, width, state,
+            other if not heads and not attention else 0)
 
 
 def _out_width(m) -> int:
