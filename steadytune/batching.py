@@ -133,21 +133,24 @@ def width_bucket(n: int, device: str = "cpu", floor: int = 128) -> int:
 
 
 # Parameters x positions a CUDA step computes in about the time its host takes to queue it (about
-# 100 ms for a 7B-shaped step). A floor of 1,024 positions looked free in an H200 probe (the wait
-# after queuing a 1,024-wide 7B step was 1-6 ms), but on a warm H100, alternating floors of 128,
-# 512 and 1,024 on the 7B epoch (ABC CBA), the median step was 121, 132 and 144 ms and the epoch
-# 60.6-65.8, 57.6-60.3 and 63.9-65.4 s: the padding costs more than the shape it saves
-# (bench/RESULTS.md). So a 7B-shaped step gets no floor; a smaller model gets the floor of the
-# same product (its step computes that much less; not measured on a GPU yet).
-CUDA_IDLE_WORK = 7.2e9 * 128
+# 100 ms for a 7B-shaped step; 512 positions of a 7B model are about 15 TFLOP forward and back,
+# some 30-40 ms of an H100). A 7B shape (7.24e9 parameters) gets a floor of 512: it changes 11 of
+# the alpaca epoch's 238 steps (those under 256 positions) and saves their shape. On a warm H100,
+# alternating floors of 128, 512 and 1,024 on that epoch (ABC CBA), the two 512 runs took 57.6
+# and 60.3 s, the comparable run without a floor 60.6 s (the other, the first of the call, paid
+# its start-up: 65.8 s); the median steps (119-148 ms) followed a drift of the machine that
+# peaked mid-call, not the floor, which leaves the common 1,024-wide steps alone
+# (bench/RESULTS.md). A floor of 1,024 (63 steps padded) ran in that peak and stays untested.
+# Smaller models get the floor of the same product (at most 1,024; not measured on a GPU yet).
+CUDA_IDLE_WORK = 7.5e9 * 512
 
 
 def min_width(device: str, params: int) -> int:
     """The narrowest packed row on `device` for a model of `params` parameters: on CUDA the
     power of two (128 to 1,024) whose call the GPU computes while the host still queues it, so
-    the narrow widths it absorbs need no set-up and their padding should cost no time (7B: 128,
-    no floor; 1B: 512; a 135M model: 1,024). Elsewhere 128: Apple GPUs and the CPU compute the
-    padding (the CPU does not use powers of two at all: width_bucket)."""
+    the narrow widths it absorbs need no set-up and their padding should cost no time (7B: 512;
+    13B: 256; 70B: 128, no floor; 3B and smaller: 1,024). Elsewhere 128: Apple GPUs and the CPU
+    compute the padding (the CPU does not use powers of two at all: width_bucket)."""
     if device != "cuda" or params <= 0:
         return 128
     fit = int(CUDA_IDLE_WORK // params)
