@@ -108,6 +108,13 @@ KEEPCACHE_CLI = ("import steadytune.trainer, mlx.core as mx; mx.clear_cache = la
                  "import sys; from steadytune.cli import main; sys.exit(main())")
 
 
+# The trainer with the CUDA row floor of before 2026-12-07 (later): none for a 7B shape
+# (batching.CUDA_IDLE_WORK = 7.2e9 x 128) where the default now pads calls to at least 512
+# positions. `--only plain,plain_nofloor,plain_nofloor,plain` alternates the two.
+NOFLOOR_CLI = ("import steadytune.batching as b; b.CUDA_IDLE_WORK = 7.2e9 * 128; "
+               "import sys; from steadytune.cli import main; sys.exit(main())")
+
+
 def steadytune_run(name: str, model: Path, data: Path, out: Path, flags: list[str], every: bool = True,
                    waiting: bool = False, env: dict | None = None, cli: str | None = None) -> dict:
     """One `steadytune train`; every: validation every 40 steps, no checkpoints but the epoch's
@@ -138,6 +145,7 @@ def steadytune_run(name: str, model: Path, data: Path, out: Path, flags: list[st
     vals = [(t, float(m.group(2))) for t, s in lines if (m := val_re.match(s))]
     label = " ".join(flags + ([] if every else ["(eval/save every 100)"]) + (["(waiting steps)"] if waiting else [])
                      + (["(cache kept after validation)"] if cli == KEEPCACHE_CLI else [])
+                     + (["(no row floor)"] if cli == NOFLOOR_CLI else [])
                      + [f"{k}={v}" for k, v in (env or {}).items()])
     return {"run": f"steadytune {label or '(defaults)'}", "rc": rc, "wall_s": round(wall, 1),
             "timeline": timeline(lines, wall, step_re, val_re),
@@ -326,7 +334,7 @@ def main(argv=None) -> int:
                    "(mlx_lm_lora: mlx-lm-lora's SFT trainer, run only when named) "
                    "(gen: tokens/s of answering; also: nopack, one example a row; constant: mlx-lm's constant "
                    "learning rate; keepcache: no cache clear after validation; plain: default validation "
-                   "and checkpoints, every 100 steps; waiting, plain_waiting: the same with every step waited "
+                   "and checkpoints, every 100 steps; plain_nofloor: the same without the CUDA row floor; waiting, plain_waiting: the same with every step waited "
                    "for and validation in calls of batch_size, as before steps were left in flight; "
                    "nographs: without MLX's CUDA graphs; big, big_nographs: the same at --batch-size 16) "
                    "(a run named twice runs twice: the second finds the GPU's kernel cache warm)")
@@ -377,6 +385,8 @@ def main(argv=None) -> int:
             "keepcache": lambda n: steadytune_run(n, model, data, runs, ["--batch-size", "4", *extra],
                                                   cli=KEEPCACHE_CLI),
             "plain": lambda n: steadytune_run(n, model, data, runs, ["--batch-size", "4", *extra], every=False),
+            "plain_nofloor": lambda n: steadytune_run(n, model, data, runs, ["--batch-size", "4", *extra],
+                                                      every=False, cli=NOFLOOR_CLI),
             "waiting": lambda n: steadytune_run(n, model, data, runs, ["--batch-size", "4", *extra], waiting=True),
             "nographs": lambda n: steadytune_run(n, model, data, runs, ["--batch-size", "4", *extra],
                                                  env={"MLX_USE_CUDA_GRAPHS": "0"}),
