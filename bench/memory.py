@@ -206,6 +206,25 @@ QWEN3_NEXT_80B = dict(QWEN3_30B_A3B, model_type="qwen3_next", num_attention_head
                       linear_num_value_heads=32, linear_num_key_heads=16, linear_key_head_dim=128,
                       linear_value_head_dim=128, linear_conv_kernel_dim=4, full_attention_interval=4,
                       partial_rotary_factor=0.25)
+# gemma-3n-E2B's and gemma-4-E2B's text models at full size (issue 29's GPU plans; 4-bit, bfloat16
+# compute): E2B's layer pattern (4 sliding, 1 global), KV-shared last layers, AltUp and Laurel
+# (gemma3n), per-layer inputs of 256 over a 262k vocabulary, Gemma 4's double-width shared MLPs
+# (mlx-lm's gemma4_text defaults are E2B's).
+GEMMA3N_E2B = dict(model_type="gemma3n", text_config=dict(
+    model_type="gemma3n_text", hidden_size=2048, num_hidden_layers=30, intermediate_size=[8192] * 30,
+    num_attention_heads=8, num_key_value_heads=2, head_dim=256, vocab_size=262400, rms_norm_eps=1e-6,
+    rope_theta=1e6, max_position_embeddings=32768, tie_word_embeddings=True, num_kv_shared_layers=10,
+    vocab_size_per_layer_input=262144, sliding_window=512, rope_local_base_freq=10000.0,
+    final_logit_softcapping=30.0, layer_types=(["sliding_attention"] * 4 + ["full_attention"]) * 6,
+    activation_sparsity_pattern=[0.95] * 10 + [0.0] * 20, hidden_size_per_layer_input=256,
+    altup_num_inputs=4, altup_coef_clip=120.0, altup_correct_scale=True, altup_active_idx=0,
+    laurel_rank=64))
+GEMMA4_E2B_FULL = dict(model_type="gemma4_text", hidden_size=1536, num_hidden_layers=35, intermediate_size=6144,
+                       num_attention_heads=8, num_key_value_heads=1, head_dim=256, global_head_dim=512,
+                       rms_norm_eps=1e-6, vocab_size=262144, vocab_size_per_layer_input=262144,
+                       num_kv_shared_layers=20, hidden_size_per_layer_input=256, sliding_window=512,
+                       max_position_embeddings=131072, final_logit_softcapping=30.0, use_double_wide_mlp=True,
+                       layer_types=(["sliding_attention"] * 4 + ["full_attention"]) * 7, tie_word_embeddings=True)
 MOE = {
     "gpu": [
         dict(name="Qwen3-30B-A3B shape 8 layers 4 ex packed", config=QWEN3_30B_A3B, batch=4, seq=1024,
@@ -217,6 +236,10 @@ MOE = {
         dict(name="Qwen3-Next-80B shape 4 layers 1x1024", config=QWEN3_NEXT_80B, batch=1, seq=1024,
              compute="auto"),
         dict(name="Qwen3-Next-80B shape 4 layers 4x256", config=QWEN3_NEXT_80B, batch=4, seq=256, compute="auto"),
+        dict(name="gemma3n E2B 1x1024", config=GEMMA3N_E2B, batch=1, seq=1024, compute="auto"),
+        dict(name="gemma3n E2B 1x1024 ckpt", config=GEMMA3N_E2B, batch=1, seq=1024, compute="auto", ckpt=True),
+        dict(name="gemma4 E2B 1x1024", config=GEMMA4_E2B_FULL, batch=1, seq=1024, compute="auto"),
+        dict(name="gemma4 E2B 1x1024 ckpt", config=GEMMA4_E2B_FULL, batch=1, seq=1024, compute="auto", ckpt=True),
     ],
     "cpu": [
         dict(name="qwen3_moe 16e top4 2x512", config=QWEN3_MOE, batch=2, seq=512),
