@@ -812,13 +812,11 @@ def test_gated_deltanet_blocks_are_planned_as_linear_mixers(name, device, result
     rows = json.loads((ROOT / "bench" / "results" / results).read_text())["rows"]
     measured = next(r["measured"] for r in rows if r["name"] == name)
     arch, run = memory.planned_run(spec, device)
-    every = spec["config"]["full_attention_interval"]
-    layers = spec["config"]["num_hidden_layers"]
     c = spec["config"]
     width = 2 * c["linear_num_key_heads"] * c["linear_key_head_dim"] + \
         2 * c["linear_num_value_heads"] * (c["linear_value_head_dim"] + 1)  # q, k, v, z; b, a
-    assert [(m[0], m[7]) for m in run.mixers] == [(1, 0) if (i + 1) % every == 0 else (0, width)
-                                                 for i in range(layers)]
+    assert [(m[0], m[7]) for m in run.mixers] == [(1, 0) if (i + 1) % c["full_attention_interval"] == 0
+                                                 else (0, width) for i in range(c["num_hidden_layers"])]
     assert abs(plan.estimate(arch, run).peak / measured - 1) < 0.15
     as_attention = tuple((1, *m[1:7], 0) for m in run.mixers)  # what the planner did before
     assert plan.estimate(arch, replace(run, mixers=as_attention)).peak > 1.2 * measured
