@@ -19,9 +19,12 @@ epoch at batch size 4. Both trainers take 4 examples per optimizer step (steadyt
 defaults: packed where the family packs, which lays the same examples out in shared rows, and one
 example a row where it does not, as the hybrid's recurrent layers need), each in its own process, adapters on what each
 adapts by default (steadytune: every linear layer but the routers; mlx_lm.lora: every linear layer)
-at rank 8. Per row: median tokens/s over steps 4 and later (each trainer's own report), peak memory
-(steadytune's metrics.jsonl; mlx_lm.lora's mx.get_peak_memory() at exit), and for steadytune the
-planner's prediction (`steadytune plan --json`, the same flags).
+at rank 8. Per row: median tokens/s over steps 4 and later (each trainer's own report), examples per
+minute of wall from the process's start to its last step's line (every output line is time-stamped
+as it arrives: the one rate defined for a trainer that never reaches a steady step, as mlx_lm.lora
+on the hybrid on a GPU), peak memory (steadytune's metrics.jsonl; mlx_lm.lora's
+mx.get_peak_memory() at exit), and for steadytune the planner's prediction (`steadytune plan
+--json`, the same flags). `--mlx-val-batches 0` skips mlx_lm.lora's validation before its first step.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -129,27 +133,41 @@ def build_model(folder: Path, config: dict, data: Path) -> Path:
     return folder
 
 
-def run_lines(cmd: list[str], timeout: float) -> tuple[list[str], int]:
-    """The command's output lines and exit status; past `timeout` it gets SIGTERM (mlx_lm.lora's
-    wrapper then prints its peak memory and exits), SIGKILL 15 s later, and rc 124 with the lines
-    printed until then: a trainer too slow for the time given still reports its first steps."""
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+def run_lines(cmd: list[str], timeout: float) -> tuple[list[tuple[float, str]], int]:
+    """The command's output lines, each with the seconds since the start at which it arrived, and
+    its exit status; past `timeout` it gets SIGTERM (mlx_lm.lora's wrapper then prints its peak
+    memory and exits), SIGKILL 15 s later, and rc 124 with the lines printed until then: a trainer
+    too slow for the time given still reports its first steps."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, bufsize=1,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"})
+    lines: list[tuple[float, str]] = []
+    reader = threading.Thread(target=lambda: lines.extend((time.perf_counter() - t0, s.rstrip("\n"))
+                                                          for s in p.stdout), daemon=True)
+    reader.start()
     try:
-        out, _ = p.communicate(timeout=timeout)
-        rc = p.returncode
+        rc = p.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         p.terminate()
         try:
-            out, _ = p.communicate(timeout=15)
+            p.wait(timeout=15)
         except subprocess.TimeoutExpired:
             p.kill()
-            out, _ = p.communicate()
+            p.wait()
         rc = 124
-    lines = out.splitlines()
+    reader.join(timeout=15)
     if rc:
-        print("\n".join(lines[-15:]), file=sys.stderr)
+        print("\n".join(s for _, s in lines[-15:]), file=sys.stderr)
     return lines, rc
+
+
+def per_minute(arrivals: list[float], batch: int) -> tuple[float, float]:
+    """Examples trained per minute of wall, from the process's start to its last step's line
+    (start-up, compilation and validation included: what a short run of each trainer delivers
+    when its steady rate is never reached), and the seconds to that line."""
+    if not arrivals:
+        return float("nan"), float("nan")
+    return round(len(arrivals) * batch / arrivals[-1] * 60, 2), round(arrivals[-1], 1)
 
 
 def steadytune_row(model: Path, data: Path, out: Path, flags: list[str], timeout: float, batch: int = 4) -> dict:
@@ -157,20 +175,24 @@ def steadytune_row(model: Path, data: Path, out: Path, flags: list[str], timeout
     common = ["--model", str(model), "--data", str(data), "--epochs", "1", "--batch-size", str(batch),
               "--lora-rank", "8", "--max-seq-length", "1024", *flags]
     plan_lines, _ = run_lines([sys.executable, "-m", "steadytune.cli", "plan", *common, "--json"], timeout)
+    plan_lines = [s for _, s in plan_lines]
     try:
         plan = json.loads("\n".join(plan_lines[plan_lines.index("{"):]))
     except ValueError:
         plan = {}
-    lines, rc = run_lines([sys.executable, "-m", "steadytune.cli", "train", *common, "--progress", "none",
+    lines, rc = run_lines([sys.executable, "-m", "steadytune.cli", "train", *common, "--progress", "lines",
                            "--log-every", "1", "--save-every", "0", "--eval-every", "0", "--out", str(run)], timeout)
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()
             if x.strip()] if (run / "metrics.jsonl").exists() else []
     train = [r for r in recs if r.get("event") == "train"]
     rates = [r["tok_per_s"] for r in train if r["step"] > 3]
+    step_line = re.compile(r"^step \d+/")
+    ex_min, last = per_minute([t for t, s in lines if step_line.match(s)], batch)
     adapters = run / "adapters" / "adapters.safetensors"
     trainable = f"{adapter_parameters(adapters) / 1e6:.3f}M" if adapters.exists() else ""
     return {"trainer": "steadytune", "rc": rc, "steps": len(train),
             "tok_s": round(statistics.median(rates), 1) if rates else float("nan"),
+            "ex_per_min": ex_min, "last_step_s": last,
             "peak_gb": max((r.get("peak_mem_gb", 0) for r in train), default=float("nan")),
             # the planner's MLX peak (what peak_mem_gb measures; its required_gb adds the overhead)
             "planned_gb": plan.get("mlx_peak_gb", float("nan")), "trainable": trainable}
@@ -189,7 +211,10 @@ _MLX_LM = ("import atexit, runpy, signal, sys, mlx.core as mx; "
            "sys.argv = ['mlx_lm.lora'] + sys.argv[1:]; runpy.run_module('mlx_lm.lora', run_name='__main__')")
 
 
-def mlx_lm_row(model: Path, data: Path, out: Path, timeout: float, batch: int = 4) -> dict:
+def mlx_lm_row(model: Path, data: Path, out: Path, timeout: float, batch: int = 4,
+               val_batches: int = 1) -> dict:
+    """mlx_lm.lora on the same folder and data; val_batches 0 skips its validation before step 1
+    (one batch takes over a minute on a GPU for the hybrid: --mlx-val-batches)."""
     iters = sum(1 for _ in (data / "train.jsonl").open()) // batch
     # On the CPU both trainers get OpenBLAS (steadytune loads it on import; MLX's own is the reference
     # BLAS, about 30x slower), so the comparison is of the trainers, not of the BLAS.
@@ -199,28 +224,34 @@ def mlx_lm_row(model: Path, data: Path, out: Path, timeout: float, batch: int = 
                            "--batch-size", str(batch), "--num-layers", "-1", "--iters", str(iters),
                            "--max-seq-length", "1024", "--steps-per-report", "1", "--steps-per-eval", "1000000",
                            "--save-every", "1000000", "--adapter-path", str(out / "mlx_lm"), "--mask-prompt",
-                           "--val-batches", "1"], timeout)
+                           "--val-batches", str(val_batches)], timeout)
     ansi = re.compile(r"\x1b\[[0-9;]*m")
     # mlx-lm 0.32's report table: iter, train loss (and a trend arrow), tokens/s, trained tokens
     row = re.compile(r"^\s*(\d+)\s+([\d.]+|nan)\s*[▼▲=]?\s+([\d,.]+)\s+[\d.]+k?\s*$")
     old = re.compile(r"Iter (\d+): Train loss .*Tokens/sec ([\d.]+)")
-    rates, peak = [], float("nan")
-    for s in map(ansi.sub, [""] * len(lines), lines):
+    rates, arrivals, peak = [], [], float("nan")
+    for t, s in lines:
+        s = ansi.sub("", s)
         if m := row.match(s):
             rates.append((int(m.group(1)), float(m.group(3).replace(",", ""))))
+            arrivals.append(t)
         elif m := old.search(s):
             rates.append((int(m.group(1)), float(m.group(2))))
+            arrivals.append(t)
         elif s.startswith("PEAK_BYTES"):
             peak = round(int(s.split()[1]) / 1e9, 3)
     steady = [r for step, r in rates if step > 3]
+    ex_min, last = per_minute(arrivals, batch)
     adapters = out / "mlx_lm" / "adapters.safetensors"
     return {"trainer": "mlx_lm.lora", "rc": rc, "steps": len(rates),
-            "tok_s": round(statistics.median(steady), 1) if steady else float("nan"), "peak_gb": peak,
+            "tok_s": round(statistics.median(steady), 1) if steady else float("nan"),
+            "ex_per_min": ex_min, "last_step_s": last, "peak_gb": peak,
             "planned_gb": "", "trainable": f"{adapter_parameters(adapters) / 1e6:.3f}M" if adapters.exists() else ""}
 
 
 def table(rows: list[dict]) -> str:
-    cols = ["model", "trainer", "rc", "steps", "tok_s", "peak_gb", "planned_gb", "vs_mlx_lm", "trainable"]
+    cols = ["model", "trainer", "rc", "steps", "tok_s", "ex_per_min", "last_step_s", "peak_gb", "planned_gb",
+            "vs_mlx_lm", "trainable"]
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     out += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
     return "\n".join(out)
@@ -239,6 +270,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=4, help="examples per optimizer step, both trainers")
     p.add_argument("--trainers", default="steadytune,mlx_lm", help="which trainers run (steadytune alone: "
                    "the planner's prediction against the measured peak)")
+    p.add_argument("--mlx-val-batches", type=int, default=1, help="mlx_lm.lora's validation batches before "
+                   "its first step (0: none; one batch of the hybrid takes over a minute on a GPU)")
     a = p.parse_args(argv)
     work = a.work or Path(tempfile.mkdtemp(prefix="bench-moe-"))
     n_train, n_valid = (24, 4) if a.tiny else (a.examples, 50)
@@ -258,7 +291,7 @@ def main(argv=None) -> int:
         got = []
         for trainer in a.trainers.split(","):
             row = (steadytune_row(model, data, out, [], a.timeout, a.batch_size) if trainer == "steadytune"
-                   else mlx_lm_row(model, data, out, a.timeout, a.batch_size))
+                   else mlx_lm_row(model, data, out, a.timeout, a.batch_size, a.mlx_val_batches))
             print(f"{name}: {json.dumps(row)}", flush=True)
             got.append(dict(row, model=name))
         ours = next((r for r in got if r["trainer"] == "steadytune"), None)
@@ -266,6 +299,9 @@ def main(argv=None) -> int:
         if ours and theirs and isinstance(ours["tok_s"], float) and isinstance(theirs["tok_s"], float) \
                 and theirs["tok_s"] > 0:
             ours["vs_mlx_lm"] = f"{ours['tok_s'] / theirs['tok_s']:.2f}x"
+        elif ours and theirs and ours["ex_per_min"] == ours["ex_per_min"] and theirs["ex_per_min"] > 0:
+            # mlx_lm.lora reported no steady rate (fewer than 4 steps): examples per minute of wall
+            ours["vs_mlx_lm"] = f"{ours['ex_per_min'] / theirs['ex_per_min']:.2f}x (examples per minute of wall)"
         rows += got
     import mlx.core as mx
     import mlx_lm
