@@ -13,7 +13,10 @@
     python bench/memory.py --moe --only gemma3n   # the gemma3n rows (~5 min)
     python bench/memory.py --moe --only gemma4    # the Gemma 4 rows (~7 min)
     python bench/memory.py --gpu --moe      # GPU: Qwen3-30B-A3B (8 layers) and Qwen3-Next-80B
-                                            # (4 layers) shapes, bfloat16 (not yet run)
+                                            # (4 layers) shapes, gemma-3n-E2B and gemma-4-E2B, bfloat16
+    python bench/memory.py --replan bench/results/h*-memory-*.json
+                                            # the recorded GPU rows planned again with the current
+                                            # planner, offline (measured, recorded plan, plan now)
 
 Each configuration runs in a fresh process (so one run's compiled graphs and allocator cache don't
 touch the next): build an mlx-lm llama model (with --moe: the spec's model type, from its
@@ -477,6 +480,54 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def recorded_rows(path: str) -> list[dict]:
+    """The measured rows of a results file written by this script: {"rows": [...]} (or, from its
+    first version, a bare list), each with its name and measured peak; failed rows (no
+    measurement) are left out."""
+    data = json.loads(Path(path).read_text())
+    rows = data["rows"] if isinstance(data, dict) else data
+    return [r for r in rows if isinstance(r.get("measured"), (int, float))]
+
+
+def spec_named(name: str) -> tuple[dict, str] | None:
+    """The GPU configuration of that name in any grid (GRIDS, LONG, MOE) and the device it is
+    planned for; None for a name no grid has any more."""
+    for grids in (GRIDS, LONG, MOE):
+        for spec in grids["gpu"]:
+            if spec["name"] == name:
+                return spec, "cuda"
+    return None
+
+
+def replan(paths: list[str]) -> list[dict]:
+    """Every recorded row of `paths` planned again with the current planner, offline (no GPU):
+    file, name, measured, the prediction the file recorded and the one planned now (None for a
+    configuration no grid defines any more)."""
+    out = []
+    for path in paths:
+        for r in recorded_rows(path):
+            found = spec_named(r["name"])
+            now = predict(*found)[0].peak if found else None
+            out.append(dict(file=Path(path).name, name=r["name"], measured=r["measured"],
+                            recorded=r.get("predicted"), now=now))
+    return out
+
+
+def replan_table(rows: list[dict]) -> str:
+    """The replanned rows as a markdown table, and the largest error of those planned now."""
+    pct = lambda p, m: f"{100 * (p / m - 1):+.1f}%" if p else ""  # noqa: E731
+    lines = ["| file | configuration | measured GB | recorded plan GB | error | plan now GB | error |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        now = f"{r['now'] / 1e9:.3f}" if r["now"] else "(no such configuration now)"
+        lines.append(f"| {r['file']} | {r['name']} | {r['measured'] / 1e9:.3f} | {r['recorded'] / 1e9:.3f} "
+                     f"| {pct(r['recorded'], r['measured'])} | {now} | {pct(r['now'], r['measured'])} |")
+    planned = [r["now"] / r["measured"] - 1 for r in rows if r["now"]]
+    if planned:
+        lines.append(f"\n{len(planned)} rows planned now: errors {min(planned):+.1%}..{max(planned):+.1%}")
+    return "\n".join(lines)
+
+
 def environment() -> str:
     import platform
 
@@ -502,11 +553,17 @@ def main() -> int:
     p.add_argument("--json", help="also write the rows to this JSON file (after every configuration)")
     p.add_argument("--max-seconds", type=float, default=0,
                    help="start no configuration the time left probably cannot cover (0 = no limit)")
+    p.add_argument("--replan", nargs="+", metavar="FILE",
+                   help="plan the GPU rows recorded in these results files again with the current planner "
+                        "and print measured, recorded and current predictions (offline: no GPU, nothing run)")
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
     a = p.parse_args()
     import steadytune  # noqa: F401  (fast BLAS before mlx)
 
+    if a.replan:
+        print(replan_table(replan(a.replan)))
+        return 0
     if a.one:
         print(json.dumps(measure(json.loads(a.one), a.device, a.steps)))
         return 0

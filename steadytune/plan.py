@@ -67,19 +67,36 @@ IN_FLIGHT_BLOCKS = {"cpu": 1.18, "metal": 2.0, "cuda": 24.0}
 CPU_ATTENTION_BACKWARD_ARRAYS = 3
 CPU_ATTENTION_AHEAD_ARRAYS = 1
 # CUDA: every kernel's inputs and temporaries stay alive until the CUDA graph it was recorded in has
-# run, and the host records graphs ahead of the GPU. How far ahead depends on the step: with a few
-# hundred tokens the GPU keeps up and little is queued; from ~2,000 tokens the host is as far
-# ahead as MLX lets it be and what is queued stops growing. So: up to IN_FLIGHT_BLOCKS blocks of
-# work, but at most CUDA_RUN_AHEAD bytes of activations, plus with compute=dequant the dequantized
-# weights (compute dtype) of CUDA_DEQUANT_BLOCKS blocks, plus CUDA_TEMPORARIES (cuBLAS workspaces,
-# up to 32 MiB a matmul on Hopper). Fitted to the 12 H100 80GB runs of the current trainer in
-# docs/plan-memory.md (7B shape, MLX 0.32.4, 2026-11-25: 128 to 4,096 tokens a step, native and
-# dequant, with and without checkpointing; all within 12%). The previous trainer (gradients, norm
-# and update in separate calls, adapters promoting their input to float32) ran further ahead:
-# its checkpointed steps are up to 43% above this model.
+# run, and the host records graphs ahead of the GPU (MLX 0.32 on compute capability 9.0: a graph
+# closes after 100 operations or 1,000 MB of inputs, and up to 10 run at a time). How far ahead
+# depends on the step: with a few hundred tokens the GPU keeps up and little is queued; from
+# ~2,000 tokens the host is as far ahead as MLX lets it be and what is queued stops growing. So: up
+# to IN_FLIGHT_BLOCKS blocks of work, but at most CUDA_RUN_AHEAD bytes of activations, plus with
+# compute=dequant the dequantized weights of CUDA_DEQUANT_BLOCKS blocks, plus CUDA_TEMPORARIES
+# (cuBLAS workspaces, up to 32 MiB a matmul on Hopper). Fitted to the 12 H100 80GB runs of the
+# current trainer in docs/plan-memory.md (7B shape, MLX 0.32.4, 2026-11-25: 128 to 4,096 tokens a
+# step, native and dequant, with and without checkpointing; all within 12%). The previous trainer
+# (gradients, norm and update in separate calls, adapters promoting their input to float32) ran
+# further ahead: its checkpointed steps are up to 43% above this model.
+# Both block counts are the 7B block's. A block with less matmul work per token queues fewer blocks
+# (cuda_block_share): the GPU runs its small matmuls about as fast as the host records the block's
+# operations, so the host gets less far ahead. gemma-3n-E2B's and gemma-4-E2B's blocks (0.28 and
+# 0.24 of the 7B block's weights, 1 x 1,024 tokens on an H200, 2026-12-07) held 5.8-9 blocks of
+# their work in flight where 24 were planned (+23% to +38%); with the share, 6.8 and 5.9. Nothing
+# is fitted to them: the share is the ratio of weights to CUDA_REFERENCE_BLOCK, the block the
+# counts were fitted on. The 7B rows show no such dependence on the tokens a step (1 x 512 holds
+# about 20 blocks), so the share does not depend on them. Blocks with more weights than the 7B
+# block (MoE blocks, every expert counted: 3 to 8 times as many) keep the fitted counts, as
+# measured (Qwen3-30B-A3B's and Qwen3-Next-80B's blocks, H100, -13.8%..+14.0%).
 CUDA_RUN_AHEAD = 7.0 * GB
+# The blocks of work in flight MLX keeps even when its memory limit stops it dispatching more (the
+# elastic part's floor), and the fewest a step has in flight however light its blocks.
+CUDA_MIN_BLOCKS = 2.0
 CUDA_DEQUANT_BLOCKS = 7
 CUDA_TEMPORARIES = 1.0 * GB
+# The 7B block's linear-layer weights (hidden 4096, MLP 14,336, 32 query and 8 key-value heads of
+# 128): the block the CUDA counts above were fitted on.
+CUDA_REFERENCE_BLOCK = 4096 * (4096 + 1024 + 1024 + 4096) + 3 * 4096 * 14336
 OVERHEAD = {"cpu": 0.4 * GB, "metal": 0.5 * GB, "cuda": 1.0 * GB}
 # Transient arrays of one block's attention backward when CUDA recomputes attention unfused
 # (sequence width not a multiple of 128): scores, probabilities and their gradients.
@@ -718,20 +735,55 @@ def _mixer_bytes(arch: Arch, run: Run, mixer: tuple) -> tuple[float, float]:
 
 def _in_flight(arch: Arch, run: Run, block: float) -> tuple[float, float]:
     """(bytes, elastic part) of the work MLX has dispatched but not finished (module docstring):
-    IN_FLIGHT_BLOCKS blocks of `block` bytes per token; on CUDA at most CUDA_RUN_AHEAD of them
-    (plus, with compute=dequant, the dequantized weights of CUDA_DEQUANT_BLOCKS blocks), and the
-    kernels' temporaries."""
-    blocks = IN_FLIGHT_BLOCKS[run.device]
-    total = blocks * block * run.tokens
+    IN_FLIGHT_BLOCKS blocks of `block` bytes per token; on CUDA that many of the 7B block's
+    (cuda_block_share of them), at most CUDA_RUN_AHEAD bytes (plus, with compute=dequant, the
+    dequantized weights of CUDA_DEQUANT_BLOCKS blocks, as many fewer), and the kernels'
+    temporaries."""
     if run.device != "cuda":
-        return total, 0.0
+        return IN_FLIGHT_BLOCKS[run.device] * block * run.tokens, 0.0
+    share = cuda_block_share(arch, run)
+    # never under the blocks MLX cannot do without (below): a small model's blocks are many
+    # operations for little matmul work, so its queue is at least those
+    total = max(share * IN_FLIGHT_BLOCKS["cuda"], CUDA_MIN_BLOCKS) * block * run.tokens
     limit = CUDA_RUN_AHEAD
     if run.compute == "dequant":
-        limit += CUDA_DEQUANT_BLOCKS * _dequantized_block_bytes(arch, run)
+        limit += share * CUDA_DEQUANT_BLOCKS * _dequantized_block_bytes(arch, run)
     total = min(total, limit) + CUDA_TEMPORARIES
     # MLX stops dispatching when its memory limit is reached; about two blocks of work in flight
     # is what it cannot do without.
-    return total, max(0.0, total - 2 * block * run.tokens - CUDA_TEMPORARIES)
+    return total, max(0.0, total - CUDA_MIN_BLOCKS * block * run.tokens - CUDA_TEMPORARIES)
+
+
+def cuda_block_share(arch: Arch, run: Run) -> float:
+    """The share of the 7B block's CUDA run-ahead (IN_FLIGHT_BLOCKS, CUDA_DEQUANT_BLOCKS) one
+    adapted block gets: its linear layers' weights (every expert's) over CUDA_REFERENCE_BLOCK's,
+    at most 1. The weights are the matmul work a block does per token; the host's work to record
+    the block does not shrink with them, so a lighter block lets the host get less far ahead."""
+    return min(1.0, block_weights(arch, run) / CUDA_REFERENCE_BLOCK)
+
+
+def block_weights(arch: Arch, run: Run) -> float:
+    """The weights of one adapted block's linear layers (the ones load_base quantizes, every
+    expert of a MoE layer included; Run.weights), averaged over the adapted blocks; for a
+    synthetic shape (no Run.weights), the llama block of MODULES, adapted or not."""
+    adapted = range(arch.layers - _adapted_layers(arch, run), arch.layers)
+    per_block = {}
+    for path, n, _, kind in run.weights:
+        index = _block_index(path) if kind == "layer" else None
+        if index is not None and index in adapted:
+            per_block[index] = per_block.get(index, 0) + n
+    if not per_block:
+        return float(sum(math.prod(arch.shape(k)) for k in MODULES))
+    return sum(per_block.values()) / len(per_block)
+
+
+def _block_index(path: str) -> int | None:
+    """The block a weight's path is in ("model.layers.3.mlp.up_proj.weight": 3), or None."""
+    parts = path.split(".")
+    for name, index in zip(parts, parts[1:]):
+        if name == "layers" and index.isdigit():
+            return int(index)
+    return None
 
 
 def _dequantized_block_bytes(arch: Arch, run: Run) -> float:
