@@ -204,9 +204,12 @@ def adapter_parameters(path: Path) -> int:
     return sum(v.size for v in mx.load(str(path)).values())
 
 
-# mlx_lm.lora in this process's Python, printing its peak memory when it exits
-_MLX_LM = ("import atexit, runpy, signal, sys, mlx.core as mx; "
-           "atexit.register(lambda: print(f'PEAK_BYTES {mx.get_peak_memory()}', flush=True)); "
+# mlx_lm.lora in this process's Python, printing its peak memory every 5 s and when it exits: a
+# trainer stopped inside a long compiled call (the hybrid's first step on a GPU) never returns to
+# Python to run its exit handler, but MLX releases the GIL while it evaluates, so a thread can
+_MLX_LM = ("import atexit, runpy, signal, sys, threading, time, mlx.core as mx; "
+           "peak = lambda: print(f'PEAK_BYTES {mx.get_peak_memory()}', flush=True); atexit.register(peak); "
+           "threading.Thread(target=lambda: [(time.sleep(5), peak()) for _ in iter(int, 1)], daemon=True).start(); "
            "signal.signal(signal.SIGTERM, lambda *a: sys.exit(124)); "
            "sys.argv = ['mlx_lm.lora'] + sys.argv[1:]; runpy.run_module('mlx_lm.lora', run_name='__main__')")
 
