@@ -331,8 +331,6 @@ def planned_run(spec: dict, device: str):
     (plan.from_skeleton), as `steadytune plan` plans it."""
     from steadytune import plan
     from steadytune.config import LoraConfig
-    from steadytune.loss import ce_chunk
-
     from steadytune.qlora import resolve_mode
 
     s = settings(spec, device)
@@ -352,7 +350,9 @@ def planned_run(spec: dict, device: str):
                           checkpoint=s["ckpt"], rank=s["rank"], keys=tuple(s["keys"]),
                           lora_layers=s["lora_layers"], bits=4, group_size=64, dtype=s["dtype"],
                           compute=resolve_mode(s["compute"], device), device=device,
-                          loss_chunk=ce_chunk(arch.vocab, s["chunked_ce"]), **skeleton)
+                          # the trainer's chunk for this model (none where its head cannot be split off)
+                          loss_chunk=plan._loss_chunk(arch, model_config(spec) if "config" in spec else None,
+                                                      s["chunked_ce"]), **skeleton)
 
 
 def build(spec: dict, s: dict):

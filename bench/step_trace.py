@@ -37,6 +37,9 @@ def main(argv=None) -> int:
                    "traced once)")
     p.add_argument("--run", action="store_true", help="evaluate each call, twice")
     p.add_argument("--no-loop", action="store_true", help="skip mlx-lm's token-at-a-time recurrence")
+    p.add_argument("--loop-widths", default=None, help="widths for mlx-lm's loop (default: --widths; its first "
+                   "run at a width can take minutes on a GPU)")
+    p.add_argument("--no-chunkwise", action="store_true", help="skip steadytune's recurrence (the loop alone)")
     a = p.parse_args(argv)
 
     import steadytune  # noqa: F401  (first: it loads OpenBLAS before mlx, backend.use_fast_blas)
@@ -60,8 +63,8 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     rows = []
 
-    def probe(label: str) -> None:
-        for w in map(int, a.widths.split(",")):
+    def probe(label: str, widths: str) -> None:
+        for w in map(int, widths.split(",")):
             ids = [rng.integers(0, 1000, w + 1).tolist() for _ in range(4)]
             step.examples = Tokenized(ids, [[True] * len(x) for x in ids])
             runs = []
@@ -82,7 +85,8 @@ def main(argv=None) -> int:
             rows.append(row)
             print(row, flush=True)
 
-    probe("steadytune chunkwise")
+    if not a.no_chunkwise:
+        probe("steadytune chunkwise", a.widths)
     if not a.no_loop:
         from mlx_lm.models import gated_delta
 
@@ -90,8 +94,8 @@ def main(argv=None) -> int:
         step.grad, step.grad_apply, step.update, step.eval_loss = compile_step(
             step.model, step.optimizer, step.state,
             partial(loss_fn, chunk=loss_chunk(step.model, settings["chunked_ce"]), mask_dtype=mx.float32))
-        probe("mlx-lm loop")
-    cols = list(rows[0])
+        probe("mlx-lm loop", a.loop_widths or a.widths)
+    cols = list(rows[0]) if rows else []
     print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:
         print("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")

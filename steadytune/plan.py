@@ -417,6 +417,13 @@ class Breakdown:
 # models: 8 of 9 within -13.1%..+11.5%, a 1 x 2,048 row +25% from the rest of its plan, not this
 # term (docs/plan-memory.md). mlx-lm's loop a token at a time kept about 15
 # states a token, its loop in checkpointed chunks 3.
+# On CUDA the term is not added: there the recurrence's arrays fall inside what the planner counts
+# as the work in flight (_in_flight, up to CUDA_RUN_AHEAD), whose blocks are the same layers'
+# work. Measured on an H100 (bench/memory.py --moe, 2026-12-07), the three Qwen3-Next-shaped rows
+# (1 x 512, 1 x 1,024, 4 x 256; 0.8-1.6 GB of this term) are above their peaks with any positive
+# share of it (+1.9%, +4.5%, +10.0% with none; +11.4..+20.7% with all of it); held out,
+# bench/moe.py's epoch at 4 x 1,024 (6.4 GB of it; 21.13 GB measured) is planned +5.0% without
+# it, +35.5% with it (docs/plan-memory.md).
 RECURRENCE_STATES = 0.33
 RECURRENCE_KEPT = 0.21
 # A linear mixer's block (Gated DeltaNet, LFM2's short convolution; model_mixers) keeps
@@ -518,7 +525,7 @@ def estimate(arch: Arch, run: Run) -> Breakdown:
     # packed rows: one additive attention mask shared by every layer, alive for the whole step;
     # and the states of a Gated DeltaNet layer's backward pass, at every moment (one layer at a time)
     extra = run.batch * run.seq * run.seq * (F32 if run.device == "cpu" else b) if run.packed else 0
-    if arch.recurrent_layers:
+    if arch.recurrent_layers and run.device != "cuda":  # on CUDA: inside the work in flight (RECURRENCE_STATES)
         kept = 0 if run.checkpoint else RECURRENCE_KEPT * (arch.recurrent_layers - 1)
         extra += (RECURRENCE_STATES + kept) * F32 * arch.recurrent_state * tokens
     if run.seq > SSM_CHUNK and run.mixers:

@@ -33,6 +33,7 @@ from functools import lru_cache
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 from mlx_lm.tuner.lora import LoRALinear, LoRASwitchLinear
 
 MODES = ("auto", "dequant", "native")
@@ -308,6 +309,27 @@ class MixedLoRALinear(LoRALinear):
         return y + (self.scale * z).astype(x.dtype)
 
 
+# MLX's CUDA gather_qmm fails ("cuGraphAddKernelNode(...) failed: invalid argument") on a call that
+# routes more than 65,535 rows, a kernel grid's limit: one H100, mlx 0.32.4, 81,920 rows (4 rows of
+# 2,048 tokens at Qwen3-Next's 10 experts a token) failed forward and backward, 40,960 ran, and the
+# same 81,920 in slices of 40,960 ran (bench/RESULTS.md). mlx_lm.lora fails there too.
+GATHER_ROWS = 40960
+
+
+class SlicedQuantizedSwitchLinear(QuantizedSwitchLinear):
+    """mlx-lm's QuantizedSwitchLinear whose expert-sorted calls (one routed row a token and expert,
+    SwitchGLU's path from 64 routed rows up) run in slices of at most GATHER_ROWS rows: the same
+    products row by row, so the same bits, concatenated. Smaller calls are mlx-lm's own call."""
+
+    def __call__(self, x, indices, sorted_indices=False):
+        n = indices.shape[0]
+        if not sorted_indices or indices.ndim != 1 or x.shape[0] != n or n <= GATHER_ROWS:
+            return super().__call__(x, indices, sorted_indices)
+        call = super().__call__
+        return mx.concatenate([call(x[i:i + GATHER_ROWS], indices[i:i + GATHER_ROWS], True)
+                               for i in range(0, n, GATHER_ROWS)])
+
+
 class MixedLoRASwitchLinear(LoRASwitchLinear):
     """mlx-lm's LoRASwitchLinear (one adapter per expert of a MoE layer) with the adapter matmuls
     in the input's dtype, for the reason MixedLoRALinear gives. The base experts stay as mlx-lm
@@ -555,6 +577,8 @@ def apply_compute(model: nn.Module, mode: str = "auto", kernel: str | None = Non
             m.fused = fused_lora
         if type(m) is LoRASwitchLinear:
             m.__class__ = MixedLoRASwitchLinear
+        if type(m) is QuantizedSwitchLinear:  # the experts' base weights, adapted or not
+            m.__class__ = SlicedQuantizedSwitchLinear
         if fused_swiglu and type(m).__name__ == "MLP" and (mlp := _recomputing_mlp_class(type(m))):
             m.__class__ = mlp
         pair = _CLASSES.get(type(m))

@@ -816,8 +816,9 @@ def test_gated_deltanet_blocks_are_planned_as_linear_mixers(name, device, result
     those; and on CUDA the run-ahead is the average block's, not 24 of the heaviest. Against the
     peaks measured with bench/memory.py (recorded in bench/results): the 2-layer qwen3_next at
     1 x 2,048 on the CPU (0.602 GB) and Qwen3-Next-80B's block at 4 layers, 1 x 1,024 on an H100
-    (14.98 GB) were planned +25.0% and +21.5% with every block an attention block; now +14.8% and
-    +14.0%."""
+    (14.98 GB) are planned +25.0% and +17.5% with every block an attention block (outside the
+    planner's 15%), +14.8% and +10.0% as they are (on CUDA without the recurrence's own term:
+    plan.RECURRENCE_STATES)."""
     sys.path.insert(0, str(ROOT / "bench"))
     import memory
 
@@ -832,7 +833,7 @@ def test_gated_deltanet_blocks_are_planned_as_linear_mixers(name, device, result
                                                  else (0, width) for i in range(c["num_hidden_layers"])]
     assert abs(plan.estimate(arch, run).peak / measured - 1) < 0.15
     as_attention = tuple((1, *m[1:7], 0) for m in run.mixers)  # what the planner did before
-    assert plan.estimate(arch, replace(run, mixers=as_attention)).peak > 1.2 * measured
+    assert plan.estimate(arch, replace(run, mixers=as_attention)).peak > 1.15 * measured
 
 
 @pytest.mark.parametrize("name, results", [

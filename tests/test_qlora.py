@@ -512,3 +512,39 @@ def test_swiglu_backward_recomputes_and_matches_autodiff():
     assert len(mlps) == 2 and all(isinstance(m, llama.MLP) and type(m) is not llama.MLP for m in mlps)
     assert [k for k, _ in tree_flatten(model.parameters())] == keys
     assert qlora._recomputing_mlp_class(nn.Linear) is None
+
+
+def test_expert_calls_past_the_gather_row_limit_run_in_slices_with_the_same_bits(monkeypatch):
+    """CUDA's gather_qmm fails past 65,535 routed rows (qlora.GATHER_ROWS): such calls run in
+    slices. Slicing rows changes no row's arithmetic, so the output and every gradient (the input's
+    and the adapters', through the sliced backward) are bitwise those of one call, adapted experts
+    and frozen ones alike."""
+    from mlx_lm.models.switch_layers import SwitchGLU
+    from mlx_lm.tuner.lora import LoRASwitchLinear
+
+    def model():
+        mx.random.seed(3)
+        m = SwitchGLU(64, 64, 4)
+        nn.quantize(m, group_size=64, bits=4)
+        m.up_proj = LoRASwitchLinear.from_base(m.up_proj, r=4)  # gate and down stay frozen experts
+        m.up_proj.lora_b = mx.random.normal(m.up_proj.lora_b.shape) * 0.1
+        qlora.apply_compute(m, "native")
+        return m
+
+    x = mx.random.normal((2, 40, 64), key=mx.random.key(1))
+    idx = mx.random.randint(0, 4, (2, 40, 2), key=mx.random.key(2))  # 160 routed rows, sorted
+
+    def run(rows):
+        monkeypatch.setattr(qlora, "GATHER_ROWS", rows)
+        m = model()
+        loss = lambda x: (m(x, idx) ** 2).sum()  # noqa: E731
+        return m, nn.value_and_grad(m, loss)(x), mx.grad(loss)(x)
+
+    m, (l1, g1), dx1 = run(10**9)
+    assert [type(m[n]).__name__ for n in ("gate_proj", "down_proj")] == ["SlicedQuantizedSwitchLinear"] * 2
+    assert type(m.up_proj.linear) is qlora.SlicedQuantizedSwitchLinear
+    _, (l2, g2), dx2 = run(48)  # slices of 48, 48, 48 and 16 rows
+    g1, g2 = dict(tree_flatten(g1)), dict(tree_flatten(g2))
+    assert sorted(g1) == ["up_proj.lora_a", "up_proj.lora_b"]
+    assert l1.item() == l2.item() and mx.array_equal(dx1, dx2).item()
+    assert all(mx.array_equal(g1[k], g2[k]).item() for k in g1)
