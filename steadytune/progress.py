@@ -28,6 +28,20 @@ WARMUP_STEPS = 1
 MAX_SILENCE_S = 60.0
 
 
+def first_step_note(device: str) -> str | None:
+    """The line said before a GPU run's first step, which nothing else explains while it lasts
+    (no step line is drawn until a step ends): on a machine whose MLX kernel cache is empty, the
+    first step also compiles MLX's CUDA kernels. Measured on H100s: about 60 s for a dense 7B,
+    178 s for a Qwen3-30B-A3B-shaped MoE, over 290 s for a Qwen3-Next-shaped hybrid
+    (bench/RESULTS.md). MLX keeps them on disk (MLX_PTX_CACHE_DIR, else the temp folder)."""
+    if device != "cuda":
+        return None
+    where = os.environ.get("MLX_PTX_CACHE_DIR") or "the temp folder; MLX_PTX_CACHE_DIR moves it"
+    return ("note: step 1 compiles the training step; a machine's first run also compiles MLX's CUDA "
+            "kernels: about a minute for a dense model, 3 to 5 minutes or more for a MoE or hybrid model, "
+            f"with no step line until it ends (kept for later runs in {where})")
+
+
 def _in_notebook() -> bool:
     try:
         from IPython import get_ipython

@@ -27,7 +27,7 @@ from . import faults
 from .batching import layout_padding, lr_at, merge_micro_batches, padding_fraction, plan_epoch, planned_total
 from .config import Config, apply_overrides, load_yaml
 from .errors import UserError
-from .progress import Metrics, Progress
+from .progress import Metrics, Progress, first_step_note
 from .resume import TrainState, snapshot
 from .setup import Run, make_step, setup
 from .step import StepResult
@@ -355,6 +355,7 @@ class Trainer:
             f"model: {run.loaded.source} ({device_kind()}, fast BLAS: {blas})",
             describe_parameters(run.model),
             *run.objective.describe(run, len(plan), total, pad),
+            *filter(None, [first_step_note(device_kind())]),
         ]:
             self.bar.write(line)
 

@@ -10,7 +10,7 @@ import struct
 import pytest
 
 from steadytune.errors import UserError
-from steadytune.progress import MAX_SILENCE_S, Metrics, Progress, check_sinks, steady_eta
+from steadytune.progress import MAX_SILENCE_S, Metrics, Progress, check_sinks, first_step_note, steady_eta
 
 
 class Clock:
@@ -50,6 +50,19 @@ def test_eta_leaves_out_the_compiling_first_step():
     assert got[0].startswith("step 1/100 ") and got[0].endswith("eta=--:--")  # 300 s silent: a line
     assert got[1].startswith("step 10/100 ") and got[1].endswith("eta=03:00")
     assert steady_eta(0.0, 1, 0.0, 1, 100) is None  # no steady step yet: no guess
+
+
+def test_a_gpu_run_says_before_step_1_that_it_may_compile_for_minutes(monkeypatch):
+    """Nothing is drawn until a step ends, and a fresh GPU machine's first step of a hybrid
+    compiled for over 290 s: the run says so first, and where MLX keeps what it compiles. The CPU
+    and Metal say nothing (their first steps take seconds)."""
+    assert first_step_note("cpu") is None and first_step_note("metal") is None
+    monkeypatch.delenv("MLX_PTX_CACHE_DIR", raising=False)
+    note = first_step_note("cuda")
+    assert "3 to 5 minutes or more for a MoE or hybrid" in note and note.endswith(
+        "(kept for later runs in the temp folder; MLX_PTX_CACHE_DIR moves it)")
+    monkeypatch.setenv("MLX_PTX_CACHE_DIR", "/data/ptx")
+    assert first_step_note("cuda").endswith("(kept for later runs in /data/ptx)")
 
 
 def test_eta_unknown_until_a_steady_step():
