@@ -149,6 +149,9 @@ def load_base(mcfg: ModelConfig, source: tuple[str, str] | None = None, tokenize
         bits = int(mcfg.quantize)
         nn.quantize(model, group_size=mcfg.group_size, bits=bits,
                     class_predicate=lambda _, m: quantized_on_load(m, mcfg.group_size))
+    from .qlora import slice_expert_calls
+
+    slice_expert_calls(model)  # MoE calls past CUDA's gather_qmm row limit run in slices
     model.freeze()
     mx.eval(model.parameters())
     return LoadedModel(model, tokenizer, config, src, kind)

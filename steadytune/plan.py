@@ -87,7 +87,8 @@ CPU_ATTENTION_AHEAD_ARRAYS = 1
 # counts were fitted on. The 7B rows show no such dependence on the tokens a step (1 x 512 holds
 # about 20 blocks), so the share does not depend on them. Blocks with more weights than the 7B
 # block (MoE blocks, every expert counted: 3 to 8 times as many) keep the fitted counts, as
-# measured (Qwen3-30B-A3B's and Qwen3-Next-80B's blocks, H100, -13.8%..+14.0%).
+# measured (Qwen3-30B-A3B's and Qwen3-Next-80B's blocks, H100: -4.1%..+10.0%, but Qwen3-30B-A3B at
+# 1 x 1,024 +22.1%, not explained; docs/plan-memory.md).
 CUDA_RUN_AHEAD = 7.0 * GB
 # The blocks of work in flight MLX keeps even when its memory limit stops it dispatching more (the
 # elastic part's floor), and the fewest a step has in flight however light its blocks.

@@ -330,6 +330,16 @@ class SlicedQuantizedSwitchLinear(QuantizedSwitchLinear):
                                for i in range(0, n, GATHER_ROWS)])
 
 
+def slice_expert_calls(model: nn.Module) -> None:
+    """Every QuantizedSwitchLinear of the model (experts' base weights, inside an adapter or not)
+    becomes a SlicedQuantizedSwitchLinear: the same parameters and names. load_base does it for
+    every path that loads a model (training, generation, serving), apply_compute for models built
+    otherwise (benches, tests)."""
+    for _, m in model.named_modules():
+        if type(m) is QuantizedSwitchLinear:
+            m.__class__ = SlicedQuantizedSwitchLinear
+
+
 class MixedLoRASwitchLinear(LoRASwitchLinear):
     """mlx-lm's LoRASwitchLinear (one adapter per expert of a MoE layer) with the adapter matmuls
     in the input's dtype, for the reason MixedLoRALinear gives. The base experts stay as mlx-lm
@@ -571,14 +581,13 @@ def apply_compute(model: nn.Module, mode: str = "auto", kernel: str | None = Non
     kernel = kernel or default_kernel()
     dequant = resolved == "dequant"
     n = 0
+    slice_expert_calls(model)
     for _, m in model.named_modules():
         if type(m) is LoRALinear:  # same parameters and names: adapter files are unchanged
             m.__class__ = MixedLoRALinear
             m.fused = fused_lora
         if type(m) is LoRASwitchLinear:
             m.__class__ = MixedLoRASwitchLinear
-        if type(m) is QuantizedSwitchLinear:  # the experts' base weights, adapted or not
-            m.__class__ = SlicedQuantizedSwitchLinear
         if fused_swiglu and type(m).__name__ == "MLP" and (mlp := _recomputing_mlp_class(type(m))):
             m.__class__ = mlp
         pair = _CLASSES.get(type(m))

@@ -548,3 +548,20 @@ def test_expert_calls_past_the_gather_row_limit_run_in_slices_with_the_same_bits
     assert sorted(g1) == ["up_proj.lora_a", "up_proj.lora_b"]
     assert l1.item() == l2.item() and mx.array_equal(dx1, dx2).item()
     assert all(mx.array_equal(g1[k], g2[k]).item() for k in g1)
+
+
+def test_every_loaded_moe_model_has_its_expert_calls_sliced(tmp_path):
+    """load_base gives every path (training, generation, serving) the sliced expert layer, with
+    the same parameter names, so mlx-lm's adapters load onto it unchanged."""
+    import arch_models
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear
+
+    from steadytune.config import ModelConfig
+    from steadytune.model import load_base
+
+    folder = arch_models.build(tmp_path / "m", "qwen3_moe")
+    model = load_base(ModelConfig(path=str(folder), dtype="float32")).model
+    kinds = {type(m) for _, m in model.named_modules() if isinstance(m, QuantizedSwitchLinear)}
+    assert kinds == {qlora.SlicedQuantizedSwitchLinear}
+    expected = {k for k, _ in tree_flatten(arch_models.make("qwen3_moe")[0].parameters())}
+    assert {k for k, _ in tree_flatten(model.parameters())} == expected
